@@ -1,0 +1,67 @@
+"""leasehold: race-free coordination of workers.
+
+Leased locks with fencing tokens and automatic renewal, semaphores, on the embedded
+SQLite default, in memory, on Redis and on PostgreSQL. ``Client`` is the sync API,
+``AsyncClient`` the asyncio one; both have the same methods.
+"""
+
+from __future__ import annotations
+
+from leasehold._async.client import AsyncClient
+from leasehold._async.lease import AsyncLease
+from leasehold._async.lock import AsyncLock
+from leasehold._async.store import AsyncStore
+from leasehold._core.clock import Clock, FakeClock, SystemClock
+from leasehold._core.records import (
+    AcquireRequest,
+    Busy,
+    Capabilities,
+    Granted,
+    Holder,
+    HolderInfo,
+    RenewItem,
+)
+from leasehold._core.stats import Statistics
+from leasehold._errors import (
+    AcquireTimeout,
+    InvalidArgument,
+    LeaseholdError,
+    LeaseLost,
+    StaleFence,
+    StoreUnavailable,
+)
+from leasehold._sync.client import Client
+from leasehold._sync.lease import Lease
+from leasehold._sync.lock import Lock
+from leasehold._sync.store import Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcquireRequest",
+    "AcquireTimeout",
+    "AsyncClient",
+    "AsyncLease",
+    "AsyncLock",
+    "AsyncStore",
+    "Busy",
+    "Capabilities",
+    "Client",
+    "Clock",
+    "FakeClock",
+    "Granted",
+    "Holder",
+    "HolderInfo",
+    "InvalidArgument",
+    "Lease",
+    "LeaseLost",
+    "LeaseholdError",
+    "Lock",
+    "RenewItem",
+    "StaleFence",
+    "Statistics",
+    "Store",
+    "StoreUnavailable",
+    "SystemClock",
+    "__version__",
+]

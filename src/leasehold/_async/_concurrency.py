@@ -1,0 +1,165 @@
+"""The hand-written async half of the concurrency shim (its twin is _sync/_concurrency.py).
+
+Everything that differs between asyncio and threads lives here, so the rest of
+``_async`` converts to sync code mechanically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+IS_ASYNC = True
+
+
+class AsyncEvent:
+    """An event that may be set from any thread (a store notification thread, say)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._guard = threading.Lock()
+
+    def set(self) -> None:
+        with self._guard:
+            loop = self._loop
+        if loop is None:
+            self._event.set()
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._event.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(self._event.set)
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        with self._guard:
+            self._loop = asyncio.get_running_loop()
+        if self._event.is_set():
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+        except TimeoutError:
+            return self._event.is_set()
+        return True
+
+
+class AsyncMutex:
+    """Guards short critical sections that may await (never held across user code)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+async def sleep(seconds: float) -> None:
+    await asyncio.sleep(max(0.0, seconds))
+
+
+def spawn(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> object:
+    """Start ``fn`` in the background of the running event loop."""
+    task = asyncio.get_running_loop().create_task(fn(), name=name)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def background_alive(handle: object) -> bool:
+    if not isinstance(handle, asyncio.Task):
+        return False
+    if handle.done():
+        return False
+    try:
+        return handle.get_loop() is asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+
+
+async def shielded(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` to completion even if the caller is cancelled meanwhile.
+
+    The caller still sees its CancelledError, after the work is done or handed to
+    the background, so a cancelled release never leaves a lock held.
+    """
+    task = asyncio.ensure_future(fn())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return await asyncio.shield(task)
+
+
+async def run_blocking(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+    """Run blocking I/O (sqlite3) off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn)
+
+
+async def wait_for_deadline(fn: Callable[[], Awaitable[T]], timeout: float | None) -> T:
+    """Await ``fn()`` for at most ``timeout`` seconds (TimeoutError after)."""
+    async with asyncio.timeout(timeout):
+        return await fn()
+
+
+def current_actor() -> object:
+    """The unit of execution the caller runs in: its task (async) or thread (sync)."""
+    return asyncio.current_task()
+
+
+class AsyncBodyGuard:
+    """Cancels the body of ``async with`` when its lease is lost, and tells apart our
+    cancellation from the caller's own (``Task.uncancel`` counts them)."""
+
+    def __init__(self) -> None:
+        self._task = asyncio.current_task()
+        self._cancelled_by_us = False
+        self._loop = asyncio.get_running_loop()
+
+    def interrupt(self) -> None:
+        task = self._task
+        if task is None or task.done() or self._cancelled_by_us:
+            return
+        self._cancelled_by_us = True
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            task.cancel(msg="leasehold: lease lost")
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(task.cancel, "leasehold: lease lost")
+
+    def absorb(self, exc: BaseException | None) -> bool:
+        """On exit: True if ``exc`` is our own cancellation and nobody else's, which the
+        caller then turns into LeaseLost."""
+        if not self._cancelled_by_us or self._task is None:
+            return False
+        remaining = self._task.uncancel()
+        return isinstance(exc, asyncio.CancelledError) and remaining == 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self._cancelled_by_us

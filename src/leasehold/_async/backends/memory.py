@@ -1,0 +1,125 @@
+"""``memory://`` and ``memory://NAME``: threads and tasks of one process.
+
+``memory://NAME`` shares one table between every client that names it, which is
+how tests and single-process apps coordinate without a server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from leasehold._async._concurrency import AsyncEvent
+from leasehold._async.store import AsyncStore
+from leasehold._core.clock import Clock
+from leasehold._core.records import (
+    AcquireRequest,
+    AcquireResult,
+    Busy,
+    Capabilities,
+    HolderInfo,
+    RenewItem,
+)
+from leasehold._core.table import LeaseTable
+from leasehold._core.url import StoreURL
+
+
+class _Shared:
+    def __init__(self) -> None:
+        self.table = LeaseTable()
+        self.guard = threading.Lock()
+        self.waiters: dict[tuple[str, str], AsyncEvent] = {}
+
+
+_NAMED: dict[str, _Shared] = {}
+_NAMED_GUARD = threading.Lock()
+
+
+def _shared_for(store_name: str) -> _Shared:
+    if not store_name:
+        return _Shared()
+    with _NAMED_GUARD:
+        return _NAMED.setdefault(store_name, _Shared())
+
+
+class AsyncMemoryStore(AsyncStore):
+    capabilities = Capabilities(
+        server_clock=False,
+        durable=False,
+        cross_host=False,
+        notifications=True,
+        fence_survives_data_loss=True,
+        notes=("one process only", "state is lost with the process"),
+    )
+
+    def __init__(self, url: StoreURL, clock: Clock, store_name: str = "") -> None:
+        self.url = url
+        self._clock = clock
+        self._shared = _shared_for(store_name)
+
+    def _wake(self, targets: list[tuple[str, str]]) -> None:
+        for key in targets:
+            event = self._shared.waiters.get(key)
+            if event is not None:
+                event.set()
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        shared = self._shared
+        with shared.guard:
+            result = shared.table.acquire(request, self._clock.monotonic())
+            key = (request.name, request.token)
+            if isinstance(result, Busy) and result.position is not None:
+                # Registered under the same guard as the queue entry, so a release
+                # that follows can never find the waiter missing (no lost wake-up).
+                shared.waiters.setdefault(key, AsyncEvent())
+            elif not isinstance(result, Busy):
+                shared.waiters.pop(key, None)
+        return result
+
+    async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
+        with self._shared.guard:
+            return self._shared.table.renew(list(items), self._clock.monotonic())
+
+    async def release(self, name: str, token: str) -> bool:
+        shared = self._shared
+        with shared.guard:
+            held, wake = shared.table.release(name, token, self._clock.monotonic())
+            shared.waiters.pop((name, token), None)
+            self._wake(wake)
+        return held
+
+    async def holders(self, name: str) -> list[HolderInfo]:
+        with self._shared.guard:
+            return self._shared.table.holders(name, self._clock.monotonic())
+
+    async def leases(self, prefix: str = "") -> list[HolderInfo]:
+        with self._shared.guard:
+            return self._shared.table.leases(prefix, self._clock.monotonic())
+
+    async def break_lease(self, name: str) -> int:
+        shared = self._shared
+        with shared.guard:
+            count, wake = shared.table.break_lease(name, self._clock.monotonic())
+            self._wake(wake)
+        return count
+
+    async def wait(self, name: str, token: str, timeout: float) -> bool:
+        with self._shared.guard:
+            event = self._shared.waiters.get((name, token))
+        if event is None:
+            event = AsyncEvent()  # not queued: nothing will wake it; sleep the timeout
+        woken = await event.wait(timeout)
+        if woken:
+            event.clear()
+        return woken
+
+    async def ping(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"AsyncMemoryStore({self.url.redacted!r})"
+
+
+def from_url(url: StoreURL, clock: Clock) -> AsyncMemoryStore:
+    store_name = url.raw.split("://", 1)[1]
+    return AsyncMemoryStore(url, clock, store_name)

@@ -1,0 +1,157 @@
+"""AsyncClient: the entry point. One store, one keeper, many primitives."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from types import TracebackType
+
+from leasehold._async.backends import open_store
+from leasehold._async.keeper import AsyncKeeper
+from leasehold._async.lease import AsyncLease, OnLost
+from leasehold._async.lock import AsyncLock
+from leasehold._async.store import AsyncStore
+from leasehold._core import validate
+from leasehold._core.clock import SYSTEM_CLOCK, Clock
+from leasehold._core.defaults import default_url
+from leasehold._core.records import Holder, HolderInfo
+from leasehold._core.stats import Counters, Statistics
+from leasehold._core.url import parse
+from leasehold._errors import InvalidArgument
+
+_CLIENTS: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+_CLIENTS_GUARD = threading.Lock()
+
+
+class AsyncClient:
+    """Coordination primitives on one store.
+
+    ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``;
+    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory.
+    ``clock`` drives every local time decision (tests pass a FakeClock).
+    ``identity`` is a readable label stored with grants (default host:pid).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        store: AsyncStore | None = None,
+        clock: Clock | None = None,
+        identity: str | None = None,
+    ) -> None:
+        if identity is not None:
+            validate.name(identity, what="identity")
+        self.clock: Clock = clock or SYSTEM_CLOCK
+        if store is None:
+            store = open_store(parse(default_url() if url is None else url), self.clock)
+        elif url is not None:
+            raise InvalidArgument("pass either url or store, not both")
+        self.store: AsyncStore = store
+        self._identity = identity
+        self.holder = Holder.for_this_process(identity)
+        self._counters = Counters()
+        self._keeper = AsyncKeeper(self)
+        self._closed = False
+        with _CLIENTS_GUARD:
+            _CLIENTS.add(self)
+
+    @property
+    def url(self) -> str:
+        """The store URL with any password replaced by ***."""
+        return self.store.url.redacted
+
+    # -- primitives ------------------------------------------------------------
+
+    def lock(
+        self,
+        name: str,
+        ttl: float = 30.0,
+        *,
+        renew: bool = True,
+        on_lost: OnLost | None = None,
+        margin: float | None = None,
+    ) -> AsyncLock:
+        """An exclusive lease handle for ``name``. No I/O until acquired."""
+        return AsyncLock(self, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin)
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        ttl: float = 30.0,
+        *,
+        renew: bool = True,
+        on_lost: OnLost | None = None,
+        margin: float | None = None,
+    ) -> AsyncLock:
+        """At most ``limit`` concurrent holders of ``name``; the lock interface."""
+        return AsyncLock(
+            self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
+        )
+
+    # -- inspection ------------------------------------------------------------
+
+    async def holders(self, name: str) -> list[HolderInfo]:
+        """Live holders of ``name``: owner, host, pid, fence, held for, expires in."""
+        return await self.store.holders(validate.name(name))
+
+    async def leases(self, prefix: str = "") -> list[HolderInfo]:
+        """Every live lease whose name starts with ``prefix``."""
+        return await self.store.leases(validate.prefix(prefix))
+
+    async def break_lease(self, name: str) -> int:
+        """Forcibly release every holder of ``name``; returns how many were removed.
+        The next grant's fence is higher, so the broken holders' fenced writes fail."""
+        return await self.store.break_lease(validate.name(name))
+
+    def statistics(self) -> Statistics:
+        return self._counters.snapshot()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _track(self, lease: AsyncLease) -> None:
+        self._keeper.track(lease)
+
+    def _forget(self, lease: AsyncLease) -> None:
+        self._keeper.forget(lease)
+
+    def _after_fork_in_child(self) -> None:
+        self._keeper.after_fork_in_child()
+        self._counters.reset_after_fork()
+        self.holder = Holder.for_this_process(self._identity)
+
+    async def aclose(self) -> None:
+        """Release every lease this client still holds, stop renewing, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        for lease in self._keeper.tracked():
+            await lease.release()
+        self._keeper.stop()
+        await self.store.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url!r}>"
+
+
+def _after_fork_in_child() -> None:
+    global _CLIENTS_GUARD
+    _CLIENTS_GUARD = threading.Lock()
+    for client in list(_CLIENTS):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,169 @@
+"""Background renewal: one keeper per client per process, one batched call per round.
+
+The keeper holds only weak references to leases, so a lease dropped without
+release stops being renewed and expires in the store by itself. It tells every
+holder about loss (never silently): a lease whose renewal is refused is lost at
+once; a lease whose renewals keep failing is lost at its safe deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from leasehold._async._concurrency import (
+    AsyncEvent,
+    background_alive,
+    spawn,
+    wait_for_deadline,
+)
+from leasehold._core.backoff import Backoff
+from leasehold._core.policy import decide_renewal
+from leasehold._errors import LeaseholdError
+
+if TYPE_CHECKING:
+    from leasehold._async.client import AsyncClient
+    from leasehold._async.lease import AsyncLease
+
+logger = logging.getLogger("leasehold")
+
+IDLE_CHECK = 3600.0
+RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
+
+
+class AsyncKeeper:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._reset()
+
+    def _reset(self) -> None:
+        self._guard = threading.Lock()
+        self._leases: dict[int, weakref.ref[AsyncLease]] = {}
+        self._handle: object = None
+        self._wakeup = AsyncEvent()
+        self._pid = os.getpid()
+        self._failures = 0
+        self._stopped = False
+
+    def after_fork_in_child(self) -> None:
+        # The child inherits neither the thread nor the task; its leases belong to
+        # the parent and must never be renewed or released from here.
+        self._reset()
+
+    def track(self, lease: AsyncLease) -> None:
+        with self._guard:
+            if self._pid != os.getpid():
+                return
+            self._leases[id(lease)] = weakref.ref(lease)
+            self._stopped = False
+            if not background_alive(self._handle):
+                self._handle = spawn(self._run, name="leasehold-keeper")
+        self._wakeup.set()
+
+    def forget(self, lease: AsyncLease) -> None:
+        with self._guard:
+            ref = self._leases.get(id(lease))
+            if ref is not None and ref() is lease:
+                del self._leases[id(lease)]
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        with self._guard:
+            self._leases.clear()
+            self._stopped = True
+        self._wakeup.set()
+
+    def tracked(self) -> list[AsyncLease]:
+        with self._guard:
+            alive = []
+            for key, ref in list(self._leases.items()):
+                lease = ref()
+                if lease is None:
+                    del self._leases[key]
+                else:
+                    alive.append(lease)
+            return alive
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                with self._guard:
+                    if self._stopped or not self._leases or self._pid != os.getpid():
+                        self._handle = None
+                        return
+                delay = await self._round()
+                if delay > 0:
+                    await self._wakeup.wait(delay)
+                    self._wakeup.clear()
+        except BaseException as exc:
+            # A renewer that dies must take its leases down loudly, not silently.
+            with self._guard:
+                self._handle = None
+            for lease in self.tracked():
+                lease._mark_lost(f"the renewer stopped: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
+            logger.exception("leasehold keeper crashed")
+
+    async def _round(self) -> float:
+        """One pass over every tracked lease: detect loss, renew if any is due.
+        Returns how long to sleep."""
+        clock = self._client.clock
+        now = clock.monotonic()
+        leases = [lease for lease in self.tracked() if not lease.released]
+        renewable: list[AsyncLease] = []
+        due = False
+        sleep_for = IDLE_CHECK
+        for lease in leases:
+            if now >= lease.deadline:
+                lease._mark_lost("its safe deadline passed before a renewal succeeded")
+                continue
+            if not lease.renewing:
+                sleep_for = min(sleep_for, lease.deadline - now)
+                continue
+            renewable.append(lease)
+            decision = decide_renewal(now, lease.last_sent, lease.ttl, lease.deadline, lease.jitter)
+            if decision.renew_now:
+                due = True
+            else:
+                sleep_for = min(sleep_for, decision.sleep)
+        if not due:
+            return sleep_for
+        return await self._renew(renewable)
+
+    async def _renew(self, leases: list[AsyncLease]) -> float:
+        # Renewing every renewable lease (not only the due ones) keeps them in lock
+        # step, so 10,000 leases cost one round trip per interval.
+        clock = self._client.clock
+        items = [lease.renew_item() for lease in leases]
+        sent = clock.monotonic()
+        budget = max(0.0, min(lease.deadline for lease in leases) - sent)
+        counters = self._client._counters
+        try:
+            answers = await wait_for_deadline(lambda: self._client.store.renew(items), budget)
+        except (LeaseholdError, TimeoutError) as exc:
+            self._failures += 1
+            counters.add("renewal_failures")
+            now = clock.monotonic()
+            logger.warning(
+                "renewing %d lease(s) failed (%s); retrying until their safe deadlines",
+                len(items),
+                exc or "timed out",
+            )
+            retry = RETRY_BACKOFF.delay(self._failures - 1)
+            soonest = min(lease.deadline for lease in leases) - now
+            return max(0.0, min(retry, soonest))
+        self._failures = 0
+        counters.add("renewed", len(items))
+        for lease, item, ok in zip(leases, items, answers, strict=True):
+            if ok:
+                lease._renewed(sent, item.ttl)
+            else:
+                lease._mark_lost("the store says it is no longer held (expired, broken or taken over)")
+        return 0.0
+
+
+__all__ = ["AsyncKeeper"]

@@ -1,0 +1,285 @@
+"""A granted lease: the holder's handle, its safe deadline and its loss contract."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from leasehold._async._concurrency import AsyncBodyGuard, AsyncEvent, shielded
+from leasehold._core import validate
+from leasehold._core.policy import safe_deadline
+from leasehold._core.records import RenewItem
+from leasehold._errors import LeaseLost, StoreUnavailable
+
+if TYPE_CHECKING:
+    from leasehold._async.client import AsyncClient
+
+logger = logging.getLogger("leasehold")
+
+OnLost = Callable[["AsyncLease"], Any]
+
+
+class AsyncLease:
+    """Proof of holding ``name`` until ``remaining()`` reaches zero.
+
+    Ownership is per lease object (a secret token inside it), never per thread or
+    task: hand the lease to another thread or task to let it release or extend.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: AsyncClient,
+        name: str,
+        token: str,
+        fence: int,
+        ttl: float,
+        margin: float,
+        limit: int,
+        sent_at: float,
+        renew: bool,
+        on_lost: OnLost | None,
+    ) -> None:
+        self._client = client
+        self._name = name
+        self._token = token
+        self._fence = fence
+        self._ttl = ttl
+        self._margin = margin
+        self._limit = limit
+        self._renew = renew
+        self._on_lost = on_lost
+        self._pid = os.getpid()
+        self._guard = threading.Lock()
+        self._last_sent = sent_at
+        self._deadline = safe_deadline(sent_at, ttl, margin)
+        self._granted_at = sent_at
+        self._lost_reason: str | None = None
+        self._released = False
+        self._lost_event = AsyncEvent()
+        self._bodies: list[AsyncBodyGuard] = []
+        # Spreads renewals of many clients so they do not arrive in lock step.
+        self.jitter = random.random()
+
+    # -- what a holder reads -------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def fence(self) -> int:
+        return self._fence
+
+    @property
+    def owner(self) -> str:
+        return self._client.holder.owner
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def renewing(self) -> bool:
+        return self._renew
+
+    def _now(self) -> float:
+        return self._client.clock.monotonic()
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
+
+    def _unheld_reason(self, now: float) -> str | None:
+        if self._forked():
+            return "the lease belongs to the parent process (os.fork)"
+        if self._released:
+            return "released"
+        if self._lost_reason is not None:
+            return self._lost_reason
+        if now >= self._deadline:
+            return "its safe deadline passed before a renewal succeeded"
+        return None
+
+    @property
+    def held(self) -> bool:
+        return self._unheld_reason(self._now()) is None
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease is known not to be held any more (other than by release)."""
+        reason = self._unheld_reason(self._now())
+        return reason is not None and reason != "released"
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def remaining(self) -> float:
+        """Seconds the holder may still treat the lease as held (local monotonic clock)."""
+        now = self._now()
+        if self._unheld_reason(now) is not None:
+            return 0.0
+        return max(0.0, self._deadline - now)
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` unless the lease is held right now. Call it before
+        every side effect that the lease protects."""
+        reason = self._unheld_reason(self._now())
+        if reason is not None:
+            raise LeaseLost(self._name, self._fence, reason)
+
+    # -- what a holder does -----------------------------------------------------
+
+    async def extend(self, ttl: float | None = None) -> None:
+        """Renew now, replacing the TTL (not adding to it). ``LeaseLost`` if not held."""
+        new_ttl = self._ttl if ttl is None else validate.ttl(ttl)
+        self.check()
+        sent = self._now()
+        try:
+            answers = await self._client.store.renew([RenewItem(self._name, self._token, new_ttl)])
+        except StoreUnavailable:
+            if self._now() >= self._deadline:
+                self._mark_lost("the store was unreachable until the safe deadline")
+                raise LeaseLost(self._name, self._fence, "store unreachable") from None
+            raise
+        if not answers or not answers[0]:
+            self._mark_lost("the store says it is no longer held (expired, broken or taken over)")
+            self.check()
+        if ttl is not None:
+            self._ttl = new_ttl
+        self._renewed(sent, new_ttl)
+
+    async def release(self) -> bool:
+        """Give the lease up. Idempotent; False if it was no longer held.
+
+        Shielded from cancellation: once called, the release completes.
+        """
+        if self._forked():
+            return False  # never touch the parent's lease from a child
+        with self._guard:
+            if self._released:
+                return False
+            was_lost = self._lost_reason is not None
+            self._released = True
+        self._client._forget(self)
+        self._lost_event.set()
+        try:
+            held = await shielded(lambda: self._client.store.release(self._name, self._token))
+        except StoreUnavailable as exc:
+            logger.warning(
+                "could not release %r (fence %d): %s; it expires by itself within %g s",
+                self._name,
+                self._fence,
+                exc,
+                self._ttl,
+            )
+            held = False
+        self._client._counters.add("released")
+        self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        return held and not was_lost
+
+    async def wait_lost(self, timeout: float | None = None) -> bool:
+        """Wait until the lease is lost or released; True if it happened in time."""
+        validate.timeout(timeout)
+        if not self.held:
+            return True
+        return await self._lost_event.wait(timeout)
+
+    def fence_sql(self, connection: object, *, table: str = "leasehold_fences") -> int:
+        """Check this lease's fence against ``connection`` inside the caller's
+        transaction (see ``leasehold.fence.check``): raises ``StaleFence`` if a newer
+        holder already wrote. Also raises ``LeaseLost`` first if the lease is gone."""
+        from leasehold import fence as fencing
+
+        self.check()
+        highest: int = fencing.check(connection, self._name, self._fence, table=table)
+        return highest
+
+    # -- used by the keeper -------------------------------------------------------
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    @property
+    def last_sent(self) -> float:
+        return self._last_sent
+
+    def renew_item(self) -> RenewItem:
+        return RenewItem(self._name, self._token, self._ttl)
+
+    def _renewed(self, sent_at: float, ttl: float) -> None:
+        with self._guard:
+            if sent_at >= self._last_sent:
+                self._last_sent = sent_at
+                self._deadline = safe_deadline(sent_at, ttl, self._margin)
+
+    def _mark_lost(self, reason: str) -> None:
+        with self._guard:
+            if self._released or self._lost_reason is not None or self._forked():
+                return
+            self._lost_reason = reason
+            bodies = list(self._bodies)
+        self._client._forget(self)
+        self._client._counters.add("lost")
+        self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        logger.warning("lease %r (fence %d) lost: %s", self._name, self._fence, reason)
+        self._lost_event.set()
+        for body in bodies:
+            body.interrupt()
+        if self._on_lost is not None:
+            try:
+                self._on_lost(self)
+            except Exception:
+                logger.exception("on_lost callback for %r raised", self._name)
+
+    # -- context manager ----------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncLease:
+        body = AsyncBodyGuard()
+        with self._guard:
+            self._bodies.append(body)
+            already = self._lost_reason is not None
+        if already:
+            body.interrupt()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._guard:
+            body = self._bodies.pop() if self._bodies else None
+        ours = body.absorb(exc) if body is not None else False
+        reason = None if self._released else self._unheld_reason(self._now())
+        await self.release()
+        if ours:
+            raise LeaseLost(self._name, self._fence, reason or "lost") from None
+        if reason is None or isinstance(exc, LeaseLost):
+            return
+        if exc is None:
+            raise LeaseLost(self._name, self._fence, reason)
+        if isinstance(exc, Exception):
+            raise LeaseLost(self._name, self._fence, reason) from exc
+        # Cancellation, KeyboardInterrupt and SystemExit go through untouched.
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else ("released" if self._released else "lost")
+        return (
+            f"<{type(self).__name__} {self._name!r} fence={self._fence} "
+            f"owner={self.owner!r} {state} remaining={self.remaining():.3f}s>"
+        )
+
+
+__all__ = ["AsyncLease", "OnLost"]

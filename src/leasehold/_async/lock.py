@@ -1,0 +1,216 @@
+"""Lock and semaphore handles: written once against the store contract.
+
+A handle does no I/O until ``acquire``. ``limit`` > 1 makes it a semaphore.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from leasehold._async._concurrency import current_actor, shielded
+from leasehold._async.lease import AsyncLease, OnLost
+from leasehold._core import validate
+from leasehold._core.backoff import Backoff
+from leasehold._core.policy import default_margin
+from leasehold._core.records import AcquireRequest, Busy, Granted
+from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+
+if TYPE_CHECKING:
+    from leasehold._async.client import AsyncClient
+
+logger = logging.getLogger("leasehold")
+
+# A waiter keeps its place in the store's FIFO queue for QUEUE_TTL seconds after
+# each attempt; a waiter that dies silently blocks the queue at most that long.
+QUEUE_TTL = 3.0
+QUEUE_REFRESH = QUEUE_TTL / 3
+# Stores without notifications are polled; the head of the queue polls fastest
+# because it is the one that will be served next.
+POLL_INITIAL = 0.001
+POLL_STEP = 0.02
+POLL_MAX = 0.5
+STORE_RETRY = Backoff(initial=0.05, maximum=2.0)
+
+
+def poll_delay(attempt: int, position: int | None) -> float:
+    ceiling = min(POLL_MAX, POLL_STEP * ((position or 0) + 1))
+    return Backoff(initial=POLL_INITIAL, maximum=ceiling).delay(attempt)
+
+
+class AsyncLock:
+    """``client.lock(name)``: exclusive (limit 1) or counting (limit N) lease handle."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        name: str,
+        *,
+        ttl: float = 30.0,
+        limit: int = 1,
+        renew: bool = True,
+        on_lost: OnLost | None = None,
+        margin: float | None = None,
+    ) -> None:
+        self._client = client
+        self._name = validate.name(name)
+        self._ttl = validate.ttl(ttl)
+        self._limit = validate.limit(limit)
+        if not isinstance(renew, bool):
+            raise InvalidArgument(f"renew must be a bool, got {type(renew).__name__}")
+        self._renew = renew
+        if on_lost is not None and not callable(on_lost):
+            raise InvalidArgument("on_lost must be a callable taking the lease")
+        self._on_lost = on_lost
+        self._margin = (
+            default_margin(self._ttl) if margin is None else validate.margin(margin, self._ttl)
+        )
+        self._entered: dict[int, list[AsyncLease]] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    async def acquire(self, timeout: float | None = None) -> AsyncLease:
+        """Wait until granted; ``AcquireTimeout`` after ``timeout`` seconds (None:
+        forever). Waiters are served in arrival order."""
+        checked = validate.timeout(timeout)
+        lease = await self._acquire(checked, queue=checked != 0)
+        if lease is None:
+            raise AcquireTimeout(self._name, checked or 0.0)
+        return lease
+
+    async def try_acquire(self) -> AsyncLease | None:
+        """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
+        return await self._acquire(0.0, queue=False)
+
+    async def _acquire(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
+        client = self._client
+        store = client.store
+        clock = client.clock
+        token = secrets.token_urlsafe(24)
+        request = AcquireRequest(
+            name=self._name,
+            token=token,
+            holder=client.holder,
+            ttl=self._ttl,
+            limit=self._limit,
+            queue_ttl=QUEUE_TTL if queue else None,
+        )
+        started = clock.monotonic()
+        deadline = None if timeout is None else started + timeout
+        attempt = 0
+        failures = 0
+        reached_store = False
+        try:
+            while True:
+                sent = clock.monotonic()
+                try:
+                    result = await store.acquire(request)
+                except StoreUnavailable as exc:
+                    # The first error is a configuration problem until proven
+                    # otherwise; later ones are transient and retried until the
+                    # deadline (the same token makes a retried grant idempotent).
+                    if not reached_store:
+                        raise
+                    failures += 1
+                    now = clock.monotonic()
+                    if deadline is not None and now >= deadline:
+                        raise
+                    logger.warning("acquire %r: store error (%s); retrying", self._name, exc)
+                    pause = STORE_RETRY.delay(failures - 1)
+                    if deadline is not None:
+                        pause = min(pause, deadline - now)
+                    await store.wait(self._name, token, pause)
+                    continue
+                reached_store = True
+                failures = 0
+                if isinstance(result, Granted):
+                    lease = AsyncLease(
+                        client=client,
+                        name=self._name,
+                        token=token,
+                        fence=result.fence,
+                        ttl=self._ttl,
+                        margin=self._margin,
+                        limit=self._limit,
+                        sent_at=sent,
+                        renew=self._renew,
+                        on_lost=self._on_lost,
+                    )
+                    client._track(lease)
+                    client._counters.add("acquired")
+                    client._counters.add("wait_time", clock.monotonic() - started)
+                    return lease
+                now = clock.monotonic()
+                if deadline is not None and now >= deadline:
+                    client._counters.add("skipped" if timeout == 0 else "timed_out")
+                    client._counters.add("wait_time", now - started)
+                    if queue:
+                        await shielded(lambda: store.release(self._name, token))
+                    return None
+                pause = self._pause(result, attempt, store.capabilities.notifications)
+                if deadline is not None:
+                    pause = min(pause, deadline - now)
+                await store.wait(self._name, token, pause)
+                attempt += 1
+        except BaseException:
+            # Cancelled, timed out or failed mid-call: the store may have granted or
+            # queued us without our hearing the answer. Undo both, shielded.
+            try:
+                await shielded(lambda: store.release(self._name, token))
+            except StoreUnavailable:
+                logger.warning(
+                    "acquire %r interrupted and the store is unreachable; any grant "
+                    "expires within %g s",
+                    self._name,
+                    self._ttl,
+                )
+            raise
+
+    @staticmethod
+    def _pause(result: Busy, attempt: int, notifications: bool) -> float:
+        if notifications:
+            pause = QUEUE_REFRESH
+        else:
+            pause = poll_delay(attempt, result.position)
+        if result.retry_after is not None:
+            # Expiry announces itself to nobody: look again just after it.
+            pause = min(pause, result.retry_after + 0.001)
+        return max(0.0, pause)
+
+    # -- context manager: ``async with client.lock(name) as lease`` ---------------
+
+    async def __aenter__(self) -> AsyncLease:
+        lease = await self.acquire()
+        self._entered.setdefault(id(current_actor()), []).append(lease)
+        return await lease.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        key = id(current_actor())
+        stack = self._entered.get(key)
+        if not stack:
+            return
+        lease = stack.pop()
+        if not stack:
+            del self._entered[key]
+        await lease.__aexit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        kind = "semaphore" if self._limit > 1 else "lock"
+        return f"<{type(self).__name__} {kind} {self._name!r} ttl={self._ttl:g}s limit={self._limit}>"

@@ -1,0 +1,94 @@
+"""Plain data exchanged between primitives and stores."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who asks for a lease: readable identity stored next to the grant.
+
+    ``owner`` is for humans (logs, ``leasehold ls``); it is *not* the secret token.
+    """
+
+    owner: str
+    host: str
+    pid: int
+
+    @classmethod
+    def for_this_process(cls, label: str | None = None) -> Holder:
+        host = socket.gethostname()
+        pid = os.getpid()
+        base = label or f"{host}:{pid}"
+        return cls(owner=f"{base}:{secrets.token_hex(3)}", host=host, pid=pid)
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireRequest:
+    """One atomic acquire attempt.
+
+    ``queue_ttl``: when not None and the attempt fails, the store keeps (or refreshes)
+    the token in the name's FIFO wait queue for that many seconds, so that later
+    attempts are served in arrival order and a release can wake this waiter alone.
+    """
+
+    name: str
+    token: str
+    holder: Holder
+    ttl: float
+    limit: int = 1
+    queue_ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Not granted. ``retry_after``: seconds until the earliest holder expires (store clock),
+    None if unknown. ``position``: 0-based place in the wait queue, None if not queued."""
+
+    retry_after: float | None = None
+    position: int | None = None
+
+
+AcquireResult = Granted | Busy
+
+
+@dataclass(frozen=True, slots=True)
+class RenewItem:
+    name: str
+    token: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class HolderInfo:
+    """A live grant as reported by ``holders()`` and ``leases()``."""
+
+    name: str
+    owner: str
+    host: str
+    pid: int
+    fence: int
+    limit: int
+    held_for: float
+    expires_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend offers, as data; docs/backends.md is generated from these."""
+
+    server_clock: bool
+    durable: bool
+    cross_host: bool
+    notifications: bool
+    fence_survives_data_loss: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,162 @@
+"""The lease table as pure state: the memory backend's logic, with ``now`` passed in.
+
+The memory store wraps one of these behind a mutex and turns the returned wake-up
+lists into notifications. Kept free of I/O so it can be reasoned about (and tested)
+on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from leasehold._core.records import (
+    AcquireRequest,
+    AcquireResult,
+    Busy,
+    Granted,
+    Holder,
+    HolderInfo,
+    RenewItem,
+)
+
+
+@dataclass(slots=True)
+class _Grant:
+    holder: Holder
+    fence: int
+    limit: int
+    acquired: float
+    expires: float
+
+
+@dataclass(slots=True)
+class _Name:
+    grants: dict[str, _Grant] = field(default_factory=dict)  # token -> grant, in grant order
+    queue: dict[str, float] = field(default_factory=dict)  # token -> expiry, in arrival order
+
+
+class LeaseTable:
+    def __init__(self) -> None:
+        self._names: dict[str, _Name] = {}
+        # One sequence for the whole table: strictly increasing per name for free,
+        # and nothing per name has to outlive the name's last holder.
+        self._last_fence = 0
+
+    def _purge(self, name: str, now: float) -> _Name:
+        entry = self._names.setdefault(name, _Name())
+        for token in [t for t, g in entry.grants.items() if g.expires <= now]:
+            del entry.grants[token]
+        for token in [t for t, exp in entry.queue.items() if exp <= now]:
+            del entry.queue[token]
+        return entry
+
+    def _forget_if_idle(self, name: str) -> None:
+        entry = self._names.get(name)
+        if entry is not None and not entry.grants and not entry.queue:
+            del self._names[name]
+
+    def _wakeable(self, name: str, entry: _Name, limit: int) -> list[tuple[str, str]]:
+        free = limit - len(entry.grants)
+        return [(name, token) for token in list(entry.queue)[: max(0, free)]]
+
+    def acquire(self, request: AcquireRequest, now: float) -> AcquireResult:
+        entry = self._purge(request.name, now)
+        mine = entry.grants.get(request.token)
+        if mine is not None:
+            mine.expires = now + request.ttl
+            return Granted(mine.fence)
+        free = request.limit - len(entry.grants)
+        queued = list(entry.queue)
+        ahead = queued.index(request.token) if request.token in entry.queue else len(queued)
+        if free > ahead:
+            self._last_fence += 1
+            entry.queue.pop(request.token, None)
+            entry.grants[request.token] = _Grant(
+                holder=request.holder,
+                fence=self._last_fence,
+                limit=request.limit,
+                acquired=now,
+                expires=now + request.ttl,
+            )
+            return Granted(self._last_fence)
+        if request.queue_ttl is not None:
+            entry.queue[request.token] = now + request.queue_ttl
+            position: int | None = ahead
+        else:
+            position = None
+        self._forget_if_idle(request.name)
+        soonest = min((g.expires for g in entry.grants.values()), default=None)
+        return Busy(retry_after=None if soonest is None else soonest - now, position=position)
+
+    def renew(self, items: list[RenewItem], now: float) -> list[bool]:
+        answers = []
+        for item in items:
+            entry = self._purge(item.name, now)
+            grant = entry.grants.get(item.token)
+            if grant is None:
+                answers.append(False)
+                self._forget_if_idle(item.name)
+            else:
+                grant.expires = now + item.ttl
+                answers.append(True)
+        return answers
+
+    def release(self, name: str, token: str, now: float) -> tuple[bool, list[tuple[str, str]]]:
+        entry = self._purge(name, now)
+        held = entry.grants.pop(token, None)
+        entry.queue.pop(token, None)
+        limit = held.limit if held is not None else self._limit_hint(entry)
+        wake = self._wakeable(name, entry, limit)
+        self._forget_if_idle(name)
+        return held is not None, wake
+
+    def break_lease(self, name: str, now: float) -> tuple[int, list[tuple[str, str]]]:
+        entry = self._purge(name, now)
+        count = len(entry.grants)
+        limit = self._limit_hint(entry)
+        entry.grants.clear()
+        wake = self._wakeable(name, entry, limit)
+        self._forget_if_idle(name)
+        return count, wake
+
+    @staticmethod
+    def _limit_hint(entry: _Name) -> int:
+        return max((g.limit for g in entry.grants.values()), default=1)
+
+    def holders(self, name: str, now: float) -> list[HolderInfo]:
+        entry = self._purge(name, now)
+        infos = [self._info(name, g, now) for g in entry.grants.values()]
+        self._forget_if_idle(name)
+        return infos
+
+    def leases(self, prefix: str, now: float) -> list[HolderInfo]:
+        infos: list[HolderInfo] = []
+        for name in sorted(n for n in self._names if n.startswith(prefix)):
+            infos.extend(self.holders(name, now))
+        return infos
+
+    def expired_waiters(self, now: float) -> list[tuple[str, str]]:
+        """Queued tokens that became grantable because holders expired (no event
+        announces an expiry, so the memory store sweeps for these)."""
+        wake: list[tuple[str, str]] = []
+        for name in list(self._names):
+            entry = self._purge(name, now)
+            wake.extend(self._wakeable(name, entry, self._limit_hint(entry)))
+            self._forget_if_idle(name)
+        return wake
+
+    @staticmethod
+    def _info(name: str, grant: _Grant, now: float) -> HolderInfo:
+        return HolderInfo(
+            name=name,
+            owner=grant.holder.owner,
+            host=grant.holder.host,
+            pid=grant.holder.pid,
+            fence=grant.fence,
+            limit=grant.limit,
+            held_for=max(0.0, now - grant.acquired),
+            expires_in=max(0.0, grant.expires - now),
+        )
+
+    def __len__(self) -> int:
+        return len(self._names)

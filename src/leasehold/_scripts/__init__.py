@@ -1,0 +1,1 @@
+"""Lua and SQL shipped with the package, each with a header comment stating its contract."""

@@ -1,0 +1,30 @@
+-- leasehold SQLite schema (created idempotently on first use).
+-- lh_seq:    one row; the fence sequence for every name (strictly increasing, so
+--            fences per name increase without keeping a row per name forever).
+-- lh_meta:   boot id of the host clock the expiries were written with.
+-- lh_holder: live grants; expires is on the host's boot-time clock (seconds).
+-- lh_waiter: FIFO wait queue per name; seq orders arrivals.
+CREATE TABLE IF NOT EXISTS lh_seq (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+INSERT OR IGNORE INTO lh_seq (id, value) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS lh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS lh_holder (
+    name TEXT NOT NULL,
+    token TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    fence INTEGER NOT NULL,
+    lim INTEGER NOT NULL,
+    acquired REAL NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (name, token)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lh_holder_expires ON lh_holder (expires);
+CREATE TABLE IF NOT EXISTS lh_waiter (
+    name TEXT NOT NULL,
+    token TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (name, token)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lh_waiter_seq ON lh_waiter (name, seq);

@@ -1,0 +1,333 @@
+"""The SQLite store's transactions: plain blocking functions over one connection.
+
+Both the async store (on a worker thread) and the generated sync store call these.
+Each function is one ``BEGIN IMMEDIATE`` transaction, so the write lock is taken
+up front and two processes can never interleave inside an operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+from leasehold._core.records import (
+    AcquireRequest,
+    AcquireResult,
+    Busy,
+    Granted,
+    HolderInfo,
+    RenewItem,
+)
+from leasehold._errors import InvalidArgument, StoreUnavailable
+
+# Commits that synchronous=NORMAL may lose in a power cut are fewer than this, so
+# after a reboot the fence sequence jumps past anything that could have been issued.
+REBOOT_FENCE_GAP = 1 << 32
+
+NETWORK_FILESYSTEMS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "9p",
+    "ceph",
+    "glusterfs",
+    "fuse.sshfs",
+    "afs",
+    "lustre",
+    "gpfs",
+    "fuse.glusterfs",
+}
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        # No boot id: derive one from when the monotonic clock started (to 10 s).
+        return f"t{round((time.time() - time.monotonic()) / 10)}"
+
+
+def boot_clock() -> float:
+    """Seconds since boot, counting suspend, immune to wall-clock jumps."""
+    clock_id = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return time.clock_gettime(clock_id)
+
+
+def filesystem_type(path: Path) -> str | None:
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+class SQLiteTables:
+    def __init__(self, path: Path, *, busy_timeout: float, allow_network_fs: bool) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.allow_network_fs = allow_network_fs
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self.fs_type: str | None = None
+
+    # -- connection --------------------------------------------------------------
+
+    def connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        # After fork the parent's connection is abandoned, never closed or used:
+        # SQLite connections must not cross fork.
+        self._conn = None
+        directory = self.path.parent
+        try:
+            if not directory.exists():
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {directory}: {exc.strerror}") from None
+        self.fs_type = filesystem_type(directory)
+        if self.fs_type in NETWORK_FILESYSTEMS and not self.allow_network_fs:
+            raise InvalidArgument(
+                f"{self.path} is on a network file system ({self.fs_type}); SQLite locking "
+                "is unreliable there. Use a local path, a Redis or PostgreSQL store, or "
+                "add ?allow_network_fs=1 to accept the risk."
+            )
+        try:
+            conn = sqlite3.connect(
+                str(self.path),
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            self._init_schema(conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+        self._conn = conn
+        self._pid = os.getpid()
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        schema = resources.files("leasehold._scripts").joinpath("sqlite/schema.sql").read_text()
+        with self._immediate(conn):
+            code = "\n".join(
+                line for line in schema.splitlines() if not line.lstrip().startswith("--")
+            )
+            for statement in code.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            current = boot_id()
+            row = conn.execute("SELECT value FROM lh_meta WHERE key = 'boot'").fetchone()
+            if row is None or row[0] != current:
+                # Expiries were written on another boot's clock: every lease from
+                # before this boot is over, and the fence jumps past anything a lost
+                # (unsynced) commit may have handed out.
+                conn.execute("DELETE FROM lh_holder")
+                conn.execute("DELETE FROM lh_waiter")
+                if row is not None:
+                    conn.execute("UPDATE lh_seq SET value = value + ?", (REBOOT_FENCE_GAP,))
+                conn.execute(
+                    "INSERT INTO lh_meta (key, value) VALUES ('boot', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (current,),
+                )
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self.connection()
+        try:
+            with self._immediate(conn):
+                yield conn
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+        self._conn = None
+
+    # -- operations --------------------------------------------------------------
+
+    @staticmethod
+    def _purge(conn: sqlite3.Connection, name: str, now: float) -> None:
+        conn.execute("DELETE FROM lh_holder WHERE name = ? AND expires <= ?", (name, now))
+        conn.execute("DELETE FROM lh_waiter WHERE name = ? AND expires <= ?", (name, now))
+
+    def acquire(self, request: AcquireRequest, now: float) -> AcquireResult:
+        name, token = request.name, request.token
+        with self.transaction() as conn:
+            self._purge(conn, name, now)
+            row = conn.execute(
+                "SELECT fence FROM lh_holder WHERE name = ? AND token = ?", (name, token)
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE lh_holder SET expires = ? WHERE name = ? AND token = ?",
+                    (now + request.ttl, name, token),
+                )
+                return Granted(int(row[0]))
+            (held,) = conn.execute(
+                "SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)
+            ).fetchone()
+            mine = conn.execute(
+                "SELECT seq FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
+            ).fetchone()
+            if mine is None:
+                (ahead,) = conn.execute(
+                    "SELECT COUNT(*) FROM lh_waiter WHERE name = ?", (name,)
+                ).fetchone()
+            else:
+                (ahead,) = conn.execute(
+                    "SELECT COUNT(*) FROM lh_waiter WHERE name = ? AND seq < ?", (name, mine[0])
+                ).fetchone()
+            if request.limit - held > ahead:
+                (fence,) = conn.execute(
+                    "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO lh_holder (name, token, owner, host, pid, fence, lim, "
+                    "acquired, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        token,
+                        request.holder.owner,
+                        request.holder.host,
+                        request.holder.pid,
+                        fence,
+                        request.limit,
+                        now,
+                        now + request.ttl,
+                    ),
+                )
+                if mine is not None:
+                    conn.execute(
+                        "DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
+                    )
+                return Granted(int(fence))
+            position: int | None = None
+            if request.queue_ttl is not None:
+                if mine is None:
+                    conn.execute(
+                        "INSERT INTO lh_waiter (name, token, seq, expires) VALUES (?, ?, "
+                        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM lh_waiter WHERE name = ?), ?)",
+                        (name, token, name, now + request.queue_ttl),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE lh_waiter SET expires = ? WHERE name = ? AND token = ?",
+                        (now + request.queue_ttl, name, token),
+                    )
+                position = int(ahead)
+            (soonest,) = conn.execute(
+                "SELECT MIN(expires) FROM lh_holder WHERE name = ?", (name,)
+            ).fetchone()
+        retry_after = None if soonest is None else max(0.0, float(soonest) - now)
+        return Busy(retry_after=retry_after, position=position)
+
+    def renew(self, items: Sequence[RenewItem], now: float) -> list[bool]:
+        answers = []
+        with self.transaction() as conn:
+            for item in items:
+                cursor = conn.execute(
+                    "UPDATE lh_holder SET expires = ? "
+                    "WHERE name = ? AND token = ? AND expires > ?",
+                    (now + item.ttl, item.name, item.token, now),
+                )
+                answers.append(cursor.rowcount == 1)
+        return answers
+
+    def release(self, name: str, token: str, now: float) -> bool:
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM lh_holder WHERE name = ? AND token = ? AND expires > ?",
+                (name, token, now),
+            )
+            held = cursor.rowcount == 1
+            conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
+        return held
+
+    def break_lease(self, name: str, now: float) -> int:
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM lh_holder WHERE name = ? AND expires > ?", (name, now)
+            )
+            count = cursor.rowcount
+            conn.execute("DELETE FROM lh_holder WHERE name = ?", (name,))
+        return count
+
+    _SELECT = "SELECT name, owner, host, pid, fence, lim, acquired, expires FROM lh_holder "
+
+    @staticmethod
+    def _infos(rows: list[tuple[object, ...]], now: float) -> list[HolderInfo]:
+        return [
+            HolderInfo(
+                name=str(name),
+                owner=str(owner),
+                host=str(host),
+                pid=int(pid),  # type: ignore[call-overload]
+                fence=int(fence),  # type: ignore[call-overload]
+                limit=int(lim),  # type: ignore[call-overload]
+                held_for=max(0.0, now - float(acquired)),  # type: ignore[arg-type]
+                expires_in=max(0.0, float(expires) - now),  # type: ignore[arg-type]
+            )
+            for name, owner, host, pid, fence, lim, acquired, expires in rows
+        ]
+
+    def holders(self, name: str, now: float) -> list[HolderInfo]:
+        conn = self.connection()
+        try:
+            rows = conn.execute(
+                self._SELECT + "WHERE name = ? AND expires > ? ORDER BY fence", (name, now)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+        return self._infos(rows, now)
+
+    def leases(self, prefix: str, now: float) -> list[HolderInfo]:
+        conn = self.connection()
+        try:
+            rows = conn.execute(
+                self._SELECT + "WHERE substr(name, 1, ?) = ? AND expires > ? ORDER BY name, fence",
+                (len(prefix), prefix, now),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+        return self._infos(rows, now)
+
+    def ping(self) -> None:
+        conn = self.connection()
+        try:
+            conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None

@@ -1,0 +1,314 @@
+"""The store conformance suite: every backend must pass all of it.
+
+Use from a test module with an ``lh_backend`` fixture returning a BackendHarness::
+
+    from leasehold.testing.conformance import *  # noqa: F403
+
+Tests use fresh names, so one server can serve every test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+
+import pytest
+
+from leasehold._core.records import AcquireRequest, Busy, Granted, Holder, RenewItem
+from leasehold._errors import AcquireTimeout, LeaseLost
+from leasehold.testing.harness import BackendHarness
+
+__all__ = [
+    "test_acquire_timeout_raises",
+    "test_break_lease_bumps_fence_and_loses_holder",
+    "test_cancelled_acquire_leaves_lock_free",
+    "test_exclusive_until_released",
+    "test_expiry_by_store_clock",
+    "test_extend_replaces_ttl",
+    "test_fences_strictly_increase",
+    "test_holders_and_leases_report_what_is_held",
+    "test_only_owner_mutates",
+    "test_queue_is_fifo",
+    "test_release_wakes_only_the_head_waiter",
+    "test_renew_batch_answers_in_order",
+    "test_retried_acquire_is_idempotent",
+    "test_semaphore_limit",
+    "test_waiter_acquires_after_release",
+]
+
+HOLDER = Holder(owner="conformance", host="localhost", pid=1)
+
+
+def _request(name: str, token: str, ttl: float = 30.0, **kw: object) -> AcquireRequest:
+    return AcquireRequest(name=name, token=token, holder=HOLDER, ttl=ttl, **kw)  # type: ignore[arg-type]
+
+
+def test_exclusive_until_released(lh_backend: BackendHarness) -> None:
+    a, b = lh_backend.client(), lh_backend.client()
+    name = lh_backend.unique()
+    lease = a.lock(name).acquire(timeout=5)
+    assert lease.held
+    assert b.lock(name).try_acquire() is None
+    assert a.lock(name).try_acquire() is None  # a lease is not re-entrant per client
+    assert lease.release() is True
+    assert lease.release() is False  # idempotent
+    again = b.lock(name).try_acquire()
+    assert again is not None
+    again.release()
+
+
+def test_fences_strictly_increase(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    name = lh_backend.unique()
+    lock = client.lock(name, ttl=lh_backend.short_ttl, renew=False)
+    fences = []
+    for _ in range(3):  # acquire / release
+        lease = lock.acquire(timeout=5)
+        fences.append(lease.fence)
+        lease.release()
+    lease = lock.acquire(timeout=5)  # expiry
+    fences.append(lease.fence)
+    lh_backend.advance(lh_backend.short_ttl + 0.3)
+    lease = lock.acquire(timeout=5)
+    fences.append(lease.fence)
+    client.break_lease(name)  # forced release
+    lease = lock.acquire(timeout=5)
+    fences.append(lease.fence)
+    lease.release()
+    assert fences == sorted(fences) and len(set(fences)) == len(fences), fences
+
+
+def test_expiry_by_store_clock(lh_backend: BackendHarness) -> None:
+    a, b = lh_backend.client(), lh_backend.client()
+    name = lh_backend.unique()
+    ttl = lh_backend.short_ttl
+    first = a.lock(name, ttl=ttl, renew=False).acquire(timeout=5)
+    assert b.lock(name, ttl=ttl).try_acquire() is None
+    lh_backend.advance(ttl + 0.3)
+    assert first.lost
+    with pytest.raises(LeaseLost):
+        first.check()
+    second = b.lock(name, ttl=ttl, renew=False).try_acquire()
+    assert second is not None and second.fence > first.fence
+    assert first.release() is False  # a superseded holder cannot release the successor
+    assert second.held
+    assert [h.fence for h in b.holders(name)] == [second.fence]
+    second.release()
+
+
+def test_only_owner_mutates(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    store = client.store
+    name = lh_backend.unique()
+    lease = client.lock(name).acquire(timeout=5)
+    forged = secrets.token_urlsafe(24)
+    assert store.release(name, forged) is False
+    assert store.renew([RenewItem(name, forged, 30.0)]) == [False]
+    assert [h.fence for h in client.holders(name)] == [lease.fence]
+    assert lease.held
+    lease.release()
+
+
+def test_extend_replaces_ttl(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    name = lh_backend.unique()
+    ttl = lh_backend.short_ttl
+    lease = client.lock(name, ttl=ttl, renew=False).acquire(timeout=5)
+    lh_backend.advance(ttl * 0.6)
+    lease.extend()
+    lh_backend.advance(ttl * 0.6)
+    assert lease.held  # 1.2 ttl after the grant, but 0.6 ttl after the extension
+    lease.extend(ttl=ttl * 3)
+    assert lease.ttl == ttl * 3
+    holders = client.holders(name)
+    assert holders and holders[0].expires_in > ttl * 2
+    lease.release()
+    with pytest.raises(LeaseLost):
+        lease.extend()
+
+
+def test_holders_and_leases_report_what_is_held(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client(identity="reporter")
+    prefix = lh_backend.unique("rep") + ":"
+    names = [prefix + suffix for suffix in ("a", "b", "c%_")]
+    leases = [client.lock(n, ttl=60).acquire(timeout=5) for n in names]
+    other = client.lock(lh_backend.unique("other"), ttl=60).acquire(timeout=5)
+    infos = client.leases(prefix)
+    assert sorted(i.name for i in infos) == sorted(names)
+    for info in infos:
+        assert info.owner.startswith("reporter")
+        assert info.pid > 0 and info.host
+        assert 0 < info.expires_in <= 60
+        assert info.held_for >= 0
+    by_name = {i.name: i for i in infos}
+    assert [by_name[n].fence for n in names] == [lease.fence for lease in leases]
+    assert client.holders(names[0])[0].fence == leases[0].fence
+    assert any(i.name == other.name for i in client.leases(""))
+    for lease in [*leases, other]:
+        lease.release()
+    assert client.leases(prefix) == []
+    assert client.holders(names[0]) == []
+
+
+def test_acquire_timeout_raises(lh_backend: BackendHarness) -> None:
+    client = lh_backend.real_client()
+    name = lh_backend.unique()
+    lease = client.lock(name).acquire(timeout=5)
+    started = time.monotonic()
+    with pytest.raises(AcquireTimeout) as info:
+        client.lock(name).acquire(timeout=0.3)
+    assert 0.25 <= time.monotonic() - started < 5
+    assert isinstance(info.value, TimeoutError)
+    lease.release()
+    assert client.statistics().timed_out == 1
+
+
+def test_waiter_acquires_after_release(lh_backend: BackendHarness) -> None:
+    client = lh_backend.real_client()
+    name = lh_backend.unique()
+    lease = client.lock(name).acquire(timeout=5)
+    got: list[int] = []
+
+    def waiter() -> None:
+        got.append(client.lock(name).acquire(timeout=10).fence)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    assert not got
+    lease.release()
+    thread.join(10)
+    assert got and got[0] > lease.fence
+
+
+def test_semaphore_limit(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    name = lh_backend.unique()
+    sem = client.semaphore(name, 3)
+    leases = [sem.try_acquire() for _ in range(3)]
+    assert all(lease is not None for lease in leases)
+    assert sem.try_acquire() is None
+    fences = [lease.fence for lease in leases if lease is not None]
+    assert fences == sorted(set(fences))
+    assert len(client.holders(name)) == 3
+    leases[1].release()  # type: ignore[union-attr]
+    fourth = sem.try_acquire()
+    assert fourth is not None and fourth.fence > max(fences)
+    for lease in [leases[0], leases[2], fourth]:
+        lease.release()  # type: ignore[union-attr]
+
+
+def test_retried_acquire_is_idempotent(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    name, token = lh_backend.unique(), secrets.token_urlsafe(24)
+    first = store.acquire(_request(name, token))
+    second = store.acquire(_request(name, token))  # the answer to the first was "lost"
+    assert isinstance(first, Granted) and second == first
+    assert len(store.holders(name)) == 1
+    assert store.release(name, token) is True
+
+
+def test_queue_is_fifo(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    name = lh_backend.unique()
+    holder, w1, w2, w3 = (secrets.token_urlsafe(24) for _ in range(4))
+    assert isinstance(store.acquire(_request(name, holder)), Granted)
+    positions = []
+    for token in (w1, w2, w3):
+        result = store.acquire(_request(name, token, queue_ttl=10.0))
+        assert isinstance(result, Busy)
+        positions.append(result.position)
+    assert positions == [0, 1, 2]
+    # An unqueued caller cannot barge past queued waiters.
+    store.release(name, holder)
+    assert isinstance(store.acquire(_request(name, secrets.token_urlsafe(24))), Busy)
+    assert isinstance(store.acquire(_request(name, w3, queue_ttl=10.0)), Busy)
+    granted = store.acquire(_request(name, w1, queue_ttl=10.0))
+    assert isinstance(granted, Granted)
+    # A waiter that gives up (release of its token) leaves the queue.
+    store.release(name, w2)
+    store.release(name, w1)
+    assert isinstance(store.acquire(_request(name, w3, queue_ttl=10.0)), Granted)
+    store.release(name, w3)
+
+
+def test_release_wakes_only_the_head_waiter(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    if not store.capabilities.notifications:
+        pytest.skip(f"{lh_backend.name} has no notifications; waiters poll")
+    name = lh_backend.unique()
+    holder, head, second = (secrets.token_urlsafe(24) for _ in range(3))
+    store.acquire(_request(name, holder))
+    store.acquire(_request(name, head, queue_ttl=10.0))
+    store.acquire(_request(name, second, queue_ttl=10.0))
+    store.release(name, holder)  # wake-up sent before anyone waits: must not be lost
+    started = time.monotonic()
+    assert store.wait(name, head, 5.0) is True
+    assert time.monotonic() - started < 2.0
+    assert store.wait(name, second, 0.2) is False
+    store.release(name, head)
+    store.release(name, second)
+
+
+def test_renew_batch_answers_in_order(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    names = [lh_backend.unique() for _ in range(50)]
+    tokens = [secrets.token_urlsafe(24) for _ in names]
+    for name, token in zip(names, tokens, strict=True):
+        store.acquire(_request(name, token))
+    items = [
+        RenewItem(name, token if i % 3 else "not-the-owner", 30.0)
+        for i, (name, token) in enumerate(zip(names, tokens, strict=True))
+    ]
+    assert store.renew(items) == [bool(i % 3) for i in range(len(items))]
+    assert store.renew([]) == []
+    for name, token in zip(names, tokens, strict=True):
+        store.release(name, token)
+
+
+def test_break_lease_bumps_fence_and_loses_holder(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    name = lh_backend.unique()
+    lease = client.lock(name, renew=False).acquire(timeout=5)
+    assert client.break_lease(name) == 1
+    assert client.holders(name) == []
+    with pytest.raises(LeaseLost):
+        lease.extend()
+    assert lease.lost
+    successor = client.lock(name).acquire(timeout=5)
+    assert successor.fence > lease.fence
+    successor.release()
+
+
+def test_cancelled_acquire_leaves_lock_free(lh_backend: BackendHarness) -> None:
+    name = lh_backend.unique()
+
+    async def scenario() -> None:
+        async with lh_backend.async_client() as client:
+            holder = await client.lock(name).acquire(timeout=5)
+            waiter = asyncio.ensure_future(client.lock(name).acquire())
+            await asyncio.sleep(0.1)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            await holder.release()
+            # Cancel many acquires at random points of their first round trip.
+            for delay in (0.0, 0.0005, 0.001, 0.002, 0.005):
+                task = asyncio.ensure_future(client.lock(name).acquire())
+                await asyncio.sleep(delay)
+                task.cancel()
+                try:
+                    lease = await task
+                except asyncio.CancelledError:
+                    pass
+                else:
+                    await lease.release()
+            await asyncio.sleep(0.05)
+            assert await client.holders(name) == []
+            free = await client.lock(name).try_acquire()
+            assert free is not None
+            await free.release()
+
+    asyncio.run(scenario())

@@ -1,0 +1,110 @@
+"""Shared fixtures: the backend harness over every backend, and real servers.
+
+Redis and PostgreSQL are started by the tests themselves on random loopback ports
+and stopped afterwards. Missing binaries skip those tests with a reason, except
+with LEASEHOLD_REQUIRE_SERVERS=1, where a missing server fails the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leasehold.testing import BackendHarness, FakeClock
+
+REQUIRE_SERVERS = os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1"
+BACKENDS = ["memory", "sqlite", "redis", "postgres"]
+
+
+def unavailable(reason: str) -> None:
+    if REQUIRE_SERVERS:
+        pytest.fail(f"{reason} (LEASEHOLD_REQUIRE_SERVERS=1 forbids skipping)")
+    pytest.skip(reason)
+
+
+def _server_module(name: str) -> Any:
+    try:
+        return importlib.import_module(f"tests.servers.{name}")
+    except ImportError as exc:  # pragma: no cover - only while a backend is missing
+        unavailable(f"tests.servers.{name} unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    module = _server_module("redis")
+    if module.redis_server_binary() is None:
+        unavailable("redis-server is not installed (apt-get install redis-server)")
+    server = module.RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    module = _server_module("postgres")
+    if module.postgres_bindir() is None:
+        unavailable("PostgreSQL binaries not found (apt-get install postgresql)")
+    server = module.PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _with_query(url: str, query: str) -> str:
+    return url + ("&" if "?" in url else "?") + query
+
+
+def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> BackendHarness:
+    if backend == "memory":
+        return BackendHarness(
+            name="memory",
+            url=f"memory://{uuid.uuid4().hex}",
+            clock=FakeClock(),
+            fresh_url=lambda: f"memory://{uuid.uuid4().hex}",
+        )
+    if backend == "sqlite":
+        counter = iter(range(1_000_000))
+        return BackendHarness(
+            name="sqlite",
+            url=f"sqlite:///{tmp_path / 'leases.db'}",
+            clock=FakeClock(),
+            fresh_url=lambda: f"sqlite:///{tmp_path / f'real-{next(counter)}.db'}",
+        )
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        return BackendHarness(name="redis", url=server.url, clock=None, fresh_url=lambda: server.url)
+    if backend == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        return BackendHarness(
+            name="postgres", url=server.url, clock=None, fresh_url=lambda: server.url
+        )
+    raise AssertionError(backend)
+
+
+@pytest.fixture(params=BACKENDS)
+def lh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+    harness = make_harness(request.param, request, tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+    harness = make_harness(request.param, request, tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
