@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,10 @@ REPLACEMENTS = {
     "AsyncSQLiteStore": "SQLiteStore",
     "AsyncRedisStore": "RedisStore",
     "AsyncPostgresStore": "PostgresStore",
+    "AsyncPooledPostgresStore": "PooledPostgresStore",
+    "AsyncConnectionPool": "ConnectionPool",
+    "AsyncConnection": "Connection",
+    "AsyncCursor": "Cursor",
     "AsyncElection": "Election",
     "AsyncPresence": "Presence",
     "AsyncOnce": "Once",
@@ -97,8 +102,21 @@ def generate(into: Path) -> dict[Path, str]:
             text = text.replace(old, new)
         if not text.startswith("# GENERATED"):
             text = HEADER + text
-        out[rel] = text
+        out[rel] = ruff_format(text, rel)
     return out
+
+
+def ruff_format(text: str, rel: Path) -> str:
+    """Removing ``await`` changes line lengths; format so the output is stable."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--stdin-filename", str(SYNC_DIR / rel), "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return result.stdout
 
 
 def main() -> int:
@@ -117,8 +135,7 @@ def main() -> int:
     orphans = [
         path
         for path in SYNC_DIR.rglob("*.py")
-        if path not in expected_files
-        and path.relative_to(SYNC_DIR).as_posix() not in HANDWRITTEN
+        if path not in expected_files and path.relative_to(SYNC_DIR).as_posix() not in HANDWRITTEN
     ]
     if args.check:
         for target, current, text in stale:

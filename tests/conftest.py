@@ -83,7 +83,9 @@ def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         )
     if backend == "redis":
         server = request.getfixturevalue("redis_server")
-        return BackendHarness(name="redis", url=server.url, clock=None, fresh_url=lambda: server.url)
+        return BackendHarness(
+            name="redis", url=server.url, clock=None, fresh_url=lambda: server.url
+        )
     if backend == "postgres":
         server = request.getfixturevalue("postgres_server")
         return BackendHarness(

@@ -5,8 +5,6 @@ SQLite default, in memory, on Redis and on PostgreSQL. ``Client`` is the sync AP
 ``AsyncClient`` the asyncio one; both have the same methods.
 """
 
-from __future__ import annotations
-
 from leasehold._async.client import AsyncClient
 from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock

@@ -260,8 +260,7 @@ class SQLiteTables:
         with self.transaction() as conn:
             for item in items:
                 cursor = conn.execute(
-                    "UPDATE lh_holder SET expires = ? "
-                    "WHERE name = ? AND token = ? AND expires > ?",
+                    "UPDATE lh_holder SET expires = ? WHERE name = ? AND token = ? AND expires > ?",
                     (now + item.ttl, item.name, item.token, now),
                 )
                 answers.append(cursor.rowcount == 1)

@@ -48,12 +48,14 @@ def redact(raw: str) -> str:
         user, sep, _password = userinfo.partition(":")
         netloc = f"{user}:***@{hostport}" if sep else f"{userinfo}@{hostport}"
     query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    secret_keys = ("password", "pass", "sslpassword")
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() in secret_keys for key, _ in pairs):
         query = "&".join(
-            f"{key}={'***' if key.lower() in ('password', 'pass', 'sslpassword') else value}"
-            for key, value in pairs
+            f"{key}={'***' if key.lower() in secret_keys else value}" for key, value in pairs
         )
+    if netloc == parts.netloc and query == parts.query:
+        return raw  # nothing secret; urlunsplit would also mangle sqlite:////abs paths
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

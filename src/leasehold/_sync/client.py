@@ -89,9 +89,7 @@ class Client:
         margin: float | None = None,
     ) -> Lock:
         """At most ``limit`` concurrent holders of ``name``; the lock interface."""
-        return Lock(
-            self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
-        )
+        return Lock(self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin)
 
     # -- inspection ------------------------------------------------------------
 

@@ -164,7 +164,9 @@ class Keeper:
             if ok:
                 lease._renewed(sent, item.ttl)
             else:
-                lease._mark_lost("the store says it is no longer held (expired, broken or taken over)")
+                lease._mark_lost(
+                    "the store says it is no longer held (expired, broken or taken over)"
+                )
         return 0.0
 
 

@@ -103,10 +103,10 @@ class Lease:
     def _unheld_reason(self, now: float) -> str | None:
         if self._forked():
             return "the lease belongs to the parent process (os.fork)"
-        if self._released:
-            return "released"
         if self._lost_reason is not None:
             return self._lost_reason
+        if self._released:
+            return "released"
         if now >= self._deadline:
             return "its safe deadline passed before a renewal succeeded"
         return None
@@ -196,7 +196,7 @@ class Lease:
             return True
         return self._lost_event.wait(timeout)
 
-    def fence_sql(self, connection: object, *, table: str = "leasehold_fences") -> int:
+    def fence_sql(self, connection: Any, *, table: str = "leasehold_fences") -> int:
         """Check this lease's fence against ``connection`` inside the caller's
         transaction (see ``leasehold.fence.check``): raises ``StaleFence`` if a newer
         holder already wrote. Also raises ``LeaseLost`` first if the lease is gone."""

@@ -31,14 +31,15 @@ QUEUE_TTL = 3.0
 QUEUE_REFRESH = QUEUE_TTL / 3
 # Stores without notifications are polled; the head of the queue polls fastest
 # because it is the one that will be served next.
-POLL_INITIAL = 0.001
-POLL_STEP = 0.02
+POLL_INITIAL = 0.0005
+POLL_HEAD = 0.002
+POLL_STEP = 0.01
 POLL_MAX = 0.5
 STORE_RETRY = Backoff(initial=0.05, maximum=2.0)
 
 
 def poll_delay(attempt: int, position: int | None) -> float:
-    ceiling = min(POLL_MAX, POLL_STEP * ((position or 0) + 1))
+    ceiling = min(POLL_MAX, POLL_HEAD + POLL_STEP * (position or 0))
     return Backoff(initial=POLL_INITIAL, maximum=ceiling).delay(attempt)
 
 
@@ -182,10 +183,7 @@ class Lock:
 
     @staticmethod
     def _pause(result: Busy, attempt: int, notifications: bool) -> float:
-        if notifications:
-            pause = QUEUE_REFRESH
-        else:
-            pause = poll_delay(attempt, result.position)
+        pause = QUEUE_REFRESH if notifications else poll_delay(attempt, result.position)
         if result.retry_after is not None:
             # Expiry announces itself to nobody: look again just after it.
             pause = min(pause, result.retry_after + 0.001)
@@ -215,4 +213,6 @@ class Lock:
 
     def __repr__(self) -> str:
         kind = "semaphore" if self._limit > 1 else "lock"
-        return f"<{type(self).__name__} {kind} {self._name!r} ttl={self._ttl:g}s limit={self._limit}>"
+        return (
+            f"<{type(self).__name__} {kind} {self._name!r} ttl={self._ttl:g}s limit={self._limit}>"
+        )

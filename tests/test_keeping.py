@@ -1,0 +1,353 @@
+"""Leases that keep themselves, and loss that is never silent (real processes).
+
+Timing bounds are generous (TTL 1 s); speed is measured in bench/, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import leasehold
+from leasehold._core.clock import SYSTEM_CLOCK
+from leasehold._core.url import parse
+from leasehold._sync.backends import open_store
+from leasehold.testing import BackendHarness, CountingStore, FaultyStore
+
+ROOT = Path(__file__).resolve().parent.parent
+TTL = 1.0
+BOUND = 1.5  # seconds beyond the TTL that re-acquisition may take on a busy 2-core CI box
+
+
+@pytest.fixture
+def shared_url(lh_backend: BackendHarness) -> str:
+    """A URL several processes can share, on the real clock."""
+    if lh_backend.name == "memory":
+        pytest.skip("memory:// is one process only")
+    return lh_backend.fresh_url()
+
+
+def start_holder(
+    url: str, name: str, ready: Path, *, renew: bool = True
+) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests._workers",
+            "hold",
+            url,
+            name,
+            str(TTL),
+            str(ready),
+            "1" if renew else "0",
+        ],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, "holder died before acquiring"
+        assert time.monotonic() < deadline, "holder never acquired"
+        time.sleep(0.01)
+    return proc
+
+
+def wait_for(path: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_paused_holder_is_replaced_and_learns_it(
+    shared_url: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    client = leasehold.Client(shared_url)
+    delays = []
+    for trial in range(3):
+        name = f"paused:{trial}:{os.getpid()}"
+        ready = tmp_path / f"ready{trial}"
+        proc = start_holder(shared_url, name, ready)
+        procs.append(proc)
+        fence = json.loads(ready.read_text())["fence"]
+        time.sleep(0.3)  # a renewal or two have happened
+        proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        lease = client.lock(name, ttl=TTL).acquire(timeout=TTL + BOUND + 5)
+        delays.append(time.monotonic() - stopped)
+        assert lease.fence > fence
+        time.sleep(max(0.0, 3 * TTL - (time.monotonic() - stopped)))
+        proc.send_signal(signal.SIGCONT)
+        reason = wait_for(Path(f"{ready}.exited"), 10)
+        assert reason.startswith("LeaseLost")
+        assert Path(f"{ready}.lost").exists()
+        assert Path(f"{ready}.checked").exists()
+        assert lease.held  # the successor is untouched by the resumed holder
+        lease.release()
+    client.close()
+    assert max(delays) < TTL + BOUND, delays
+    print(
+        f"\nre-acquire after SIGSTOP: median {statistics.median(delays):.3f} s, max {max(delays):.3f} s"
+    )
+
+
+@pytest.mark.slow
+def test_killed_holder_is_replaced_within_ttl(
+    shared_url: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    client = leasehold.Client(shared_url)
+    delays = []
+    for trial in range(5):
+        name = f"killed:{trial}:{os.getpid()}"
+        ready = tmp_path / f"ready{trial}"
+        proc = start_holder(shared_url, name, ready)
+        procs.append(proc)
+        fence = json.loads(ready.read_text())["fence"]
+        time.sleep(0.2)
+        proc.kill()
+        killed = time.monotonic()
+        lease = client.lock(name, ttl=TTL).acquire(timeout=TTL + BOUND + 5)
+        delays.append(time.monotonic() - killed)
+        assert lease.fence > fence
+        lease.release()
+    client.close()
+    assert max(delays) < TTL + BOUND, delays
+    print(
+        f"\nre-acquire after SIGKILL: median {statistics.median(delays):.3f} s, max {max(delays):.3f} s"
+    )
+
+
+def test_blocked_event_loop_cancels_body(lh_backend: BackendHarness) -> None:
+    url = lh_backend.fresh_url()
+    name = lh_backend.unique()
+    reached_after_block = False
+
+    async def scenario() -> None:
+        nonlocal reached_after_block
+        async with leasehold.AsyncClient(url) as client:
+            with pytest.raises(leasehold.LeaseLost):
+                async with client.lock(name, ttl=TTL) as lease:
+                    time.sleep(TTL * 1.5)  # blocks the loop: the keeper cannot renew
+                    await asyncio.sleep(2)  # cancelled here once the loop resumes
+                    reached_after_block = True
+            assert lease.lost and not lease.held
+            await asyncio.sleep(TTL)
+            assert lease.lost and not lease.held  # never reported held again
+            assert client.statistics().lost == 1
+
+    asyncio.run(scenario())
+    assert not reached_after_block
+
+
+def test_caller_cancellation_is_not_turned_into_lease_lost(lh_backend: BackendHarness) -> None:
+    url = lh_backend.fresh_url()
+
+    async def scenario() -> None:
+        async with leasehold.AsyncClient(url) as client:
+
+            async def body() -> None:
+                async with client.lock(lh_backend.unique(), ttl=TTL):
+                    await asyncio.sleep(10)
+
+            task = asyncio.ensure_future(body())
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1), client.lock(lh_backend.unique(), ttl=TTL):
+                    await asyncio.sleep(10)
+            assert await client.leases() == []
+
+    asyncio.run(scenario())
+
+
+def test_long_job_with_renewal_is_never_lost(lh_backend: BackendHarness) -> None:
+    client = leasehold.Client(lh_backend.fresh_url())
+    ttl = 0.5
+    with client.lock(lh_backend.unique(), ttl=ttl) as lease:
+        fence = lease.fence
+        end = time.monotonic() + 10 * ttl
+        while time.monotonic() < end:
+            lease.check()
+            time.sleep(0.05)
+        assert lease.fence == fence and lease.held
+        assert [h.fence for h in client.holders(lease.name)] == [fence]
+    stats = client.statistics()
+    assert stats.lost == 0 and stats.renewed >= 15
+    client.close()
+
+
+def _faulty_client(url: str) -> tuple[leasehold.Client, FaultyStore]:
+    store = FaultyStore(open_store(parse(url), SYSTEM_CLOCK))
+    return leasehold.Client(store=store), store
+
+
+def test_transient_renewal_errors_are_not_loss(lh_backend: BackendHarness) -> None:
+    client, store = _faulty_client(lh_backend.fresh_url())
+    lease = client.lock(lh_backend.unique(), ttl=1.5).acquire(timeout=5)
+    store.fail("renew", times=2)
+    time.sleep(2.5)  # two failed rounds, then success: well past the first deadline
+    assert store.failures["renew"] == 2
+    assert lease.held
+    assert client.statistics().renewal_failures == 2
+    lease.release()
+    client.close()
+
+
+def test_persistent_renewal_errors_are_reported_at_the_deadline(
+    lh_backend: BackendHarness,
+) -> None:
+    client, store = _faulty_client(lh_backend.fresh_url())
+    lost_at: list[float] = []
+    lease = client.lock(
+        lh_backend.unique(), ttl=1.0, on_lost=lambda _: lost_at.append(time.monotonic())
+    ).acquire(timeout=5)
+    store.fail("renew", times=None)
+    assert lease.wait_lost(timeout=5)
+    assert lost_at, "on_lost was not called"
+    deadline = lease.deadline
+    assert lost_at[0] >= deadline - 0.01  # not before: a transient error is not loss
+    assert lost_at[0] <= deadline + 0.25  # and promptly at the safe deadline
+    with pytest.raises(leasehold.LeaseLost):
+        lease.check()
+    store.heal()
+    client.close()
+
+
+def test_renewal_refused_is_loss_at_once(lh_backend: BackendHarness) -> None:
+    client = leasehold.Client(lh_backend.fresh_url())
+    lease = client.lock(lh_backend.unique(), ttl=1.0).acquire(timeout=5)
+    client.break_lease(lease.name)
+    started = time.monotonic()
+    assert lease.wait_lost(timeout=3)
+    assert time.monotonic() - started < 0.6  # the next renewal (ttl/3) finds out
+    with pytest.raises(leasehold.LeaseLost, match="no longer held"):
+        lease.check()
+    client.close()
+
+
+def test_lease_can_be_handed_to_another_thread(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    lease = client.lock(lh_backend.unique()).acquire(timeout=5)
+    results: list[bool] = []
+    thread = threading.Thread(target=lambda: results.append(lease.release()))
+    thread.start()
+    thread.join()
+    assert results == [True]
+    assert client.holders(lease.name) == []
+
+
+@pytest.mark.slow
+def test_fork_child_never_touches_parent_lease(shared_url: str, tmp_path: Path) -> None:
+    client = leasehold.Client(shared_url)
+    lease = client.lock(f"fork:{os.getpid()}", ttl=TTL).acquire(timeout=5)
+    report = tmp_path / "child.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # child
+        try:
+            outcome = {"held": lease.held, "lost": lease.lost, "release": lease.release()}
+            try:
+                lease.extend()
+                outcome["extend"] = "ok"
+            except leasehold.LeaseLost:
+                outcome["extend"] = "LeaseLost"
+            time.sleep(0.2)
+            outcome["renewing_threads"] = sum(
+                t.name == "leasehold-keeper" for t in threading.enumerate()
+            )
+            report.write_text(json.dumps(outcome))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    outcome = json.loads(report.read_text())
+    assert outcome == {
+        "held": False,
+        "lost": True,
+        "release": False,
+        "extend": "LeaseLost",
+        "renewing_threads": 0,
+    }
+    time.sleep(3 * TTL)  # the parent keeps renewing
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, leasehold; c = leasehold.Client(sys.argv[1]); "
+            "print(c.lock(sys.argv[2]).try_acquire() is None, [h.fence for h in c.holders(sys.argv[2])])",
+            shared_url,
+            lease.name,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert check.stdout.strip() == f"True [{lease.fence}]"
+    assert lease.held
+    lease.release()
+    client.close()
+
+
+def test_cancelled_release_still_releases(lh_backend: BackendHarness) -> None:
+    url = lh_backend.fresh_url()
+
+    async def scenario() -> None:
+        async with leasehold.AsyncClient(url) as client:
+            for delay in (0.0, 0.0005, 0.002):
+                lease = await client.lock(lh_backend.unique()).acquire(timeout=5)
+                task = asyncio.ensure_future(lease.release())
+                await asyncio.sleep(delay)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(0.05)
+                assert await client.holders(lease.name) == []
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_ten_thousand_leases_cost_one_renewal_call_per_interval(
+    local_backend: BackendHarness,
+) -> None:
+    inner = open_store(parse(local_backend.fresh_url()), SYSTEM_CLOCK)
+    store = CountingStore(inner)
+    client = leasehold.Client(store=store)
+    ttl = 3.0
+    leases = [client.lock(f"many:{i}", ttl=ttl).acquire(timeout=5) for i in range(10_000)]
+    store.calls.clear()
+    store.renew_items.clear()
+    time.sleep(ttl)  # about three renewal intervals
+    assert 2 <= store.calls["renew"] <= 5, store.calls
+    assert all(n == 10_000 for n in store.renew_items), store.renew_items
+    assert all(lease.held for lease in leases)
+    client.close()
