@@ -101,6 +101,10 @@ class SQLiteTables:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create {directory}: {exc.strerror}") from None
+        if sqlite3.sqlite_version_info < (3, 35):
+            raise StoreUnavailable(
+                f"SQLite {sqlite3.sqlite_version} is too old; leasehold needs 3.35 or newer"
+            )
         self.fs_type = filesystem_type(directory)
         if self.fs_type in NETWORK_FILESYSTEMS and not self.allow_network_fs:
             raise InvalidArgument(
@@ -134,6 +138,9 @@ class SQLiteTables:
             for statement in code.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(lh_waiter)")}
+            if "wake" not in columns:  # a store created by an earlier version
+                conn.execute("ALTER TABLE lh_waiter ADD COLUMN wake TEXT")
             current = boot_id()
             row = conn.execute("SELECT value FROM lh_meta WHERE key = 'boot'").fetchone()
             if row is None or row[0] != current:
@@ -266,24 +273,60 @@ class SQLiteTables:
                 answers.append(cursor.rowcount == 1)
         return answers
 
-    def release(self, name: str, token: str, now: float) -> bool:
-        with self.transaction() as conn:
-            cursor = conn.execute(
-                "DELETE FROM lh_holder WHERE name = ? AND token = ? AND expires > ?",
-                (name, token, now),
-            )
-            held = cursor.rowcount == 1
-            conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
-        return held
+    @staticmethod
+    def _wakeable(conn: sqlite3.Connection, name: str, limit: int) -> list[str]:
+        """Wake-up addresses of the queued waiters that free places now let in."""
+        (held,) = conn.execute("SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)).fetchone()
+        free = limit - int(held)
+        if free <= 0:
+            return []
+        rows = conn.execute(
+            "SELECT wake FROM lh_waiter WHERE name = ? ORDER BY seq LIMIT ?", (name, free)
+        ).fetchall()
+        return [str(row[0]) for row in rows if row[0] is not None]
 
-    def break_lease(self, name: str, now: float) -> int:
+    def release(self, name: str, token: str, now: float) -> tuple[bool, list[str]]:
         with self.transaction() as conn:
+            self._purge(conn, name, now)
+            row = conn.execute(
+                "DELETE FROM lh_holder WHERE name = ? AND token = ? RETURNING lim",
+                (name, token),
+            ).fetchone()
             cursor = conn.execute(
-                "DELETE FROM lh_holder WHERE name = ? AND expires > ?", (name, now)
+                "DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
             )
-            count = cursor.rowcount
-            conn.execute("DELETE FROM lh_holder WHERE name = ?", (name,))
-        return count
+            wake: list[str] = []
+            if row is not None or cursor.rowcount:
+                # A departing waiter may have been the one blocking the next.
+                wake = self._wakeable(conn, name, int(row[0]) if row is not None else 1)
+        return row is not None, wake
+
+    def break_lease(self, name: str, now: float) -> tuple[int, list[str]]:
+        with self.transaction() as conn:
+            self._purge(conn, name, now)
+            rows = conn.execute("DELETE FROM lh_holder WHERE name = ? RETURNING lim", (name,))
+            limits = [int(row[0]) for row in rows.fetchall()]
+            wake = self._wakeable(conn, name, max(limits, default=1))
+        return len(limits), wake
+
+    def arm(self, name: str, token: str, address: str, limit: int, now: float) -> bool:
+        """Record a waiter's wake-up address in its queue row; True if the waiter
+        could be granted right now (a release came before the address was known)."""
+        with self.transaction() as conn:
+            self._purge(conn, name, now)
+            row = conn.execute(
+                "UPDATE lh_waiter SET wake = ? WHERE name = ? AND token = ? RETURNING seq",
+                (address, name, token),
+            ).fetchone()
+            if row is None:
+                return True  # no longer queued: let the caller look again
+            (held,) = conn.execute(
+                "SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)
+            ).fetchone()
+            (ahead,) = conn.execute(
+                "SELECT COUNT(*) FROM lh_waiter WHERE name = ? AND seq < ?", (name, row[0])
+            ).fetchone()
+        return limit - int(held) > int(ahead)
 
     _SELECT = "SELECT name, owner, host, pid, fence, lim, acquired, expires FROM lh_holder "
 

@@ -123,6 +123,26 @@ async def wait_for_deadline(fn: Callable[[], Awaitable[T]], timeout: float | Non
         return await fn()
 
 
+async def wait_readable(fd: int, timeout: float) -> bool:
+    """Wait until ``fd`` is readable; False on timeout."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+    return True
+
+
 def current_actor() -> object:
     """The unit of execution the caller runs in: its task (async) or thread (sync)."""
     return asyncio.current_task()

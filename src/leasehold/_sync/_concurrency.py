@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +70,11 @@ def wait_for_deadline(fn: Callable[[], T], timeout: float | None) -> T:
     # A thread cannot be interrupted; stores bound each call with socket timeouts.
     del timeout
     return fn()
+
+
+def wait_readable(fd: int, timeout: float) -> bool:
+    readable, _, _ = select.select([fd], [], [], max(0.0, timeout))
+    return bool(readable)
 
 
 def current_actor() -> object:

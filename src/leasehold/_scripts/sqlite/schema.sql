@@ -3,7 +3,8 @@
 --            fences per name increase without keeping a row per name forever).
 -- lh_meta:   boot id of the host clock the expiries were written with.
 -- lh_holder: live grants; expires is on the host's boot-time clock (seconds).
--- lh_waiter: FIFO wait queue per name; seq orders arrivals.
+-- lh_waiter: FIFO wait queue per name; seq orders arrivals; wake is the waiter's
+--            same-host wake-up socket address (NULL: it polls).
 CREATE TABLE IF NOT EXISTS lh_seq (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO lh_seq (id, value) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS lh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -25,6 +26,7 @@ CREATE TABLE IF NOT EXISTS lh_waiter (
     token TEXT NOT NULL,
     seq INTEGER NOT NULL,
     expires REAL NOT NULL,
+    wake TEXT,
     PRIMARY KEY (name, token)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS lh_waiter_seq ON lh_waiter (name, seq);

@@ -3,9 +3,10 @@
 """``sqlite:///relative.db`` / ``sqlite:////absolute.db``: processes on one host.
 
 Expiry uses the host's boot-time clock, which wall-clock jumps do not move, and
-leases written during an earlier boot count as expired. There is no notification
-channel between processes, so waiters poll with jittered backoff; the store's FIFO
-queue keeps that fair.
+leases written during an earlier boot count as expired. A release wakes the waiter
+at the head of the store's FIFO queue with one datagram (``leasehold._wake``);
+waiters also look again at least every FALLBACK_POLL seconds, in case the
+datagram cannot reach them (another network namespace sharing the file).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from leasehold._sync._concurrency import run_blocking, sleep
+from leasehold import _wake
+from leasehold._sync._concurrency import run_blocking, sleep, wait_readable
 from leasehold._sync.store import Store
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
     Capabilities,
+    Granted,
     HolderInfo,
     RenewItem,
 )
@@ -31,6 +34,7 @@ from leasehold._errors import InvalidArgument
 from leasehold._sqlite_tx import NETWORK_FILESYSTEMS, SQLiteTables, boot_clock
 
 DEFAULT_BUSY_TIMEOUT = 10.0
+FALLBACK_POLL = 0.2
 
 
 class _BootClock:
@@ -43,10 +47,11 @@ class SQLiteStore(Store):
         server_clock=False,
         durable=True,
         cross_host=False,
-        notifications=False,
+        notifications=_wake.SUPPORTED,
         fence_survives_data_loss=True,
         notes=(
             "processes on one host; not on network file systems",
+            "same-host wake-ups by datagram; polling every 0.2 s as a fallback",
             "expiry on the host boot-time clock (immune to wall-clock jumps)",
         ),
     )
@@ -69,6 +74,8 @@ class SQLiteStore(Store):
         self._guard = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = -1
+        self._sockets: dict[tuple[str, str], _wake.WakeSocket] = {}
+        self._limits: dict[tuple[str, str], int] = {}
 
     def _pool(self) -> ThreadPoolExecutor:
         # One worker thread owns the connection, so the event loop never blocks on
@@ -84,7 +91,20 @@ class SQLiteStore(Store):
             with self._guard:
                 return self._tables.acquire(request, self._clock.monotonic())
 
-        return run_blocking(self._pool(), call)
+        result = run_blocking(self._pool(), call)
+        if isinstance(result, Granted):
+            self._disarm(request.name, request.token)
+        elif result.position is not None:
+            with self._guard:
+                self._limits[(request.name, request.token)] = request.limit
+        return result
+
+    def _disarm(self, name: str, token: str) -> None:
+        with self._guard:
+            sock = self._sockets.pop((name, token), None)
+            self._limits.pop((name, token), None)
+        if sock is not None:
+            sock.close()
 
     def renew(self, items: Sequence[RenewItem]) -> list[bool]:
         def call() -> list[bool]:
@@ -94,11 +114,14 @@ class SQLiteStore(Store):
         return run_blocking(self._pool(), call)
 
     def release(self, name: str, token: str) -> bool:
-        def call() -> bool:
+        def call() -> tuple[bool, list[str]]:
             with self._guard:
                 return self._tables.release(name, token, self._clock.monotonic())
 
-        return run_blocking(self._pool(), call)
+        self._disarm(name, token)
+        held, wake = run_blocking(self._pool(), call)
+        _wake.send(wake)
+        return held
 
     def holders(self, name: str) -> list[HolderInfo]:
         def call() -> list[HolderInfo]:
@@ -115,14 +138,42 @@ class SQLiteStore(Store):
         return run_blocking(self._pool(), call)
 
     def break_lease(self, name: str) -> int:
-        def call() -> int:
+        def call() -> tuple[int, list[str]]:
             with self._guard:
                 return self._tables.break_lease(name, self._clock.monotonic())
 
-        return run_blocking(self._pool(), call)
+        count, wake = run_blocking(self._pool(), call)
+        _wake.send(wake)
+        return count
 
     def wait(self, name: str, token: str, timeout: float) -> bool:
-        sleep(timeout)
+        if not _wake.SUPPORTED:
+            sleep(timeout)
+            return False
+        key = (name, token)
+        with self._guard:
+            sock = self._sockets.get(key)
+        if sock is None:
+            # First wait of this waiter: publish a wake-up address. A release that
+            # came before the address was known sent nothing, so arming also tells
+            # whether the waiter could be served already.
+            sock = _wake.WakeSocket()
+            with self._guard:
+                self._sockets[key] = sock
+                limit = self._limits.get(key, 1)
+            address = sock.address
+
+            def arm() -> bool:
+                with self._guard:
+                    return self._tables.arm(name, token, address, limit, self._clock.monotonic())
+
+            if run_blocking(self._pool(), arm):
+                return True
+        if sock.drain():
+            return True
+        if wait_readable(sock.fileno(), min(timeout, FALLBACK_POLL)):
+            sock.drain()
+            return True
         return False
 
     def ping(self) -> None:
@@ -137,6 +188,11 @@ class SQLiteStore(Store):
             with self._guard:
                 self._tables.close()
 
+        with self._guard:
+            sockets = list(self._sockets.values())
+            self._sockets.clear()
+        for sock in sockets:
+            sock.close()
         if self._executor is not None and self._executor_pid == os.getpid():
             run_blocking(self._executor, call)
             self._executor.shutdown(wait=False)

@@ -1,0 +1,69 @@
+"""Same-host wake-ups for the SQLite store: one datagram to the waiter at the head.
+
+SQLite has no channel between processes, so a waiter that must wait binds a Unix
+datagram socket in Linux's abstract namespace (no file to clean up after a crash)
+and records its address in its queue row. A release sends one datagram to the
+waiters it makes eligible: O(1) wake-ups, no polling storm. A datagram sent
+before the waiter starts waiting stays queued in its socket, so no wake-up is lost.
+Where abstract sockets are unavailable (not Linux, or another network namespace)
+nothing breaks: waiters fall back to polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import socket
+import sys
+import threading
+
+SUPPORTED = sys.platform.startswith("linux")
+_PREFIX = "leasehold-wake-"
+
+
+class WakeSocket:
+    def __init__(self) -> None:
+        self.address = _PREFIX + secrets.token_hex(12)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + self.address)
+        self._sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def drain(self) -> bool:
+        """Consume pending wake-ups; True if there was at least one."""
+        woken = False
+        while True:
+            try:
+                self._sock.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return woken
+            except OSError:
+                return woken
+            woken = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+_sender: socket.socket | None = None
+_sender_guard = threading.Lock()
+
+
+def send(addresses: list[str]) -> None:
+    """Best effort: a lost datagram only means the waiter notices by polling."""
+    global _sender
+    if not addresses or not SUPPORTED:
+        return
+    with _sender_guard:
+        if _sender is None:
+            _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            _sender.setblocking(False)
+        sender = _sender
+    for address in addresses:
+        if not address.startswith(_PREFIX):
+            continue
+        with contextlib.suppress(OSError):
+            sender.sendto(b"w", "\0" + address)
