@@ -52,6 +52,7 @@ REPLACEMENTS = {
     "AsyncFaultyStore": "FaultyStore",
     "AsyncCountingStore": "CountingStore",
     "AsyncWrappedStore": "WrappedStore",
+    "check_async": "check",
     "aclose": "close",
     "aiter": "iter",
     "anext": "next",

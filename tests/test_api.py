@@ -210,3 +210,24 @@ def test_async_client_mirrors_sync() -> None:
             assert await client.leases() == []
 
     asyncio.run(scenario())
+
+
+def test_lease_fence_sql_rejects_a_superseded_holder(tmp_path: Path) -> None:
+    import sqlite3
+
+    client = leasehold.Client(f"sqlite:///{tmp_path / 'leases.db'}")
+    data = sqlite3.connect(tmp_path / "data.db", isolation_level=None)
+    old = client.lock("ledger", renew=False).acquire()
+    client.break_lease("ledger")
+    new = client.lock("ledger").acquire()
+    data.execute("BEGIN")
+    assert new.fence_sql(data) == new.fence
+    data.execute("COMMIT")
+    old._lost_reason = None  # pretend the old holder has not noticed yet (a pause)
+    data.execute("BEGIN")
+    with pytest.raises(leasehold.StaleFence):
+        old.fence_sql(data)
+    data.execute("ROLLBACK")
+    new.release()
+    data.close()
+    client.close()

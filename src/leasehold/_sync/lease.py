@@ -197,9 +197,11 @@ class Lease:
         return self._lost_event.wait(timeout)
 
     def fence_sql(self, connection: Any, *, table: str = "leasehold_fences") -> int:
-        """Check this lease's fence against ``connection`` inside the caller's
-        transaction (see ``leasehold.fence.check``): raises ``StaleFence`` if a newer
-        holder already wrote. Also raises ``LeaseLost`` first if the lease is gone."""
+        """Check this lease's fence inside the caller's open transaction on
+        ``connection`` (see ``leasehold.fence``): ``StaleFence`` if a newer holder
+        already wrote, so the transaction rolls back. ``LeaseLost`` first if the
+        lease is gone. Async leases take async connections (psycopg
+        AsyncConnection, SQLAlchemy AsyncConnection/AsyncSession)."""
         from leasehold import fence as fencing
 
         self.check()
