@@ -1,0 +1,125 @@
+"""The hand-written sync half of the PostgreSQL notification listener.
+
+Its twin is ``_async/backends/_postgres_io.py``. A thread waits until the
+connection's socket or a wake-up socket pair is readable: notifications are read
+with libpq's non-blocking calls, and ``close()`` writes to the socket pair, so it
+never waits for a timeout to expire (psycopg's blocking ``notifies()`` cannot be
+interrupted from another thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+
+
+class NotifyListener:
+    """One dedicated connection that LISTENs on ``channel``.
+
+    ``on_notify(payload)`` runs for every notification; ``on_lost()`` runs once if
+    the connection fails, because notifications sent meanwhile are gone and every
+    waiter must re-check the store. Both run on the listener thread.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        channel: str,
+        on_notify: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._conninfo = conninfo
+        self._channel = channel
+        self._on_notify = on_notify
+        self._on_lost = on_lost
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._thread: threading.Thread | None = None
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._closing = False
+        self._failed = False
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and not self._closing
+            and not self._failed
+        )
+
+    def fileno(self) -> int | None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return None
+        return conn.pgconn.socket
+
+    def start(self) -> None:
+        """Connect and LISTEN; when this returns, no notification can be missed."""
+        conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            self._wakeup = socket.socketpair()
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._thread = threading.Thread(
+            target=self._read, args=(conn,), name=f"leasehold-listen-{self._channel}", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        assert self._wakeup is not None
+        pgconn = conn.pgconn
+        encoding = conn.info.encoding
+        wake_fd = self._wakeup[0].fileno()
+        try:
+            while not self._closing:
+                if wake_fd in _readable([pgconn.socket, wake_fd]):
+                    return
+                # Raises OperationalError once the server has gone (EOF, reset).
+                pgconn.consume_input()
+                while (notify := pgconn.notifies()) is not None:
+                    self._on_notify(notify.extra.decode(encoding))
+        except psycopg.Error:
+            pass  # the connection failed: reported through on_lost below
+        finally:
+            if not self._closing:
+                # Not alive from here on, so a waiter woken by on_lost() that asks
+                # again at once gets a new LISTEN instead of this dead channel.
+                self._failed = True
+                self._on_lost()
+
+    def close(self) -> None:
+        """Stop reading and close the connection. Idempotent."""
+        self._closing = True
+        thread, self._thread = self._thread, None
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            if thread is not None:
+                with contextlib.suppress(OSError):
+                    wakeup[1].send(b"x")
+                thread.join()
+            for sock in wakeup:
+                sock.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _readable(fds: list[int]) -> list[int]:
+    """Block until one of ``fds`` is readable. poll() has no FD_SETSIZE limit;
+    select() is the fallback where poll() does not exist (Windows)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return [fd for fd, _ in poller.poll()]
+    readable, _, _ = select.select(fds, [], [])
+    return list(readable)
