@@ -36,6 +36,7 @@ REPLACEMENTS = {
     "AsyncLease": "Lease",
     "AsyncKeeper": "Keeper",
     "AsyncEvent": "Event",
+    "AsyncCall": "Call",
     "AsyncMutex": "Mutex",
     "AsyncBodyGuard": "BodyGuard",
     "AsyncMemoryStore": "MemoryStore",

@@ -241,6 +241,19 @@ def test_persistent_renewal_errors_are_reported_at_the_deadline(
     client.close()
 
 
+def test_hanging_renewal_does_not_delay_the_news_of_loss(lh_backend: BackendHarness) -> None:
+    client, store = _faulty_client(lh_backend.fresh_url())
+    lost_at: list[float] = []
+    lease = client.lock(
+        lh_backend.unique(), ttl=1.0, on_lost=lambda _: lost_at.append(time.monotonic())
+    ).acquire(timeout=5)
+    store.hang("renew", 4.0)  # a dead network path: the call neither answers nor fails
+    assert lease.wait_lost(timeout=3)
+    assert lost_at and lost_at[0] <= lease.deadline + 0.25
+    store.heal()
+    client.close()
+
+
 def test_renewal_refused_is_loss_at_once(lh_backend: BackendHarness) -> None:
     client = leasehold.Client(lh_backend.fresh_url())
     lease = client.lock(lh_backend.unique(), ttl=1.0).acquire(timeout=5)

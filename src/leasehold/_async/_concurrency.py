@@ -11,7 +11,7 @@ import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -112,15 +112,30 @@ async def shielded(fn: Callable[[], Awaitable[T]]) -> T:
     return await asyncio.shield(task)
 
 
+class AsyncCall(Generic[T]):
+    """A store call running on its own, so the caller can stop waiting for it at a
+    deadline without cancelling it (cancelling a database query can itself take
+    seconds, and an abandoned call must still finish or fail cleanly)."""
+
+    def __init__(self, fn: Callable[[], Awaitable[T]]) -> None:
+        self._task: asyncio.Future[T] = asyncio.ensure_future(fn())
+        _BACKGROUND.add(self._task)
+        self._task.add_done_callback(_BACKGROUND.discard)
+        # An abandoned call's exception is consumed here, not logged as never retrieved.
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def wait(self, timeout: float) -> bool:
+        """True once the call has finished; False if ``timeout`` passed first."""
+        done, _ = await asyncio.wait({self._task}, timeout=max(0.0, timeout))
+        return bool(done)
+
+    def result(self) -> T:
+        return self._task.result()
+
+
 async def run_blocking(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
     """Run blocking I/O (sqlite3) off the event loop."""
     return await asyncio.get_running_loop().run_in_executor(executor, fn)
-
-
-async def wait_for_deadline(fn: Callable[[], Awaitable[T]], timeout: float | None) -> T:
-    """Await ``fn()`` for at most ``timeout`` seconds (TimeoutError after)."""
-    async with asyncio.timeout(timeout):
-        return await fn()
 
 
 async def wait_readable(fd: int, timeout: float) -> bool:

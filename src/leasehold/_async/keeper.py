@@ -15,10 +15,10 @@ import weakref
 from typing import TYPE_CHECKING
 
 from leasehold._async._concurrency import (
+    AsyncCall,
     AsyncEvent,
     background_alive,
     spawn,
-    wait_for_deadline,
 )
 from leasehold._core.backoff import Backoff
 from leasehold._core.policy import decide_renewal
@@ -138,27 +138,39 @@ class AsyncKeeper:
         # Renewing every renewable lease (not only the due ones) keeps them in lock
         # step, so 10,000 leases cost one round trip per interval.
         clock = self._client.clock
-        items = [lease.renew_item() for lease in leases]
+        pairs = [(lease, lease.renew_item()) for lease in leases]
+        items = [item for _, item in pairs]
         sent = clock.monotonic()
-        budget = max(0.0, min(lease.deadline for lease in leases) - sent)
         counters = self._client._counters
+        store = self._client.store
+        call = AsyncCall(lambda: store.renew(items))
+        # Wait for the answer, but never past a safe deadline: a call hanging on a
+        # dead network path must not delay the news of loss (L2).
+        pending = leases
+        while not await call.wait(min(lease.deadline for lease in pending) - clock.monotonic()):
+            now = clock.monotonic()
+            for lease in pending:
+                if now >= lease.deadline:
+                    lease._mark_lost("the store did not answer before the safe deadline")
+            pending = [lease for lease in pending if now < lease.deadline]
+            if not pending:
+                return 0.0
         try:
-            answers = await wait_for_deadline(lambda: self._client.store.renew(items), budget)
-        except (LeaseholdError, TimeoutError) as exc:
+            answers = call.result()
+        except LeaseholdError as exc:
             self._failures += 1
             counters.add("renewal_failures")
-            now = clock.monotonic()
             logger.warning(
                 "renewing %d lease(s) failed (%s); retrying until their safe deadlines",
                 len(items),
-                exc or "timed out",
+                exc,
             )
             retry = RETRY_BACKOFF.delay(self._failures - 1)
-            soonest = min(lease.deadline for lease in leases) - now
+            soonest = min(lease.deadline for lease in pending) - clock.monotonic()
             return max(0.0, min(retry, soonest))
         self._failures = 0
         counters.add("renewed", len(items))
-        for lease, item, ok in zip(leases, items, answers, strict=True):
+        for (lease, item), ok in zip(pairs, answers, strict=True):
             if ok:
                 lease._renewed(sent, item.ttl)
             else:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import select
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -60,15 +62,41 @@ def shielded(fn: Callable[[], T]) -> T:
     return fn()
 
 
+_CALLS: ThreadPoolExecutor | None = None
+_CALLS_PID = -1
+_CALLS_GUARD = threading.Lock()
+
+
+def _calls() -> ThreadPoolExecutor:
+    global _CALLS, _CALLS_PID, _CALLS_GUARD
+    if _CALLS_PID != os.getpid():
+        _CALLS_GUARD = threading.Lock()  # a lock held at fork time stays held in the child
+        _CALLS = None
+    with _CALLS_GUARD:
+        if _CALLS is None:
+            _CALLS = ThreadPoolExecutor(4, thread_name_prefix="leasehold-call")
+            _CALLS_PID = os.getpid()
+        return _CALLS
+
+
+class Call(Generic[T]):
+    """A store call on a worker thread, so the keeper can act at a deadline while a
+    call hangs on a dead network path."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._future = _calls().submit(fn)
+
+    def wait(self, timeout: float) -> bool:
+        done, _ = concurrent.futures.wait([self._future], timeout=max(0.0, timeout))
+        return bool(done)
+
+    def result(self) -> T:
+        return self._future.result()
+
+
 def run_blocking(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
     # Sync callers already run on their own thread; the executor is only for async.
     del executor
-    return fn()
-
-
-def wait_for_deadline(fn: Callable[[], T], timeout: float | None) -> T:
-    # A thread cannot be interrupted; stores bound each call with socket timeouts.
-    del timeout
     return fn()
 
 

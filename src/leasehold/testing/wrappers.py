@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -79,7 +80,13 @@ class FaultyStore(CountingStore):
     def __init__(self, inner: Store) -> None:
         super().__init__(inner)
         self._failing: dict[str, int | None] = {}
+        self._hanging: dict[str, float] = {}
         self.failures: Counter[str] = Counter()
+
+    def hang(self, op: str, seconds: float) -> None:
+        """Make every call of ``op`` stall ``seconds`` before failing (a dead path)."""
+        with self._guard:
+            self._hanging[op] = seconds
 
     def fail(self, op: str, times: int | None = 1) -> None:
         with self._guard:
@@ -88,9 +95,17 @@ class FaultyStore(CountingStore):
     def heal(self) -> None:
         with self._guard:
             self._failing.clear()
+            self._hanging.clear()
 
     def _count(self, op: str) -> None:
         super()._count(op)
+        with self._guard:
+            stall = self._hanging.get(op)
+        if stall is not None:
+            time.sleep(stall)
+            with self._guard:
+                self.failures[op] += 1
+            raise StoreUnavailable(f"injected timeout of {op}")
         with self._guard:
             if op not in self._failing:
                 return
