@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import subprocess
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -576,6 +580,488 @@ def test_create_schema_false_needs_the_migration(pg: PostgresServer) -> None:
         assert path_after == ('"$user", public',)  # the file puts search_path back
         assert store.ping() is None
         assert isinstance(store.acquire(req(unique(), tok())), Granted)
+    finally:
+        store.close()
+
+
+# Version 1 of schema.sql, as first shipped: the starting point of upgrade tests.
+V1_SCHEMA_COMMIT = "b9b8456fa3bd04470b93a5044c6d5cc62eb1ab48"
+SCHEMA_FILE = "src/leasehold/_scripts/postgres/schema.sql"
+
+
+def _v1_schema_sql() -> str:
+    git = shutil.which("git")
+    root = Path(__file__).resolve().parent.parent
+    if git is None or not (root / ".git").exists():
+        pytest.skip("needs git and the repository history for the version 1 schema")
+    proc = subprocess.run(
+        [git, "show", f"{V1_SCHEMA_COMMIT}:{SCHEMA_FILE}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"version 1 schema not in this checkout: {proc.stderr.strip()}")
+    assert "AS $$ SELECT 1 $$" in proc.stdout  # schema_version() = 1
+    return proc.stdout
+
+
+def _current_schema_sql() -> str:
+    return resources.files("leasehold._scripts").joinpath("postgres/schema.sql").read_text()
+
+
+def _for_schema(text: str, schema: str) -> bytes:
+    """schema.sql with the schema name replaced in the two marked lines only."""
+    marked = [line for line in text.splitlines() if line.rstrip().endswith("-- (*)")]
+    assert len(marked) == 2
+    for line in marked:
+        text = text.replace(line, line.replace("leasehold", schema))
+    return text.encode()
+
+
+def _proc_xmin(pg: PostgresServer, schema: str) -> str:
+    """The transaction that last wrote schema_version(): changes on every install."""
+    rows = pg.execute(
+        "SELECT xmin::text FROM pg_proc WHERE oid = to_regprocedure(%s)",
+        (f"{schema}.schema_version()",),
+    )
+    return str(rows[0][0])
+
+
+def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
+    schema = "upgrade_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg.url) as conn:  # one transaction, like psql --single-transaction
+        conn.execute(_for_schema(_v1_schema_sql(), schema))
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(1,)]
+    assert pg.execute("SELECT to_regclass(%s)", (f"{schema}.records",)) == [(None,)]
+    # A grant made through version 1's own function, as the previous release would.
+    name, token = unique(), tok()
+    ((granted, old_fence),) = pg.execute(
+        f"SELECT granted, fence FROM {schema}.acquire(%s, %s, 'old', 'h', 1, 60, 1, "
+        "NULL, NULL, NULL)",
+        (name, token),
+    )
+    assert granted is True
+
+    strict = sstore(_url(pg, schema=schema, create_schema="false"))
+    try:
+        with pytest.raises(StoreUnavailable, match=r"version 1 \(version 2 needed\)"):
+            strict.read_record("k")
+    finally:
+        strict.close()
+
+    store = sstore(_url(pg, schema=schema))
+    try:
+        key = unique("rec")
+        version = store.write_record(key, 0, b"after upgrade")
+        assert version is not None and version > old_fence  # the same sequence
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(2,)]
+        # The old grant survived the upgrade and is served by the new functions.
+        (info,) = store.holders(name)
+        assert (info.fence, info.owner) == (old_fence, "old")
+        assert store.renew([RenewItem(name, token, 60)]) == [True]
+        after = store.acquire(req(unique(), tok()))
+        assert isinstance(after, Granted) and after.fence > version
+        assert store.read_record(key).value == b"after upgrade"
+    finally:
+        store.close()
+    # Current now: a new store checks the version and runs no DDL.
+    installed = _proc_xmin(pg, schema)
+    again = sstore(_url(pg, schema=schema))
+    try:
+        assert again.read_record(key).version == version
+    finally:
+        again.close()
+    assert _proc_xmin(pg, schema) == installed
+    # Running the file again by hand (a migration tool) is harmless too.
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_current_schema_sql(), schema))
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(2,)]
+
+
+def test_concurrent_upgrade_rechecks_under_the_install_lock(pg: PostgresServer) -> None:
+    schema = "upgrade_race_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_v1_schema_sql(), schema))
+    stores = [sstore(_url(pg, schema=schema)) for _ in range(4)]
+    errors: list[BaseException] = []
+    versions: list[int | None] = []
+
+    def worker(store: spg.PostgresStore) -> None:
+        try:
+            versions.append(store.write_record(unique("rec"), 0, b"x"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Hold the install lock while the stores find version 1 and queue behind it, then
+    # upgrade in that transaction: every store must see the new version under the
+    # lock (catalog caches refreshed) and run nothing.
+    with psycopg.connect(pg.url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(hashtext('leasehold'), hashtext('install'))")
+        threads = [threading.Thread(target=worker, args=(store,)) for store in stores]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        waiting = 0
+        while waiting < len(stores) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            waiting = int(
+                pg.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )[0][0]
+            )
+        assert waiting == len(stores)
+        holder.execute(_for_schema(_current_schema_sql(), schema))
+        (ours,) = holder.execute(
+            "SELECT xmin::text FROM pg_proc WHERE oid = to_regprocedure(%s)",
+            (f"{schema}.schema_version()",),
+        ).fetchone() or (None,)
+    for thread in threads:
+        thread.join(30)
+    for store in stores:
+        store.close()
+    assert errors == []
+    assert len(versions) == 4 and all(v is not None for v in versions)
+    assert _proc_xmin(pg, schema) == ours  # nobody ran the file after us
+
+
+def test_a_newer_schema_is_never_replaced(pg: PostgresServer) -> None:
+    schema = "newer_" + uuid.uuid4().hex[:8]
+    store = sstore(_url(pg, schema=schema))
+    try:
+        store.ping()
+        pg.execute(
+            f"CREATE OR REPLACE FUNCTION {schema}.schema_version() RETURNS integer "
+            "LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$"
+        )
+    finally:
+        store.close()
+    newer = _proc_xmin(pg, schema)
+    store = sstore(_url(pg, schema=schema))
+    try:
+        assert store.write_record(unique("rec"), 0, b"x") is not None
+    finally:
+        store.close()
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(3,)]
+    assert _proc_xmin(pg, schema) == newer
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+def test_record_operations_are_one_round_trip_each(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            await store.ping()  # installs the schema
+            counter = CountingRuns(store)
+            key = unique("rec")
+            assert (await store.read_record(key)).version == 0
+            v1 = await store.write_record(key, 0, b"a", ttl=30)
+            assert v1 is not None
+            assert await store.write_record(key, 0, b"b") is None
+            assert await store.write_record(key, v1, None) is not None
+            assert counter.count == 4
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_record_clock_and_expiry_are_the_servers(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            key = unique("rec")
+            server = await store.server_time()
+            record = await store.read_record(key)
+            assert record.key == key and (record.value, record.version) == (None, 0)
+            # Unix seconds from clock_timestamp(): server_time()'s time base.
+            assert server is not None and 0 <= record.now - server < 2
+            assert abs(record.now - time.time()) < 5
+            version = await store.write_record(key, 0, b"v", ttl=60)
+            assert version is not None
+            ((expires,),) = pg.execute(
+                "SELECT extract(epoch FROM expires_at)::float8 FROM leasehold.records "
+                "WHERE key = %s",
+                (key,),
+            )
+            assert 0 <= expires - (record.now + 60) < 2  # written on the same clock
+            forever = unique("rec")
+            assert await store.write_record(forever, 0, b"v") is not None
+            assert pg.execute(
+                "SELECT expires_at FROM leasehold.records WHERE key = %s", (forever,)
+            ) == [(None,)]
+
+            short = unique("rec")
+            old = await store.write_record(short, 0, b"short", ttl=0.3)
+            assert old is not None
+            await asyncio.sleep(0.5)
+            gone = await store.read_record(short)
+            assert (gone.value, gone.version) == (None, 0)
+            assert await store.write_record(short, old, b"late") is None
+            reborn = await store.write_record(short, 0, b"again")
+            assert reborn is not None and reborn > old
+
+            # Empty values are values, not deletions; keys are byte-exact.
+            empty = unique("rec")
+            assert await store.write_record(empty, 0, b"") is not None
+            assert (await store.read_record(empty)).value == b""
+            assert (await store.read_record(empty.upper())).version == 0
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_purge_drops_long_expired_records(pg: PostgresServer) -> None:
+    store = sstore(pg.url)
+    try:
+        store.ping()
+        stem = unique("purge")
+        pg.execute(
+            "INSERT INTO leasehold.records SELECT %s || i, 'x', nextval('leasehold.fence_seq'), "
+            "now() - interval '2 minutes' FROM generate_series(1, 20) i",
+            (stem,),
+        )
+        live = store.write_record(f"{stem}live", 0, b"live")
+        assert store.read_record(f"{stem}1").version == 0  # expired: absent already
+        pg.execute("SELECT leasehold.purge(clock_timestamp())")
+        rows = pg.execute("SELECT key FROM leasehold.records WHERE starts_with(key, %s)", (stem,))
+        assert rows == [(f"{stem}live",)]
+        assert store.read_record(f"{stem}live").version == live
+    finally:
+        store.close()
+
+
+def _race_writes(
+    stores: list[spg.PostgresStore], key: str, expected: int, delete: bool
+) -> list[int | None]:
+    """Every store writes ``key`` expecting ``expected``, all released at once."""
+    barrier = threading.Barrier(len(stores))
+    results: list[int | None] = [None] * len(stores)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results[i] = stores[i].write_record(key, expected, None if delete else b"%d" % i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_record_cas_races_across_connections(pg: PostgresServer) -> None:
+    stores = [sstore(pg.url) for _ in range(8)]
+    try:
+        key = unique("cas")
+        # Everyone writes with the same expected version at once: exactly one wins.
+        # Round 0 creates the absent key (no row to lock yet), the last deletes it.
+        for round_ in range(6):
+            delete = round_ == 5
+            expected = stores[0].read_record(key).version
+            results = _race_writes(stores, key, expected, delete)
+            winners = [i for i, r in enumerate(results) if r is not None]
+            assert len(winners) == 1, results
+            record = stores[0].read_record(key)
+            if delete:
+                assert (record.value, record.version) == (None, 0)
+            else:
+                assert record.version == results[winners[0]]
+                assert record.version > expected
+                assert record.value == b"%d" % winners[0]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_record_increments_and_grants_share_one_sequence(pg: PostgresServer) -> None:
+    counter_key = unique("counter")
+    guard = threading.Lock()
+    issued: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        store = sstore(pg.url)
+        mine: list[int] = []
+        try:
+            for _ in range(20):
+                while True:
+                    record = store.read_record(counter_key)
+                    count = int(record.value or b"0")
+                    version = store.write_record(counter_key, record.version, b"%d" % (count + 1))
+                    if version is not None:
+                        break
+                mine.append(version)
+                granted = store.acquire(req(unique(), tok()))
+                assert isinstance(granted, Granted)
+                mine.append(granted.fence)
+            assert mine == sorted(mine)  # one sequence, seen from one connection
+            with guard:
+                issued.extend(mine)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    check = sstore(pg.url)
+    try:
+        assert check.read_record(counter_key).value == b"120"
+    finally:
+        check.close()
+    assert len(issued) == 240 and len(set(issued)) == 240  # versions and fences never meet
+
+
+def test_async_record_creates_race_from_several_stores(pg: PostgresServer) -> None:
+    async def main() -> None:
+        stores = [astore(pg.url) for _ in range(4)]
+        try:
+            key = unique("rec")
+            results = await asyncio.gather(
+                *(stores[i % 4].write_record(key, 0, b"%d" % i) for i in range(20))
+            )
+            winners = [i for i, r in enumerate(results) if r is not None]
+            assert len(winners) == 1
+            record = await stores[1].read_record(key)
+            assert record.value == b"%d" % winners[0]
+        finally:
+            for store in stores:
+                await store.aclose()
+
+    run(main)
+
+
+def test_write_record_is_not_retried_on_a_dead_connection(own_pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(own_pg.url)
+        try:
+            key = unique("rec")
+            version = await store.write_record(key, 0, b"v")
+            assert version is not None
+            own_pg.terminate_backends()
+            await asyncio.sleep(0.1)
+            original = apg._looks_dead
+            calls: list[object] = []
+
+            def first_check_misses(conn: Any) -> bool:
+                calls.append(conn)
+                return False if len(calls) == 1 else original(conn)
+
+            apg._looks_dead = first_check_misses
+            try:
+                # Its answer would be wrong if repeated after a lost commit, so the
+                # failure is reported (as StoreUnavailable), not retried...
+                with pytest.raises(StoreUnavailable, match="write_record"):
+                    await store.write_record(key, version, b"w")
+                # ...whereas a read is retried once on a fresh connection.
+                calls.clear()
+                own_pg.terminate_backends()
+                await asyncio.sleep(0.1)
+                record = await store.read_record(key)
+            finally:
+                apg._looks_dead = original
+            assert (record.value, record.version) == (b"v", version)
+            assert await store.write_record(key, version, b"w") is not None
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_records_survive_a_crash_and_versions_keep_increasing(own_pg: PostgresServer) -> None:
+    store = sstore(own_pg.url)
+    try:
+        key = unique("rec")
+        versions = [store.write_record(key, 0, b"0")]
+        for i in range(1, 40):  # move the sequence past its WAL-logged batch
+            last = versions[-1]
+            assert last is not None
+            versions.append(store.write_record(key, last, b"%d" % i))
+        own_pg.kill()
+        own_pg.start()
+        record = store.read_record(key)
+        assert (record.value, record.version) == (b"39", versions[-1])
+        newer = store.write_record(key, record.version, b"after")
+        assert newer is not None and newer > max(v or 0 for v in versions)
+    finally:
+        store.close()
+
+
+def test_records_errors_are_store_unavailable() -> None:
+    secret = "s3cr3t-Pa55"
+    store = sstore(f"postgresql://user:{secret}@127.0.0.1:1/db?connect_timeout=2")
+    try:
+        for call in (lambda: store.read_record("k"), lambda: store.write_record("k", 0, b"v")):
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert secret not in str(info.value)
+            assert info.value.__cause__ is None
+    finally:
+        store.close()
+
+
+def test_records_in_pooler_mode(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(_url(pg, pooler="transaction"))
+        try:
+            assert isinstance(store, apg.AsyncPooledPostgresStore)
+            key = unique("rec")
+            version = 0
+            for i in range(12):  # well past psycopg's prepare threshold
+                record = await store.read_record(key)
+                assert record.version == version
+                new = await store.write_record(key, version, b"%d" % i, ttl=30)
+                assert new is not None and new > version
+                version = new
+            assert store._listener is None
+            assert store._pool is not None
+            async with store._pool.connection() as conn:
+                assert conn.prepare_threshold is None
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_records_behind_pgbouncer(pg: PostgresServer, bouncer: PgBouncer) -> None:
+    # Two server sessions shared by every client: the advisory lock of a write must
+    # be transaction-scoped, or increments would be lost or sessions left locked.
+    url = bouncer.url + "?pooler=transaction&schema=bounced_rec_" + uuid.uuid4().hex[:6]
+    key = unique("bounced")
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        store = sstore(url)
+        try:
+            for _ in range(10):
+                while True:
+                    record = store.read_record(key)
+                    count = int(record.value or b"0")
+                    if store.write_record(key, record.version, b"%d" % (count + 1)) is not None:
+                        break
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    store = sstore(url)
+    try:
+        assert store.read_record(key).value == b"50"
     finally:
         store.close()
 

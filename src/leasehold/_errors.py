@@ -7,6 +7,9 @@ __all__ = [
     "InvalidArgument",
     "LeaseLost",
     "LeaseholdError",
+    "MemberGone",
+    "OnceFailed",
+    "StaleEpoch",
     "StaleFence",
     "StoreUnavailable",
 ]
@@ -60,3 +63,34 @@ class StaleFence(LeaseholdError):
         self.name = name
         self.fence = fence
         self.highest = highest
+
+
+class StaleEpoch(LeaseholdError):
+    """A presence operation named an epoch that is not the room's current OPEN one."""
+
+    def __init__(self, room: str, epoch: int, current: int | None) -> None:
+        now = "no open epoch" if current is None else f"the current open epoch is {current}"
+        super().__init__(f"epoch {epoch} of room {room!r} is not current: {now}")
+        self.room = room
+        self.epoch = epoch
+        self.current = current
+
+
+class MemberGone(LeaseholdError):
+    """A presence member's heartbeat came after its membership had expired or ended."""
+
+    def __init__(self, room: str, member: str, epoch: int) -> None:
+        super().__init__(f"member {member!r} of room {room!r} (epoch {epoch}) is gone")
+        self.room = room
+        self.member = member
+        self.epoch = epoch
+
+
+class OnceFailed(LeaseholdError):
+    """A once-only function failed; the recorded failure (type and message) is attached."""
+
+    def __init__(self, key: str, error_type: str, message: str) -> None:
+        super().__init__(f"once-only {key!r} failed: {error_type}: {message}")
+        self.key = key
+        self.error_type = error_type
+        self.message = message

@@ -15,12 +15,14 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
+from leasehold._core.backoff import Backoff
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
     Busy,
     Granted,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._errors import InvalidArgument, StoreUnavailable
@@ -28,6 +30,8 @@ from leasehold._errors import InvalidArgument, StoreUnavailable
 # Commits that synchronous=NORMAL may lose in a power cut are fewer than this, so
 # after a reboot the fence sequence jumps past anything that could have been issued.
 REBOOT_FENCE_GAP = 1 << 32
+
+SETUP_RETRY = Backoff(initial=0.002, maximum=0.1)
 
 NETWORK_FILESYSTEMS = {
     "nfs",
@@ -112,21 +116,43 @@ class SQLiteTables:
                 "is unreliable there. Use a local path, a Redis or PostgreSQL store, or "
                 "add ?allow_network_fs=1 to accept the risk."
             )
+        # Switching a brand-new file to WAL needs an exclusive lock and does not wait
+        # on the busy handler, so processes opening the store at the same instant
+        # retry the set-up (with jitter) until the busy timeout.
+        give_up = time.monotonic() + self.busy_timeout
+        attempt = 0
+        while True:
+            try:
+                conn = self._open()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+                if time.monotonic() >= give_up:
+                    raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+                time.sleep(SETUP_RETRY.delay(attempt))
+                attempt += 1
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+        self._conn = conn
+        self._pid = os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path),
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         try:
-            conn = sqlite3.connect(
-                str(self.path),
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             self._init_schema(conn)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
-        self._conn = conn
-        self._pid = os.getpid()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
@@ -149,6 +175,7 @@ class SQLiteTables:
                 # (unsynced) commit may have handed out.
                 conn.execute("DELETE FROM lh_holder")
                 conn.execute("DELETE FROM lh_waiter")
+                conn.execute("DELETE FROM lh_record WHERE expires IS NOT NULL")
                 if row is not None:
                     conn.execute("UPDATE lh_seq SET value = value + ?", (REBOOT_FENCE_GAP,))
                 conn.execute(
@@ -366,6 +393,45 @@ class SQLiteTables:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
         return self._infos(rows, now)
+
+    def read_record(self, key: str, now: float) -> Record:
+        conn = self.connection()
+        try:
+            row = conn.execute(
+                "SELECT value, version FROM lh_record "
+                "WHERE key = ? AND (expires IS NULL OR expires > ?)",
+                (key, now),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+        if row is None:
+            return Record(key=key, value=None, version=0, now=now)
+        return Record(key=key, value=bytes(row[0]), version=int(row[1]), now=now)
+
+    def write_record(
+        self, key: str, expected: int, value: bytes | None, ttl: float | None, now: float
+    ) -> int | None:
+        with self.transaction() as conn:
+            conn.execute(
+                "DELETE FROM lh_record WHERE key = ? AND expires IS NOT NULL AND expires <= ?",
+                (key, now),
+            )
+            row = conn.execute("SELECT version FROM lh_record WHERE key = ?", (key,)).fetchone()
+            if (0 if row is None else int(row[0])) != expected:
+                return None
+            (version,) = conn.execute(
+                "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
+            ).fetchone()
+            if value is None:
+                conn.execute("DELETE FROM lh_record WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO lh_record (key, value, version, expires) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                    "version = excluded.version, expires = excluded.expires",
+                    (key, value, version, None if ttl is None else now + ttl),
+                )
+        return int(version)
 
     def ping(self) -> None:
         conn = self.connection()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ class AsyncLock:
         renew: bool = True,
         on_lost: OnLost | None = None,
         margin: float | None = None,
+        owner: str | None = None,
     ) -> None:
         self._client = client
         self._name = validate.name(name)
@@ -68,6 +70,9 @@ class AsyncLock:
         self._margin = (
             default_margin(self._ttl) if margin is None else validate.margin(margin, self._ttl)
         )
+        # A readable label stored with the grant instead of the client's own (an
+        # election candidate's identity); the secret token stays per attempt.
+        self._owner = None if owner is None else validate.name(owner, what="owner")
         self._entered: dict[int, list[AsyncLease]] = {}
 
     @property
@@ -100,10 +105,13 @@ class AsyncLock:
         store = client.store
         clock = client.clock
         token = secrets.token_urlsafe(24)
+        holder = client.holder
+        if self._owner is not None:
+            holder = replace(holder, owner=self._owner)
         request = AcquireRequest(
             name=self._name,
             token=token,
-            holder=client.holder,
+            holder=holder,
             ttl=self._ttl,
             limit=self._limit,
             queue_ttl=QUEUE_TTL if queue else None,
@@ -171,7 +179,10 @@ class AsyncLock:
             try:
                 await shielded(lambda: store.release(self._name, token))
             except StoreUnavailable:
-                logger.warning(
+                # Before the store ever answered (a wrong URL, say) there is nothing
+                # to undo worth a warning; the caller sees the real error.
+                logger.log(
+                    logging.WARNING if reached_store else logging.DEBUG,
                     "acquire %r interrupted and the store is unreachable; any grant "
                     "expires within %g s",
                     self._name,

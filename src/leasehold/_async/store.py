@@ -31,6 +31,7 @@ from leasehold._core.records import (
     AcquireResult,
     Capabilities,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._core.url import StoreURL
@@ -95,6 +96,33 @@ class AsyncStore(ABC):
         token is never missed, even if it arrives before ``wait`` is called. Stores
         without notifications sleep for ``timeout`` and return False. Spurious
         wake-ups are allowed: callers always re-try ``acquire``.
+        """
+
+    @abstractmethod
+    async def read_record(self, key: str) -> Record:
+        """The record ``key`` (value None and version 0 if absent or expired) and the
+        store's clock at the time of the read.
+
+        Records are the second half of the contract: small values (at most
+        ``MAX_RECORD_BYTES``) changed only by compare-and-set, on which primitives
+        with richer state (presence rooms, once-only results) are written once.
+        Record keys are a namespace of their own, apart from lease names.
+        """
+
+    @abstractmethod
+    async def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        """Compare-and-set: if the record's current version (0 when absent or
+        expired) equals ``expected_version``, store ``value`` (None deletes it) with
+        expiry now + ``ttl`` on the store's clock (None: never expires) and return
+        the new version; otherwise change nothing and return None.
+
+        New versions come from the store's fence sequence: strictly greater than
+        every version and fence issued before, so a version is never reused for a
+        key, even across a store restart that loses data. A deleted or expired record
+        reads as version 0 again, so only "absent" can recur (callers treat two
+        absent readings as the same state).
         """
 
     @abstractmethod

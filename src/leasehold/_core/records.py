@@ -83,6 +83,26 @@ class HolderInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Record:
+    """A small versioned value as read by ``read_record``.
+
+    ``version`` is 0 when the key is absent (never written, deleted or expired).
+    ``now`` is the store's clock at the read, in seconds on the same time base as the
+    store's expiries; only differences between two ``now`` values of one store mean
+    anything. Primitives use it to decide expiry inside the value (presence members,
+    once-only runners) without ever reading the client's clock.
+    """
+
+    key: str
+    value: bytes | None
+    version: int
+    now: float
+
+
+MAX_RECORD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend offers, as data; docs/backends.md is generated from these."""
 

@@ -16,6 +16,7 @@ from leasehold._core.records import (
     Granted,
     Holder,
     HolderInfo,
+    Record,
     RenewItem,
 )
 
@@ -41,6 +42,26 @@ class LeaseTable:
         # One sequence for the whole table: strictly increasing per name for free,
         # and nothing per name has to outlive the name's last holder.
         self._last_fence = 0
+        self._records: dict[str, tuple[bytes, int, float | None]] = {}
+
+    def read_record(self, key: str, now: float) -> Record:
+        entry = self._records.get(key)
+        if entry is None or (entry[2] is not None and entry[2] <= now):
+            self._records.pop(key, None)
+            return Record(key=key, value=None, version=0, now=now)
+        return Record(key=key, value=entry[0], version=entry[1], now=now)
+
+    def write_record(
+        self, key: str, expected: int, value: bytes | None, ttl: float | None, now: float
+    ) -> int | None:
+        if self.read_record(key, now).version != expected:
+            return None
+        self._last_fence += 1
+        if value is None:
+            self._records.pop(key, None)
+        else:
+            self._records[key] = (value, self._last_fence, None if ttl is None else now + ttl)
+        return self._last_fence
 
     def _purge(self, name: str, now: float) -> _Name:
         entry = self._names.setdefault(name, _Name())

@@ -69,7 +69,7 @@ _CALLS_GUARD = threading.Lock()
 
 def _calls() -> ThreadPoolExecutor:
     global _CALLS, _CALLS_PID, _CALLS_GUARD
-    if _CALLS_PID != os.getpid():
+    if os.getpid() != _CALLS_PID:
         _CALLS_GUARD = threading.Lock()  # a lock held at fork time stays held in the child
         _CALLS = None
     with _CALLS_GUARD:

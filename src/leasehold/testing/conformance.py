@@ -31,6 +31,9 @@ __all__ = [
     "test_holders_and_leases_report_what_is_held",
     "test_only_owner_mutates",
     "test_queue_is_fifo",
+    "test_record_compare_and_set",
+    "test_record_concurrent_increments_lose_nothing",
+    "test_record_expiry_and_clock",
     "test_release_wakes_only_the_head_waiter",
     "test_renew_batch_answers_in_order",
     "test_retried_acquire_is_idempotent",
@@ -312,3 +315,67 @@ def test_cancelled_acquire_leaves_lock_free(lh_backend: BackendHarness) -> None:
             await free.release()
 
     asyncio.run(scenario())
+
+
+def test_record_compare_and_set(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    key = lh_backend.unique("rec")
+    absent = store.read_record(key)
+    assert (absent.value, absent.version) == (None, 0)
+    fence = lh_backend.client().lock(lh_backend.unique()).acquire(timeout=5).fence
+    v1 = store.write_record(key, 0, b"one")
+    assert v1 is not None and v1 > fence  # versions come from the fence sequence
+    assert store.write_record(key, 0, b"again") is None  # already exists
+    record = store.read_record(key)
+    assert (record.value, record.version) == (b"one", v1)
+    v2 = store.write_record(key, v1, b"two")
+    assert v2 is not None and v2 > v1
+    assert store.write_record(key, v1, b"stale") is None  # lost the race
+    assert store.read_record(key).value == b"two"
+    big = bytes(range(256)) * 1024  # binary-safe, 256 KiB
+    v3 = store.write_record(key, v2, big)
+    assert v3 is not None and store.read_record(key).value == big
+    deleted = store.write_record(key, v3, None)
+    assert deleted is not None and deleted > v3
+    assert store.read_record(key).version == 0
+    v4 = store.write_record(key, 0, b"reborn")
+    assert v4 is not None and v4 > deleted  # never reused after deletion
+    assert store.write_record(key, v4, None) is not None
+
+
+def test_record_expiry_and_clock(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    key = lh_backend.unique("rec")
+    ttl = lh_backend.short_ttl
+    before = store.read_record(key).now
+    version = store.write_record(key, 0, b"short-lived", ttl=ttl)
+    assert version is not None
+    assert store.read_record(key).value == b"short-lived"
+    lh_backend.advance(ttl + 0.3)
+    after = store.read_record(key)
+    assert (after.value, after.version) == (None, 0)
+    assert after.now - before >= ttl  # the store's clock moved with time
+    assert store.write_record(key, version, b"late") is None  # expired: version is 0
+    assert store.write_record(key, 0, b"fresh") is not None
+
+
+def test_record_concurrent_increments_lose_nothing(lh_backend: BackendHarness) -> None:
+    client = lh_backend.client()
+    key = lh_backend.unique("counter")
+    per_thread, threads = 25, 6
+
+    def worker() -> None:
+        store = lh_backend.client().store
+        for _ in range(per_thread):
+            while True:
+                record = store.read_record(key)
+                count = int(record.value or b"0")
+                if store.write_record(key, record.version, str(count + 1).encode()) is not None:
+                    break
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(60)
+    assert client.store.read_record(key).value == str(per_thread * threads).encode()

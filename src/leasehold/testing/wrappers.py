@@ -11,6 +11,7 @@ from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._errors import StoreUnavailable
@@ -61,6 +62,16 @@ class CountingStore(Store):
     def wait(self, name: str, token: str, timeout: float) -> bool:
         self._count("wait")
         return self.inner.wait(name, token, timeout)
+
+    def read_record(self, key: str) -> Record:
+        self._count("read_record")
+        return self.inner.read_record(key)
+
+    def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        self._count("write_record")
+        return self.inner.write_record(key, expected_version, value, ttl)
 
     def ping(self) -> None:
         self._count("ping")

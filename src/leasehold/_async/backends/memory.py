@@ -18,6 +18,7 @@ from leasehold._core.records import (
     Busy,
     Capabilities,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._core.table import LeaseTable
@@ -112,6 +113,18 @@ class AsyncMemoryStore(AsyncStore):
         if woken:
             event.clear()
         return woken
+
+    async def read_record(self, key: str) -> Record:
+        with self._shared.guard:
+            return self._shared.table.read_record(key, self._clock.monotonic())
+
+    async def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        with self._shared.guard:
+            return self._shared.table.write_record(
+                key, expected_version, value, ttl, self._clock.monotonic()
+            )
 
     async def ping(self) -> None:
         return None

@@ -4,7 +4,8 @@ Lease state lives in ordinary tables of one schema (``?schema=``, default
 ``leasehold``), created idempotently on first use from ``_scripts/postgres/schema.sql``.
 Every operation is one call of a PL/pgSQL function from that file: one round trip,
 one short transaction, expiry decided by the server's ``clock_timestamp()``.
-Fences come from one WAL-logged sequence, issued in the granting transaction.
+Fences come from one WAL-logged sequence, issued in the granting transaction;
+record versions (compare-and-set values) come from the same sequence.
 
 Nothing depends on session state (no session advisory locks, temp tables or
 prepared statements), so the store is correct behind a transaction-mode pooler
@@ -46,6 +47,7 @@ from leasehold._core.records import (
     Capabilities,
     Granted,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._core.url import StoreURL
@@ -55,7 +57,9 @@ __all__ = ["AsyncPooledPostgresStore", "AsyncPostgresStore", "from_url"]
 
 log = logging.getLogger("leasehold.postgres")
 
-SCHEMA_VERSION = 1
+# What schema_version() in schema.sql returns. Bump both together whenever the file
+# changes; a store that finds an older version re-runs the (idempotent) file.
+SCHEMA_VERSION = 2
 
 # URL query parameters that are leasehold's, not libpq's: removed before the rest
 # of the URL reaches libpq (which rejects parameters it does not know).
@@ -473,29 +477,56 @@ class AsyncPostgresStore(AsyncStore):
         """Create or upgrade the schema once per store; cheap when it is current."""
         conn, pooled = await self._getconn(pool)
         try:
+            installed = 0
             try:
                 cur = await conn.execute(sql.SQL("SELECT {}.schema_version()").format(self._schema))
                 row = await cur.fetchone()
-                if row is not None and int(row[0]) >= SCHEMA_VERSION:
-                    return
+                installed = 0 if row is None else int(row[0])
             except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
                 pass
+            if installed >= SCHEMA_VERSION:
+                return
             if not self._opts.create_schema:
+                found = (
+                    "has no leasehold tables"
+                    if installed == 0
+                    else f"holds leasehold schema version {installed}"
+                )
                 raise StoreUnavailable(
-                    f"{self!r}: schema {self._opts.schema!r} has no leasehold tables "
+                    f"{self!r}: schema {self._opts.schema!r} {found} "
                     f"(version {SCHEMA_VERSION} needed) and ?create_schema=false; apply "
                     "leasehold/_scripts/postgres/schema.sql as a migration"
                 )
             async with conn.transaction():
-                # Serialises concurrent first use: CREATE ... IF NOT EXISTS alone can
-                # still fail with a unique violation when two sessions race.
+                # Serialises concurrent first use and upgrades: CREATE ... IF NOT
+                # EXISTS alone can still fail with a unique violation when two
+                # sessions race.
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext('leasehold'), hashtext('install'))"
                 )
+                # Look again under the lock: whoever held it may have installed this
+                # version, or a newer one that this (older) file must not replace.
+                # A lookup before the call, as an error would abort the transaction.
+                # (Locking pg_namespace to read it also makes the session take in
+                # catalog changes committed while it waited.)
                 cur = await conn.execute(
-                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._opts.schema,)
+                    "SELECT n.oid IS NOT NULL, to_regprocedure(%s) IS NOT NULL "
+                    "FROM (SELECT 1) one LEFT JOIN pg_namespace n ON n.nspname = %s",
+                    (
+                        sql.Identifier(self._opts.schema).as_string(conn) + ".schema_version()",
+                        self._opts.schema,
+                    ),
                 )
-                if await cur.fetchone() is None:
+                row = await cur.fetchone()
+                has_schema, has_version = (bool(row[0]), bool(row[1])) if row else (False, False)
+                if has_version:
+                    cur = await conn.execute(
+                        sql.SQL("SELECT {}.schema_version()").format(self._schema)
+                    )
+                    row = await cur.fetchone()
+                    if row is not None and int(row[0]) >= SCHEMA_VERSION:
+                        return
+                if not has_schema:
                     # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE
                     # privilege on the database even when the schema exists.
                     await conn.execute(sql.SQL("CREATE SCHEMA {}").format(self._schema))
@@ -741,6 +772,35 @@ class AsyncPostgresStore(AsyncStore):
         if woken:
             event.clear()
         return woken
+
+    async def read_record(self, key: str) -> Record:
+        rows = await self._call("read_record", "read_record", (key,))
+        value, version, now = rows[0]
+        return Record(
+            key=key,
+            value=None if value is None else bytes(value),
+            version=int(version),
+            now=float(now),
+        )
+
+    async def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        # Not retried: if a first attempt committed before its connection died, a
+        # second would find its own version and wrongly answer "lost the race".
+        rows = await self._call(
+            "write_record",
+            "write_record",
+            (
+                key,
+                int(expected_version),
+                None if value is None else bytes(value),
+                None if ttl is None else float(ttl),
+            ),
+            idempotent=False,
+        )
+        version = rows[0][0]
+        return None if version is None else int(version)
 
     async def ping(self) -> None:
         await self._query("ping", sql.SQL("SELECT 1"), (), idempotent=True)

@@ -25,6 +25,7 @@ from leasehold._core.records import (
     Capabilities,
     Granted,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._core.url import StoreURL, query_options
@@ -173,6 +174,24 @@ class AsyncSQLiteStore(AsyncStore):
             sock.drain()
             return True
         return False
+
+    async def read_record(self, key: str) -> Record:
+        def call() -> Record:
+            with self._guard:
+                return self._tables.read_record(key, self._clock.monotonic())
+
+        return await run_blocking(self._pool(), call)
+
+    async def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        def call() -> int | None:
+            with self._guard:
+                return self._tables.write_record(
+                    key, expected_version, value, ttl, self._clock.monotonic()
+                )
+
+        return await run_blocking(self._pool(), call)
 
     async def ping(self) -> None:
         def call() -> None:

@@ -1,8 +1,10 @@
--- leasehold PostgreSQL schema, version 1 (PostgreSQL 12 or newer).
+-- leasehold PostgreSQL schema, version 2 (PostgreSQL 12 or newer).
 --
 -- The library runs this file itself on first use of a store, inside one transaction
 -- guarded by a transaction-level advisory lock, so concurrent first use is safe; it
--- is idempotent (CREATE ... IF NOT EXISTS, CREATE OR REPLACE). Teams that manage
+-- is idempotent (CREATE ... IF NOT EXISTS, CREATE OR REPLACE), and running it over
+-- an older version upgrades that version in place (version 1 -> 2 adds the records
+-- table and its functions; nothing existing changes shape). Teams that manage
 -- schema changes themselves apply it as a migration and set ?create_schema=false:
 --
 --     psql --single-transaction -v ON_ERROR_STOP=1 -f schema.sql "$DATABASE_URL"
@@ -26,13 +28,17 @@
 --               increasing; a sequence is WAL-logged and never goes backwards, not
 --               even after crash recovery, and nothing per name outlives the name's
 --               last holder. CACHE 1 is essential (a cache hands out values out of
---               order across sessions).
+--               order across sessions). Record versions are drawn from it too.
 --   waiter_seq  arrival order of the wait queue.
 --   holders     live grants. Expiry is on the SERVER clock (clock_timestamp()); rows
 --               past expires_at are treated as absent and purged lazily.
 --   waiters     FIFO wait queue per name. channel/wake_key: where and what to NOTIFY
 --               to wake this waiter (NULL channel: the waiter polls). wake_key is a
 --               hash of (name, token), so tokens never travel in notifications.
+--   records     small versioned values changed only by compare-and-set (version 2).
+--               version comes from fence_seq; expires_at is on the server clock,
+--               NULL for never; expired rows are absent to every operation and
+--               purged lazily. Record keys are a namespace apart from lease names.
 --
 -- Functions (each is one short transaction when called in autocommit mode):
 --   acquire(name, token, owner, host, pid, ttl, limit, queue_ttl, channel, wake_key)
@@ -41,11 +47,18 @@
 --   release(name, token) -> boolean                 (was a live holder)
 --   break_lease(name) -> integer                    (live holders removed)
 --   holders_of(name) / leases(prefix) -> live holders with held_for/expires_in (s)
---   purge(now)  (called by acquire now and then: drops long-expired rows of any name)
+--   read_record(key) -> (value, version, now)   (version 0 and NULL value if absent;
+--       now: clock_timestamp() as Unix seconds, the time base of every expiry)
+--   write_record(key, expected_version, value, ttl) -> bigint   (the new version,
+--       NULL if the current version -- 0 when absent -- was not expected_version;
+--       a NULL value deletes, a NULL ttl never expires)
+--   purge(now)  (called by acquire and write_record now and then: drops long-expired
+--               rows of any name or key)
 --   schema_version() -> integer
 -- Durations are seconds (double precision). The advisory lock of a name is
 -- (hashtext(schema), hashtext(name)) in the two-key space, which never conflicts with
--- an application's one-key (bigint) advisory locks.
+-- an application's one-key (bigint) advisory locks; a record key's is
+-- (hashtext(schema || ':record'), hashtext(key)).
 
 SELECT pg_advisory_xact_lock(hashtext('leasehold'), hashtext('install'));
 CREATE SCHEMA IF NOT EXISTS leasehold;                                       -- (*)
@@ -84,9 +97,17 @@ CREATE TABLE IF NOT EXISTS waiters (
 );
 CREATE INDEX IF NOT EXISTS waiters_name_seq ON waiters (name, seq);
 
+-- Version 2. value is never NULL: writing NULL deletes the row.
+CREATE TABLE IF NOT EXISTS records (
+    key          text COLLATE "C" PRIMARY KEY,
+    value        bytea NOT NULL,
+    version      bigint NOT NULL,
+    expires_at   timestamptz
+) WITH (fillfactor = 70);
+
 CREATE OR REPLACE FUNCTION schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT 1 $$;
+AS $$ SELECT 2 $$;
 
 -- Serialises every state change of one name (grants, release, break) for the rest
 -- of the transaction. Transaction-scoped, so it is safe behind transaction-mode
@@ -137,6 +158,9 @@ AS $$
         LIMIT 500 FOR UPDATE SKIP LOCKED));
     DELETE FROM waiters WHERE ctid = ANY (ARRAY(
         SELECT ctid FROM waiters WHERE expires_at <= p_now - interval '1 minute'
+        LIMIT 500 FOR UPDATE SKIP LOCKED));
+    DELETE FROM records WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM records WHERE expires_at <= p_now - interval '1 minute'
         LIMIT 500 FOR UPDATE SKIP LOCKED));
 $$;
 
@@ -343,6 +367,64 @@ AS $$
     JOIN holders h ON h.name >= p_prefix AND starts_with(h.name, p_prefix)
                   AND h.expires_at > c.now
     ORDER BY h.name, h.fence
+$$;
+
+-- The store's clock for records: the same clock_timestamp() every expiry is written
+-- and compared with, as Unix seconds (what server_time() reports too).
+CREATE OR REPLACE FUNCTION read_record(
+    p_key text, OUT value bytea, OUT version bigint, OUT now double precision)
+LANGUAGE sql
+SET search_path FROM CURRENT
+AS $$
+    SELECT r.value, coalesce(r.version, 0), extract(epoch FROM c.now)::double precision
+    FROM (SELECT clock_timestamp() AS now) c
+    LEFT JOIN records r ON r.key = p_key AND (r.expires_at IS NULL OR r.expires_at > c.now)
+$$;
+
+-- Compare-and-set. Writes of one key are serialised by a transaction-level advisory
+-- lock (an absent key has no row to lock), in a key space of its own, so records
+-- never wait for lease names.
+CREATE OR REPLACE FUNCTION write_record(
+    p_key text, p_expected bigint, p_value bytea, p_ttl double precision)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+SET lock_timeout = '10s'
+AS $$
+DECLARE
+    v_now timestamptz;
+    v_current bigint;
+    v_version bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext(current_schema() || ':record'), hashtext(p_key));
+    -- Read the clock after the lock: time spent waiting must not shorten the ttl.
+    v_now := clock_timestamp();
+    -- Blocking on purpose, like acquire: a purge holding the row is waited for.
+    DELETE FROM records r WHERE r.key = p_key AND r.expires_at <= v_now;
+    IF random() < 0.01 THEN
+        PERFORM purge(v_now);
+    END IF;
+    SELECT r.version INTO v_current FROM records r WHERE r.key = p_key;
+    IF coalesce(v_current, 0) <> p_expected THEN
+        RETURN NULL;
+    END IF;
+    -- A version handed out must never be handed out again (see acquire).
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    v_version := nextval('fence_seq');
+    IF p_value IS NULL THEN
+        DELETE FROM records r WHERE r.key = p_key;
+    ELSE
+        INSERT INTO records AS r (key, value, version, expires_at)
+        VALUES (p_key, p_value, v_version,
+                v_now + make_interval(secs => p_ttl))
+        ON CONFLICT (key) DO UPDATE
+        SET value = excluded.value, version = excluded.version,
+            expires_at = excluded.expires_at;
+    END IF;
+    RETURN v_version;
+END
 $$;
 
 -- leasehold:end

@@ -3,6 +3,8 @@
 --            fences per name increase without keeping a row per name forever).
 -- lh_meta:   boot id of the host clock the expiries were written with.
 -- lh_holder: live grants; expires is on the host's boot-time clock (seconds).
+-- lh_record: small versioned values changed by compare-and-set; version comes
+--            from lh_seq, expires (boot clock) NULL means never.
 -- lh_waiter: FIFO wait queue per name; seq orders arrivals; wake is the waiter's
 --            same-host wake-up socket address (NULL: it polls).
 CREATE TABLE IF NOT EXISTS lh_seq (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
@@ -30,3 +32,9 @@ CREATE TABLE IF NOT EXISTS lh_waiter (
     PRIMARY KEY (name, token)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS lh_waiter_seq ON lh_waiter (name, seq);
+CREATE TABLE IF NOT EXISTS lh_record (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    expires REAL
+) WITHOUT ROWID;

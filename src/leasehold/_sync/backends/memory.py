@@ -20,6 +20,7 @@ from leasehold._core.records import (
     Busy,
     Capabilities,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._core.table import LeaseTable
@@ -114,6 +115,18 @@ class MemoryStore(Store):
         if woken:
             event.clear()
         return woken
+
+    def read_record(self, key: str) -> Record:
+        with self._shared.guard:
+            return self._shared.table.read_record(key, self._clock.monotonic())
+
+    def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        with self._shared.guard:
+            return self._shared.table.write_record(
+                key, expected_version, value, ttl, self._clock.monotonic()
+            )
 
     def ping(self) -> None:
         return None
