@@ -267,6 +267,10 @@ class Lease:
             body = self._bodies.pop() if self._bodies else None
         ours = body.absorb(exc) if body is not None else False
         reason = None if self._released else self._unheld_reason(self._now())
+        if reason is not None and self._lost_reason is None and not self._forked():
+            # Lost by its deadline before the keeper got round to it: announce it
+            # (on_lost, counters, log) before the exception, never after.
+            self._mark_lost(reason)
         self.release()
         if ours:
             raise LeaseLost(self._name, self._fence, reason or "lost") from None

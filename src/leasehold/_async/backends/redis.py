@@ -1,0 +1,825 @@
+"""``redis://``, ``rediss://`` (TLS) and ``unix://``: Redis 6.2+ through redis-py.
+
+Every store operation is one Lua script call: one round trip, atomic on the server,
+with expiry decided by the server's clock (``TIME`` inside the script). The scripts
+live in ``leasehold/_scripts/redis``; each states its KEYS, ARGV and reply.
+
+Layout (see ``KeyLayout``; docs/backends-redis.md has the whole story):
+
+* A name hashes to one of ``BUCKETS`` buckets. Every key of the name, and its
+  bucket's fence floor and name index, carry the bucket as their hash tag, so one
+  script call touches one cluster slot and names may contain any character.
+* Fences are ``max(bucket floor + 1, server time in microseconds)``: strictly
+  increasing while Redis keeps its data, and still increasing after it loses it.
+* Waiters block on a signal list of their own (``BLPOP``, on connections reserved
+  for blocking calls); a release pushes to the first eligible waiter's list only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import urllib.parse
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from hashlib import sha1
+from importlib import resources
+from typing import Any, Final, Protocol
+
+import redis.asyncio
+import redis.asyncio.connection
+import redis.asyncio.retry
+from redis import exceptions as redis_errors
+from redis.backoff import NoBackoff
+
+from leasehold._async._concurrency import sleep
+from leasehold._async.backends._redis_io import cancellations, raise_if_cancelled_since
+from leasehold._async.store import AsyncStore
+from leasehold._core.clock import Clock
+from leasehold._core.records import (
+    MAX_RECORD_BYTES,
+    AcquireRequest,
+    AcquireResult,
+    Busy,
+    Capabilities,
+    Granted,
+    HolderInfo,
+    Record,
+    RenewItem,
+)
+from leasehold._core.url import StoreURL
+from leasehold._errors import InvalidArgument, StoreUnavailable
+
+# Part of the key layout: changing it moves every name to other keys, so two
+# versions with different values would not see each other's leases.
+BUCKETS: Final = 1024
+
+DEFAULT_PREFIX: Final = "leasehold:"
+DEFAULT_SOCKET_TIMEOUT: Final = 5.0
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_MAX_CONNECTIONS: Final = 32
+DEFAULT_MAX_BLOCKING_CONNECTIONS: Final = 64
+DEFAULT_CLIENT_NAME: Final = "leasehold"
+
+# How late Redis may answer a BLPOP that timed out: one tick at the default hz 10.
+_BLPOP_OVERRUN: Final = 0.1
+# wait() polls its signal list this often in the last _BLPOP_OVERRUN before its
+# deadline, and when every blocking connection is busy.
+_TAIL_POLL: Final = 0.02
+_BUSY_POLL: Final = 0.1
+
+
+# --------------------------------------------------------------------------- URL
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """Everything a ``redis://``, ``rediss://`` or ``unix://`` URL says, validated."""
+
+    tls: bool
+    host: str
+    port: int
+    unix_path: str | None
+    db: int
+    username: str | None
+    password: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
+    socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_blocking_connections: int = DEFAULT_MAX_BLOCKING_CONNECTIONS
+    client_name: str = DEFAULT_CLIENT_NAME
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str = "required"
+    ssl_check_hostname: bool = True
+
+    def __repr__(self) -> str:
+        # The password never reaches a repr.
+        where = self.unix_path or f"{self.host}:{self.port}"
+        return f"RedisOptions({where!r}, db={self.db}, prefix={self.prefix!r}, tls={self.tls})"
+
+
+_OPTIONS: Final = {
+    "db": "database number (unix:// URLs; redis:// URLs may also use the path /N)",
+    "prefix": f"key prefix, default {DEFAULT_PREFIX!r}",
+    "socket_timeout": f"seconds to wait for a reply, default {DEFAULT_SOCKET_TIMEOUT:g}",
+    "socket_connect_timeout": f"seconds to connect, default {DEFAULT_CONNECT_TIMEOUT:g}",
+    "max_connections": f"connections for commands, default {DEFAULT_MAX_CONNECTIONS}",
+    "max_blocking_connections": (
+        f"connections for waiting (BLPOP), default {DEFAULT_MAX_BLOCKING_CONNECTIONS}"
+    ),
+    "client_name": f"CLIENT SETNAME value, default {DEFAULT_CLIENT_NAME!r}",
+    "username": "ACL user (or put it in the URL's user part)",
+    "password": "password (or put it in the URL's user part)",
+    "ssl_ca_certs": "rediss:// only: CA bundle file to verify the server with",
+    "ssl_certfile": "rediss:// only: client certificate file",
+    "ssl_keyfile": "rediss:// only: client private key file",
+    "ssl_cert_reqs": "rediss:// only: none, optional or required (default)",
+    "ssl_check_hostname": "rediss:// only: true (default with required) or false",
+}
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _bad(url: StoreURL, message: str) -> InvalidArgument:
+    return InvalidArgument(f"redis store url {url.redacted!r}: {message}")
+
+
+def _seconds(url: StoreURL, key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad(url, f"{key} must be a number of seconds, got {raw!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise _bad(url, f"{key} must be > 0 and <= 3600 seconds, got {raw!r}")
+    return value
+
+
+def _count(url: StoreURL, key: str, raw: str, low: int, high: int) -> int:
+    if not raw.isdigit():
+        raise _bad(url, f"{key} must be a whole number, got {raw!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise _bad(url, f"{key} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _flag(url: StoreURL, key: str, raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise _bad(url, f"{key} must be true or false, got {raw!r}")
+
+
+def _printable(url: StoreURL, key: str, raw: str, forbidden: str = "") -> str:
+    if not raw or not raw.isprintable() or any(ch in forbidden for ch in raw):
+        extra = f" and none of {forbidden!r}" if forbidden else ""
+        raise _bad(url, f"{key} must be non-empty printable text{extra}, got {raw!r}")
+    return raw
+
+
+def parse_options(url: StoreURL) -> RedisOptions:
+    """Validate every part of the URL before any I/O (``InvalidArgument`` if bad)."""
+    try:
+        parts = urllib.parse.urlsplit(url.raw)
+        port_number = parts.port
+    except ValueError as exc:
+        raise _bad(url, f"invalid host or port: {exc}") from None
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in _OPTIONS:
+            allowed = "; ".join(f"{name}: {doc}" for name, doc in _OPTIONS.items())
+            raise _bad(url, f"unknown option {key!r}. Allowed options: {allowed}")
+        if key in query:
+            raise _bad(url, f"option {key!r} is given twice")
+        query[key] = value
+    tls = url.scheme == "rediss"
+    if not tls and any(key.startswith("ssl_") for key in query):
+        raise _bad(url, "ssl_* options need a rediss:// URL")
+
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password else None
+    if "username" in query:
+        if username is not None:
+            raise _bad(url, "the user name is given both in the URL and as ?username=")
+        username = query["username"] or None
+    if "password" in query:
+        if password is not None:
+            raise _bad(url, "the password is given both in the URL and as ?password=")
+        password = query["password"] or None
+
+    unix_path: str | None = None
+    db: int | None = None
+    host, port = "localhost", 6379
+    if url.scheme == "unix":
+        if parts.hostname:
+            raise _bad(url, "write unix:///absolute/path/to/redis.sock (three slashes)")
+        unix_path = urllib.parse.unquote(parts.path)
+        if not unix_path or unix_path == "/":
+            raise _bad(url, "the socket path is missing: unix:///path/to/redis.sock")
+    else:
+        host = parts.hostname or host
+        port = port_number if port_number is not None else port
+        path = parts.path.strip("/")
+        if path:
+            db = _count(url, "the database number in the path", path, 0, 1_000_000)
+    if "db" in query:
+        from_query = _count(url, "db", query["db"], 0, 1_000_000)
+        if db is not None and db != from_query:
+            raise _bad(url, f"database {db} in the path but db={from_query} in the query")
+        db = from_query
+
+    cert_reqs = query.get("ssl_cert_reqs", "required").lower()
+    if cert_reqs not in ("none", "optional", "required"):
+        raise _bad(url, f"ssl_cert_reqs must be none, optional or required, got {cert_reqs!r}")
+    check_hostname = cert_reqs == "required"
+    if "ssl_check_hostname" in query:
+        check_hostname = _flag(url, "ssl_check_hostname", query["ssl_check_hostname"])
+        if check_hostname and cert_reqs != "required":
+            raise _bad(url, "ssl_check_hostname=true needs ssl_cert_reqs=required")
+
+    return RedisOptions(
+        tls=tls,
+        host=host,
+        port=port,
+        unix_path=unix_path,
+        db=db or 0,
+        username=username,
+        password=password,
+        # Braces would change the hash tag of every key (see KeyLayout).
+        prefix=_printable(url, "prefix", query.get("prefix", DEFAULT_PREFIX), "{} "),
+        socket_timeout=_seconds(
+            url, "socket_timeout", query.get("socket_timeout", str(DEFAULT_SOCKET_TIMEOUT))
+        ),
+        socket_connect_timeout=_seconds(
+            url,
+            "socket_connect_timeout",
+            query.get("socket_connect_timeout", str(DEFAULT_CONNECT_TIMEOUT)),
+        ),
+        max_connections=_count(
+            url,
+            "max_connections",
+            query.get("max_connections", str(DEFAULT_MAX_CONNECTIONS)),
+            1,
+            10_000,
+        ),
+        max_blocking_connections=_count(
+            url,
+            "max_blocking_connections",
+            query.get("max_blocking_connections", str(DEFAULT_MAX_BLOCKING_CONNECTIONS)),
+            1,
+            10_000,
+        ),
+        # CLIENT SETNAME refuses spaces.
+        client_name=_printable(url, "client_name", query.get("client_name", "leasehold"), " "),
+        ssl_ca_certs=query.get("ssl_ca_certs") or None,
+        ssl_certfile=query.get("ssl_certfile") or None,
+        ssl_keyfile=query.get("ssl_keyfile") or None,
+        ssl_cert_reqs=cert_reqs,
+        ssl_check_hostname=check_hostname,
+    )
+
+
+# -------------------------------------------------------------------- key layout
+
+
+@dataclass(frozen=True, slots=True)
+class NameKeys:
+    """The keys of one lease name (all in one cluster slot)."""
+
+    holders: str  # zset token -> expiry_us
+    state: str  # hash: 'limit', 'm:<token>' -> holder metadata
+    queue: str  # zset token -> arrival order
+    queue_expiry: str  # zset token -> queue expiry_us
+    floor: str  # per bucket: highest fence issued
+    index: str  # per bucket: zset name -> latest holder expiry_us
+    signal_prefix: str  # + token: a waiter's signal list
+
+    def script_keys(self) -> list[str]:
+        """KEYS[1..6] of acquire.lua, release.lua and break.lua, in order."""
+        return [
+            self.holders,
+            self.state,
+            self.queue,
+            self.queue_expiry,
+            self.floor,
+            self.index,
+        ]
+
+    def signal(self, token: str) -> str:
+        return self.signal_prefix + token
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLayout:
+    """Where a name's state lives: ``<prefix>{<bucket>}:<kind>:<name>``.
+
+    The hash tag is the bucket number, not the name: names may contain braces, and
+    a bounded number of tags keeps the per-bucket fence floors and name indexes
+    bounded too. The bucket is CRC-32 of the UTF-8 name modulo ``BUCKETS``.
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    @staticmethod
+    def bucket(name: str) -> int:
+        return zlib.crc32(name.encode("utf-8")) % BUCKETS
+
+    def tag(self, bucket: int) -> str:
+        return f"{self.prefix}{{{bucket}}}"
+
+    def for_name(self, name: str) -> NameKeys:
+        tag = self.tag(self.bucket(name))
+        # The name's byte length makes "<name>:<token>" unambiguous when either
+        # contains ':'.
+        size = len(name.encode("utf-8"))
+        return NameKeys(
+            holders=f"{tag}:h:{name}",
+            state=f"{tag}:s:{name}",
+            queue=f"{tag}:q:{name}",
+            queue_expiry=f"{tag}:e:{name}",
+            floor=f"{tag}:fence",
+            index=f"{tag}:index",
+            signal_prefix=f"{tag}:w:{size}:{name}:",
+        )
+
+    def for_record(self, key: str) -> tuple[str, str]:
+        """The record's own key and the fence floor its versions are drawn from.
+        Records are a namespace apart from lease names (kind ``r``)."""
+        tag = self.tag(self.bucket(key))
+        return f"{tag}:r:{key}", f"{tag}:fence"
+
+    def indexes(self) -> list[str]:
+        """The name index of every bucket, bucket 0 first (KEYS of leases.lua)."""
+        return [f"{self.tag(bucket)}:index" for bucket in range(BUCKETS)]
+
+
+# ----------------------------------------------------------------------- scripts
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    source: str
+    sha: str
+
+
+@cache
+def _script(name: str) -> _Script:
+    folder = resources.files("leasehold") / "_scripts" / "redis"
+    prelude = (folder / "_prelude.lua").read_text(encoding="utf-8")
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    source = f"{prelude}\n{body}"
+    digest = sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+    return _Script(name=name, source=source, sha=digest)
+
+
+# ------------------------------------------------------------------------- store
+
+
+class _Commands(Protocol):
+    """The one redis-py method the store calls (redis-py leaves it unannotated)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+
+class _Pool(Protocol):
+    async def disconnect(self, inuse_connections: bool = True) -> None: ...
+
+
+@dataclass(slots=True)
+class _Connections:
+    pid: int
+    commands: _Commands
+    blocking: _Commands
+    pools: tuple[_Pool, _Pool]
+
+
+def _us(seconds: float) -> int:
+    return max(1, round(seconds * 1_000_000))
+
+
+def _value_bytes(value: str | bytes) -> bytes:
+    """Undo the lossless decoding of a record value (decode_responses + surrogateescape)."""
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+def _holder_info(name: str, now: int, expiry: int, meta: str) -> HolderInfo:
+    fence, acquired, limit, _run_id, holder = meta.split(" ", 4)
+    owner, host, pid = json.loads(holder)
+    return HolderInfo(
+        name=name,
+        owner=str(owner),
+        host=str(host),
+        pid=int(pid),
+        fence=int(fence),
+        limit=int(limit),
+        held_for=max(0.0, (now - int(acquired)) / 1e6),
+        expires_in=max(0.0, (int(expiry) - now) / 1e6),
+    )
+
+
+class AsyncRedisStore(AsyncStore):
+    capabilities = Capabilities(
+        server_clock=True,
+        # Depends on the server: appendonly yes + appendfsync always keeps grants.
+        durable=False,
+        cross_host=True,
+        notifications=True,
+        fence_survives_data_loss=True,
+        notes=(
+            "durable only with appendonly yes and appendfsync always",
+            "fences stay increasing after data loss unless the server clock stepped back across it",
+            "leases granted before a restart or failover are reported lost at their next renewal",
+            "maxmemory-policy must be noeviction",
+        ),
+    )
+
+    def __init__(self, url: StoreURL, options: RedisOptions) -> None:
+        self.url = url
+        self.options = options
+        self.keys = KeyLayout(options.prefix)
+        self._indexes = self.keys.indexes()
+        self._guard = threading.Lock()
+        self._connections: _Connections | None = None
+        # Connections inherited over fork(): never used or closed in the child (their
+        # sockets belong to the parent), only kept from the garbage collector.
+        self._inherited: list[_Connections] = []
+        self._closed = False
+        self._server_facts: dict[str, Any] = {}
+        # wait() blocks in slices of this, so a silent server is noticed.
+        self._block_slice = options.socket_timeout
+
+    # -- connections ---------------------------------------------------------
+
+    def _connection_kwargs(self, socket_timeout: float) -> dict[str, Any]:
+        options = self.options
+        kwargs: dict[str, Any] = {
+            "db": options.db,
+            "username": options.username,
+            "password": options.password,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": options.socket_connect_timeout,
+            "client_name": options.client_name,
+            # Replies are text except record values, which may be any bytes:
+            # surrogateescape decodes those losslessly (see _value_bytes).
+            "decode_responses": True,
+            "encoding_errors": "surrogateescape",
+            # RESP2 on purpose: every server and proxy speaks it, replies keep one
+            # shape across redis-py versions, and with RESP3 redis-py 8 turns on
+            # maintenance notifications, which skip its check that a pooled
+            # connection is still alive (after a server restart every pooled
+            # connection would then fail once).
+            "protocol": 2,
+            # No automatic retries. A command whose connection broke may have run
+            # (a repeated compare-and-set would then report a conflict with its own
+            # write), and a timed-out one must not spend the caller's safe deadline
+            # twice; callers retry what is safe to retry. Pooled sockets that died
+            # with a server restart are noticed and replaced when checked out.
+            "retry": redis.asyncio.retry.Retry(NoBackoff(), 0),
+        }
+        if options.unix_path is not None:
+            kwargs["connection_class"] = redis.asyncio.connection.UnixDomainSocketConnection
+            kwargs["path"] = options.unix_path
+            return kwargs
+        kwargs["host"] = options.host
+        kwargs["port"] = options.port
+        kwargs["socket_keepalive"] = True
+        if options.tls:
+            kwargs["connection_class"] = redis.asyncio.connection.SSLConnection
+            kwargs["ssl_ca_certs"] = options.ssl_ca_certs
+            kwargs["ssl_certfile"] = options.ssl_certfile
+            kwargs["ssl_keyfile"] = options.ssl_keyfile
+            kwargs["ssl_cert_reqs"] = options.ssl_cert_reqs
+            kwargs["ssl_check_hostname"] = options.ssl_check_hostname
+        else:
+            kwargs["connection_class"] = redis.asyncio.connection.Connection
+        return kwargs
+
+    def _connect(self) -> _Connections:
+        """The connections of this process, created on first use (no I/O here)."""
+        if self._closed:
+            raise StoreUnavailable(f"redis store {self.url.redacted}: the store is closed")
+        with self._guard:
+            current = self._connections
+            pid = os.getpid()
+            if current is not None and current.pid == pid:
+                return current
+            if current is not None:
+                self._inherited.append(current)
+            # Commands wait for a free connection (up to socket_timeout) instead of
+            # failing when all are busy.
+            # (Any: redis-py leaves the sync BlockingConnectionPool unannotated.)
+            blocking_pool_class: Any = redis.asyncio.BlockingConnectionPool
+            command_pool = blocking_pool_class(
+                max_connections=self.options.max_connections,
+                timeout=self.options.socket_timeout,
+                **self._connection_kwargs(self.options.socket_timeout),
+            )
+            # BLPOP holds its connection for the whole wait, so waiters get their own
+            # pool and never starve commands (renewals above all). Its read timeout
+            # covers one blocking slice plus the usual reply time.
+            blocking_pool = redis.asyncio.ConnectionPool(
+                max_connections=self.options.max_blocking_connections,
+                **self._connection_kwargs(self._block_slice + self.options.socket_timeout),
+            )
+            current = _Connections(
+                pid=pid,
+                commands=redis.asyncio.Redis(connection_pool=command_pool),
+                blocking=redis.asyncio.Redis(connection_pool=blocking_pool),
+                pools=(command_pool, blocking_pool),
+            )
+            self._connections = current
+            return current
+
+    # -- errors --------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        password = self.options.password
+        if password:
+            for secret in {password, urllib.parse.quote(password, safe="")}:
+                text = text.replace(secret, "***")
+        return text
+
+    def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
+        """The one place a redis-py (or socket/TLS) error becomes a leasehold error."""
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, redis_errors.AuthenticationError) or "WRONGPASS" in detail:
+            detail = (
+                f"authentication failed: check the user name and password in the URL ({detail})"
+            )
+        elif isinstance(exc, redis_errors.NoPermissionError) or "can't run this command" in detail:
+            detail = f"the Redis user lacks a permission (see the ACL in the docs): {detail}"
+        elif "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+            detail = f"TLS certificate verification failed (check ssl_ca_certs): {detail}"
+        elif isinstance(exc, redis_errors.TimeoutError):
+            detail = f"no reply within {self.options.socket_timeout:g} s: {detail}"
+        elif isinstance(exc, redis_errors.ReadOnlyError):
+            detail = f"connected to a read-only replica: {detail}"
+        elif isinstance(exc, redis_errors.OutOfMemoryError):
+            detail = f"Redis is out of memory (maxmemory): {detail}"
+        elif isinstance(exc, redis_errors.BusyLoadingError):
+            detail = f"Redis is still loading its data set: {detail}"
+        # Only the driver's text is scrubbed: the URL is redacted already, and a short
+        # password would otherwise also be blotted out of the user name.
+        return StoreUnavailable(
+            f"redis store {self.url.redacted}: {doing} failed: {self._scrub(detail)}"
+        )
+
+    @contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except (redis_errors.RedisError, OSError) as exc:
+            # `from None`: the driver's exception may carry connection details; what
+            # matters is already in the message.
+            raise self._unavailable(doing, exc) from None
+
+    async def _execute(self, client: _Commands, *args: str | int | bytes) -> Any:
+        before = cancellations()
+        reply = await client.execute_command(*args)
+        # A cancellation that arrived while redis-py was sending can be lost (see
+        # _redis_io); raise it here so a cancelled caller never carries on.
+        raise_if_cancelled_since(before)
+        return reply
+
+    # -- scripts -------------------------------------------------------------
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
+        script = _script(name)
+        client = self._connect().commands
+        with self._translated(name):
+            try:
+                return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis_errors.NoScriptError:
+                # A restart, a failover or SCRIPT FLUSH emptied the script cache. The
+                # script did not run, so loading it and running it again is safe.
+                await self._execute(client, "SCRIPT", "LOAD", script.source)
+                return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _malformed(self, what: str, reply: object) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"redis store {self.url.redacted}: unexpected reply to {what}: {reply!r:.200}"
+        )
+
+    # -- the contract --------------------------------------------------------
+
+    async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        keys = self.keys.for_name(request.name)
+        holder = json.dumps(
+            [request.holder.owner, request.holder.host, request.holder.pid],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        queue_ttl = "" if request.queue_ttl is None else _us(request.queue_ttl)
+        reply = await self._run(
+            "acquire",
+            keys.script_keys(),
+            [
+                request.name,
+                keys.signal_prefix,
+                request.token,
+                _us(request.ttl),
+                request.limit,
+                queue_ttl,
+                holder,
+            ],
+        )
+        try:
+            if reply[0] == 1:
+                return Granted(fence=int(reply[1]))
+            retry_after, position = int(reply[1]), int(reply[2])
+        except (TypeError, ValueError, IndexError):
+            raise self._malformed("acquire", reply) from None
+        return Busy(
+            retry_after=None if retry_after < 0 else retry_after / 1e6,
+            position=None if position < 0 else position,
+        )
+
+    async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
+        if not items:
+            return []
+        keys: list[str] = []
+        args: list[str | int] = []
+        for item in items:
+            name_keys = self.keys.for_name(item.name)
+            keys += (name_keys.holders, name_keys.state, name_keys.index)
+            args += (item.name, item.token, _us(item.ttl))
+        reply = await self._run("renew", keys, args)
+        if not isinstance(reply, list) or len(reply) != len(items):
+            raise self._malformed("renew", reply)
+        return [answer == 1 for answer in reply]
+
+    async def release(self, name: str, token: str) -> bool:
+        keys = self.keys.for_name(name)
+        reply = await self._run("release", keys.script_keys(), [name, keys.signal_prefix, token])
+        return bool(reply == 1)
+
+    async def break_lease(self, name: str) -> int:
+        keys = self.keys.for_name(name)
+        reply = await self._run("break", keys.script_keys(), [name, keys.signal_prefix])
+        if not isinstance(reply, int):
+            raise self._malformed("break", reply)
+        return reply
+
+    async def holders(self, name: str) -> list[HolderInfo]:
+        keys = self.keys.for_name(name)
+        reply = await self._run("holders", [keys.holders, keys.state], [])
+        try:
+            now = int(reply[0])
+            infos = [
+                _holder_info(name, now, int(reply[i]), reply[i + 1])
+                for i in range(1, len(reply), 2)
+            ]
+        except (TypeError, ValueError, IndexError):
+            raise self._malformed("holders", reply) from None
+        return sorted(infos, key=lambda info: info.fence)
+
+    async def leases(self, prefix: str = "") -> list[HolderInfo]:
+        reply = await self._run("leases", self._indexes, [prefix])
+        try:
+            now = int(reply[0])
+            infos = [
+                _holder_info(reply[i], now, int(reply[i + 1]), reply[i + 2])
+                for i in range(1, len(reply), 3)
+            ]
+        except (TypeError, ValueError, IndexError):
+            raise self._malformed("leases", reply) from None
+        return sorted(infos, key=lambda info: (info.name, info.fence))
+
+    async def wait(self, name: str, token: str, timeout: float) -> bool:  # noqa: ASYNC109, RUF100
+        signal = self.keys.for_name(name).signal(token)
+        connections = self._connect()
+        # A local deadline for I/O only; expiry decisions stay on the server's clock.
+        deadline = time.monotonic() + max(0.0, timeout)
+        try:
+            return await self._wait(connections, signal, deadline)
+        except (redis_errors.RedisError, OSError):
+            # A wait is only the pause between two acquire attempts. If Redis fails
+            # meanwhile, sleep out the pause like a store without notifications: the
+            # next acquire reports the error, and a caller that retries acquire
+            # (with wait() as its pause) never spins against a dead server.
+            await sleep(deadline - time.monotonic())
+            return False
+
+    async def _wait(self, connections: _Connections, signal: str, deadline: float) -> bool:
+        while True:
+            remaining = deadline - time.monotonic()
+            # Redis expires a blocked BLPOP only on its next event-loop tick (hz ticks
+            # per second), so block until shortly before the deadline and poll the
+            # last moments: the caller's timeout holds. Never send BLPOP a timeout of
+            # 0, which means "forever".
+            block_for = min(remaining - _BLPOP_OVERRUN, self._block_slice)
+            if block_for < 0.01:
+                popped = await self._execute(connections.commands, "LPOP", signal)
+                if popped is not None or remaining <= 0:
+                    return popped is not None
+                await sleep(min(remaining, _TAIL_POLL))
+                continue
+            blpop = ("BLPOP", signal, f"{block_for:.3f}")
+            try:
+                popped = await self._execute(connections.blocking, *blpop)
+            except redis_errors.ConnectionError as exc:
+                # redis-py 6+ raises MaxConnectionsError here, older versions a plain
+                # ConnectionError with the same text.
+                if "Too many connections" not in str(exc):
+                    raise
+                # Every blocking connection is in use: poll rather than fail (the
+                # signal stays in its list, so it is only noticed later, not lost).
+                popped = await self._execute(connections.commands, "LPOP", signal)
+                if popped is not None:
+                    return True
+                await sleep(min(remaining, _BUSY_POLL))
+                continue
+            if popped is not None:
+                return True
+
+    async def read_record(self, key: str) -> Record:
+        record_key, _floor = self.keys.for_record(key)
+        reply = await self._run("record_read", [record_key], [])
+        try:
+            now, version, value = reply
+            return Record(
+                key=key,
+                value=None if value is None else _value_bytes(value),
+                version=int(version),
+                now=int(now) / 1e6,
+            )
+        except (TypeError, ValueError):
+            raise self._malformed("record_read", reply) from None
+
+    async def write_record(
+        self, key: str, expected_version: int, value: bytes | None, ttl: float | None = None
+    ) -> int | None:
+        if value is not None and len(value) > MAX_RECORD_BYTES:
+            raise InvalidArgument(
+                f"record {key!r} is {len(value)} bytes; at most {MAX_RECORD_BYTES} are allowed"
+            )
+        record_key, floor = self.keys.for_record(key)
+        ttl_ms = "" if ttl is None else max(1, math.ceil(ttl * 1000))
+        reply = await self._run(
+            "record_write",
+            [record_key, floor],
+            [expected_version, "1" if value is None else "0", value or b"", ttl_ms],
+        )
+        if not isinstance(reply, int):
+            raise self._malformed("record_write", reply)
+        return None if reply < 0 else reply
+
+    async def ping(self) -> None:
+        client = self._connect().commands
+        with self._translated("ping"):
+            if self._server_facts:
+                await self._execute(client, "PING")
+                return
+            # The first ping reads INFO instead (still one round trip) so that
+            # warnings() can report the server's configuration without I/O.
+            info = await self._execute(client, "INFO")
+        if isinstance(info, dict):
+            self._server_facts = dict(info)
+
+    async def server_time(self) -> float | None:
+        client = self._connect().commands
+        with self._translated("time"):
+            reply = await self._execute(client, "TIME")
+        try:
+            seconds, micros = reply
+            return int(seconds) + int(micros) / 1e6
+        except (TypeError, ValueError):
+            raise self._malformed("TIME", reply) from None
+
+    async def aclose(self) -> None:
+        with self._guard:
+            self._closed = True
+            current, self._connections = self._connections, None
+        if current is None or current.pid != os.getpid():
+            return
+        for pool in current.pools:
+            with self._translated("close"):
+                await pool.disconnect()
+
+    def warnings(self) -> list[str]:
+        found: list[str] = []
+        if self.options.password and not self.options.tls and self.options.unix_path is None:
+            found.append("the password travels unencrypted: use rediss:// across hosts")
+        facts = self._server_facts
+        if not facts:
+            return found
+        policy = facts.get("maxmemory_policy")
+        if policy not in (None, "noeviction"):
+            found.append(
+                f"maxmemory-policy is {policy}: under memory pressure Redis may evict "
+                "lease keys and grant a held lease again; use noeviction"
+            )
+        if facts.get("aof_enabled") == 0:
+            found.append(
+                "persistence is off (appendonly no): a restart forgets every lease; "
+                "holders learn it at their next renewal and fences stay increasing"
+            )
+        if facts.get("role") == "slave":
+            found.append("connected to a replica: writes will fail")
+        version = str(facts.get("redis_version", ""))
+        numbers = [int(part) for part in version.split(".")[:2] if part.isdigit()]
+        if len(numbers) == 2 and tuple(numbers) < (6, 2):
+            found.append(f"Redis {version} is too old: leasehold needs 6.2 or newer")
+        return found
+
+
+def from_url(url: StoreURL, clock: Clock) -> AsyncRedisStore:
+    """Build a store from a URL; validates options now, connects on first use.
+
+    ``clock`` is unused: Redis decides expiry on its own clock.
+    """
+    del clock
+    return AsyncRedisStore(url, parse_options(url))

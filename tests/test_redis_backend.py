@@ -1,0 +1,1046 @@
+"""The Redis backend against real redis-server processes on random loopback ports.
+
+Most tests share one module-wide server and use fresh names; tests that restart,
+flush, pause or reconfigure a server start a private one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import traceback
+import urllib.parse
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from redis.crc import key_slot
+
+from leasehold._async.backends import redis as async_redis
+from leasehold._core.clock import SYSTEM_CLOCK
+from leasehold._core.records import (
+    MAX_RECORD_BYTES,
+    AcquireRequest,
+    Busy,
+    Granted,
+    Holder,
+    RenewItem,
+)
+from leasehold._core.url import parse
+from leasehold._errors import InvalidArgument, StoreUnavailable
+from leasehold._sync.backends import redis as sync_redis
+from tests.servers.redis import RedisServer, make_tls_files, openssl_binary, redis_server_binary
+
+T = TypeVar("T")
+HOLDER = Holder(owner="tester:ünï", host="test-host", pid=4242)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"{reason} (LEASEHOLD_REQUIRE_SERVERS=1 forbids skipping)")
+    pytest.skip(reason)
+
+
+def need_redis() -> None:
+    if redis_server_binary() is None:
+        _unavailable("redis-server is not installed (apt-get install redis-server)")
+
+
+def need_openssl() -> None:
+    if openssl_binary() is None:
+        _unavailable("the openssl command line tool is needed to make test certificates")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    need_redis()
+    with RedisServer() as shared:
+        yield shared
+
+
+@pytest.fixture
+def private() -> Iterator[Callable[..., RedisServer]]:
+    """Start private servers (restarts, flushes, special configs); stopped afterwards."""
+    need_redis()
+    started: list[RedisServer] = []
+
+    def start(**kwargs: Any) -> RedisServer:
+        instance = RedisServer(**kwargs)
+        started.append(instance)
+        instance.start()
+        return instance
+
+    yield start
+    for instance in started:
+        instance.cleanup()
+
+
+def name(stem: str = "n") -> str:
+    return f"{stem}:{uuid.uuid4().hex[:10]}"
+
+
+def req(
+    lease: str, token: str, ttl: float = 10.0, limit: int = 1, queue_ttl: float | None = None
+) -> AcquireRequest:
+    return AcquireRequest(
+        name=lease, token=token, holder=HOLDER, ttl=ttl, limit=limit, queue_ttl=queue_ttl
+    )
+
+
+def with_store(url: str, fn: Callable[[async_redis.AsyncRedisStore], Awaitable[T]]) -> T:
+    """Run ``fn(store)`` on a fresh async store in a fresh event loop, then close it."""
+
+    async def main() -> T:
+        store = async_redis.from_url(parse(url), SYSTEM_CLOCK)
+        try:
+            return await fn(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+def sync_store(url: str) -> sync_redis.RedisStore:
+    return sync_redis.from_url(parse(url), SYSTEM_CLOCK)
+
+
+def fence_of(result: object) -> int:
+    assert isinstance(result, Granted), result
+    return result.fence
+
+
+def evalsha_calls(admin: Any) -> int:
+    stats = admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+# ----------------------------------------------------------------- URL and options
+
+
+def options(url: str) -> async_redis.RedisOptions:
+    return async_redis.parse_options(parse(url))
+
+
+def test_url_forms() -> None:
+    plain = options("redis://cache.internal:6380/3")
+    assert (plain.host, plain.port, plain.db, plain.tls) == ("cache.internal", 6380, 3, False)
+    assert plain.prefix == "leasehold:" and plain.unix_path is None
+    assert options("redis://").host == "localhost" and options("redis://").port == 6379
+    assert options("redis://h?db=5").db == 5
+    assert options("redis://h/5?db=5").db == 5
+    acl = options("redis://worker:p%40ss%3Aw0rd@h/0")
+    assert (acl.username, acl.password) == ("worker", "p@ss:w0rd")
+    assert options("redis://:onlypass@h").username is None
+    assert options("redis://h?username=u&password=p").password == "p"
+    unix = options("unix:///run/redis/redis.sock?db=2&prefix=app:")
+    assert (unix.unix_path, unix.db, unix.prefix) == ("/run/redis/redis.sock", 2, "app:")
+    assert options("unix://:pw@/tmp/r.sock").password == "pw"
+    tls = options("rediss://h:6390?ssl_ca_certs=/ca.pem&ssl_cert_reqs=optional")
+    assert tls.tls and tls.ssl_ca_certs == "/ca.pem" and not tls.ssl_check_hostname
+    assert options("rediss://h").ssl_check_hostname
+    timed = options("redis://h?socket_timeout=0.5&socket_connect_timeout=2&max_connections=4")
+    assert (timed.socket_timeout, timed.socket_connect_timeout) == (0.5, 2.0)
+    assert timed.max_connections == 4
+    ipv6 = options("redis://[::1]:7000")
+    assert (ipv6.host, ipv6.port) == ("::1", 7000)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("redis://h/abc", "database number"),
+        ("redis://h/1?db=2", "db=2"),
+        ("redis://h:99999", "port"),
+        ("redis://h?bogus=1", "unknown option 'bogus'"),
+        ("redis://h?db=1&db=1", "twice"),
+        ("redis://h?socket_timeout=-1", "socket_timeout"),
+        ("redis://h?socket_timeout=nan", "socket_timeout"),
+        ("redis://h?socket_timeout=soon", "socket_timeout"),
+        ("redis://h?max_connections=0", "max_connections"),
+        ("redis://h?prefix=a{b}", "prefix"),
+        ("redis://h?prefix=", "prefix"),
+        ("redis://h?client_name=two%20words", "client_name"),
+        ("redis://h?ssl_ca_certs=/ca.pem", "rediss://"),
+        ("rediss://h?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+        ("rediss://h?ssl_cert_reqs=none&ssl_check_hostname=true", "ssl_check_hostname"),
+        ("unix://somehost/tmp/r.sock", "three slashes"),
+        ("unix://", "socket path"),
+        ("redis://u:pw@h?password=other", "password is given both"),
+    ],
+)
+def test_bad_urls_fail_before_io(url: str, fragment: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        async_redis.from_url(parse(url), SYSTEM_CLOCK)
+    assert fragment in str(caught.value)
+    assert "pw@" not in str(caught.value)
+
+
+def test_construction_does_no_io() -> None:
+    # Port 1 on loopback: nothing listens. Building (async and sync) must not notice.
+    url = "redis://user:hunter2@127.0.0.1:1/0"
+    store = async_redis.from_url(parse(url), SYSTEM_CLOCK)
+    twin = sync_store(url)
+    assert store._connections is None and twin._connections is None
+    assert "hunter2" not in repr(store) and "hunter2" not in repr(twin)
+    assert "hunter2" not in repr(store.options)
+    assert repr(twin).startswith("RedisStore(")
+    twin.close()
+
+
+def test_unreachable_server_is_store_unavailable() -> None:
+    url = "redis://user:hunter2@127.0.0.1:1/0?socket_connect_timeout=1"
+    with pytest.raises(StoreUnavailable) as caught:
+        with_store(url, lambda store: store.ping())
+    text = "".join(traceback.format_exception(caught.value))
+    assert "hunter2" not in text
+    assert "redis://user:***@127.0.0.1:1/0" in str(caught.value)
+    assert caught.value.__cause__ is None
+
+
+def test_closed_store_refuses_calls() -> None:
+    store = sync_store("redis://127.0.0.1:1/0")
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.ping()
+
+
+# -------------------------------------------------------------------- key layout
+
+
+def test_key_layout_keeps_a_name_in_one_slot() -> None:
+    layout = async_redis.KeyLayout("leasehold:")
+    for lease in ["jobs/nightly", "a{b}c", "{", "}", "{}", "x:y:z", "ünïcödé", "a" * 512]:
+        keys = layout.for_name(lease)
+        everything = [*keys.script_keys(), keys.signal("tok:en")]
+        slots = {key_slot(key.encode()) for key in everything}
+        assert len(slots) == 1, (lease, everything)
+        bucket = layout.bucket(lease)
+        assert keys.holders == f"leasehold:{{{bucket}}}:h:{lease}"
+        assert keys.floor == f"leasehold:{{{bucket}}}:fence"
+        assert keys.index in layout.indexes()
+
+
+def test_key_layout_is_stable_and_spread() -> None:
+    layout = async_redis.KeyLayout("p:")
+    # Stable across processes and versions: pinned values (CRC-32 of the UTF-8 name).
+    assert layout.for_name("jobs/nightly").holders == "p:{891}:h:jobs/nightly"
+    assert layout.bucket("a{b}c") == layout.bucket("a{b}c")
+    buckets = {layout.bucket(f"name-{i}") for i in range(5000)}
+    assert len(buckets) > 0.95 * async_redis.BUCKETS
+    assert len(layout.indexes()) == async_redis.BUCKETS
+    assert len({key_slot(index.encode()) for index in layout.indexes()}) > 900
+
+
+def test_signal_keys_are_unambiguous() -> None:
+    layout = async_redis.KeyLayout()
+    one = layout.for_name("a:b").signal("c")
+    two = layout.for_name("a").signal("b:c")
+    assert one != two
+
+
+def test_scripts_start_with_a_contract() -> None:
+    from importlib import resources
+
+    folder = resources.files("leasehold") / "_scripts" / "redis"
+    for script_name in ("acquire", "renew", "release", "holders", "leases", "break"):
+        text = (folder / f"{script_name}.lua").read_text(encoding="utf-8")
+        header = text.split("\n\n", 1)[0]
+        assert header.startswith(f"-- {script_name}.lua: "), script_name
+        for part in ("KEYS", "ARGV", "Returns"):
+            assert part in text.split("\nlocal ", 1)[0], (script_name, part)
+
+
+# ---------------------------------------------------------- the contract, directly
+
+
+def test_grant_busy_and_fences(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        first = fence_of(await store.acquire(req(lease, "t1")))
+        # A retried acquire (its answer was lost) gets the same grant back.
+        assert fence_of(await store.acquire(req(lease, "t1"))) == first
+        busy = await store.acquire(req(lease, "t2"))
+        assert isinstance(busy, Busy) and busy.position is None
+        assert busy.retry_after is not None and 9 < busy.retry_after <= 10
+        assert await store.release(lease, "t1")
+        assert not await store.release(lease, "t1")  # idempotent
+        second = fence_of(await store.acquire(req(lease, "t2")))
+        assert second > first
+        [info] = await store.holders(lease)
+        assert (info.name, info.owner, info.host, info.pid) == (
+            lease,
+            HOLDER.owner,
+            HOLDER.host,
+            HOLDER.pid,
+        )
+        assert info.fence == second and info.limit == 1
+        assert 0 <= info.held_for < 2 and 8 < info.expires_in <= 10
+
+    with_store(server.url, scenario)
+
+
+def test_fence_floor_wins_over_a_clock_that_stepped_back(server: RedisServer) -> None:
+    lease = name()
+    keys = async_redis.KeyLayout().for_name(lease)
+    future = (int(time.time()) + 10 * 365 * 86400) * 1_000_000
+    admin = server.client()
+    try:
+        # As if fences had been issued by a clock ten years ahead, now corrected.
+        admin.set(keys.floor, str(future))
+        fence = with_store(server.url, lambda store: store.acquire(req(lease, "t")))
+        assert fence_of(fence) == future + 1
+    finally:
+        admin.delete(keys.floor)
+        admin.close()
+
+
+def test_expiry_on_the_server_clock(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        first = fence_of(await store.acquire(req(lease, "t1", ttl=0.2)))
+        assert isinstance(await store.acquire(req(lease, "t2")), Busy)
+        await asyncio.sleep(0.3)
+        assert await store.renew([RenewItem(lease, "t1", 10)]) == [False]
+        assert await store.holders(lease) == []
+        assert fence_of(await store.acquire(req(lease, "t2"))) > first
+        assert not await store.release(lease, "t1")
+
+    with_store(server.url, scenario)
+
+
+def test_limit_and_fifo_queue(server: RedisServer) -> None:
+    lease = name("sem")
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        fences = [fence_of(await store.acquire(req(lease, f"h{i}", limit=3))) for i in range(3)]
+        assert fences == sorted(set(fences))
+        positions = []
+        for token in ("w1", "w2", "w3"):
+            busy = await store.acquire(req(lease, token, limit=3, queue_ttl=10))
+            assert isinstance(busy, Busy)
+            positions.append(busy.position)
+        assert positions == [0, 1, 2]
+        # Asking again keeps the place; a caller that does not queue is behind everyone.
+        again = await store.acquire(req(lease, "w2", limit=3, queue_ttl=10))
+        assert isinstance(again, Busy) and again.position == 1
+        assert await store.release(lease, "h0")
+        # One place is free, and it belongs to the head of the queue.
+        outsider = await store.acquire(req(lease, "x", limit=3))
+        assert isinstance(outsider, Busy) and outsider.position is None
+        late = await store.acquire(req(lease, "w2", limit=3, queue_ttl=10))
+        assert isinstance(late, Busy) and late.position == 1
+        assert fence_of(await store.acquire(req(lease, "w1", limit=3, queue_ttl=10))) > max(fences)
+        third = await store.acquire(req(lease, "w3", limit=3, queue_ttl=10))
+        assert isinstance(third, Busy) and third.position == 1
+        assert len(await store.holders(lease)) == 3
+
+    with_store(server.url, scenario)
+
+
+def test_release_wakes_the_head_waiter_only(server: RedisServer) -> None:
+    lease = name("lock")
+    keys = async_redis.KeyLayout().for_name(lease)
+    admin = server.client()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder"))
+        for token in ("a", "b", "c"):
+            assert isinstance(await store.acquire(req(lease, token, queue_ttl=10)), Busy)
+        assert not any(admin.exists(keys.signal(t)) for t in "abc")
+        assert await store.release(lease, "holder")
+        assert [admin.exists(keys.signal(t)) for t in "abc"] == [1, 0, 0]
+        assert not await store.wait(lease, "b", 0.05)
+        assert await store.wait(lease, "a", 1)
+        fence_of(await store.acquire(req(lease, "a", queue_ttl=10)))
+        # A waiter that gives up passes the turn on when it leaves the queue.
+        assert await store.release(lease, "a")
+        assert [admin.exists(keys.signal(t)) for t in "bc"] == [1, 0]
+        assert not await store.release(lease, "b")  # a waiter, not a holder
+        assert admin.exists(keys.signal("c")) == 1
+
+    try:
+        with_store(server.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_a_signal_sent_before_wait_is_not_missed(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder"))
+        assert isinstance(await store.acquire(req(lease, "waiter", queue_ttl=10)), Busy)
+        await store.release(lease, "holder")
+        await asyncio.sleep(0.1)  # the wake-up is sent long before wait() is called
+        started = time.monotonic()
+        assert await store.wait(lease, "waiter", 5)
+        assert time.monotonic() - started < 1
+        # Consumed: a second wait times out (spurious wake-ups are allowed, but the
+        # signal list holds at most one element).
+        assert not await store.wait(lease, "waiter", 0.05)
+
+    with_store(server.url, scenario)
+
+
+def test_wait_is_woken_promptly_and_times_out_on_time(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder"))
+        await store.acquire(req(lease, "waiter", queue_ttl=10))
+        for timeout in (0.0, 0.05, 0.3):
+            started = time.monotonic()
+            assert not await store.wait(lease, "waiter", timeout)
+            assert timeout <= time.monotonic() - started + 0.005 < timeout + 0.08
+
+        async def release_soon() -> None:
+            await asyncio.sleep(0.2)
+            await store.release(lease, "holder")
+
+        started = time.monotonic()
+        releaser = asyncio.create_task(release_soon())
+        assert await store.wait(lease, "waiter", 5)
+        assert time.monotonic() - started < 0.5
+        await releaser
+
+    with_store(server.url, scenario)
+
+
+def test_expired_waiter_does_not_block_the_queue(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder"))
+        await store.acquire(req(lease, "gone", queue_ttl=0.2))
+        busy = await store.acquire(req(lease, "next", queue_ttl=10))
+        assert isinstance(busy, Busy) and busy.position == 1
+        await store.release(lease, "holder")
+        await asyncio.sleep(0.3)  # "gone" never comes back for its turn
+        fence_of(await store.acquire(req(lease, "next", queue_ttl=10)))
+
+    with_store(server.url, scenario)
+
+
+def test_semaphore_release_wakes_as_many_as_places(server: RedisServer) -> None:
+    lease = name("sem")
+    keys = async_redis.KeyLayout().for_name(lease)
+    admin = server.client()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        for token in ("h1", "h2"):
+            await store.acquire(req(lease, token, limit=2))
+        for token in ("a", "b", "c"):
+            await store.acquire(req(lease, token, limit=2, queue_ttl=10))
+        assert await store.break_lease(lease) == 2
+        assert [admin.exists(keys.signal(t)) for t in "abc"] == [1, 1, 0]
+        # "a" takes a place; "b" was told already and keeps its one signal.
+        fence_of(await store.acquire(req(lease, "a", limit=2, queue_ttl=10)))
+        assert admin.llen(keys.signal("b")) == 1
+        assert admin.exists(keys.signal("c")) == 0
+
+    try:
+        with_store(server.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_break_lease(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        broken = fence_of(await store.acquire(req(lease, "t1")))
+        await store.acquire(req(lease, "w", queue_ttl=10))
+        assert await store.break_lease(lease) == 1
+        assert await store.break_lease(lease) == 0
+        assert await store.renew([RenewItem(lease, "t1", 10)]) == [False]
+        assert await store.wait(lease, "w", 1)
+        assert fence_of(await store.acquire(req(lease, "w", queue_ttl=10))) > broken
+
+    with_store(server.url, scenario)
+
+
+def test_renew_ten_thousand_items_in_one_call(server: RedisServer) -> None:
+    stem = name("batch")
+    names = [f"{stem}/{i}" for i in range(10_000)]
+    admin = server.client()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            results = await asyncio.gather(*(store.acquire(req(n, "tok", ttl=60)) for n in chunk))
+            assert all(isinstance(r, Granted) for r in results)
+        items = [RenewItem(n, "tok", 30) for n in names]
+        items[17] = RenewItem(names[17], "not-the-holder", 30)
+        await store.renew(items[:1])  # the first call per server loads the script
+        before = evalsha_calls(admin)
+        answers = await store.renew(items)
+        assert evalsha_calls(admin) - before == 1
+        assert answers.count(True) == 9_999 and answers[17] is False
+        infos = await store.holders(names[5000])
+        assert infos[0].expires_in > 25
+        assert await store.renew([]) == []
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            await asyncio.gather(*(store.release(n, "tok") for n in chunk))
+
+    try:
+        with_store(server.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_leases_by_prefix(server: RedisServer) -> None:
+    stem = name("ls")
+    names = [f"{stem}/a", f"{stem}/b{{x}}", f"{stem}/c:ü", f"{stem}x"]
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        for lease in names:
+            await store.acquire(req(lease, "t1", limit=2))
+        await store.acquire(req(names[0], "t2", limit=2))
+        await store.acquire(req(f"{stem}/gone", "t", ttl=0.05))
+        await asyncio.sleep(0.1)
+        found = await store.leases(f"{stem}/")
+        assert [info.name for info in found] == [names[0], names[0], names[1], names[2]]
+        assert found[0].fence < found[1].fence
+        everything = [info.name for info in await store.leases()]
+        assert set(names) <= set(everything)
+        assert await store.leases(f"{stem}/zzz") == []
+
+    with_store(server.url, scenario)
+
+
+def test_cancelled_wait_leaves_the_store_usable(server: RedisServer) -> None:
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder"))
+        await store.acquire(req(lease, "waiter", queue_ttl=10))
+        waiting = asyncio.create_task(store.wait(lease, "waiter", 5))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await store.release(lease, "holder")
+        assert await store.wait(lease, "waiter", 1)
+        fence_of(await store.acquire(req(lease, "waiter", queue_ttl=10)))
+
+    with_store(server.url, scenario)
+
+
+def test_waiters_beyond_the_blocking_pool_still_wake(server: RedisServer) -> None:
+    lease = name("sem")
+    url = server.url + "?max_blocking_connections=1"
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder", limit=1))
+        for token in ("a", "b"):
+            await store.acquire(req(lease, token, limit=1, queue_ttl=10))
+
+        async def hand_over() -> None:
+            await asyncio.sleep(0.2)
+            await store.release(lease, "holder")
+            await asyncio.sleep(0.2)
+            await store.release(lease, "a")
+
+        helper = asyncio.create_task(hand_over())
+        woken = await asyncio.gather(store.wait(lease, "a", 3), store.wait(lease, "b", 3))
+        assert woken == [True, True]
+        await helper
+
+    with_store(url, scenario)
+
+
+def test_unusual_names_and_owners(server: RedisServer) -> None:
+    odd = [f"{name()}{suffix}" for suffix in ["{", "}", "{x}", " sp ace", "ü€😀", "%s", "\\"]]
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        holder = Holder(owner='quote " and space', host="h ost", pid=1)
+        for lease in odd:
+            request = AcquireRequest(name=lease, token="t k", holder=holder, ttl=5)
+            fence_of(await store.acquire(request))
+            [info] = await store.holders(lease)
+            assert (info.owner, info.host) == (holder.owner, holder.host)
+            assert await store.release(lease, "t k")
+
+    with_store(server.url, scenario)
+
+
+def test_memory_does_not_grow_with_distinct_names(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    admin = instance.client()
+
+    async def churn(store: async_redis.AsyncRedisStore, stem: str, release: bool) -> None:
+        names = [f"{stem}/{i}" for i in range(5000)]
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            await asyncio.gather(*(store.acquire(req(n, "tok", ttl=0.3)) for n in chunk))
+            await asyncio.gather(
+                *(store.acquire(req(n, "w", ttl=0.3, queue_ttl=0.3)) for n in chunk)
+            )
+            if release:
+                await asyncio.gather(*(store.release(n, "tok") for n in chunk))
+                await asyncio.gather(*(store.release(n, "w") for n in chunk))
+
+    def leftover() -> tuple[int, list[str]]:
+        keys = list(admin.scan_iter("*", count=1000))  # SCAN skips expired keys
+        return len(keys), [key for key in keys if not key.endswith(":fence")]
+
+    try:
+        with_store(instance.url, lambda store: churn(store, "first", release=True))
+        total, per_name = leftover()
+        assert per_name == []
+        # What stays is one fence floor per bucket: bounded, whatever the names.
+        assert total <= async_redis.BUCKETS
+        with_store(instance.url, lambda store: churn(store, "second", release=True))
+        assert leftover()[0] <= async_redis.BUCKETS
+        # Holders and waiters that vanish without releasing expire with their keys.
+        with_store(instance.url, lambda store: churn(store, "crashed", release=False))
+        deadline = time.monotonic() + 10
+        while leftover()[1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert leftover()[1] == []
+        assert leftover()[0] <= async_redis.BUCKETS
+    finally:
+        admin.close()
+
+
+def test_cancellation_during_a_command_is_never_lost(server: RedisServer) -> None:
+    # redis-py sends through asyncio.wait_for, which on Python 3.11 can drop a
+    # cancellation that lands as the send completes; the store raises it again.
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder"))
+        for attempt in range(300):
+            task = asyncio.ensure_future(store.acquire(req(lease, f"w{attempt}")))
+            await asyncio.sleep((0, 0.0001, 0.0003)[attempt % 3])
+            if task.cancel():
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                await task
+
+    with_store(server.url, scenario)
+
+
+def test_records_hold_any_bytes_and_never_reuse_versions(
+    private: Callable[..., RedisServer],
+) -> None:
+    instance = private()
+    admin = instance.client()
+    key = "config/one"
+    value = bytes(range(256)) + b"\xff\xfe\xc3("  # not UTF-8
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        absent = await store.read_record(key)
+        assert (absent.value, absent.version) == (None, 0)
+        assert abs(absent.now - time.time()) < 5  # server clock, in seconds
+        v1 = await store.write_record(key, 0, value)
+        assert v1 is not None
+        assert (await store.read_record(key)).value == value
+        assert await store.write_record(key, 0, b"lost race") is None
+        # Records and leases are separate namespaces.
+        fence_of(await store.acquire(req(key, "t")))
+        assert (await store.read_record(key)).value == value
+        # Versions keep increasing across deletion, FLUSHALL and a restart.
+        deleted = await store.write_record(key, v1, None)
+        assert deleted is not None and deleted > v1
+        v2 = await store.write_record(key, 0, b"again")
+        assert v2 is not None and v2 > deleted
+        admin.flushall()
+        v3 = await store.write_record(key, 0, b"after flush")
+        assert v3 is not None and v3 > v2
+        await asyncio.to_thread(instance.restart)
+        v4 = await store.write_record(key, 0, b"after restart", ttl=0.2)
+        assert v4 is not None and v4 > v3
+        await asyncio.sleep(0.3)
+        assert (await store.read_record(key)).version == 0
+        with pytest.raises(InvalidArgument):
+            await store.write_record(key, 0, b"x" * (MAX_RECORD_BYTES + 1))
+        big = os.urandom(MAX_RECORD_BYTES)
+        v5 = await store.write_record(key, 0, big)
+        assert (await store.read_record(key)).value == big
+        assert await store.write_record(key, v5 or 0, None) is not None
+
+    try:
+        with_store(instance.url, scenario)
+    finally:
+        admin.close()
+
+
+# --------------------------------------------------------------- data loss, restarts
+
+
+def test_fences_survive_restart_without_persistence(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        before = fence_of(await store.acquire(req(lease, "old", ttl=30)))
+        # In a thread, as in a live app whose event loop keeps running meanwhile.
+        await asyncio.to_thread(instance.restart)
+        admin = instance.client()
+        assert admin.dbsize() == 0
+        admin.close()
+        assert await store.renew([RenewItem(lease, "old", 30)]) == [False]
+        after = fence_of(await store.acquire(req(lease, "new")))
+        assert after > before
+
+    with_store(instance.url, scenario)
+
+
+def test_fences_survive_flushall_and_script_flush(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    admin = instance.client()
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        fences = [fence_of(await store.acquire(req(lease, "t0")))]
+        admin.flushall()
+        fences.append(fence_of(await store.acquire(req(lease, "t1"))))
+        admin.script_flush()
+        await store.release(lease, "t1")
+        fences.append(fence_of(await store.acquire(req(lease, "t2"))))
+        admin.script_flush()
+        assert await store.renew([RenewItem(lease, "t2", 5)]) == [True]
+        admin.flushall()
+        admin.script_flush()
+        fences.append(fence_of(await store.acquire(req(lease, "t3"))))
+        assert fences == sorted(set(fences))
+
+    try:
+        with_store(instance.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_grants_from_before_a_restart_cannot_renew(private: Callable[..., RedisServer]) -> None:
+    # With persistence the grant survives the restart, but a renewal it made might
+    # not have (appendfsync everysec), so the holder must learn its lease is lost.
+    instance = private(appendonly=True)
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        before = fence_of(await store.acquire(req(lease, "old", ttl=30)))
+        assert await store.renew([RenewItem(lease, "old", 30)]) == [True]
+        await asyncio.to_thread(instance.restart)
+        [survivor] = await store.holders(lease)
+        assert survivor.fence == before
+        assert await store.renew([RenewItem(lease, "old", 30)]) == [False]
+        # The old grant still blocks others until it expires or is released: the
+        # holder may be finishing up until its own safe deadline.
+        assert isinstance(await store.acquire(req(lease, "new")), Busy)
+        assert await store.release(lease, "old")
+        assert fence_of(await store.acquire(req(lease, "new"))) > before
+        assert await store.renew([RenewItem(lease, "new", 30)]) == [True]
+
+    with_store(instance.url, scenario)
+
+
+def test_killed_server_is_store_unavailable(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    store = sync_store(instance.url)
+    try:
+        store.ping()
+        instance.kill()
+        with pytest.raises(StoreUnavailable):
+            store.acquire(req(name(), "t"))
+        # A wait is the pause between acquire attempts: it sleeps out its timeout
+        # instead of failing at once (a retrying caller must not spin).
+        started = time.monotonic()
+        assert not store.wait(name(), "t", 0.3)
+        assert 0.29 < time.monotonic() - started < 1
+        instance.start()
+        fence_of(store.acquire(req(name(), "t")))
+    finally:
+        store.close()
+
+
+def test_silent_server_times_out(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    store = sync_store(instance.url + "?socket_timeout=0.3")
+    try:
+        store.ping()
+        assert instance.pid is not None
+        os.kill(instance.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=r"no reply within 0\.3 s"):
+                store.renew([RenewItem(name(), "t", 5)])
+            assert time.monotonic() - started < 2
+        finally:
+            os.kill(instance.pid, signal.SIGCONT)
+        store.ping()
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------- auth, ACL, TLS, unix
+
+
+def test_wrong_password_never_shows_the_password(private: Callable[..., RedisServer]) -> None:
+    secret = "s3cr3t-P@ss/word"
+    instance = private(password=secret)
+    wrong = "wr0ng-Pa55:w0rd"
+    bad_url = instance.url.replace(urllib.parse.quote(secret, safe=""), urllib.parse.quote(wrong))
+    store = async_redis.from_url(parse(bad_url), SYSTEM_CLOCK)
+    with pytest.raises(StoreUnavailable) as caught:
+        with_store(bad_url, lambda s: s.acquire(req(name(), "t")))
+    text = "".join(traceback.format_exception(caught.value)) + repr(caught.value) + repr(store)
+    for shown in (wrong, urllib.parse.quote(wrong), urllib.parse.quote(wrong, safe="")):
+        assert shown not in text
+    assert "authentication failed" in str(caught.value)
+    fence_of(with_store(instance.url, lambda s: s.acquire(req(name(), "t"))))
+
+
+# The permissions docs/backends-redis.md lists for a dedicated ACL user.
+ACL_RULES = (
+    "on resetkeys ~leasehold:* resetchannels -@all "
+    "+evalsha +script|load +blpop +lpop +ping +time +info +client|setname "
+    "+select +zadd +zrem +zscore +zrank +zcard +zrange +zrangebyscore +zremrangebyscore "
+    "+hget +hmget +hset +hdel +get +set +del +exists +lpush +pexpire +pttl"
+)
+
+
+def test_acl_user_with_documented_permissions(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    admin = instance.client()
+    admin.execute_command("ACL", "SETUSER", "worker", *ACL_RULES.split(), ">w0rker-pw")
+    admin.execute_command("ACL", "SETUSER", "limited", "on", ">lim", "~*", "+@all", "-info")
+    admin.close()
+    url = f"redis://worker:w0rker-pw@127.0.0.1:{instance.port}/0"
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.ping()
+        fence_of(await store.acquire(req(lease, "t1")))
+        await store.acquire(req(lease, "t2", queue_ttl=5))
+        assert await store.renew([RenewItem(lease, "t1", 5)]) == [True]
+        assert len(await store.leases()) == 1
+        assert await store.release(lease, "t1")
+        assert await store.wait(lease, "t2", 1)
+        assert await store.break_lease(lease) == 0
+        assert await store.server_time() is not None
+        version = await store.write_record(lease, 0, b"v")
+        assert (await store.read_record(lease)).version == version
+
+    with_store(url, scenario)
+    limited = f"redis://limited:lim@127.0.0.1:{instance.port}/0"
+    with pytest.raises(StoreUnavailable, match="permission"):
+        with_store(limited, lambda store: store.acquire(req(name(), "t")))
+
+
+def test_database_number_is_used(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    admin = instance.client(db=3)
+    try:
+        url = f"redis://127.0.0.1:{instance.port}/3?prefix=app:"
+        fence_of(with_store(url, lambda store: store.acquire(req("db-test", "t"))))
+        assert admin.exists(async_redis.KeyLayout("app:").for_name("db-test").holders) == 1
+    finally:
+        admin.close()
+
+
+def test_unix_socket(private: Callable[..., RedisServer], tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
+    private(extra_config=[f"unixsocket {sock}", "unixsocketperm 700"])
+    url = f"unix://{sock}?db=1"
+    fence_of(with_store(url, lambda store: store.acquire(req(name(), "t"))))
+
+
+def test_tls_verified_and_wrong_ca(private: Callable[..., RedisServer], tmp_path: Path) -> None:
+    need_openssl()
+    instance = private(tls=True, password="tls-pw")
+    assert instance.url.startswith("rediss://")
+    fence_of(with_store(instance.url, lambda store: store.acquire(req(name(), "t"))))
+
+    other = make_tls_files(tmp_path / "other", "other")
+    wrong_ca = instance.url.replace(
+        urllib.parse.quote(str(instance.tls_files.ca_cert), safe=""),
+        urllib.parse.quote(str(other.ca_cert), safe=""),
+    )
+    assert wrong_ca != instance.url
+    with pytest.raises(StoreUnavailable) as caught:
+        with_store(wrong_ca, lambda store: store.ping())
+    message = str(caught.value)
+    assert "TLS certificate verification failed" in message and "ssl_ca_certs" in message
+    assert "tls-pw" not in message
+
+    # Without verification the same wrong CA connects (explicitly opted out).
+    insecure = wrong_ca + "&ssl_cert_reqs=none"
+    with_store(insecure, lambda store: store.ping())
+
+
+def test_tls_client_certificate(private: Callable[..., RedisServer]) -> None:
+    need_openssl()
+    instance = private(tls=True, extra_config=["tls-auth-clients yes"])
+    with pytest.raises(StoreUnavailable):
+        with_store(instance.url, lambda store: store.ping())
+    files = instance.tls_files  # its certificate is valid for clientAuth too
+    query = urllib.parse.urlencode({"ssl_certfile": str(files.cert), "ssl_keyfile": str(files.key)})
+    with_store(f"{instance.url}&{query}", lambda store: store.ping())
+
+
+def test_warnings_report_risky_server_settings(private: Callable[..., RedisServer]) -> None:
+    instance = private(extra_config=["maxmemory-policy allkeys-lru"])
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> list[str]:
+        assert store.warnings() == []  # nothing known before any I/O
+        await store.ping()
+        return store.warnings()
+
+    found = " | ".join(with_store(instance.url, scenario))
+    assert "noeviction" in found and "appendonly no" in found
+
+
+def test_one_node_cluster_accepts_every_per_name_script(
+    private: Callable[..., RedisServer],
+) -> None:
+    # Cluster mode refuses a script that touches keys of two slots. A one-node
+    # cluster owning every slot proves that each per-name operation (with the
+    # signal lists it writes to) stays in one slot.
+    instance = private(extra_config=["cluster-enabled yes", "cluster-config-file nodes.conf"])
+    admin = instance.client()
+    try:
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while admin.cluster("info")["cluster_state"] != "ok":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        admin.close()
+    lease = "cluster{job}"
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        first = fence_of(await store.acquire(req(lease, "t1")))
+        await store.acquire(req(lease, "t2", queue_ttl=5))
+        await store.acquire(req(lease, "t3", queue_ttl=5))
+        assert await store.renew([RenewItem(lease, "t1", 5)]) == [True]
+        assert len(await store.holders(lease)) == 1
+        assert await store.release(lease, "t1")
+        assert await store.wait(lease, "t2", 1)
+        assert fence_of(await store.acquire(req(lease, "t2", queue_ttl=5))) > first
+        assert await store.break_lease(lease) == 1
+        assert await store.wait(lease, "t3", 1)
+        version = await store.write_record(lease, 0, b"v")
+        assert (await store.read_record(lease)).version == version
+
+    with_store(instance.url, scenario)
+
+
+# ------------------------------------------------------------ generated sync twin
+
+
+def test_sync_store_contract(server: RedisServer) -> None:
+    lease = name("sync")
+    store = sync_store(server.url)
+    try:
+        first = fence_of(store.acquire(req(lease, "t1")))
+        busy = store.acquire(req(lease, "t2", queue_ttl=10))
+        assert isinstance(busy, Busy) and busy.position == 0
+        assert store.renew([RenewItem(lease, "t1", 10), RenewItem(lease, "t2", 10)]) == [
+            True,
+            False,
+        ]
+        assert [info.fence for info in store.holders(lease)] == [first]
+        assert [info.name for info in store.leases(lease)] == [lease]
+        releaser = threading.Timer(0.2, store.release, args=(lease, "t1"))
+        releaser.start()
+        started = time.monotonic()
+        assert store.wait(lease, "t2", 5)
+        assert time.monotonic() - started < 1
+        releaser.join()
+        assert fence_of(store.acquire(req(lease, "t2", queue_ttl=10))) > first
+        assert store.break_lease(lease) == 1
+        version = store.write_record(lease, 0, b"\x00\xff")
+        assert version is not None and store.read_record(lease).value == b"\x00\xff"
+        store.ping()
+        server_time = store.server_time()
+        assert server_time is not None and abs(server_time - time.time()) < 5
+    finally:
+        store.close()
+
+
+def test_sync_store_from_many_threads(server: RedisServer) -> None:
+    lease = name("threads")
+    store = sync_store(server.url)
+    fences: list[int] = []
+    guard = threading.Lock()
+    inside = 0
+    overlap = False
+
+    def worker(index: int) -> None:
+        nonlocal inside, overlap
+        token = f"t{index}"
+        for _ in range(200):
+            result = store.acquire(req(lease, token, ttl=10, queue_ttl=10))
+            if isinstance(result, Granted):
+                break
+            store.wait(lease, token, 2)
+        else:
+            raise AssertionError("never granted")
+        with guard:
+            inside += 1
+            overlap = overlap or inside > 1
+            fences.append(result.fence)
+        time.sleep(0.01)
+        with guard:
+            inside -= 1
+        assert store.release(lease, token)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not overlap
+        assert len(fences) == 8 and len(set(fences)) == 8
+    finally:
+        store.close()
+
+
+def test_fork_reconnects_in_the_child(server: RedisServer) -> None:
+    lease = name("fork")
+    store = sync_store(server.url)
+    try:
+        fence_of(store.acquire(req(lease, "parent")))
+        parent_connections = store._connections
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit code
+            code = 1
+            try:
+                infos = store.holders(lease)
+                fresh = store._connections
+                code = (
+                    0
+                    if (
+                        len(infos) == 1
+                        and fresh is not parent_connections
+                        and fresh is not None
+                        and fresh.pid == os.getpid()
+                        and parent_connections in store._inherited
+                    )
+                    else 2
+                )
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's sockets were not touched by the child.
+        assert store._connections is parent_connections
+        assert store.renew([RenewItem(lease, "parent", 10)]) == [True]
+        assert store.release(lease, "parent")
+    finally:
+        store.close()
