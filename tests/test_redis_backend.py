@@ -802,7 +802,7 @@ def test_wrong_password_never_shows_the_password(private: Callable[..., RedisSer
     fence_of(with_store(instance.url, lambda s: s.acquire(req(name(), "t"))))
 
 
-# The permissions docs/backends-redis.md lists for a dedicated ACL user.
+# The permissions docs/backends.md (Redis) lists for a dedicated ACL user.
 ACL_RULES = (
     "on resetkeys ~leasehold:* resetchannels -@all "
     "+evalsha +script|load +blpop +lpop +ping +time +info +client|setname "

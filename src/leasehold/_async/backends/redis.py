@@ -4,7 +4,7 @@ Every store operation is one Lua script call: one round trip, atomic on the serv
 with expiry decided by the server's clock (``TIME`` inside the script). The scripts
 live in ``leasehold/_scripts/redis``; each states its KEYS, ARGV and reply.
 
-Layout (see ``KeyLayout``; docs/backends-redis.md has the whole story):
+Layout (see ``KeyLayout``; docs/backends.md (Redis) has the whole story):
 
 * A name hashes to one of ``BUCKETS`` buckets. Every key of the name, and its
   bucket's fence floor and name index, carry the bucket as their hash tag, so one
