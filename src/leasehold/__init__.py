@@ -6,10 +6,12 @@ SQLite default, in memory, on Redis and on PostgreSQL. ``Client`` is the sync AP
 """
 
 from leasehold._async.client import AsyncClient
+from leasehold._async.election import AsyncElection
 from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock
 from leasehold._async.store import AsyncStore
 from leasehold._core.clock import Clock, FakeClock, SystemClock
+from leasehold._core.election import Leader
 from leasehold._core.records import (
     AcquireRequest,
     Busy,
@@ -17,6 +19,7 @@ from leasehold._core.records import (
     Granted,
     Holder,
     HolderInfo,
+    Record,
     RenewItem,
 )
 from leasehold._core.stats import Statistics
@@ -25,10 +28,14 @@ from leasehold._errors import (
     InvalidArgument,
     LeaseholdError,
     LeaseLost,
+    MemberGone,
+    OnceFailed,
+    StaleEpoch,
     StaleFence,
     StoreUnavailable,
 )
 from leasehold._sync.client import Client
+from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
 from leasehold._sync.lock import Lock
 from leasehold._sync.store import Store
@@ -39,6 +46,7 @@ __all__ = [
     "AcquireRequest",
     "AcquireTimeout",
     "AsyncClient",
+    "AsyncElection",
     "AsyncLease",
     "AsyncLock",
     "AsyncStore",
@@ -46,15 +54,21 @@ __all__ = [
     "Capabilities",
     "Client",
     "Clock",
+    "Election",
     "FakeClock",
     "Granted",
     "Holder",
     "HolderInfo",
+    "Leader",
     "InvalidArgument",
     "Lease",
     "LeaseLost",
     "LeaseholdError",
+    "MemberGone",
+    "OnceFailed",
+    "StaleEpoch",
     "Lock",
+    "Record",
     "RenewItem",
     "StaleFence",
     "Statistics",

@@ -8,6 +8,7 @@ import weakref
 from types import TracebackType
 
 from leasehold._async.backends import open_store
+from leasehold._async.election import AsyncElection
 from leasehold._async.keeper import AsyncKeeper
 from leasehold._async.lease import AsyncLease, OnLost
 from leasehold._async.lock import AsyncLock
@@ -90,6 +91,18 @@ class AsyncClient:
         return AsyncLock(
             self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
         )
+
+    def election(
+        self,
+        name: str,
+        ttl: float = 30.0,
+        *,
+        identity: str | None = None,
+        margin: float | None = None,
+    ) -> AsyncElection:
+        """A candidate in the leader election ``name`` (a lock with limit 1 whose
+        fence is the term). ``identity`` labels this candidate when it leads."""
+        return AsyncElection(self, name, ttl=ttl, identity=identity, margin=margin)
 
     # -- inspection ------------------------------------------------------------
 

@@ -44,8 +44,10 @@ class AsyncLease:
         sent_at: float,
         renew: bool,
         on_lost: OnLost | None,
+        owner: str | None = None,
     ) -> None:
         self._client = client
+        self._owner = owner or client.holder.owner
         self._name = name
         self._token = token
         self._fence = fence
@@ -78,7 +80,8 @@ class AsyncLease:
 
     @property
     def owner(self) -> str:
-        return self._client.holder.owner
+        """The readable holder label stored with the grant (not the secret token)."""
+        return self._owner
 
     @property
     def ttl(self) -> float:

@@ -156,6 +156,7 @@ class AsyncLock:
                         sent_at=sent,
                         renew=self._renew,
                         on_lost=self._on_lost,
+                        owner=holder.owner,
                     )
                     client._track(lease)
                     client._counters.add("acquired")

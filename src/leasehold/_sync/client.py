@@ -10,6 +10,7 @@ import weakref
 from types import TracebackType
 
 from leasehold._sync.backends import open_store
+from leasehold._sync.election import Election
 from leasehold._sync.keeper import Keeper
 from leasehold._sync.lease import Lease, OnLost
 from leasehold._sync.lock import Lock
@@ -90,6 +91,18 @@ class Client:
     ) -> Lock:
         """At most ``limit`` concurrent holders of ``name``; the lock interface."""
         return Lock(self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin)
+
+    def election(
+        self,
+        name: str,
+        ttl: float = 30.0,
+        *,
+        identity: str | None = None,
+        margin: float | None = None,
+    ) -> Election:
+        """A candidate in the leader election ``name`` (a lock with limit 1 whose
+        fence is the term). ``identity`` labels this candidate when it leads."""
+        return Election(self, name, ttl=ttl, identity=identity, margin=margin)
 
     # -- inspection ------------------------------------------------------------
 

@@ -46,8 +46,10 @@ class Lease:
         sent_at: float,
         renew: bool,
         on_lost: OnLost | None,
+        owner: str | None = None,
     ) -> None:
         self._client = client
+        self._owner = owner or client.holder.owner
         self._name = name
         self._token = token
         self._fence = fence
@@ -80,7 +82,8 @@ class Lease:
 
     @property
     def owner(self) -> str:
-        return self._client.holder.owner
+        """The readable holder label stored with the grant (not the secret token)."""
+        return self._owner
 
     @property
     def ttl(self) -> float:

@@ -158,6 +158,7 @@ class Lock:
                         sent_at=sent,
                         renew=self._renew,
                         on_lost=self._on_lost,
+                        owner=holder.owner,
                     )
                     client._track(lease)
                     client._counters.add("acquired")
