@@ -160,7 +160,7 @@ def one_clean_line(stderr: str) -> str:
 
 def test_help_of_every_subcommand_documents_exit_codes(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
-    names = ["run", "ls", "break", "doctor", "demo"]
+    names = ["run", "ls", "break", "doctor", "demo", "leader"]
     results = lh_many(env, [["--help"], *([name, "--help"] for name in names)])
     for result in results:
         assert result.returncode == 0, result
@@ -176,6 +176,10 @@ def test_help_of_every_subcommand_documents_exit_codes(tmp_path: Path) -> None:
     for option in ("--conflict-exit-code", "--timeout-exit-code", "--lost-exit-code"):
         assert option in run_help
     assert "declined" in results[3].stdout  # break: 1 when the prompt is declined
+    leader_help = results[6].stdout
+    for code in ("77", "126", "127", "128+N", "0-255"):
+        assert f"{code}  " in leader_help, code
+    assert "--lost-exit-code" in leader_help
 
 
 def test_version(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from leasehold.cli._supervise import Interrupted, signal_name
 from leasehold.cli.brk import break_command
 from leasehold.cli.demo import demo_command
 from leasehold.cli.doctor import doctor_command
+from leasehold.cli.leader import leader_command
 from leasehold.cli.ls import ls_command
 from leasehold.cli.run import run_command
 
@@ -34,7 +35,7 @@ from leasehold.cli.run import run_command
 @click.group(
     context_settings=_common.CONTEXT_SETTINGS,
     epilog=_common.exit_codes_epilog(
-        (0, "success (run: the command's own exit status)"),
+        (0, "success (run, leader: the command's own exit status)"),
         note="Each subcommand's --help lists its own codes.",
     ),
 )
@@ -48,13 +49,22 @@ def cli() -> None:
       leasehold demo                           see why locks need fencing (30 s)
       leasehold run nightly-report -- ./report.sh
                                                run a job on one machine at a time
+      leasehold leader beat -- celery -A proj beat
+                                               one active instance, others standing by
       leasehold ls                             what is held, by whom, for how long
       leasehold doctor                         check the store
     """
 
 
-# One module per subcommand; a new one (`leader`, say) is a module and an entry here.
-for command in (run_command, ls_command, break_command, doctor_command, demo_command):
+# One module per subcommand; a new one is a module and an entry here.
+for command in (
+    run_command,
+    leader_command,
+    ls_command,
+    break_command,
+    doctor_command,
+    demo_command,
+):
     cli.add_command(command)
 
 

@@ -37,9 +37,10 @@ def break_command(name: str, yes: bool) -> int:
     """Forcibly release every holder of NAME.
 
     The holders are not told directly: each one learns at its next renewal (within
-    a third of its TTL) that the lease is gone, and `leasehold run` then stops its
-    command. The next grant of NAME gets a higher fence than every broken holder,
-    so fenced writes of the broken holders are rejected from now on.
+    a third of its TTL) that the lease is gone, and `leasehold run` (or `leasehold
+    leader`, for an election's name) then stops its command. The next grant of NAME
+    gets a higher fence than every broken holder, so fenced writes of the broken
+    holders are rejected from now on.
 
     Asks for confirmation on a terminal; elsewhere (scripts, cron) --yes is
     required.
