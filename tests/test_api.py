@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_all_is_honest() -> None:
     exported = set(leasehold.__all__)
     public = {name for name in dir(leasehold) if not name.startswith("_")}
-    modules = {"testing", "fence", "cli"}
+    modules = {"testing", "fence", "cli", "asgi", "celery"}
     assert exported - {"__version__"} == public - modules, (
         f"missing from __all__: {sorted(public - modules - exported)}; "
         f"not defined: {sorted(exported - public - {'__version__'})}"
@@ -231,3 +231,19 @@ def test_lease_fence_sql_rejects_a_superseded_holder(tmp_path: Path) -> None:
     new.release()
     data.close()
     client.close()
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    errors = [
+        leasehold.AcquireTimeout("n", 1.5),
+        leasehold.LeaseLost("n", 7, "expired"),
+        leasehold.StaleFence("n", 3, 9),
+        leasehold.StaleEpoch("room", 4, None),
+        leasehold.MemberGone("room", "alice", 4),
+        leasehold.OnceFailed("k", "ValueError", "bad"),
+    ]
+    for error in errors:
+        clone = pickle.loads(pickle.dumps(error))
+        assert type(clone) is type(error) and str(clone) == str(error)

@@ -5,13 +5,16 @@ SQLite default, in memory, on Redis and on PostgreSQL. ``Client`` is the sync AP
 ``AsyncClient`` the asyncio one; both have the same methods.
 """
 
+from leasehold import retry  # the public module leasehold.retry
 from leasehold._async.client import AsyncClient
 from leasehold._async.election import AsyncElection
 from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock
+from leasehold._async.once import AsyncOnce
 from leasehold._async.store import AsyncStore
 from leasehold._core.clock import Clock, FakeClock, SystemClock
 from leasehold._core.election import Leader
+from leasehold._core.once import NoResult
 from leasehold._core.records import (
     AcquireRequest,
     Busy,
@@ -38,6 +41,7 @@ from leasehold._sync.client import Client
 from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
 from leasehold._sync.lock import Lock
+from leasehold._sync.once import Once
 from leasehold._sync.store import Store
 
 __version__ = "0.1.0"
@@ -49,6 +53,7 @@ __all__ = [
     "AsyncElection",
     "AsyncLease",
     "AsyncLock",
+    "AsyncOnce",
     "AsyncStore",
     "Busy",
     "Capabilities",
@@ -65,6 +70,8 @@ __all__ = [
     "LeaseLost",
     "LeaseholdError",
     "MemberGone",
+    "NoResult",
+    "Once",
     "OnceFailed",
     "StaleEpoch",
     "Lock",
@@ -76,4 +83,5 @@ __all__ = [
     "StoreUnavailable",
     "SystemClock",
     "__version__",
+    "retry",
 ]

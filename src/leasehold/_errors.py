@@ -31,6 +31,11 @@ class AcquireTimeout(LeaseholdError, TimeoutError):
         self.name = name
         self.timeout = timeout
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Rebuilt from the structured fields, so the error survives pickling
+        # (multiprocessing, Celery result backends) with its message intact.
+        return (type(self), (self.name, self.timeout))
+
 
 class LeaseLost(LeaseholdError):
     """The lease is not held any more (expired, taken over, broken, or unreachable store).
@@ -43,6 +48,11 @@ class LeaseLost(LeaseholdError):
         self.name = name
         self.fence = fence
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Rebuilt from the structured fields, so the error survives pickling
+        # (multiprocessing, Celery result backends) with its message intact.
+        return (type(self), (self.name, self.fence, self.reason))
 
 
 class StoreUnavailable(LeaseholdError, ConnectionError):
@@ -64,6 +74,11 @@ class StaleFence(LeaseholdError):
         self.fence = fence
         self.highest = highest
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Rebuilt from the structured fields, so the error survives pickling
+        # (multiprocessing, Celery result backends) with its message intact.
+        return (type(self), (self.name, self.fence, self.highest))
+
 
 class StaleEpoch(LeaseholdError):
     """A presence operation named an epoch that is not the room's current OPEN one."""
@@ -75,6 +90,11 @@ class StaleEpoch(LeaseholdError):
         self.epoch = epoch
         self.current = current
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Rebuilt from the structured fields, so the error survives pickling
+        # (multiprocessing, Celery result backends) with its message intact.
+        return (type(self), (self.room, self.epoch, self.current))
+
 
 class MemberGone(LeaseholdError):
     """A presence member's heartbeat came after its membership had expired or ended."""
@@ -85,6 +105,11 @@ class MemberGone(LeaseholdError):
         self.member = member
         self.epoch = epoch
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Rebuilt from the structured fields, so the error survives pickling
+        # (multiprocessing, Celery result backends) with its message intact.
+        return (type(self), (self.room, self.member, self.epoch))
+
 
 class OnceFailed(LeaseholdError):
     """A once-only function failed; the recorded failure (type and message) is attached."""
@@ -94,3 +119,8 @@ class OnceFailed(LeaseholdError):
         self.key = key
         self.error_type = error_type
         self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Rebuilt from the structured fields, so the error survives pickling
+        # (multiprocessing, Celery result backends) with its message intact.
+        return (type(self), (self.key, self.error_type, self.message))

@@ -15,7 +15,6 @@ import contextlib
 import secrets
 import socket
 import sys
-import threading
 
 SUPPORTED = sys.platform.startswith("linux")
 _PREFIX = "leasehold-wake-"
@@ -48,22 +47,15 @@ class WakeSocket:
             self._sock.close()
 
 
-_sender: socket.socket | None = None
-_sender_guard = threading.Lock()
-
-
 def send(addresses: list[str]) -> None:
     """Best effort: a lost datagram only means the waiter notices by polling."""
-    global _sender
-    if not addresses or not SUPPORTED:
+    targets = [a for a in addresses if a.startswith(_PREFIX)]
+    if not targets or not SUPPORTED:
         return
-    with _sender_guard:
-        if _sender is None:
-            _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            _sender.setblocking(False)
-        sender = _sender
-    for address in addresses:
-        if not address.startswith(_PREFIX):
-            continue
-        with contextlib.suppress(OSError):
-            sender.sendto(b"w", "\0" + address)
+    # A socket per release (microseconds) rather than a shared one: nothing to
+    # leak at exit, nothing to re-create after fork.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        for address in targets:
+            with contextlib.suppress(OSError):
+                sender.sendto(b"w", "\0" + address)

@@ -14,10 +14,12 @@ from leasehold._sync.election import Election
 from leasehold._sync.keeper import Keeper
 from leasehold._sync.lease import Lease, OnLost
 from leasehold._sync.lock import Lock
+from leasehold._sync.once import DEFAULT_KEEP, Once
 from leasehold._sync.store import Store
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import default_url
+from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
 from leasehold._core.stats import Counters, Statistics
 from leasehold._core.url import parse
@@ -103,6 +105,31 @@ class Client:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
         return Election(self, name, ttl=ttl, identity=identity, margin=margin)
+
+    def once(
+        self,
+        key: str,
+        ttl: float = 30.0,
+        *,
+        keep: float | None = DEFAULT_KEEP,
+        retry_failed: bool = True,
+        serializer: Serializer | None = None,
+        timeout: float | None = None,
+        margin: float | None = None,
+    ) -> Once:
+        """Once-only execution for ``key``: ``await client.once(key).run(fn)`` runs
+        ``fn`` in exactly one caller and gives every caller its stored result, kept
+        for ``keep`` seconds. No I/O until used."""
+        return Once(
+            self,
+            key,
+            ttl=ttl,
+            keep=keep,
+            retry_failed=retry_failed,
+            serializer=serializer,
+            timeout=timeout,
+            margin=margin,
+        )
 
     # -- inspection ------------------------------------------------------------
 

@@ -1,0 +1,496 @@
+"""Celery integration: singleton tasks, once-only tasks, one beat across hosts.
+
+    pip install 'leasehold[celery]'
+
+* ``SingletonTask``: at most one run per key (``lock_key="meeting:{meeting_id}"``)
+  at a time; when busy, skip, retry later with jitter, or wait. The lease is renewed
+  while the task runs and released on success, failure, retry and revoke.
+* ``OnceTask``: a second run with the same key returns the stored result of the
+  first instead of running again (``client.once``).
+* ``LeaderScheduler``: ``celery beat -S leasehold.celery:LeaderScheduler`` on every
+  host; only the elected leader sends, and the schedule state is shared, so a new
+  leader carries on where the old one stopped.
+
+The store is ``app.conf.leasehold_url`` (or the task's ``leasehold_url``
+attribute, else ``$LEASEHOLD_URL``). One sync client per worker process is
+created on first use, after the pool has forked. See docs/celery.md.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from celery import Task  # type: ignore[import-untyped]
+from celery.beat import Scheduler  # type: ignore[import-untyped]
+
+from leasehold import retry as _retry
+from leasehold._core import validate
+from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+from leasehold._sync.client import Client
+from leasehold._sync.election import Election
+from leasehold._sync.lease import Lease
+
+__all__ = [
+    "LeaderScheduler",
+    "OnceTask",
+    "SingletonTask",
+    "client_for",
+    "current_lease",
+    "statistics",
+]
+
+logger = logging.getLogger("leasehold.celery")
+
+BUSY_POLICIES = ("skip", "retry", "wait")
+
+# -- one client per process --------------------------------------------------------
+
+_clients: dict[tuple[int, str | None], Client] = {}
+_clients_guard = threading.Lock()
+_stats: Counter[str] = Counter()
+_stats_guard = threading.Lock()
+_current: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
+    "leasehold_celery_lease", default=None
+)
+
+
+def _after_fork_in_child() -> None:
+    global _clients_guard, _stats_guard
+    # A lock held at fork time stays held in the child.
+    _clients_guard, _stats_guard = threading.Lock(), threading.Lock()
+    _stats.clear()
+
+
+def _count(what: str) -> None:
+    with _stats_guard:
+        _stats[what] += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def client_for(url: str | None = None) -> Client:
+    """The process's sync client for ``url`` (None: ``$LEASEHOLD_URL`` or the
+    default), created on first use. Clients are never shared across ``fork()``."""
+    key = (os.getpid(), url)
+    with _clients_guard:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = Client(url)
+        return client
+
+
+def statistics() -> dict[str, int]:
+    """This process's counters: ``ran``, ``skipped``, ``busy_retries``, ``waited``,
+    ``lost``, ``once_runs``."""
+    with _stats_guard:
+        return dict(_stats)
+
+
+def current_lease() -> Lease:
+    """The lease of the ``SingletonTask`` running in this thread: call
+    ``current_lease().check()`` before each side effect, and pass
+    ``current_lease().fence`` to fenced writes."""
+    lease = _current.get()
+    if lease is None:
+        raise LookupError("current_lease() works only inside a running SingletonTask")
+    return lease
+
+
+def _store_url(task: Any) -> str | None:
+    url = getattr(task, "leasehold_url", None)
+    if url is None:
+        url = task.app.conf.get("leasehold_url")
+    return None if url is None else str(url)
+
+
+def _fields(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task's arguments by name (defaults applied, ``**kwargs`` flattened)."""
+    signature = inspect.signature(task.run)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    fields: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            fields.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            fields[name] = value
+    return fields
+
+
+def format_key(
+    task: Any,
+    template: str | Callable[..., str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    what: str,
+) -> str:
+    """``template.format()`` with the task's arguments by name (and position), or
+    ``template(*args, **kwargs)`` when it is callable."""
+    if callable(template):
+        key = template(*args, **kwargs)
+    else:
+        fields = _fields(task, args, kwargs)
+        try:
+            key = template.format(*args, **fields)
+        except (KeyError, IndexError, AttributeError) as exc:
+            raise InvalidArgument(
+                f"{what} {template!r} of task {task.name!r} refers to {exc} "
+                f"but the task's arguments are {sorted(fields)}"
+            ) from None
+    return validate.name(key, what=what)
+
+
+def _key_option(task: Any, name: str) -> Any:
+    """A key option as given: a function set as a class attribute would otherwise
+    come back bound to the task, with the task as its first argument."""
+    value = inspect.getattr_static(task, name, None)
+    return value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+
+
+def _policy(task: Any) -> str:
+    policy = getattr(task, "when_busy", "skip")
+    if policy not in BUSY_POLICIES:
+        raise InvalidArgument(
+            f"when_busy of task {task.name!r} must be one of {BUSY_POLICIES}, got {policy!r}"
+        )
+    return str(policy)
+
+
+# -- tasks ---------------------------------------------------------------------------
+
+
+class SingletonTask(Task):  # type: ignore[misc]
+    """A task of which at most one run per key holds the lease at a time.
+
+    Options (task attributes, e.g. ``@app.task(base=SingletonTask, lock_key=...)``):
+
+    ``lock_key``: a ``str.format`` template over the task's arguments
+    (``"meeting:{meeting_id}"``) or a callable taking them; default: the task
+    name (one run at a time, whatever the arguments). The key is the lease name,
+    so other code can take the same lock (``client.lock("meeting:7")``).
+    ``lock_ttl``: lease TTL; the lease is renewed in the background while the
+    task runs. ``when_busy``: ``"skip"`` (return None at once; counted and
+    logged), ``"retry"`` (``self.retry`` with a full-jitter countdown between
+    ``lock_retry_initial`` and ``lock_retry_maximum`` seconds, at most
+    ``lock_max_retries`` times -- None: the task's ``max_retries``) or ``"wait"``
+    (block the worker slot until free, at most ``lock_wait_timeout`` seconds --
+    None: forever -- then fail with ``AcquireTimeout``).
+
+    The lease is released when the run ends: success, failure, ``self.retry()``,
+    and ``revoke(terminate=True)`` (the pool child unwinds on SIGTERM). A killed
+    worker's lease expires after ``lock_ttl``. If the lease is lost while the task
+    runs (renewals failing until its safe deadline, or a successor after a long
+    pause), the task fails with ``LeaseLost`` when it returns; call
+    ``current_lease().check()`` before side effects to stop sooner.
+    """
+
+    lock_key: str | Callable[..., str] | None = None
+    lock_ttl: float = 60.0
+    when_busy: str = "skip"
+    lock_wait_timeout: float | None = None
+    lock_retry_initial: float = 1.0
+    lock_retry_maximum: float = 60.0
+    lock_max_retries: int | None = None
+    leasehold_url: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        policy = _policy(self)
+        template = _key_option(self, "lock_key")
+        if template is None:
+            template = self.name
+        key = format_key(self, template, args, kwargs, what="lock_key")
+        client = client_for(_store_url(self))
+        lock = client.lock(key, ttl=self.lock_ttl, on_lost=self._leasehold_lost)
+        if policy == "wait":
+            lease = lock.acquire(timeout=self.lock_wait_timeout)
+            _count("waited")
+        else:
+            maybe = lock.try_acquire()
+            if maybe is None:
+                return self._leasehold_busy(client, key, policy)
+            lease = maybe
+        _count("ran")
+        token = _current.set(lease)
+        try:
+            with lease:
+                return super().__call__(*args, **kwargs)
+        finally:
+            _current.reset(token)
+
+    def _leasehold_busy(self, client: Client, key: str, policy: str) -> Any:
+        owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
+        task_id = self.request.id
+        if policy == "skip":
+            _count("skipped")
+            logger.info(
+                "task %s[%s] skipped: %r is busy (held by %s)", self.name, task_id, key, owners
+            )
+            return None
+        retries = int(self.request.retries or 0)
+        countdown = _retry.delay(
+            min(retries, 64), initial=self.lock_retry_initial, maximum=self.lock_retry_maximum
+        )
+        _count("busy_retries")
+        logger.info(
+            "task %s[%s]: %r is busy (held by %s); retrying in %.2f s",
+            self.name,
+            task_id,
+            key,
+            owners,
+            countdown,
+        )
+        raise self.retry(countdown=countdown, max_retries=self.lock_max_retries)
+
+    def _leasehold_lost(self, lease: Lease) -> None:
+        _count("lost")
+        logger.error(
+            "task %s lost its lease %r (fence %d); it fails when it returns. "
+            "Call leasehold.celery.current_lease().check() before side effects to stop sooner.",
+            self.name,
+            lease.name,
+            lease.fence,
+        )
+
+
+class OnceTask(Task):  # type: ignore[misc]
+    """A task that runs once per key; later runs return the stored result.
+
+    Options: ``once_key`` (template or callable as for ``SingletonTask.lock_key``;
+    default: the task name and a hash of its arguments, so "same task, same
+    arguments" runs once), ``once_ttl`` (the runner's lease), ``once_keep``
+    (seconds the result is kept; None: until forgotten), ``once_retry_failed``
+    (after a failure, whether the next run runs again -- default True -- or fails
+    with ``OnceFailed`` for ``once_keep`` seconds), ``once_wait_timeout`` (how long
+    a duplicate waits for a running first run; None: as long as it takes).
+
+    Concurrent duplicates wait for the first run and return its result; waiting
+    duplicates of a failing run fail with ``OnceFailed``. Results are stored as
+    JSON, like Celery's default result serializer.
+    """
+
+    once_key: str | Callable[..., str] | None = None
+    once_ttl: float = 60.0
+    once_keep: float | None = 24 * 3600.0
+    once_retry_failed: bool = True
+    once_wait_timeout: float | None = None
+    leasehold_url: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        template = _key_option(self, "once_key")
+        if template is None:
+            digest = hashlib.sha256(
+                json.dumps([args, kwargs], sort_keys=True, default=repr).encode()
+            ).hexdigest()[:32]
+            key = f"{self.name}:{digest}"
+        else:
+            key = format_key(self, template, args, kwargs, what="once_key")
+        once = client_for(_store_url(self)).once(
+            key,
+            ttl=self.once_ttl,
+            keep=self.once_keep,
+            retry_failed=self.once_retry_failed,
+            timeout=self.once_wait_timeout,
+        )
+        call = super().__call__
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            _count("once_runs")
+            return call(*args, **kwargs)
+
+        return once.run(run, *args, **kwargs)
+
+
+# -- beat ----------------------------------------------------------------------------
+
+
+class LeaderScheduler(Scheduler):  # type: ignore[misc]
+    """A celery beat scheduler that sends only while it leads an election.
+
+    Run ``celery -A proj beat -S leasehold.celery:LeaderScheduler`` on as many
+    hosts as you like. Configuration (``app.conf``): ``leasehold_url``,
+    ``leasehold_beat_name`` (the election; default ``celery-beat:<app name>``),
+    ``leasehold_beat_ttl`` (default 30 s: a dead leader is replaced within about
+    that long).
+
+    Followers block in the election's queue and take over when the leader stops
+    (at once on a clean shutdown, which resigns) or dies (after the TTL). Right
+    before each send the leader checks its lease, so a leader that lost its lease
+    sends nothing more. The schedule state (each entry's last run and run count)
+    lives in the store, written after each send, so a new leader neither repeats
+    what its predecessor sent nor skips what fell due during the handover. A
+    leader that dies between sending and writing may have that one send repeated
+    by its successor: make the tasks themselves ``SingletonTask``/``OnceTask``
+    when a repeat matters.
+    """
+
+    #: A follower campaigns in waits of at most this many seconds.
+    standby_wait = 10.0
+
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        conf = app.conf
+        self.election_name = validate.name(
+            conf.get("leasehold_beat_name") or f"celery-beat:{app.main or 'celery'}",
+            what="leasehold_beat_name",
+        )
+        self.lease_ttl = validate.ttl(
+            float(conf.get("leasehold_beat_ttl") or 30.0), what="leasehold_beat_ttl"
+        )
+        url = conf.get("leasehold_url")
+        self._url = None if url is None else str(url)
+        self._client: Client | None = None
+        self._election: Election | None = None
+        self._lease: Lease | None = None
+        self._in_store_call = 0
+        self._failures = 0
+        super().__init__(app, *args, **kwargs)
+
+    # -- leadership --------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        lease = self._lease
+        return lease is not None and lease.held
+
+    @property
+    def info(self) -> str:
+        return f"    . leasehold election -> {self.election_name!r} (ttl {self.lease_ttl:g} s)"
+
+    @contextmanager
+    def _store_call(self) -> Iterator[None]:
+        self._in_store_call += 1
+        try:
+            yield
+        finally:
+            self._in_store_call -= 1
+
+    def _get_election(self) -> Election:
+        if self._election is None:
+            self._client = Client(self._url)
+            self._election = self._client.election(self.election_name, ttl=self.lease_ttl)
+        return self._election
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if self._lease is not None and not self._lease.held:
+            logger.warning(
+                "beat: lost the leadership of %r (term %d); standing by",
+                self.election_name,
+                self._lease.fence,
+            )
+            self._lease = None
+        if self._lease is None:
+            return self._stand_by()
+        interval: float = super().tick(*args, **kwargs)
+        return interval
+
+    def _stand_by(self) -> float:
+        election = self._get_election()
+        try:
+            with self._store_call():
+                lease = election.campaign(timeout=min(self.max_interval, self.standby_wait))
+                self._load_state(lease)
+        except AcquireTimeout:
+            return 0.0  # campaign again at once: the wait itself was the pause
+        except StoreUnavailable as exc:
+            self._failures += 1
+            pause = _retry.delay(min(self._failures - 1, 64), initial=0.5, maximum=10.0)
+            logger.warning(
+                "beat: store error while standing by (%s); retrying in %.2f s", exc, pause
+            )
+            return pause
+        self._failures = 0
+        self._lease = lease
+        logger.info("beat: leading %r (term %d)", self.election_name, lease.fence)
+        return 0.0
+
+    def apply_entry(self, entry: Any, producer: Any = None) -> None:
+        lease = self._lease
+        if lease is None or not lease.held:
+            logger.warning("beat: not sending %s: this beat does not lead any more", entry.name)
+            return
+        super().apply_entry(entry, producer=producer)
+        self._save_state(lease, self.schedule.get(entry.name, entry))
+
+    # -- shared schedule state ----------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.election_name}:schedule"
+
+    def _load_state(self, lease: Lease) -> None:
+        client = self._client
+        assert client is not None
+        record = client.store.read_record(self.state_key)
+        data = json.loads(record.value) if record.value else {}
+        for name, saved in data.get("entries", {}).items():
+            entry = self.schedule.get(name)
+            if entry is None:
+                continue
+            entry.last_run_at = datetime.fromisoformat(saved["last_run_at"])
+            entry.total_run_count = int(saved["total_run_count"])
+        # Rebuild the heap from the loaded state on the next tick.
+        self._heap = None
+        logger.debug("beat: term %d loaded the state of %d entries", lease.fence, len(data))
+
+    def _save_state(self, lease: Lease, entry: Any) -> None:
+        client = self._client
+        assert client is not None
+        store = client.store
+        try:
+            with self._store_call():
+                while True:
+                    record = store.read_record(self.state_key)
+                    data = json.loads(record.value) if record.value else {}
+                    if int(data.get("term", 0)) > lease.fence:
+                        # A later leader has written: ours is over, whatever our
+                        # lease still says.
+                        logger.warning("beat: a newer leader wrote the schedule; standing by")
+                        self._lease = None
+                        return
+                    data["term"] = lease.fence
+                    data.setdefault("entries", {})[entry.name] = {
+                        "last_run_at": entry.last_run_at.isoformat(),
+                        "total_run_count": entry.total_run_count,
+                    }
+                    value = json.dumps(data, sort_keys=True).encode()
+                    if store.write_record(self.state_key, record.version, value) is not None:
+                        return
+        except StoreUnavailable as exc:
+            logger.warning("beat: could not save the schedule state of %s: %s", entry.name, exc)
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            # celery beat calls close() from its SIGTERM handler too, which may have
+            # interrupted one of our own store calls; the SystemExit it raises then
+            # unwinds that call and close() runs again, safely, where we resign.
+            if not self._in_store_call:
+                self._resign()
+
+    def _resign(self) -> None:
+        client, election = self._client, self._election
+        self._client = self._election = self._lease = None
+        if election is not None:
+            try:
+                if election.resign():
+                    logger.info("beat: resigned the leadership of %r", self.election_name)
+            except StoreUnavailable as exc:
+                logger.warning("beat: could not resign (%s); the lease expires by itself", exc)
+        if client is not None:
+            client.close()

@@ -1,0 +1,428 @@
+"""leasehold.celery with a real broker, a real worker and real beat processes.
+
+A redis-server started by the tests is the broker and result backend; the lease
+store is a SQLite file in a temp dir. One prefork worker (3 processes) serves the
+whole module; the tasks are in tests/_celery_app.py. In-process tests at the top
+run tasks eagerly (``task.apply``) on a memory store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import leasehold
+
+celery = pytest.importorskip(
+    "celery", reason="celery is not installed (pip install 'leasehold[celery]')"
+)
+
+pytestmark = [
+    # Celery and kombu emit deprecation notices of their own; ours stay errors.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:celery.*"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:kombu.*"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:celery.*"),
+    pytest.mark.timeout(90),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_SERVERS = os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1"
+BOUND = 2.5  # seconds beyond a TTL that a takeover may take on a busy CI box
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def lc() -> Any:
+    """leasehold.celery, imported on first use (it needs celery)."""
+    import leasehold.celery
+
+    return leasehold.celery
+
+
+# -- in process: eager runs on a memory store -----------------------------------------
+
+
+@pytest.fixture
+def eager_app(lc: Any) -> Iterator[Any]:
+    app = celery.Celery(f"eager-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    app.conf.update(leasehold_url=f"memory://{uuid.uuid4().hex}", task_store_eager_result=False)
+    yield app
+
+
+def test_key_template_uses_the_task_arguments(eager_app: Any, lc: Any) -> None:
+    seen: list[str] = []
+
+    @eager_app.task(base=lc.SingletonTask, lock_key="meeting:{meeting_id}:{kind}")
+    def close(meeting_id: int, kind: str = "video", **extra: Any) -> str:
+        seen.append(lc.current_lease().name)
+        return "closed"
+
+    assert close.apply(args=(7,)).get() == "closed"
+    assert close.apply(kwargs={"meeting_id": 8, "kind": "audio"}).get() == "closed"
+    assert seen == ["meeting:7:video", "meeting:8:audio"]
+
+    @eager_app.task(base=lc.SingletonTask, lock_key="x:{missing}")
+    def broken(meeting_id: int) -> None:
+        pass
+
+    result = broken.apply(args=(1,))
+    assert result.failed() and isinstance(result.result, leasehold.InvalidArgument)
+    assert "missing" in str(result.result) and "meeting_id" in str(result.result)
+
+    @eager_app.task(base=lc.SingletonTask, lock_key=lambda user, **_: f"user:{user.lower()}")
+    def by_callable(user: str) -> str:
+        return lc.current_lease().name
+
+    assert by_callable.apply(args=("ALICE",)).get() == "user:alice"
+    with pytest.raises(LookupError):
+        lc.current_lease()
+
+
+def test_busy_singleton_is_skipped_and_counted(eager_app: Any, lc: Any) -> None:
+    ran: list[int] = []
+
+    @eager_app.task(base=lc.SingletonTask, lock_key="job:{n}")
+    def job(n: int) -> int:
+        ran.append(n)
+        return n
+
+    client = lc.client_for(eager_app.conf.leasehold_url)
+    before = lc.statistics().get("skipped", 0)
+    with client.lock("job:1"):
+        assert job.apply(args=(1,)).get() is None  # skipped
+        assert job.apply(args=(2,)).get() == 2  # another key is free
+    assert job.apply(args=(1,)).get() == 1
+    assert ran == [2, 1]
+    assert lc.statistics()["skipped"] == before + 1
+
+
+def test_wait_policy_times_out_clearly(eager_app: Any, lc: Any) -> None:
+    @eager_app.task(base=lc.SingletonTask, when_busy="wait", lock_wait_timeout=0.2)
+    def patient() -> str:
+        return "ran"
+
+    client = lc.client_for(eager_app.conf.leasehold_url)
+    with client.lock(patient.name):
+        result = patient.apply()
+    assert result.failed() and "could not acquire" in str(result.result)
+    # Celery rebuilds exceptions from their args; leasehold's multi-argument errors
+    # come back as their nearest rebuildable base class, message intact.
+    assert isinstance(result.result, leasehold.LeaseholdError)
+    assert patient.apply().get() == "ran"
+
+
+def test_bad_policy_is_rejected(eager_app: Any, lc: Any) -> None:
+    @eager_app.task(base=lc.SingletonTask, when_busy="sometimes")
+    def odd() -> None:
+        pass
+
+    result = odd.apply()
+    assert result.failed() and isinstance(result.result, leasehold.InvalidArgument)
+
+
+def test_lost_lease_fails_the_task(eager_app: Any, lc: Any) -> None:
+    @eager_app.task(base=lc.SingletonTask, lock_key="fragile", lock_ttl=0.5)
+    def fragile() -> str:
+        lease = lc.current_lease()
+        lc.client_for(eager_app.conf.leasehold_url).break_lease("fragile")
+        wait_until(lambda: lease.lost, 5, "the keeper to notice")
+        with pytest.raises(leasehold.LeaseLost):
+            lease.check()
+        return "pretended success"
+
+    result = fragile.apply()
+    assert result.failed()
+    assert isinstance(result.result, leasehold.LeaseholdError), result.result
+    assert "'fragile'" in str(result.result) and "lost" in str(result.result)
+    assert lc.statistics()["lost"] >= 1
+
+
+def test_once_task_returns_the_stored_result(eager_app: Any, lc: Any) -> None:
+    runs: list[int] = []
+
+    @eager_app.task(base=lc.OnceTask)
+    def render(doc_id: int) -> dict[str, Any]:
+        runs.append(doc_id)
+        return {"doc": doc_id}
+
+    assert render.apply(args=(1,)).get() == {"doc": 1}
+    assert render.apply(args=(1,)).get() == {"doc": 1}  # same arguments: stored
+    assert render.apply(args=(2,)).get() == {"doc": 2}
+    assert runs == [1, 2]
+
+
+# -- real broker, real worker -----------------------------------------------------------
+
+
+class Cluster:
+    """A redis broker, a SQLite lease store and the processes of one test module."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.store_url = f"sqlite:///{tmp / 'leases.db'}"
+        self.server: Any = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.producer: Any = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return dict(
+            os.environ,
+            LH_CELERY_BROKER=self.server.url,
+            LH_CELERY_STORE=self.store_url,
+            LH_CELERY_DIR=str(self.tmp),
+            **extra,
+        )
+
+    def celery(self, *args: str, log: str, **env: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / f"{log}.out").open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests._celery_app", *args],
+                cwd=ROOT,
+                env=self.env(**env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its pool children share the group we end
+            )
+        self.procs.append(proc)
+        return proc
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        path = self.tmp / "events.jsonl"
+        if not path.exists():
+            return []
+        found = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [e for e in found if kind is None or e["kind"] == kind]
+
+    def send(self, task: str, **kwargs: Any) -> Any:
+        return self.producer.send_task(f"tests._celery_app.{task}", kwargs=kwargs)
+
+    @staticmethod
+    def end(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, wait: float = 15) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group we started
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, lc: Any) -> Iterator[Cluster]:
+    from tests.servers import redis as redis_servers
+
+    if redis_servers.redis_server_binary() is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if REQUIRE_SERVERS:
+            pytest.fail(f"{reason} (LEASEHOLD_REQUIRE_SERVERS=1 forbids skipping)")
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path_factory.mktemp("celery"))
+    cluster.server = redis_servers.RedisServer()
+    cluster.server.start()
+    cluster.producer = celery.Celery(
+        "producer", broker=cluster.server.url, backend=cluster.server.url, set_as_current=False
+    )
+    cluster.producer.conf.broker_connection_retry_on_startup = True
+    try:
+        yield cluster
+    finally:
+        for proc in cluster.procs:
+            Cluster.end(proc)
+        cluster.producer.close()
+        cluster.server.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(cluster: Cluster) -> Iterator[subprocess.Popen[bytes]]:
+    proc = cluster.celery(
+        "worker",
+        "-P", "prefork",
+        "-c", "3",
+        "-O", "fair",
+        "-l", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--logfile", str(cluster.tmp / "worker.log"),
+        log="worker",
+    )  # fmt: skip
+    try:
+        assert cluster.send("ping").get(timeout=60) == "pong"
+        yield proc
+    finally:
+        Cluster.end(proc)
+
+
+@pytest.fixture
+def store(cluster: Cluster) -> Iterator[leasehold.Client]:
+    client = leasehold.Client(cluster.store_url)
+    yield client
+    client.close()
+
+
+def unique(stem: str) -> str:
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.slow
+def test_two_enqueues_of_a_singleton_one_runs_one_skips(cluster: Cluster, worker: Any) -> None:
+    meeting = int(uuid.uuid4().int % 10**9)
+    first = cluster.send("close_meeting", meeting_id=meeting, hold=1.5, tag="a")
+    second = cluster.send("close_meeting", meeting_id=meeting, hold=1.5, tag="b")
+    other = cluster.send("close_meeting", meeting_id=meeting + 1, hold=0.2, tag="c")
+    results = [r.get(timeout=30) for r in (first, second, other)]
+    ran = [r for r in results[:2] if r is not None]
+    assert len(ran) == 1 and results.count(None) == 1, results
+    assert results[2] == {"closed": meeting + 1, "tag": "c"}  # other keys never wait
+    starts = [
+        e
+        for e in cluster.events("close_meeting")
+        if e["meeting_id"] == meeting and e["edge"] == "start"
+    ]
+    assert [e["tag"] for e in starts] == [ran[0]["tag"]]
+    log = (cluster.tmp / "worker.log").read_text()
+    assert f"skipped: 'meeting:{meeting}' is busy" in log
+
+
+@pytest.mark.slow
+def test_busy_singleton_retries_later_with_jitter(cluster: Cluster, worker: Any) -> None:
+    item = unique("item")
+    first = cluster.send("process_item", item=item, hold=1.0, tag="x")
+    second = cluster.send("process_item", item=item, hold=1.0, tag="y")
+    results = [first.get(timeout=45), second.get(timeout=45)]
+    assert sorted(r["tag"] for r in results) == ["x", "y"]  # both ran in the end
+    assert max(r["retries"] for r in results) >= 1  # one of them had to retry
+    events = [e for e in cluster.events("process_item") if e["item"] == item]
+    spans = {}
+    for event in events:
+        spans.setdefault(event["tag"], {})[event["edge"]] = event["t"]
+    (a, b) = sorted(spans.values(), key=lambda span: span["start"])
+    assert a["end"] <= b["start"], "two runs of one key overlapped"
+
+
+@pytest.mark.slow
+def test_killed_task_releases_its_lease_after_the_ttl(
+    cluster: Cluster, worker: Any, store: leasehold.Client
+) -> None:
+    name = unique("hog")
+    cluster.send("hog", name=name)
+    event = wait_until(
+        lambda: next((e for e in cluster.events("hog") if e["name"] == name), None),
+        30,
+        "the task to start",
+    )
+    assert store.holders(f"hog:{name}"), "the running task holds its lease"
+    os.kill(event["pid"], signal.SIGKILL)  # a pool process of the worker we started
+    killed = time.monotonic()
+    lease = store.lock(f"hog:{name}", ttl=5).acquire(timeout=1.0 + BOUND + 5)
+    took = time.monotonic() - killed
+    lease.release()
+    assert took < 1.0 + BOUND, f"re-acquired {took:.2f} s after the kill (TTL 1 s)"
+
+
+@pytest.mark.slow
+def test_revoked_task_releases_its_lease_at_once(
+    cluster: Cluster, worker: Any, store: leasehold.Client
+) -> None:
+    name = unique("revocable")
+    result = cluster.send("revocable", name=name)
+    wait_until(
+        lambda: any(e["name"] == name for e in cluster.events("revocable")),
+        30,
+        "the task to start",
+    )
+    cluster.producer.control.revoke(result.id, terminate=True)
+    revoked = time.monotonic()
+    lease = store.lock(f"revocable:{name}").acquire(timeout=20)
+    took = time.monotonic() - revoked
+    lease.release()
+    assert took < 10, f"the lease (TTL 30 s) was free only after {took:.2f} s"
+    wait_until(lambda: result.state == "REVOKED", 10, "the revoked state")
+
+
+@pytest.mark.slow
+def test_once_task_returns_the_stored_result_to_duplicates(cluster: Cluster, worker: Any) -> None:
+    doc = int(uuid.uuid4().int % 10**9)
+    duplicates = [cluster.send("render", doc_id=doc) for _ in range(2)]
+    results = [r.get(timeout=30) for r in duplicates]
+    later = cluster.send("render", doc_id=doc).get(timeout=30)
+    assert results[0] == results[1] == later
+    assert results[0]["url"] == f"/files/{doc}.pdf"
+    assert len([e for e in cluster.events("render") if e["doc_id"] == doc]) == 1
+
+
+@pytest.mark.slow
+def test_two_beats_only_the_leader_sends(cluster: Cluster, store: leasehold.Client) -> None:
+    ttl = 1.5
+
+    def beat(tag: str) -> subprocess.Popen[bytes]:
+        return cluster.celery(
+            "beat",
+            "-S", "leasehold.celery:LeaderScheduler",
+            "-l", "INFO",
+            "--pidfile", str(cluster.tmp / f"beat-{tag}.pid"),
+            "-s", str(cluster.tmp / f"beat-{tag}.schedule"),
+            "--logfile", str(cluster.tmp / f"beat-{tag}.log"),
+            log=f"beat-{tag}",
+            LH_BEAT_TTL=str(ttl),
+        )  # fmt: skip
+
+    def sends() -> list[dict[str, Any]]:
+        return cluster.events("beat_send")
+
+    first, second = beat("a"), beat("b")
+    wait_until(lambda: len(sends()) >= 6, 30, "the leader to send")
+    time.sleep(1.0)  # both beats have been up for a while now
+    pids = {e["pid"] for e in sends()}
+    assert len(pids) == 1, f"two beats sent: {pids}"
+    leader_pid = pids.pop()
+    leader, follower = (first, second) if first.pid == leader_pid else (second, first)
+    assert follower.poll() is None and leader.poll() is None
+
+    # The leader dies without a word: the follower takes over after the TTL.
+    leader.send_signal(signal.SIGKILL)
+    killed = time.time()
+    before = len(sends())
+    wait_until(lambda: any(e["pid"] == follower.pid for e in sends()), 30, "the takeover")
+    new_sends = [e for e in sends()[before:] if e["pid"] == follower.pid]
+    took = new_sends[0]["t"] - killed
+    assert took < ttl + BOUND, f"took over after {took:.2f} s (TTL {ttl} s)"
+    assert all(e["pid"] == follower.pid for e in sends() if e["t"] > new_sends[0]["t"])
+
+    # The schedule state is shared: the new leader counts on from the old one's runs.
+    state = json.loads(store.store.read_record("test-beat:schedule").value or b"{}")
+    assert state["entries"]["tick"]["total_run_count"] >= len(sends()) - 1
+
+    # A third beat queues; the leader stops cleanly and resigns, so the handover
+    # needs no TTL at all.
+    third = beat("c")
+    time.sleep(2.0)  # let it start and queue behind the leader
+    assert all(e["pid"] != third.pid for e in sends())
+    follower.send_signal(signal.SIGTERM)
+    stopped = time.time()
+    assert follower.wait(15) is not None
+    wait_until(lambda: any(e["pid"] == third.pid for e in sends()), 30, "the handover")
+    took = next(e["t"] for e in sends() if e["pid"] == third.pid) - stopped
+    assert took < ttl, f"handover after a clean stop took {took:.2f} s"
+    assert (
+        "resigned the leadership"
+        in (cluster.tmp / "beat-b.log").read_text() + (cluster.tmp / "beat-a.log").read_text()
+    )
