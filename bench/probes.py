@@ -1,0 +1,198 @@
+"""Where the time goes: small probes behind the numbers in docs/benchmarks.md.
+
+    python -m bench.probes            # all probes
+    python -m bench.probes redis      # one of: keeper, redis, postgres, sqlite
+
+Each probe starts its own server, runs uncontended acquire + release and prints
+what one operation costs: round trips, commands the server ran, server CPU,
+nested SQL statements, the keeper thread. Rerun after a change to see it move.
+"""
+
+from __future__ import annotations
+
+import collections
+import cProfile
+import pstats
+import re
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.servers import PostgresServer, RedisServer
+
+N = 2000
+
+
+def p50_us(fn: Callable[[], Any], n: int = N) -> float:
+    for _ in range(100):
+        fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append(time.perf_counter_ns() - start)
+    samples.sort()
+    return samples[n // 2] / 1000
+
+
+def cycle(lock: Any) -> Callable[[], None]:
+    return lambda: lock.acquire().release()
+
+
+def keeper(urls: dict[str, str]) -> None:
+    """The keeper thread exits when a client holds nothing and is started again by the
+    next acquire; holding one more lease keeps it alive. The difference is its cost."""
+    import leasehold
+
+    for backend, url in urls.items():
+        client = leasehold.Client(url)
+        alone = p50_us(cycle(client.lock("probe-a", ttl=30)))
+        pin = client.lock("probe-pin", ttl=60).acquire()
+        pinned = p50_us(cycle(client.lock("probe-b", ttl=30)))
+        pin.release()
+        client.close()
+        print(
+            f"keeper  {backend:8s} p50 {alone:7.0f} us (keeper restarted per acquire)  "
+            f"{pinned:7.0f} us (keeper kept alive by a second lease)"
+        )
+
+
+def redis_probe(url: str) -> None:
+    import redis
+
+    import leasehold
+
+    raw = redis.Redis.from_url(url)
+
+    def snapshot() -> tuple[dict[str, int], float]:
+        stats = {k: v["calls"] for k, v in raw.info("commandstats").items()}
+        cpu = raw.info("cpu")
+        return stats, cpu["used_cpu_sys"] + cpu["used_cpu_user"]
+
+    def measure(name: str, fn: Callable[[], None]) -> None:
+        fn()
+        before, cpu0 = snapshot()
+        wall = p50_us(fn)
+        after, cpu1 = snapshot()
+        n = N + 100
+        calls = {k.removeprefix("cmdstat_"): (v - before.get(k, 0)) / n for k, v in after.items()}
+        calls = {k: round(v, 2) for k, v in calls.items() if v >= 0.01 and k != "info"}
+        cpu = (cpu1 - cpu0) / n * 1e6
+        print(
+            f"redis   {name:14s} p50 {wall:6.0f} us, server CPU {cpu:5.0f} us, "
+            f"{sum(calls.values()):5.1f} commands per acquire+release: {calls}"
+        )
+
+    client = leasehold.Client(url)
+    pin = client.lock("probe-pin", ttl=60).acquire()  # keep the keeper out of the picture
+    measure("leasehold", cycle(client.lock("probe", ttl=30)))
+    lock = raw.lock("probe-redis-py", timeout=30)
+    measure("redis-py Lock", lambda: (lock.acquire(), lock.release()))
+    pin.release()
+    client.close()
+
+
+def postgres_probe(server: PostgresServer) -> None:
+    """Per-statement server time inside leasehold's SQL functions, via auto_explain."""
+    import psycopg
+
+    import leasehold
+
+    client = leasehold.Client(server.url)
+    pin = client.lock("probe-pin", ttl=60).acquire()
+    wall = p50_us(cycle(client.lock("probe", ttl=30)), 500)
+    pin.release()
+    client.close()
+    with psycopg.connect(server.url, autocommit=True) as conn:
+
+        def pair() -> None:
+            conn.execute("SELECT pg_advisory_lock(1)")
+            conn.execute("SELECT pg_advisory_unlock(1)")
+
+        advisory = p50_us(pair, 500)
+        args = ("probe", "", "o", "h", 1, 30.0, 1, None, "probe_channel", "k")
+
+        def functions() -> None:
+            token = secrets.token_urlsafe(24)
+            conn.execute(
+                "SELECT * FROM leasehold.acquire(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (args[0], token, *args[2:]),
+            )
+            conn.execute("SELECT * FROM leasehold.release(%s,%s)", ("probe", token))
+
+        raw_sql = p50_us(functions, 500)
+        conn.execute("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_analyze = on"):
+            conn.execute(f"SET auto_explain.{setting}")
+        log = server.dir / "server.log"
+        start = log.stat().st_size
+        for _ in range(200):
+            functions()
+    print(
+        f"postgres p50: advisory pair {advisory:.0f} us, leasehold's acquire()+release() SQL "
+        f"functions on a bare connection {raw_sql:.0f} us, the leasehold client {wall:.0f} us"
+    )
+    time.sleep(0.5)
+    text = log.read_bytes()[start:].decode(errors="replace")
+    spent: dict[str, list[float]] = collections.defaultdict(list)
+    for match in re.finditer(r"duration: ([\d.]+) ms\s+plan:\s*\n\s*Query Text: (.*?)\n", text):
+        spent[match.group(2).strip()[:80]].append(float(match.group(1)))
+    print("postgres server time per acquire+release, by statement (auto_explain, nested):")
+    for query, durations in sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"  {sum(durations) / 200 * 1000:7.1f} us  x{len(durations) / 200:.0f}  {query}")
+
+
+def sqlite_probe(url: str) -> None:
+    import leasehold
+
+    client = leasehold.Client(url)
+    pin = client.lock("probe-pin", ttl=60).acquire()
+    lock = client.lock("probe", ttl=30)
+    wall = p50_us(cycle(lock))
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(N):
+        lock.acquire().release()
+    profile.disable()
+    pin.release()
+    client.close()
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    execute = "<method 'execute' of 'sqlite3.Connection' objects>"
+    executes = sum(v[1] for k, v in stats.items() if k[2] == execute)
+    print(
+        f"sqlite  p50 {wall:.0f} us (keeper alive), {executes / N:.0f} sqlite3 execute() calls "
+        "per acquire+release"
+    )
+
+
+def main(argv: list[str]) -> int:
+    wanted = set(argv) or {"keeper", "redis", "postgres", "sqlite"}
+    tmp = tempfile.mkdtemp(prefix="leasehold-probe-")
+    redis_server = RedisServer() if wanted & {"keeper", "redis"} else None
+    pg_server = PostgresServer() if wanted & {"keeper", "postgres"} else None
+    try:
+        urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/probe.db"}
+        if redis_server:
+            urls["redis"] = redis_server.url
+        if pg_server:
+            urls["postgres"] = pg_server.url
+        if "keeper" in wanted:
+            keeper(urls)
+        if "redis" in wanted and redis_server:
+            redis_probe(redis_server.url)
+        if "postgres" in wanted and pg_server:
+            postgres_probe(pg_server)
+        if "sqlite" in wanted:
+            sqlite_probe(urls["sqlite"])
+    finally:
+        for server in (redis_server, pg_server):
+            if server is not None:
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
