@@ -1,7 +1,7 @@
 """Render the backend capability table into docs/backends.md from the backends' data.
 
-    python scripts/gen_docs.py          # rewrite the table
-    python scripts/gen_docs.py --check  # exit 1 if the docs disagree with the code
+python scripts/gen_docs.py          # rewrite the table
+python scripts/gen_docs.py --check  # exit 1 if the docs disagree with the code
 """
 
 from __future__ import annotations
