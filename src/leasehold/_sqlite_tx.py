@@ -218,34 +218,40 @@ class SQLiteTables:
         conn.execute("DELETE FROM lh_holder WHERE name = ? AND expires <= ?", (name, now))
         conn.execute("DELETE FROM lh_waiter WHERE name = ? AND expires <= ?", (name, now))
 
+    # One read gathers everything an acquire decides on, so the common cases cost
+    # BEGIN, this, one or two writes and COMMIT. Expired rows are deleted only when
+    # the counts show there are some.
+    _SURVEY = (
+        "SELECT "
+        "(SELECT fence FROM lh_holder WHERE name = :n AND token = :t AND expires > :now), "
+        "(SELECT COUNT(*) FROM lh_holder WHERE name = :n AND expires > :now), "
+        "(SELECT COUNT(*) FROM lh_holder WHERE name = :n), "
+        "(SELECT seq FROM lh_waiter WHERE name = :n AND token = :t AND expires > :now), "
+        "(SELECT COUNT(*) FROM lh_waiter WHERE name = :n AND expires > :now), "
+        "(SELECT COUNT(*) FROM lh_waiter WHERE name = :n)"
+    )
+
     def acquire(self, request: AcquireRequest, now: float) -> AcquireResult:
         name, token = request.name, request.token
         with self.transaction() as conn:
-            self._purge(conn, name, now)
-            row = conn.execute(
-                "SELECT fence FROM lh_holder WHERE name = ? AND token = ?", (name, token)
+            mine, held, held_rows, my_seq, waiting, waiting_rows = conn.execute(
+                self._SURVEY, {"n": name, "t": token, "now": now}
             ).fetchone()
-            if row is not None:
+            if mine is not None:
                 conn.execute(
                     "UPDATE lh_holder SET expires = ? WHERE name = ? AND token = ?",
                     (now + request.ttl, name, token),
                 )
-                return Granted(int(row[0]))
-            (held,) = conn.execute(
-                "SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)
-            ).fetchone()
-            mine = conn.execute(
-                "SELECT seq FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
-            ).fetchone()
-            if mine is None:
-                (ahead,) = conn.execute(
-                    "SELECT COUNT(*) FROM lh_waiter WHERE name = ?", (name,)
-                ).fetchone()
+                return Granted(int(mine))
+            if held_rows != held or waiting_rows != waiting:
+                self._purge(conn, name, now)
+            if my_seq is None:
+                ahead = int(waiting)
             else:
                 (ahead,) = conn.execute(
-                    "SELECT COUNT(*) FROM lh_waiter WHERE name = ? AND seq < ?", (name, mine[0])
+                    "SELECT COUNT(*) FROM lh_waiter WHERE name = ? AND seq < ?", (name, my_seq)
                 ).fetchone()
-            if request.limit - held > ahead:
+            if request.limit - int(held) > ahead:
                 (fence,) = conn.execute(
                     "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
                 ).fetchone()
@@ -264,17 +270,19 @@ class SQLiteTables:
                         now + request.ttl,
                     ),
                 )
-                if mine is not None:
+                if my_seq is not None:
                     conn.execute(
                         "DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
                     )
                 return Granted(int(fence))
             position: int | None = None
             if request.queue_ttl is not None:
-                if mine is None:
+                if my_seq is None:
                     conn.execute(
                         "INSERT INTO lh_waiter (name, token, seq, expires) VALUES (?, ?, "
-                        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM lh_waiter WHERE name = ?), ?)",
+                        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM lh_waiter WHERE name = ?), ?) "
+                        "ON CONFLICT (name, token) DO UPDATE SET seq = excluded.seq, "
+                        "expires = excluded.expires",
                         (name, token, name, now + request.queue_ttl),
                     )
                 else:
@@ -284,7 +292,7 @@ class SQLiteTables:
                     )
                 position = int(ahead)
             (soonest,) = conn.execute(
-                "SELECT MIN(expires) FROM lh_holder WHERE name = ?", (name,)
+                "SELECT MIN(expires) FROM lh_holder WHERE name = ? AND expires > ?", (name, now)
             ).fetchone()
         retry_after = None if soonest is None else max(0.0, float(soonest) - now)
         return Busy(retry_after=retry_after, position=position)
@@ -314,19 +322,21 @@ class SQLiteTables:
 
     def release(self, name: str, token: str, now: float) -> tuple[bool, list[str]]:
         with self.transaction() as conn:
-            self._purge(conn, name, now)
             row = conn.execute(
-                "DELETE FROM lh_holder WHERE name = ? AND token = ? RETURNING lim",
+                "DELETE FROM lh_holder WHERE name = ? AND token = ? RETURNING lim, expires",
                 (name, token),
             ).fetchone()
-            cursor = conn.execute(
-                "DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
-            )
+            held = row is not None and float(row[1]) > now
+            conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
             wake: list[str] = []
-            if row is not None or cursor.rowcount:
-                # A departing waiter may have been the one blocking the next.
+            (queued,) = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM lh_waiter WHERE name = ?)", (name,)
+            ).fetchone()
+            if queued:
+                # The departing holder or waiter may have been what kept the next out.
+                self._purge(conn, name, now)
                 wake = self._wakeable(conn, name, int(row[0]) if row is not None else 1)
-        return row is not None, wake
+        return held, wake
 
     def break_lease(self, name: str, now: float) -> tuple[int, list[str]]:
         with self.transaction() as conn:

@@ -17,6 +17,10 @@ T = TypeVar("T")
 
 IS_ASYNC = True
 
+# An idle keeper task ends at once (creating a task is cheap, and a task left
+# pending when a loop closes is noise).
+KEEPER_LINGER = 0.0
+
 
 class AsyncEvent:
     """An event that may be set from any thread (a store notification thread, say)."""

@@ -9,19 +9,21 @@ once; a lease whose renewals keep failing is lost at its safe deadline.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import weakref
 from typing import TYPE_CHECKING
 
 from leasehold._async._concurrency import (
+    KEEPER_LINGER,
     AsyncCall,
     AsyncEvent,
     background_alive,
     spawn,
 )
 from leasehold._core.backoff import Backoff
-from leasehold._core.policy import decide_renewal
+from leasehold._core.policy import decide_renewal, renew_interval
 from leasehold._errors import LeaseholdError
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ class AsyncKeeper:
         self._pid = os.getpid()
         self._failures = 0
         self._stopped = False
+        # When the keeper will look next on its own (monotonic); a new lease wakes
+        # it only if it is due earlier, so acquiring N leases is not O(N²).
+        self._next_wake = -math.inf
 
     def after_fork_in_child(self) -> None:
         # The child inherits neither the thread nor the task; its leases belong to
@@ -61,14 +66,20 @@ class AsyncKeeper:
             self._stopped = False
             if not background_alive(self._handle):
                 self._handle = spawn(self._run, name="leasehold-keeper")
-        self._wakeup.set()
+                return
+            next_wake = self._next_wake
+        due = lease.deadline
+        if lease.renewing:
+            due = min(due, lease.last_sent + renew_interval(lease.ttl) * 0.9)
+        if due < next_wake:
+            self._wakeup.set()
 
     def forget(self, lease: AsyncLease) -> None:
+        # No wake-up: the keeper drops it at its next round, or idles out.
         with self._guard:
             ref = self._leases.get(id(lease))
             if ref is not None and ref() is lease:
                 del self._leases[id(lease)]
-        self._wakeup.set()
 
     def stop(self) -> None:
         with self._guard:
@@ -88,16 +99,35 @@ class AsyncKeeper:
             return alive
 
     async def _run(self) -> None:
+        clock = self._client.clock
+        idle_since: float | None = None
         try:
             while True:
+                now = clock.monotonic()
                 with self._guard:
-                    if self._stopped or not self._leases or self._pid != os.getpid():
+                    empty = not self._leases
+                    if empty and idle_since is None:
+                        idle_since = now
+                    idle_for = 0.0 if idle_since is None else now - idle_since
+                    # A thread lingers a while when idle, so a client that takes
+                    # and releases leases in a loop does not start one per lease.
+                    if (
+                        self._stopped
+                        or self._pid != os.getpid()
+                        or (empty and idle_for >= KEEPER_LINGER)
+                    ):
                         self._handle = None
                         return
-                delay = await self._round()
+                if empty:
+                    delay = KEEPER_LINGER - idle_for
+                else:
+                    idle_since = None
+                    delay = await self._round()
                 if delay > 0:
+                    self._next_wake = clock.monotonic() + delay
                     await self._wakeup.wait(delay)
                     self._wakeup.clear()
+                    self._next_wake = -math.inf
         except BaseException as exc:
             # A renewer that dies must take its leases down loudly, not silently.
             with self._guard:

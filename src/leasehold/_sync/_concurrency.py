@@ -15,6 +15,10 @@ T = TypeVar("T")
 
 IS_ASYNC = False
 
+# An idle keeper thread lingers before it ends: starting a thread per acquire
+# would cost more than the acquire itself.
+KEEPER_LINGER = 30.0
+
 
 class Event:
     def __init__(self) -> None:
