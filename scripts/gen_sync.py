@@ -37,6 +37,7 @@ REPLACEMENTS = {
     "AsyncKeeper": "Keeper",
     "AsyncEvent": "Event",
     "AsyncCall": "Call",
+    "AsyncGates": "Gates",
     "AsyncMutex": "Mutex",
     "AsyncBodyGuard": "BodyGuard",
     "AsyncMemoryStore": "MemoryStore",

@@ -9,6 +9,7 @@ from types import TracebackType
 
 from leasehold._async.backends import open_store
 from leasehold._async.election import AsyncElection
+from leasehold._async.gate import AsyncGates
 from leasehold._async.keeper import AsyncKeeper
 from leasehold._async.lease import AsyncLease, OnLost
 from leasehold._async.lock import AsyncLock
@@ -56,6 +57,7 @@ class AsyncClient:
         self.holder = Holder.for_this_process(identity)
         self._counters = Counters()
         self._keeper = AsyncKeeper(self)
+        self._gates = AsyncGates()
         self._closed = False
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
@@ -159,6 +161,7 @@ class AsyncClient:
 
     def _after_fork_in_child(self) -> None:
         self._keeper.after_fork_in_child()
+        self._gates = AsyncGates()
         self._counters.reset_after_fork()
         self.holder = Holder.for_this_process(self._identity)
 

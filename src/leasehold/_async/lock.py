@@ -101,6 +101,28 @@ class AsyncLock:
         return await self._acquire(0.0, queue=False)
 
     async def _acquire(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
+        if not queue:
+            return await self._attempts(timeout, queue=False)
+        client = self._client
+        clock = client.clock
+        started = clock.monotonic()
+        key = (self._name, self._limit)
+        turn = client._gates.join(key)
+        try:
+            if not turn.is_set():
+                wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
+                if not await turn.wait(wait):
+                    client._counters.add("timed_out")
+                    client._counters.add("wait_time", clock.monotonic() - started)
+                    return None
+            remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
+            return await self._attempts(remaining, queue=True, started=started)
+        finally:
+            client._gates.leave(key, turn)
+
+    async def _attempts(
+        self, timeout: float | None, *, queue: bool, started: float | None = None
+    ) -> AsyncLease | None:
         client = self._client
         store = client.store
         clock = client.clock
@@ -116,8 +138,9 @@ class AsyncLock:
             limit=self._limit,
             queue_ttl=QUEUE_TTL if queue else None,
         )
-        started = clock.monotonic()
-        deadline = None if timeout is None else started + timeout
+        if started is None:
+            started = clock.monotonic()
+        deadline = None if timeout is None else clock.monotonic() + timeout
         attempt = 0
         failures = 0
         reached_store = False
@@ -164,7 +187,7 @@ class AsyncLock:
                     return lease
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    client._counters.add("skipped" if timeout == 0 else "timed_out")
+                    client._counters.add("timed_out" if queue else "skipped")
                     client._counters.add("wait_time", now - started)
                     if queue:
                         await shielded(lambda: store.release(self._name, token))

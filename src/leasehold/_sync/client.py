@@ -11,6 +11,7 @@ from types import TracebackType
 
 from leasehold._sync.backends import open_store
 from leasehold._sync.election import Election
+from leasehold._sync.gate import Gates
 from leasehold._sync.keeper import Keeper
 from leasehold._sync.lease import Lease, OnLost
 from leasehold._sync.lock import Lock
@@ -58,6 +59,7 @@ class Client:
         self.holder = Holder.for_this_process(identity)
         self._counters = Counters()
         self._keeper = Keeper(self)
+        self._gates = Gates()
         self._closed = False
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
@@ -159,6 +161,7 @@ class Client:
 
     def _after_fork_in_child(self) -> None:
         self._keeper.after_fork_in_child()
+        self._gates = Gates()
         self._counters.reset_after_fork()
         self.holder = Holder.for_this_process(self._identity)
 
