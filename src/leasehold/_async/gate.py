@@ -8,6 +8,7 @@ not 1,000, while the store's own FIFO queue keeps processes fair to each other.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 
@@ -38,10 +39,8 @@ class AsyncGates:
             if queue is None:
                 return
             was_head = bool(queue) and queue[0] is turn
-            try:
+            with contextlib.suppress(ValueError):  # already left
                 queue.remove(turn)
-            except ValueError:
-                pass
             if not queue:
                 del self._queues[key]
             elif was_head:
