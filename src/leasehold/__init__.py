@@ -11,10 +11,12 @@ from leasehold._async.election import AsyncElection
 from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock
 from leasehold._async.once import AsyncOnce
+from leasehold._async.presence import AsyncPresence
 from leasehold._async.store import AsyncStore
 from leasehold._core.clock import Clock, FakeClock, SystemClock
 from leasehold._core.election import Leader
 from leasehold._core.once import NoResult
+from leasehold._core.presence import Epoch, Member, Snapshot
 from leasehold._core.records import (
     AcquireRequest,
     Busy,
@@ -42,6 +44,7 @@ from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
 from leasehold._sync.lock import Lock
 from leasehold._sync.once import Once
+from leasehold._sync.presence import Presence
 from leasehold._sync.store import Store
 
 __version__ = "0.1.0"
@@ -54,12 +57,14 @@ __all__ = [
     "AsyncLease",
     "AsyncLock",
     "AsyncOnce",
+    "AsyncPresence",
     "AsyncStore",
     "Busy",
     "Capabilities",
     "Client",
     "Clock",
     "Election",
+    "Epoch",
     "FakeClock",
     "Granted",
     "Holder",
@@ -69,14 +74,17 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "LeaseholdError",
+    "Member",
     "MemberGone",
     "NoResult",
     "Once",
     "OnceFailed",
+    "Presence",
     "StaleEpoch",
     "Lock",
     "Record",
     "RenewItem",
+    "Snapshot",
     "StaleFence",
     "Statistics",
     "Store",

@@ -14,6 +14,7 @@ from leasehold._async.keeper import AsyncKeeper
 from leasehold._async.lease import AsyncLease, OnLost
 from leasehold._async.lock import AsyncLock
 from leasehold._async.once import DEFAULT_KEEP, AsyncOnce
+from leasehold._async.presence import AsyncPresence
 from leasehold._async.store import AsyncStore
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
@@ -107,6 +108,20 @@ class AsyncClient:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
         return AsyncElection(self, name, ttl=ttl, identity=identity, margin=margin)
+
+    def presence(
+        self,
+        room: str,
+        member_ttl: float = 10.0,
+        intent_ttl: float = 30.0,
+        *,
+        create_ttl: float = 30.0,
+    ) -> AsyncPresence:
+        """The presence room ``room``: members with intents to join, and epochs that
+        an idle-room closer can never split in two. No I/O until used."""
+        return AsyncPresence(
+            self, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
+        )
 
     def once(
         self,

@@ -16,6 +16,7 @@ from leasehold._sync.keeper import Keeper
 from leasehold._sync.lease import Lease, OnLost
 from leasehold._sync.lock import Lock
 from leasehold._sync.once import DEFAULT_KEEP, Once
+from leasehold._sync.presence import Presence
 from leasehold._sync.store import Store
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
@@ -107,6 +108,20 @@ class Client:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
         return Election(self, name, ttl=ttl, identity=identity, margin=margin)
+
+    def presence(
+        self,
+        room: str,
+        member_ttl: float = 10.0,
+        intent_ttl: float = 30.0,
+        *,
+        create_ttl: float = 30.0,
+    ) -> Presence:
+        """The presence room ``room``: members with intents to join, and epochs that
+        an idle-room closer can never split in two. No I/O until used."""
+        return Presence(
+            self, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
+        )
 
     def once(
         self,
