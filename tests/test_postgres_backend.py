@@ -423,6 +423,161 @@ def test_renew_batch_of_10000_in_one_round_trip(pg: PostgresServer) -> None:
     run(main)
 
 
+def test_renew_10000_after_analyze_is_linear(pg: PostgresServer) -> None:
+    # Regression: version 2 answered with EXISTS over the updated rows (a CTE); after
+    # ANALYZE the planner estimated one row for it and rescanned it once per item,
+    # seconds for 10,000 items, past statement_timeout: every renewal of the batch
+    # failed and all its leases were lost.
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            await store.ping()
+            prefix = unique("analyzed") + ":"
+            pg.execute(
+                "INSERT INTO leasehold.holders SELECT %s || i, 'tok' || i, 'o', 'h', 1, "
+                "nextval('leasehold.fence_seq'), 1, now(), now() + interval '1 minute' "
+                "FROM generate_series(0, 9999) i",
+                (prefix,),
+            )
+            pg.execute("ANALYZE leasehold.holders")
+            pg.execute("ANALYZE leasehold.waiters")
+            items = [RenewItem(f"{prefix}{i}", f"tok{i}", 120.0) for i in range(10_000)]
+            for _ in range(2):  # the second call may use a cached (generic) plan
+                counter = CountingRuns(store)
+                started = time.monotonic()
+                answers = await store.renew(items)
+                assert time.monotonic() - started < 10
+                assert counter.count == 1
+                assert answers == [True] * 10_000
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_renew_answers_duplicates_and_chunk_edges(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            held = [(unique("dup"), tok()) for _ in range(3)]
+            for name, token in held:
+                assert isinstance(await store.acquire(req(name, token)), Granted)
+            (a, ta), (b, tb), (c, _) = held
+            # 2,500 items: three chunks inside the function, duplicates within one
+            # chunk and across chunks, misses at the chunk edges.
+            items = [RenewItem(unique("absent"), tok(), 60.0) for _ in range(2500)]
+            items[0] = items[999] = items[1000] = RenewItem(a, ta, 60.0)
+            items[1] = RenewItem(a, ta, 90.0)
+            items[1999] = RenewItem(b, tb, 60.0)
+            items[2499] = RenewItem(c, "someone-else", 60.0)
+            answers = await store.renew(items)
+            expected = [False] * 2500
+            for i in (0, 1, 999, 1000, 1999):
+                expected[i] = True
+            assert answers == expected
+            (info,) = await store.holders(a)
+            assert 50 < info.expires_in <= 90  # renewed once per chunk it is in
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_renew_batches_beyond_one_call_are_split(
+    pg: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apg, "_RENEW_CALL_ITEMS", 3)
+
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            held = [(unique("split"), tok()) for _ in range(4)]
+            for name, token in held:
+                assert isinstance(await store.acquire(req(name, token)), Granted)
+            items = [RenewItem(name, token, 60.0) for name, token in held]
+            items.insert(2, RenewItem(unique(), tok(), 60.0))
+            counter = CountingRuns(store)
+            assert await store.renew(items) == [True, True, False, True, True]
+            assert counter.count == 2
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_functions_ignore_the_callers_search_path(pg: PostgresServer) -> None:
+    # No function has a SET clause (they cost a save and restore per call); every
+    # table, sequence and function of ours is qualified instead, so look-alike
+    # tables earlier on the caller's search_path (or in pg_temp) change nothing.
+    store = sstore(pg.url)
+    try:
+        store.ping()
+    finally:
+        store.close()
+    rows = pg.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'leasehold' AND p.proconfig IS NOT NULL"
+    )
+    assert rows == []
+    decoy = "decoy_" + uuid.uuid4().hex[:8]
+    name, token = unique(), tok()
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {decoy}")
+        for table in ("holders", "waiters", "records"):
+            conn.execute(f"CREATE TABLE {decoy}.{table} (LIKE leasehold.{table})")
+            conn.execute(f"CREATE TEMP TABLE {table} (LIKE leasehold.{table})")
+        conn.execute(f"CREATE SEQUENCE {decoy}.fence_seq START 1")
+        conn.execute(f"SET search_path = {decoy}, public")
+        granted, fence, _, _ = conn.execute(
+            "SELECT * FROM leasehold.acquire(%s, %s, 'o', 'h', 1, 60, 1, NULL, NULL, NULL)",
+            (name, token),
+        ).fetchone() or (None, None, None, None)
+        assert granted is True
+        assert conn.execute(
+            "SELECT leasehold.renew(%s, %s, %s)", ([name], [token], [60.0])
+        ).fetchone() == ([True],)
+        assert (
+            conn.execute(
+                "SELECT * FROM leasehold.write_record(%s, 0, 'v', NULL)", (unique("rec"),)
+            ).fetchone()
+            is not None
+        )
+        assert conn.execute(f"SELECT count(*) FROM {decoy}.holders").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM pg_temp.holders").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT * FROM leasehold.release(%s, %s)", (name, token)
+        ).fetchone() == (True,)
+    assert pg.execute(f"SELECT last_value FROM {decoy}.fence_seq") == [(1,)]  # never drawn
+    assert fence is not None and fence > 1
+    pg.execute(f"DROP SCHEMA {decoy} CASCADE")
+
+
+def test_release_commits_asynchronously_only_on_its_own(pg: PostgresServer) -> None:
+    store = sstore(pg.url)
+    try:
+        name, token = unique(), tok()
+        assert isinstance(store.acquire(req(name, token)), Granted)
+    finally:
+        store.close()
+    with psycopg.connect(pg.url) as conn:  # not autocommit: look inside the transaction
+        conn.execute("SELECT * FROM leasehold.release(%s, %s)", (name, token))
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        conn.rollback()
+        # A transaction that wrote before the release keeps its durability.
+        conn.execute("SELECT txid_current()")  # what any write does first
+        conn.execute("SELECT * FROM leasehold.release(%s, %s)", (name, token))
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        conn.rollback()
+        # acquire after a release in one transaction is durable again.
+        conn.execute("SELECT * FROM leasehold.release(%s, %s)", (name, token))
+        conn.execute(
+            "SELECT * FROM leasehold.acquire(%s, %s, 'o', 'h', 1, 60, 1, NULL, NULL, NULL)",
+            (unique(), tok()),
+        )
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        conn.rollback()
+
+
 def test_leases_prefix_treats_wildcards_literally(pg: PostgresServer) -> None:
     async def main() -> None:
         store = astore(pg.url)
@@ -590,20 +745,24 @@ SCHEMA_FILE = "src/leasehold/_scripts/postgres/schema.sql"
 
 
 def _v1_schema_sql() -> str:
+    return _schema_sql_at(V1_SCHEMA_COMMIT, "AS $$ SELECT 1 $$")
+
+
+def _schema_sql_at(commit: str, version_marker: str) -> str:
     git = shutil.which("git")
     root = Path(__file__).resolve().parent.parent
     if git is None or not (root / ".git").exists():
-        pytest.skip("needs git and the repository history for the version 1 schema")
+        pytest.skip("needs git and the repository history for older schemas")
     proc = subprocess.run(
-        [git, "show", f"{V1_SCHEMA_COMMIT}:{SCHEMA_FILE}"],
+        [git, "show", f"{commit}:{SCHEMA_FILE}"],
         cwd=root,
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        pytest.skip(f"version 1 schema not in this checkout: {proc.stderr.strip()}")
-    assert "AS $$ SELECT 1 $$" in proc.stdout  # schema_version() = 1
+        pytest.skip(f"schema of {commit} not in this checkout: {proc.stderr.strip()}")
+    assert version_marker in proc.stdout  # what schema_version() returns there
     return proc.stdout
 
 
@@ -646,7 +805,9 @@ def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
 
     strict = sstore(_url(pg, schema=schema, create_schema="false"))
     try:
-        with pytest.raises(StoreUnavailable, match=r"version 1 \(version 2 needed\)"):
+        with pytest.raises(
+            StoreUnavailable, match=rf"version 1 \(version {apg.SCHEMA_VERSION} needed\)"
+        ):
             strict.read_record("k")
     finally:
         strict.close()
@@ -656,7 +817,7 @@ def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
         key = unique("rec")
         version = store.write_record(key, 0, b"after upgrade")
         assert version is not None and version > old_fence  # the same sequence
-        assert pg.execute(f"SELECT {schema}.schema_version()") == [(2,)]
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
         # The old grant survived the upgrade and is served by the new functions.
         (info,) = store.holders(name)
         assert (info.fence, info.owner) == (old_fence, "old")
@@ -677,7 +838,51 @@ def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
     # Running the file again by hand (a migration tool) is harmless too.
     with psycopg.connect(pg.url) as conn:
         conn.execute(_for_schema(_current_schema_sql(), schema))
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+
+
+# Version 2 of schema.sql (records added): the starting point of the version 3 upgrade.
+V2_SCHEMA_COMMIT = "dd182a5ca93ae6c51793cc3494ab3051140a7501"
+
+
+def test_upgrade_from_schema_version_2_adds_indexes_and_keeps_leases(pg: PostgresServer) -> None:
+    schema = "upgrade2_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_schema_sql_at(V2_SCHEMA_COMMIT, "AS $$ SELECT 2 $$"), schema))
     assert pg.execute(f"SELECT {schema}.schema_version()") == [(2,)]
+    name, token = unique(), tok()
+    ((granted, old_fence),) = pg.execute(
+        f"SELECT granted, fence FROM {schema}.acquire(%s, %s, 'old', 'h', 1, 60, 1, "
+        "NULL, NULL, NULL)",
+        (name, token),
+    )
+    assert granted is True
+    key = unique("rec")
+    (old_version,) = pg.execute(f"SELECT {schema}.write_record(%s, 0, 'v2', 600)", (key,))[0]
+
+    def indexes() -> set[str]:
+        rows = pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))
+        return {str(row[0]) for row in rows}
+
+    assert "holders_expires_at" not in indexes()
+    store = sstore(_url(pg, schema=schema))
+    try:
+        assert store.renew([RenewItem(name, token, 60)]) == [True]
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+        assert {"holders_expires_at", "waiters_expires_at", "records_expires_at"} <= indexes()
+        assert pg.execute("SELECT to_regprocedure(%s)", (f"{schema}.lock_name(text)",)) == [(None,)]
+        (info,) = store.holders(name)
+        assert (info.fence, info.owner) == (old_fence, "old")
+        assert store.read_record(key).version == old_version
+        assert store.release(name, token) is True
+        after = store.acquire(req(name, tok()))
+        assert isinstance(after, Granted) and after.fence > old_version
+    finally:
+        store.close()
+    # Idempotent: running the file again changes nothing and fails nothing.
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_current_schema_sql(), schema))
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
 
 
 def test_concurrent_upgrade_rechecks_under_the_install_lock(pg: PostgresServer) -> None:
@@ -728,12 +933,13 @@ def test_concurrent_upgrade_rechecks_under_the_install_lock(pg: PostgresServer) 
 
 def test_a_newer_schema_is_never_replaced(pg: PostgresServer) -> None:
     schema = "newer_" + uuid.uuid4().hex[:8]
+    newer_version = apg.SCHEMA_VERSION + 1
     store = sstore(_url(pg, schema=schema))
     try:
         store.ping()
         pg.execute(
             f"CREATE OR REPLACE FUNCTION {schema}.schema_version() RETURNS integer "
-            "LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$"
+            f"LANGUAGE sql IMMUTABLE AS $$ SELECT {newer_version} $$"
         )
     finally:
         store.close()
@@ -743,7 +949,7 @@ def test_a_newer_schema_is_never_replaced(pg: PostgresServer) -> None:
         assert store.write_record(unique("rec"), 0, b"x") is not None
     finally:
         store.close()
-    assert pg.execute(f"SELECT {schema}.schema_version()") == [(3,)]
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(newer_version,)]
     assert _proc_xmin(pg, schema) == newer
 
 

@@ -59,7 +59,23 @@ log = logging.getLogger("leasehold.postgres")
 
 # What schema_version() in schema.sql returns. Bump both together whenever the file
 # changes; a store that finds an older version re-runs the (idempotent) file.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The functions of schema.sql the store calls, and how many arguments each takes.
+_FUNCTIONS = {
+    "acquire": 10,
+    "renew": 3,
+    "release": 2,
+    "holders_of": 1,
+    "leases": 1,
+    "break_lease": 1,
+    "read_record": 1,
+    "write_record": 4,
+}
+# The most items one renew() call sends; larger batches take one call per this many
+# (the function itself works through 1,000 items at a time). Bounds how long one
+# statement runs, well inside statement_timeout.
+_RENEW_CALL_ITEMS = 20_000
 
 # URL query parameters that are leasehold's, not libpq's: removed before the rest
 # of the URL reaches libpq (which rejects parameters it does not know).
@@ -265,6 +281,16 @@ def _schema_sql() -> str:
     return text[text.index("\n", start) + 1 : end]
 
 
+def _function_queries(schema: str) -> dict[str, bytes]:
+    """``SELECT * FROM "schema".function(%s, ...)`` for every function, built once per
+    store: the per-call path only looks one up. ``schema`` matched ``_SCHEMA_RE``
+    (letters, digits, underscores), so double quotes make it a safe identifier."""
+    return {
+        function: (f'SELECT * FROM "{schema}".{function}({", ".join(["%s"] * arity)})').encode()
+        for function, arity in _FUNCTIONS.items()
+    }
+
+
 def wake_key(name: str, token: str) -> str:
     """What a NOTIFY carries to wake (name, token): a hash, so tokens stay secret."""
     return hashlib.sha256(f"{len(name)}:{name}{token}".encode()).hexdigest()[:32]
@@ -365,6 +391,7 @@ class AsyncPostgresStore(AsyncStore):
         self._waiters: dict[str, tuple[AsyncEvent, float]] = {}
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
+        self._queries = _function_queries(self._opts.schema)
 
     # -- connections --------------------------------------------------------------
 
@@ -536,9 +563,7 @@ class AsyncPostgresStore(AsyncStore):
         finally:
             await self._putconn(pool, conn, pooled)
 
-    async def _run(
-        self, query: sql.Composed | sql.SQL, params: Sequence[Any]
-    ) -> list[tuple[Any, ...]]:
+    async def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         pool = await self._ready_pool()
         conn, pooled = await self._getconn(pool)
         try:
@@ -555,14 +580,10 @@ class AsyncPostgresStore(AsyncStore):
         self, what: str, function: str, params: Sequence[Any], *, idempotent: bool = True
     ) -> list[tuple[Any, ...]]:
         """Run ``SELECT * FROM schema.function(params)``; every driver error ends here."""
-        placeholders = sql.SQL(", ").join(sql.Placeholder() * len(params))
-        query = sql.SQL("SELECT * FROM {}.{}({})").format(
-            self._schema, sql.Identifier(function), placeholders
-        )
-        return await self._query(what, query, params, idempotent=idempotent)
+        return await self._query(what, self._queries[function], params, idempotent=idempotent)
 
     async def _query(
-        self, what: str, query: sql.Composed | sql.SQL, params: Sequence[Any], *, idempotent: bool
+        self, what: str, query: bytes, params: Sequence[Any], *, idempotent: bool
     ) -> list[tuple[Any, ...]]:
         # A connection that dies under a call (backend terminated, server restarted)
         # is retried once on a fresh connection when repeating cannot change the
@@ -712,19 +733,21 @@ class AsyncPostgresStore(AsyncStore):
         )
 
     async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
-        if not items:
-            return []
-        rows = await self._call(
-            "renew",
-            "renew",
-            (
-                [item.name for item in items],
-                [item.token for item in items],
-                [float(item.ttl) for item in items],
-            ),
-        )
-        answers: list[bool] = rows[0][0]
-        return [bool(answer) for answer in answers]
+        # One call (one round trip, one transaction) per _RENEW_CALL_ITEMS items.
+        answers: list[bool] = []
+        for start in range(0, len(items), _RENEW_CALL_ITEMS):
+            chunk = items[start : start + _RENEW_CALL_ITEMS]
+            rows = await self._call(
+                "renew",
+                "renew",
+                (
+                    [item.name for item in chunk],
+                    [item.token for item in chunk],
+                    [float(item.ttl) for item in chunk],
+                ),
+            )
+            answers.extend(bool(answer) for answer in rows[0][0])
+        return answers
 
     async def release(self, name: str, token: str) -> bool:
         self._after_fork()  # before _disarm: its lock may be stale in a forked child
@@ -803,12 +826,12 @@ class AsyncPostgresStore(AsyncStore):
         return None if version is None else int(version)
 
     async def ping(self) -> None:
-        await self._query("ping", sql.SQL("SELECT 1"), (), idempotent=True)
+        await self._query("ping", b"SELECT 1", (), idempotent=True)
 
     async def server_time(self) -> float | None:
         rows = await self._query(
             "server_time",
-            sql.SQL("SELECT extract(epoch FROM clock_timestamp())::double precision"),
+            b"SELECT extract(epoch FROM clock_timestamp())::double precision",
             (),
             idempotent=True,
         )

@@ -1,10 +1,12 @@
--- leasehold PostgreSQL schema, version 2 (PostgreSQL 12 or newer).
+-- leasehold PostgreSQL schema, version 3 (PostgreSQL 12 or newer).
 --
 -- The library runs this file itself on first use of a store, inside one transaction
 -- guarded by a transaction-level advisory lock, so concurrent first use is safe; it
 -- is idempotent (CREATE ... IF NOT EXISTS, CREATE OR REPLACE), and running it over
 -- an older version upgrades that version in place (version 1 -> 2 adds the records
--- table and its functions; nothing existing changes shape). Teams that manage
+-- table and its functions; 2 -> 3 adds expires_at indexes for purge(), drops
+-- lock_name() and replaces every function with a schema-qualified one without SET
+-- clauses; nothing existing changes shape). Teams that manage
 -- schema changes themselves apply it as a migration and set ?create_schema=false:
 --
 --     psql --single-transaction -v ON_ERROR_STOP=1 -f schema.sql "$DATABASE_URL"
@@ -12,9 +14,9 @@
 -- Run it in one transaction (as above) so that concurrent installs serialise on the
 -- advisory lock. The search_path it sets is put back at the end. To install into
 -- another schema, replace the schema name in the two lines marked (*) -- nothing
--- else names the schema -- and put ?schema=<name> in the store URL. Every function pins
--- its search_path at creation ("SET search_path FROM CURRENT"), so callers need no
--- search_path of their own.
+-- else names the schema -- and put ?schema=<name> in the store URL. The functions are
+-- created with the schema's name written into them (see the DO block below), so
+-- callers need no search_path of their own and theirs changes nothing.
 --
 -- Privileges for an application role that did not create the objects:
 --     GRANT USAGE ON SCHEMA leasehold TO app;
@@ -44,7 +46,9 @@
 --   acquire(name, token, owner, host, pid, ttl, limit, queue_ttl, channel, wake_key)
 --       -> (granted, fence, retry_after, queue_position)
 --   renew(names[], tokens[], ttls[]) -> boolean[]  (answers in item order)
---   release(name, token) -> boolean                 (was a live holder)
+--   release(name, token) -> boolean                 (was a live holder; commits with
+--       synchronous_commit=off -- see the function -- while acquire and
+--       write_record always commit durably: the fence and version must survive)
 --   break_lease(name) -> integer                    (live holders removed)
 --   holders_of(name) / leases(prefix) -> live holders with held_for/expires_in (s)
 --   read_record(key) -> (value, version, now)   (version 0 and NULL value if absent;
@@ -70,8 +74,10 @@ SET search_path = leasehold, pg_temp;                                        -- 
 CREATE SEQUENCE IF NOT EXISTS fence_seq AS bigint CACHE 1 NO CYCLE;
 CREATE SEQUENCE IF NOT EXISTS waiter_seq AS bigint CACHE 1 NO CYCLE;
 
--- fillfactor leaves room on each page so that renewals (which only change
--- expires_at, an unindexed column) are HOT updates and do not bloat the index.
+-- fillfactor leaves room on each page for the new row versions of renewals.
+-- (Until version 3 expires_at was unindexed, so renewals were HOT updates; the
+-- expires_at index purge() needs since makes each renewal add index entries,
+-- which PostgreSQL 14+ removes early by bottom-up deletion, and vacuum later.)
 CREATE TABLE IF NOT EXISTS holders (
     name         text COLLATE "C" NOT NULL,
     token        text COLLATE "C" NOT NULL,
@@ -105,30 +111,52 @@ CREATE TABLE IF NOT EXISTS records (
     expires_at   timestamptz
 ) WITH (fillfactor = 70);
 
+-- Version 3: purge() finds expired rows through these indexes instead of scanning.
+CREATE INDEX IF NOT EXISTS holders_expires_at ON holders (expires_at);
+CREATE INDEX IF NOT EXISTS waiters_expires_at ON waiters (expires_at);
+CREATE INDEX IF NOT EXISTS records_expires_at ON records (expires_at)
+    WHERE expires_at IS NOT NULL;
+
+-- Version 3 inlines this into its callers (a SQL function with a SET clause is
+-- never inlined, and cost more than the rest of a release).
+DROP FUNCTION IF EXISTS lock_name(text);
+
 CREATE OR REPLACE FUNCTION schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT 2 $$;
+AS $$ SELECT 3 $$;
 
--- Serialises every state change of one name (grants, release, break) for the rest
--- of the transaction. Transaction-scoped, so it is safe behind transaction-mode
--- poolers and can never outlive the transaction.
-CREATE OR REPLACE FUNCTION lock_name(p_name text) RETURNS void
-LANGUAGE sql
-SET search_path FROM CURRENT
-AS $$ SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext(p_name)) $$;
+-- Every other function is created by the block below, which writes this schema's
+-- name into its text: @schema@ becomes the quoted schema name (every table, sequence
+-- and function of ours is qualified with it), @fence_seq@/@waiter_seq@ the
+-- sequences' quoted names as literals, @name_lock@/@record_lock@ the first key of
+-- the name and record advisory locks (hashtext(schema), hashtext(schema ||
+-- ':record')). So no function has a SET clause (which costs a configuration
+-- save and restore on every call, and stops a SQL function from being inlined),
+-- and none depends on the caller's search_path: the built-in functions and
+-- operators come from pg_catalog, which is searched first unless a caller lists
+-- it explicitly after a schema of its own; pg_temp is never searched for them.
+-- lock_timeout, which the functions used to SET, is set transaction-locally with
+-- set_config() instead: every call in autocommit mode is its own transaction.
+DO $install$
+DECLARE
+    v_sql text := $functions$
 
 -- NOTIFY the first waiters of p_name that fit in the free places (O(free), not all).
 -- Called with the name locked. Notifications are delivered on commit.
-CREATE OR REPLACE FUNCTION wake(p_name text, p_now timestamptz, p_limit integer)
+CREATE OR REPLACE FUNCTION @schema@.wake(p_name text, p_now timestamptz, p_limit integer)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_free integer;
 BEGIN
+    -- The common case, a release nobody waits for, costs one index probe.
+    IF NOT EXISTS (SELECT 1 FROM @schema@.waiters q
+                   WHERE q.name = p_name AND q.expires_at > p_now) THEN
+        RETURN;
+    END IF;
     SELECT p_limit - count(*) INTO v_free
-    FROM holders h WHERE h.name = p_name AND h.expires_at > p_now;
+    FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at > p_now;
     IF v_free <= 0 THEN
         RETURN;
     END IF;
@@ -136,7 +164,7 @@ BEGIN
     -- place, and waking the one behind it would be useless.
     PERFORM pg_notify(w.channel, w.wake_key)
     FROM (
-        SELECT q.channel, q.wake_key FROM waiters q
+        SELECT q.channel, q.wake_key FROM @schema@.waiters q
         WHERE q.name = p_name AND q.expires_at > p_now
         ORDER BY q.seq
         LIMIT v_free
@@ -148,31 +176,29 @@ $$;
 -- Removes rows that expired a while ago under names nobody touches any more
 -- (acquire and release purge their own name; this bounds the rest). Expired rows
 -- are absent to every operation already, so deleting them without the name's lock
--- changes no answer; SKIP LOCKED keeps it from ever waiting.
-CREATE OR REPLACE FUNCTION purge(p_now timestamptz) RETURNS void
+-- changes no answer; SKIP LOCKED keeps it from ever waiting. The expires_at
+-- indexes (version 3) find the rows without scanning the tables.
+CREATE OR REPLACE FUNCTION @schema@.purge(p_now timestamptz) RETURNS void
 LANGUAGE sql
-SET search_path FROM CURRENT
 AS $$
-    DELETE FROM holders WHERE ctid = ANY (ARRAY(
-        SELECT ctid FROM holders WHERE expires_at <= p_now - interval '1 minute'
+    DELETE FROM @schema@.holders WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM @schema@.holders WHERE expires_at <= p_now - interval '1 minute'
         LIMIT 500 FOR UPDATE SKIP LOCKED));
-    DELETE FROM waiters WHERE ctid = ANY (ARRAY(
-        SELECT ctid FROM waiters WHERE expires_at <= p_now - interval '1 minute'
+    DELETE FROM @schema@.waiters WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM @schema@.waiters WHERE expires_at <= p_now - interval '1 minute'
         LIMIT 500 FOR UPDATE SKIP LOCKED));
-    DELETE FROM records WHERE ctid = ANY (ARRAY(
-        SELECT ctid FROM records WHERE expires_at <= p_now - interval '1 minute'
+    DELETE FROM @schema@.records WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM @schema@.records WHERE expires_at <= p_now - interval '1 minute'
         LIMIT 500 FOR UPDATE SKIP LOCKED));
 $$;
 
-CREATE OR REPLACE FUNCTION acquire(
+CREATE OR REPLACE FUNCTION @schema@.acquire(
     p_name text, p_token text, p_owner text, p_host text, p_pid integer,
     p_ttl double precision, p_limit integer, p_queue_ttl double precision,
     p_channel text, p_wake_key text,
     OUT granted boolean, OUT fence bigint, OUT retry_after double precision,
     OUT queue_position integer)
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
-SET lock_timeout = '10s'
 AS $$
 DECLARE
     v_now timestamptz;
@@ -180,30 +206,35 @@ DECLARE
     v_seq bigint;
     v_ahead integer;
 BEGIN
-    PERFORM lock_name(p_name);
+    PERFORM set_config('lock_timeout', '10s', true);
+    -- Serialises every state change of one name (grants, release, break) for the
+    -- rest of the transaction. Transaction-scoped, so it is safe behind
+    -- transaction-mode poolers and can never outlive the transaction.
+    PERFORM pg_advisory_xact_lock(@name_lock@, hashtext(p_name));
     -- Read the clock after the lock: time spent waiting must not shorten the lease.
     v_now := clock_timestamp();
     -- Blocking deletes on purpose: if a renewal holds the row lock, wait for it and
     -- re-check, so a holder renewed in time is never counted as expired.
-    DELETE FROM holders h WHERE h.name = p_name AND h.expires_at <= v_now;
-    DELETE FROM waiters w WHERE w.name = p_name AND w.expires_at <= v_now;
+    DELETE FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at <= v_now;
+    DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at <= v_now;
     IF random() < 0.01 THEN
-        PERFORM purge(v_now);
+        PERFORM @schema@.purge(v_now);
     END IF;
 
-    UPDATE holders h SET expires_at = v_now + make_interval(secs => p_ttl)
+    UPDATE @schema@.holders h SET expires_at = v_now + make_interval(secs => p_ttl)
     WHERE h.name = p_name AND h.token = p_token
     RETURNING h.fence INTO fence;
     IF FOUND THEN
         -- Retried acquire whose first answer was lost: same grant, same fence.
-        DELETE FROM waiters w WHERE w.name = p_name AND w.token = p_token;
+        DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token;
         granted := true;
         RETURN;
     END IF;
 
-    SELECT count(*) INTO v_holders FROM holders h WHERE h.name = p_name;
-    SELECT w.seq INTO v_seq FROM waiters w WHERE w.name = p_name AND w.token = p_token;
-    SELECT count(*) INTO v_ahead FROM waiters w
+    SELECT count(*) INTO v_holders FROM @schema@.holders h WHERE h.name = p_name;
+    SELECT w.seq INTO v_seq FROM @schema@.waiters w
+    WHERE w.name = p_name AND w.token = p_token;
+    SELECT count(*) INTO v_ahead FROM @schema@.waiters w
     WHERE w.name = p_name AND (v_seq IS NULL OR w.seq < v_seq);
 
     IF v_holders < p_limit AND v_ahead < p_limit - v_holders THEN
@@ -213,13 +244,13 @@ BEGIN
         IF current_setting('synchronous_commit') = 'off' THEN
             PERFORM set_config('synchronous_commit', 'on', true);
         END IF;
-        fence := nextval('fence_seq');
-        INSERT INTO holders (name, token, owner, host, pid, fence, holder_limit,
-                             granted_at, expires_at)
+        fence := nextval(@fence_seq@::regclass);
+        INSERT INTO @schema@.holders (name, token, owner, host, pid, fence, holder_limit,
+                                      granted_at, expires_at)
         VALUES (p_name, p_token, p_owner, p_host, p_pid, fence, p_limit,
                 v_now, v_now + make_interval(secs => p_ttl));
         IF v_seq IS NOT NULL THEN
-            DELETE FROM waiters w WHERE w.name = p_name AND w.token = p_token;
+            DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token;
         END IF;
         granted := true;
         RETURN;
@@ -227,67 +258,85 @@ BEGIN
 
     granted := false;
     SELECT extract(epoch FROM min(h.expires_at) - v_now)::double precision
-    INTO retry_after FROM holders h WHERE h.name = p_name;
+    INTO retry_after FROM @schema@.holders h WHERE h.name = p_name;
     IF v_seq IS NOT NULL THEN
         queue_position := v_ahead;
         IF p_queue_ttl IS NOT NULL THEN
             -- Keeps its place (seq); the channel follows the store that asks now.
-            UPDATE waiters w
+            UPDATE @schema@.waiters w
             SET expires_at = v_now + make_interval(secs => p_queue_ttl),
                 channel = p_channel, wake_key = p_wake_key, holder_limit = p_limit
             WHERE w.name = p_name AND w.token = p_token;
         END IF;
     ELSIF p_queue_ttl IS NOT NULL THEN
-        INSERT INTO waiters (name, token, seq, holder_limit, channel, wake_key, expires_at)
-        VALUES (p_name, p_token, nextval('waiter_seq'), p_limit, p_channel, p_wake_key,
-                v_now + make_interval(secs => p_queue_ttl));
+        INSERT INTO @schema@.waiters (name, token, seq, holder_limit, channel, wake_key,
+                                      expires_at)
+        VALUES (p_name, p_token, nextval(@waiter_seq@::regclass), p_limit, p_channel,
+                p_wake_key, v_now + make_interval(secs => p_queue_ttl));
         queue_position := v_ahead;
     END IF;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION renew(
+-- Answers in item order. Items are renewed 1,000 at a time, so every plan works on
+-- a bounded set; an item's answer is set from the ordinals its UPDATE returns,
+-- never by looking the item up in the updated rows (version 2 did that with
+-- EXISTS over a CTE, which the planner, estimating one row for it, rescanned once
+-- per item: quadratic, seconds for 10,000 items, past statement_timeout).
+-- Duplicate items get the same answer (within 1,000 items they are grouped into one
+-- update with the longest ttl; which ttl wins among duplicates is unspecified).
+CREATE OR REPLACE FUNCTION @schema@.renew(
     p_names text[], p_tokens text[], p_ttls double precision[])
 RETURNS boolean[]
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
-SET lock_timeout = '10s'
 AS $$
 DECLARE
-    v_now timestamptz;
+    v_count integer := coalesce(cardinality(p_names), 0);
     v_answers boolean[];
+    v_from integer;
+    v_to integer;
+    v_now timestamptz;
+    v_ords integer[];
+    v_ord integer;
 BEGIN
+    IF v_count = 0 THEN
+        RETURN '{}';
+    END IF;
+    PERFORM set_config('lock_timeout', '10s', true);
+    v_answers := array_fill(false, ARRAY[v_count]);
     -- Lock the rows in index order first: acquire's purge deletes in that order too,
     -- so a batch renewal and a purge of the same name can never deadlock.
     PERFORM 1
-    FROM holders h
+    FROM @schema@.holders h
     JOIN unnest(p_names, p_tokens) AS i(name, token)
       ON h.name = i.name AND h.token = i.token
     ORDER BY h.name, h.token
     FOR UPDATE OF h;
     v_now := clock_timestamp();
-    WITH items AS (
-        SELECT * FROM unnest(p_names, p_tokens, p_ttls) WITH ORDINALITY
-            AS i(name, token, ttl, ord)
-    ), renewed AS (
-        UPDATE holders h SET expires_at = v_now + make_interval(secs => i.ttl)
-        FROM items i
-        WHERE h.name = i.name AND h.token = i.token AND h.expires_at > v_now
-        RETURNING h.name, h.token
-    )
-    SELECT coalesce(array_agg(EXISTS (
-               SELECT 1 FROM renewed r WHERE r.name = i.name AND r.token = i.token
-           ) ORDER BY i.ord), '{}')
-    INTO v_answers
-    FROM items i;
+    FOR v_from IN 1 .. v_count BY 1000 LOOP
+        v_to := least(v_from + 999, v_count);
+        FOR v_ords IN
+            UPDATE @schema@.holders h SET expires_at = v_now + make_interval(secs => i.ttl)
+            FROM (
+                SELECT u.name, u.token, max(u.ttl) AS ttl, array_agg(u.ord::integer) AS ords
+                FROM unnest(p_names[v_from:v_to], p_tokens[v_from:v_to],
+                            p_ttls[v_from:v_to]) WITH ORDINALITY AS u(name, token, ttl, ord)
+                GROUP BY u.name, u.token
+            ) i
+            WHERE h.name = i.name AND h.token = i.token AND h.expires_at > v_now
+            RETURNING i.ords
+        LOOP
+            FOREACH v_ord IN ARRAY v_ords LOOP
+                v_answers[v_from - 1 + v_ord] := true;
+            END LOOP;
+        END LOOP;
+    END LOOP;
     RETURN v_answers;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION release(p_name text, p_token text) RETURNS boolean
+CREATE OR REPLACE FUNCTION @schema@.release(p_name text, p_token text) RETURNS boolean
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
-SET lock_timeout = '10s'
 AS $$
 DECLARE
     v_now timestamptz;
@@ -295,116 +344,124 @@ DECLARE
     v_limit integer;
     v_was_waiting boolean;
 BEGIN
-    PERFORM lock_name(p_name);
+    -- A release need not wait for its WAL flush: losing it in a crash (or a failover
+    -- without synchronous replication) only brings the lease back until it expires,
+    -- and hands out nothing. Whatever acts on it durably -- the grant to the next
+    -- holder -- commits later in the WAL, so flushing that flushes the release too.
+    -- Only when this transaction has written nothing yet: a caller's own earlier
+    -- writes keep their durability. (acquire and write_record switch it back on.)
+    IF txid_current_if_assigned() IS NULL THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    PERFORM set_config('lock_timeout', '10s', true);
+    PERFORM pg_advisory_xact_lock(@name_lock@, hashtext(p_name));
     v_now := clock_timestamp();
-    DELETE FROM holders h WHERE h.name = p_name AND h.token = p_token
+    DELETE FROM @schema@.holders h WHERE h.name = p_name AND h.token = p_token
     RETURNING h.expires_at > v_now, h.holder_limit INTO v_live, v_limit;
-    DELETE FROM waiters w WHERE w.name = p_name AND w.token = p_token
+    DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token
     RETURNING true INTO v_was_waiting;
-    IF v_live IS NOT NULL OR v_was_waiting THEN
+    IF (v_live IS NOT NULL OR v_was_waiting)
+       AND EXISTS (SELECT 1 FROM @schema@.waiters q
+                   WHERE q.name = p_name AND q.expires_at > v_now) THEN
         IF v_limit IS NULL THEN
             SELECT max(h.holder_limit) INTO v_limit
-            FROM holders h WHERE h.name = p_name AND h.expires_at > v_now;
+            FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at > v_now;
         END IF;
-        PERFORM wake(p_name, v_now, coalesce(v_limit, 1));
+        PERFORM @schema@.wake(p_name, v_now, coalesce(v_limit, 1));
     END IF;
     RETURN coalesce(v_live, false);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION break_lease(p_name text) RETURNS integer
+CREATE OR REPLACE FUNCTION @schema@.break_lease(p_name text) RETURNS integer
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
-SET lock_timeout = '10s'
 AS $$
 DECLARE
     v_now timestamptz;
     v_count integer;
     v_limit integer;
 BEGIN
-    PERFORM lock_name(p_name);
+    PERFORM set_config('lock_timeout', '10s', true);
+    PERFORM pg_advisory_xact_lock(@name_lock@, hashtext(p_name));
     v_now := clock_timestamp();
     WITH gone AS (
-        DELETE FROM holders h WHERE h.name = p_name
+        DELETE FROM @schema@.holders h WHERE h.name = p_name
         RETURNING h.expires_at > v_now AS live, h.holder_limit
     )
     SELECT count(*) FILTER (WHERE live), max(holder_limit) FILTER (WHERE live)
     INTO v_count, v_limit FROM gone;
-    PERFORM wake(p_name, v_now, coalesce(v_limit, 1));
+    PERFORM @schema@.wake(p_name, v_now, coalesce(v_limit, 1));
     RETURN v_count;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION holders_of(p_name text)
+CREATE OR REPLACE FUNCTION @schema@.holders_of(p_name text)
 RETURNS TABLE (name text, owner text, host text, pid integer, fence bigint,
                holder_limit integer, held_for double precision,
                expires_in double precision)
 LANGUAGE sql
-SET search_path FROM CURRENT
 AS $$
     SELECT h.name, h.owner, h.host, h.pid, h.fence, h.holder_limit,
            greatest(extract(epoch FROM c.now - h.granted_at), 0)::double precision,
            extract(epoch FROM h.expires_at - c.now)::double precision
     FROM (SELECT clock_timestamp() AS now) c
-    JOIN holders h ON h.name = p_name AND h.expires_at > c.now
+    JOIN @schema@.holders h ON h.name = p_name AND h.expires_at > c.now
     ORDER BY h.fence
 $$;
 
 -- starts_with() instead of LIKE: no wildcard escaping to get wrong. The range
 -- condition (byte order, the columns are COLLATE "C") lets the primary key index
 -- find the first candidate.
-CREATE OR REPLACE FUNCTION leases(p_prefix text)
+CREATE OR REPLACE FUNCTION @schema@.leases(p_prefix text)
 RETURNS TABLE (name text, owner text, host text, pid integer, fence bigint,
                holder_limit integer, held_for double precision,
                expires_in double precision)
 LANGUAGE sql
-SET search_path FROM CURRENT
 AS $$
     SELECT h.name, h.owner, h.host, h.pid, h.fence, h.holder_limit,
            greatest(extract(epoch FROM c.now - h.granted_at), 0)::double precision,
            extract(epoch FROM h.expires_at - c.now)::double precision
     FROM (SELECT clock_timestamp() AS now) c
-    JOIN holders h ON h.name >= p_prefix AND starts_with(h.name, p_prefix)
-                  AND h.expires_at > c.now
+    JOIN @schema@.holders h ON h.name >= p_prefix AND starts_with(h.name, p_prefix)
+                            AND h.expires_at > c.now
     ORDER BY h.name, h.fence
 $$;
 
 -- The store's clock for records: the same clock_timestamp() every expiry is written
 -- and compared with, as Unix seconds (what server_time() reports too).
-CREATE OR REPLACE FUNCTION read_record(
+CREATE OR REPLACE FUNCTION @schema@.read_record(
     p_key text, OUT value bytea, OUT version bigint, OUT now double precision)
 LANGUAGE sql
-SET search_path FROM CURRENT
 AS $$
     SELECT r.value, coalesce(r.version, 0), extract(epoch FROM c.now)::double precision
     FROM (SELECT clock_timestamp() AS now) c
-    LEFT JOIN records r ON r.key = p_key AND (r.expires_at IS NULL OR r.expires_at > c.now)
+    LEFT JOIN @schema@.records r
+           ON r.key = p_key AND (r.expires_at IS NULL OR r.expires_at > c.now)
 $$;
 
 -- Compare-and-set. Writes of one key are serialised by a transaction-level advisory
 -- lock (an absent key has no row to lock), in a key space of its own, so records
 -- never wait for lease names.
-CREATE OR REPLACE FUNCTION write_record(
+CREATE OR REPLACE FUNCTION @schema@.write_record(
     p_key text, p_expected bigint, p_value bytea, p_ttl double precision)
 RETURNS bigint
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
-SET lock_timeout = '10s'
 AS $$
 DECLARE
     v_now timestamptz;
     v_current bigint;
     v_version bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext(current_schema() || ':record'), hashtext(p_key));
+    PERFORM set_config('lock_timeout', '10s', true);
+    PERFORM pg_advisory_xact_lock(@record_lock@, hashtext(p_key));
     -- Read the clock after the lock: time spent waiting must not shorten the ttl.
     v_now := clock_timestamp();
     -- Blocking on purpose, like acquire: a purge holding the row is waited for.
-    DELETE FROM records r WHERE r.key = p_key AND r.expires_at <= v_now;
+    DELETE FROM @schema@.records r WHERE r.key = p_key AND r.expires_at <= v_now;
     IF random() < 0.01 THEN
-        PERFORM purge(v_now);
+        PERFORM @schema@.purge(v_now);
     END IF;
-    SELECT r.version INTO v_current FROM records r WHERE r.key = p_key;
+    SELECT r.version INTO v_current FROM @schema@.records r WHERE r.key = p_key;
     IF coalesce(v_current, 0) <> p_expected THEN
         RETURN NULL;
     END IF;
@@ -412,11 +469,11 @@ BEGIN
     IF current_setting('synchronous_commit') = 'off' THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
-    v_version := nextval('fence_seq');
+    v_version := nextval(@fence_seq@::regclass);
     IF p_value IS NULL THEN
-        DELETE FROM records r WHERE r.key = p_key;
+        DELETE FROM @schema@.records r WHERE r.key = p_key;
     ELSE
-        INSERT INTO records AS r (key, value, version, expires_at)
+        INSERT INTO @schema@.records AS r (key, value, version, expires_at)
         VALUES (p_key, p_value, v_version,
                 v_now + make_interval(secs => p_ttl))
         ON CONFLICT (key) DO UPDATE
@@ -426,6 +483,18 @@ BEGIN
     RETURN v_version;
 END
 $$;
+
+$functions$;
+    v_schema text := current_schema();
+BEGIN
+    v_sql := replace(v_sql, '@schema@', quote_ident(v_schema));
+    v_sql := replace(v_sql, '@fence_seq@', quote_literal(quote_ident(v_schema) || '.fence_seq'));
+    v_sql := replace(v_sql, '@waiter_seq@', quote_literal(quote_ident(v_schema) || '.waiter_seq'));
+    v_sql := replace(v_sql, '@name_lock@', hashtext(v_schema)::text);
+    v_sql := replace(v_sql, '@record_lock@', hashtext(v_schema || ':record')::text);
+    EXECUTE v_sql;
+END
+$install$;
 
 -- leasehold:end
 SELECT set_config('search_path', current_setting('leasehold.saved_search_path'), false);

@@ -61,7 +61,23 @@ log = logging.getLogger("leasehold.postgres")
 
 # What schema_version() in schema.sql returns. Bump both together whenever the file
 # changes; a store that finds an older version re-runs the (idempotent) file.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The functions of schema.sql the store calls, and how many arguments each takes.
+_FUNCTIONS = {
+    "acquire": 10,
+    "renew": 3,
+    "release": 2,
+    "holders_of": 1,
+    "leases": 1,
+    "break_lease": 1,
+    "read_record": 1,
+    "write_record": 4,
+}
+# The most items one renew() call sends; larger batches take one call per this many
+# (the function itself works through 1,000 items at a time). Bounds how long one
+# statement runs, well inside statement_timeout.
+_RENEW_CALL_ITEMS = 20_000
 
 # URL query parameters that are leasehold's, not libpq's: removed before the rest
 # of the URL reaches libpq (which rejects parameters it does not know).
@@ -267,6 +283,16 @@ def _schema_sql() -> str:
     return text[text.index("\n", start) + 1 : end]
 
 
+def _function_queries(schema: str) -> dict[str, bytes]:
+    """``SELECT * FROM "schema".function(%s, ...)`` for every function, built once per
+    store: the per-call path only looks one up. ``schema`` matched ``_SCHEMA_RE``
+    (letters, digits, underscores), so double quotes make it a safe identifier."""
+    return {
+        function: (f'SELECT * FROM "{schema}".{function}({", ".join(["%s"] * arity)})').encode()
+        for function, arity in _FUNCTIONS.items()
+    }
+
+
 def wake_key(name: str, token: str) -> str:
     """What a NOTIFY carries to wake (name, token): a hash, so tokens stay secret."""
     return hashlib.sha256(f"{len(name)}:{name}{token}".encode()).hexdigest()[:32]
@@ -367,6 +393,7 @@ class PostgresStore(Store):
         self._waiters: dict[str, tuple[Event, float]] = {}
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
+        self._queries = _function_queries(self._opts.schema)
 
     # -- connections --------------------------------------------------------------
 
@@ -534,7 +561,7 @@ class PostgresStore(Store):
         finally:
             self._putconn(pool, conn, pooled)
 
-    def _run(self, query: sql.Composed | sql.SQL, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         pool = self._ready_pool()
         conn, pooled = self._getconn(pool)
         try:
@@ -551,14 +578,10 @@ class PostgresStore(Store):
         self, what: str, function: str, params: Sequence[Any], *, idempotent: bool = True
     ) -> list[tuple[Any, ...]]:
         """Run ``SELECT * FROM schema.function(params)``; every driver error ends here."""
-        placeholders = sql.SQL(", ").join(sql.Placeholder() * len(params))
-        query = sql.SQL("SELECT * FROM {}.{}({})").format(
-            self._schema, sql.Identifier(function), placeholders
-        )
-        return self._query(what, query, params, idempotent=idempotent)
+        return self._query(what, self._queries[function], params, idempotent=idempotent)
 
     def _query(
-        self, what: str, query: sql.Composed | sql.SQL, params: Sequence[Any], *, idempotent: bool
+        self, what: str, query: bytes, params: Sequence[Any], *, idempotent: bool
     ) -> list[tuple[Any, ...]]:
         # A connection that dies under a call (backend terminated, server restarted)
         # is retried once on a fresh connection when repeating cannot change the
@@ -708,19 +731,21 @@ class PostgresStore(Store):
         )
 
     def renew(self, items: Sequence[RenewItem]) -> list[bool]:
-        if not items:
-            return []
-        rows = self._call(
-            "renew",
-            "renew",
-            (
-                [item.name for item in items],
-                [item.token for item in items],
-                [float(item.ttl) for item in items],
-            ),
-        )
-        answers: list[bool] = rows[0][0]
-        return [bool(answer) for answer in answers]
+        # One call (one round trip, one transaction) per _RENEW_CALL_ITEMS items.
+        answers: list[bool] = []
+        for start in range(0, len(items), _RENEW_CALL_ITEMS):
+            chunk = items[start : start + _RENEW_CALL_ITEMS]
+            rows = self._call(
+                "renew",
+                "renew",
+                (
+                    [item.name for item in chunk],
+                    [item.token for item in chunk],
+                    [float(item.ttl) for item in chunk],
+                ),
+            )
+            answers.extend(bool(answer) for answer in rows[0][0])
+        return answers
 
     def release(self, name: str, token: str) -> bool:
         self._after_fork()  # before _disarm: its lock may be stale in a forked child
@@ -799,12 +824,12 @@ class PostgresStore(Store):
         return None if version is None else int(version)
 
     def ping(self) -> None:
-        self._query("ping", sql.SQL("SELECT 1"), (), idempotent=True)
+        self._query("ping", b"SELECT 1", (), idempotent=True)
 
     def server_time(self) -> float | None:
         rows = self._query(
             "server_time",
-            sql.SQL("SELECT extract(epoch FROM clock_timestamp())::double precision"),
+            b"SELECT extract(epoch FROM clock_timestamp())::double precision",
             (),
             idempotent=True,
         )
