@@ -336,8 +336,9 @@ def test_limit_and_fifo_queue(server: RedisServer) -> None:
         # One place is free, and it belongs to the head of the queue.
         outsider = await store.acquire(req(lease, "x", limit=3))
         assert isinstance(outsider, Busy) and outsider.position is None
+        # The release handed that place to w1 (it left the queue), so w2 is next.
         late = await store.acquire(req(lease, "w2", limit=3, queue_ttl=10))
-        assert isinstance(late, Busy) and late.position == 1
+        assert isinstance(late, Busy) and late.position == 0
         assert fence_of(await store.acquire(req(lease, "w1", limit=3, queue_ttl=10))) > max(fences)
         third = await store.acquire(req(lease, "w3", limit=3, queue_ttl=10))
         assert isinstance(third, Busy) and third.position == 1
@@ -483,7 +484,8 @@ def test_renew_ten_thousand_items_in_one_call(server: RedisServer) -> None:
         await store.renew(items[:1])  # the first call per server loads the script
         before = evalsha_calls(admin)
         answers = await store.renew(items)
-        assert evalsha_calls(admin) - before == 1
+        # One round trip: scripts of RENEW_CHUNK items each, pipelined.
+        assert evalsha_calls(admin) - before == len(items) // async_redis.RENEW_CHUNK
         assert answers.count(True) == 9_999 and answers[17] is False
         infos = await store.holders(names[5000])
         assert infos[0].expires_in > 25
@@ -673,6 +675,74 @@ def test_records_hold_any_bytes_and_never_reuse_versions(
 
     try:
         with_store(instance.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_release_hands_the_place_to_the_head_waiter(server: RedisServer) -> None:
+    lease = name("handover")
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        first = fence_of(await store.acquire(req(lease, "holder")))
+        assert isinstance(await store.acquire(req(lease, "w1", queue_ttl=0.5)), Busy)
+        assert isinstance(await store.acquire(req(lease, "w2", queue_ttl=10)), Busy)
+        assert await store.release(lease, "holder")
+        # w1 holds provisionally: nobody can slip in, but it cannot renew yet.
+        [provisional] = await store.holders(lease)
+        assert provisional.fence > first
+        assert isinstance(await store.acquire(req(lease, "outsider")), Busy)
+        assert await store.renew([RenewItem(lease, "w1", 10)]) == [False]
+        assert await store.wait(lease, "w1", 1)
+        # Confirming keeps the handed fence and makes the grant a normal one.
+        assert fence_of(await store.acquire(req(lease, "w1", queue_ttl=0.5))) == provisional.fence
+        assert await store.renew([RenewItem(lease, "w1", 10)]) == [True]
+        assert await store.release(lease, "w1")
+        # w2 is handed the place next, but never confirms: its grant lasts only as
+        # long as its queue place would have, not its ttl.
+        assert await store.wait(lease, "w2", 1)
+        [unconfirmed] = await store.holders(lease)
+        assert unconfirmed.expires_in <= 10
+        assert not await store.release(lease, "w2")  # not confirmed: not held
+        assert await store.holders(lease) == []
+
+    with_store(server.url, scenario)
+
+
+def test_unconfirmed_hand_over_expires_with_the_queue_place(server: RedisServer) -> None:
+    lease = name("handover")
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        await store.acquire(req(lease, "holder", ttl=30))
+        await store.acquire(req(lease, "dies", ttl=30, queue_ttl=0.3))
+        await store.acquire(req(lease, "next", ttl=30, queue_ttl=10))
+        assert await store.release(lease, "holder")
+        assert isinstance(await store.acquire(req(lease, "next", queue_ttl=10)), Busy)
+        await asyncio.sleep(0.4)  # "dies" never confirms
+        fence_of(await store.acquire(req(lease, "next", queue_ttl=10)))
+
+    with_store(server.url, scenario)
+
+
+def test_chunked_renew_survives_script_flush(server: RedisServer) -> None:
+    stem = name("chunks")
+    names = [f"{stem}/{i}" for i in range(2_500)]
+    admin = server.client()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            await asyncio.gather(*(store.acquire(req(n, "tok", ttl=60)) for n in chunk))
+        admin.script_flush()
+        items = [RenewItem(n, "tok", 30) for n in names]
+        items[2_400] = RenewItem(names[2_400], "other", 30)
+        answers = await store.renew(items)
+        assert answers.count(True) == 2_499 and answers[2_400] is False
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            await asyncio.gather(*(store.release(n, "tok") for n in chunk))
+
+    try:
+        with_store(server.url, scenario)
     finally:
         admin.close()
 

@@ -1,4 +1,4 @@
-"""``redis://``, ``rediss://`` (TLS) and ``unix://``: Redis 6.2+ through redis-py.
+"""``redis://``, ``rediss://`` (TLS) and ``unix://``: Redis 7.0+ through redis-py.
 
 Every store operation is one Lua script call: one round trip, atomic on the server,
 with expiry decided by the server's clock (``TIME`` inside the script). The scripts
@@ -12,7 +12,10 @@ Layout (see ``KeyLayout``; docs/backends.md (Redis) has the whole story):
 * Fences are ``max(bucket floor + 1, server time in microseconds)``: strictly
   increasing while Redis keeps its data, and still increasing after it loses it.
 * Waiters block on a signal list of their own (``BLPOP``, on connections reserved
-  for blocking calls); a release pushes to the first eligible waiter's list only.
+  for blocking calls); a release hands its place to the first waiter in the same
+  script and pushes to that waiter's list only.
+* The server's ``run_id`` (restart detection) is read once per connection, not per
+  script: see ``_server_run_id``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ _BLPOP_OVERRUN: Final = 0.1
 # deadline, and when every blocking connection is busy.
 _TAIL_POLL: Final = 0.02
 _BUSY_POLL: Final = 0.1
+# renew() sends its items in scripts of at most this many, pipelined in one round
+# trip, so that no single script blocks Redis for long (10,000 items: ~50 ms each
+# instead of one ~500 ms script).
+RENEW_CHUNK: Final = 1000
+# PEXPIRE ... GT/NX in the scripts.
+MIN_REDIS_VERSION: Final = (7, 0)
 
 
 # --------------------------------------------------------------------------- URL
@@ -369,9 +378,11 @@ def _script(name: str) -> _Script:
 
 
 class _Commands(Protocol):
-    """The one redis-py method the store calls (redis-py leaves it unannotated)."""
+    """The redis-py methods the store calls (redis-py leaves them unannotated)."""
 
     async def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any: ...
 
 
 class _Pool(Protocol):
@@ -440,6 +451,11 @@ class AsyncRedisStore(AsyncStore):
         self._server_facts: dict[str, Any] = {}
         # wait() blocks in slices of this, so a silent server is noticed.
         self._block_slice = options.socket_timeout
+        # The server's run_id as read by INFO on one of our connections; None when
+        # unknown. Every new connection (a restart or failover breaks them all)
+        # forgets it and bumps the generation (see _server_run_id).
+        self._run_id: str | None = None
+        self._generation = 0
 
     # -- connections ---------------------------------------------------------
 
@@ -468,6 +484,8 @@ class AsyncRedisStore(AsyncStore):
             # twice; callers retry what is safe to retry. Pooled sockets that died
             # with a server restart are noticed and replaced when checked out.
             "retry": redis.asyncio.retry.Retry(NoBackoff(), 0),
+            # Replaces redis-py's handshake (which it calls) to notice new connections.
+            "redis_connect_func": self._on_connect,
         }
         if options.unix_path is not None:
             kwargs["connection_class"] = redis.asyncio.connection.UnixDomainSocketConnection
@@ -522,6 +540,50 @@ class AsyncRedisStore(AsyncStore):
             )
             self._connections = current
             return current
+
+    async def _on_connect(self, connection: Any) -> None:
+        await connection.on_connect()
+        self._forget_run_id()
+
+    def _forget_run_id(self) -> None:
+        with self._guard:
+            self._run_id = None
+            self._generation += 1
+
+    async def _server_run_id(self, client: _Commands) -> str:
+        """The server's run_id, read with ``INFO server`` once and cached.
+
+        Grants are stamped with it so that renew.lua can tell a grant of an earlier
+        server process (restart, failover). Reading it inside every acquire script
+        cost ~18 µs of server time per grant; now acquire passes it in ARGV. The
+        cache is forgotten whenever any connection is (re)established — a restart
+        or failover breaks every connection, so a new server is always met on a new
+        connection — and on NOSCRIPT. Soundness does not rest on the cache: renew.lua
+        still compares each stamp with INFO's run_id (once per script, not per
+        grant), so a stale stamp can only make a renewal fail (the holder is told
+        its lease is lost), never let a grant from before a restart renew. And
+        acquire re-stamps a grant when a connection was made during its call (see
+        ``acquire``), so even that false alarm needs a proxy that hides restarts.
+        """
+        cached = self._run_id
+        if cached is not None:
+            return cached
+        info = await self._execute(client, "INFO", "server")
+        if not isinstance(info, dict) or "run_id" not in info:
+            raise self._malformed("INFO server", info)
+        raw = info["run_id"]
+        # redis-py turns an all-digit id into an int; ids are 40 hex digits.
+        run_id = f"{raw:040d}" if isinstance(raw, int) else str(raw)
+        version = str(info.get("redis_version", ""))
+        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        if len(numbers) == 2 and numbers < MIN_REDIS_VERSION:
+            raise StoreUnavailable(
+                f"redis store {self.url.redacted}: Redis {version} is too old: "
+                "leasehold needs 7.0 or newer"
+            )
+        with self._guard:
+            self._run_id = run_id
+        return run_id
 
     # -- errors --------------------------------------------------------------
 
@@ -584,7 +646,9 @@ class AsyncRedisStore(AsyncStore):
                 return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
             except redis_errors.NoScriptError:
                 # A restart, a failover or SCRIPT FLUSH emptied the script cache. The
-                # script did not run, so loading it and running it again is safe.
+                # script did not run, so loading it and running it again is safe. A
+                # restart may also mean another run_id.
+                self._forget_run_id()
                 await self._execute(client, "SCRIPT", "LOAD", script.source)
                 return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
 
@@ -603,19 +667,31 @@ class AsyncRedisStore(AsyncStore):
             separators=(",", ":"),
         )
         queue_ttl = "" if request.queue_ttl is None else _us(request.queue_ttl)
-        reply = await self._run(
-            "acquire",
-            keys.script_keys(),
-            [
-                request.name,
-                keys.signal_prefix,
-                request.token,
-                _us(request.ttl),
-                request.limit,
-                queue_ttl,
-                holder,
-            ],
-        )
+        client = self._connect().commands
+        for attempt in range(3):
+            with self._translated("acquire"):
+                run_id = await self._server_run_id(client)
+            generation = self._generation
+            reply = await self._run(
+                "acquire",
+                keys.script_keys(),
+                [
+                    request.name,
+                    keys.signal_prefix,
+                    request.token,
+                    _us(request.ttl),
+                    request.limit,
+                    queue_ttl,
+                    holder,
+                    run_id,
+                ],
+            )
+            granted = isinstance(reply, list) and bool(reply) and reply[0] == 1
+            # A connection made during the call may have met a restarted server, so
+            # the grant may carry the old run_id: acquire again (idempotent for a
+            # holder: same fence) to stamp the fresh one.
+            if not granted or generation == self._generation or attempt == 2:
+                break
         try:
             if reply[0] == 1:
                 return Granted(fence=int(reply[1]))
@@ -630,16 +706,65 @@ class AsyncRedisStore(AsyncStore):
     async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
         if not items:
             return []
-        keys: list[str] = []
-        args: list[str | int] = []
-        for item in items:
-            name_keys = self.keys.for_name(item.name)
-            keys += (name_keys.holders, name_keys.state, name_keys.index)
-            args += (item.name, item.token, _us(item.ttl))
-        reply = await self._run("renew", keys, args)
-        if not isinstance(reply, list) or len(reply) != len(items):
-            raise self._malformed("renew", reply)
-        return [answer == 1 for answer in reply]
+        # Scripts of at most RENEW_CHUNK items, so that no one script blocks Redis
+        # for long; all of them in one pipelined round trip. Each item is renewed
+        # atomically on its own, which is all the contract asks.
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for start in range(0, len(items), RENEW_CHUNK):
+            keys: list[str] = []
+            args: list[str | int] = []
+            for item in items[start : start + RENEW_CHUNK]:
+                name_keys = self.keys.for_name(item.name)
+                keys += (name_keys.holders, name_keys.state, name_keys.index)
+                args += (item.name, item.token, _us(item.ttl))
+            calls.append((keys, args))
+        if len(calls) == 1:
+            replies = [await self._run("renew", *calls[0])]
+        else:
+            replies = await self._run_many("renew", calls)
+        answers: list[bool] = []
+        for reply, (keys, _args) in zip(replies, calls, strict=True):
+            if not isinstance(reply, list) or len(reply) * 3 != len(keys):
+                raise self._malformed("renew", reply)
+            answers += [answer == 1 for answer in reply]
+        return answers
+
+    async def _run_many(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]
+    ) -> list[Any]:
+        """Run one script once per (keys, args) in one pipelined round trip."""
+        script = _script(name)
+        client = self._connect().commands
+        with self._translated(name):
+            replies = await self._pipelined(client, script, calls)
+            noscript = redis_errors.NoScriptError
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, noscript)]
+            if missing:
+                # As in _run: the calls that met NOSCRIPT did not run, so run them again.
+                self._forget_run_id()
+                await self._execute(client, "SCRIPT", "LOAD", script.source)
+                again = await self._pipelined(client, script, [calls[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+    async def _pipelined(
+        self,
+        client: _Commands,
+        script: _Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[str | int]]],
+    ) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        before = cancellations()
+        replies = await pipe.execute(raise_on_error=False)
+        # As in _execute: a cancellation swallowed while sending is raised again.
+        raise_if_cancelled_since(before)
+        return list(replies)
 
     async def release(self, name: str, token: str) -> bool:
         keys = self.keys.for_name(name)
@@ -811,8 +936,8 @@ class AsyncRedisStore(AsyncStore):
             found.append("connected to a replica: writes will fail")
         version = str(facts.get("redis_version", ""))
         numbers = [int(part) for part in version.split(".")[:2] if part.isdigit()]
-        if len(numbers) == 2 and tuple(numbers) < (6, 2):
-            found.append(f"Redis {version} is too old: leasehold needs 6.2 or newer")
+        if len(numbers) == 2 and tuple(numbers) < MIN_REDIS_VERSION:
+            found.append(f"Redis {version} is too old: leasehold needs 7.0 or newer")
         return found
 
 

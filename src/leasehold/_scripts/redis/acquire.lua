@@ -13,8 +13,11 @@
 -- ARGV[5]  limit (holders allowed at once)
 -- ARGV[6]  queue ttl in microseconds, or '' to not queue
 -- ARGV[7]  holder json: [owner, host, pid]
+-- ARGV[8]  run id of the server, as the client read it on connecting (INFO server);
+--          stamped on the grant (renew.lua checks it against the real one)
 --
--- Returns  {1, fence}                         granted (or already held: same fence)
+-- Returns  {1, fence}                         granted (or already held: same fence,
+--                                             which also confirms a hand-over)
 --          {0, retry_after_us, position}      busy; -1 stands for "none"
 --
 -- Fences: fence = max(floor + 1, now_us), and the floor is set to it. The floor
@@ -30,65 +33,82 @@ local ttl = tonumber(ARGV[4])
 local limit = tonumber(ARGV[5])
 local queue_ttl = ARGV[6] ~= '' and tonumber(ARGV[6]) or nil
 local holder = ARGV[7]
-local signal = k.signal_prefix .. token
+local run_id = ARGV[8]
+local meta_field = 'm:' .. token
 
 local now = now_us()
-purge(k, now)
-redis.call('HSET', k.state, 'limit', fmt(limit))
+local held = purge_holders(k, now)
+local waiting = purge_queue(k, now)
 
-local meta_field = 'm:' .. token
-local meta = redis.call('HGET', k.state, meta_field)
-if redis.call('ZSCORE', k.holders, token) and meta then
-    -- Already a holder: this is a retry of an acquire whose answer was lost.
-    -- Refresh the expiry, keep the fence, and restamp the run id: the caller
-    -- measures its deadline from this call, which this server has now answered.
-    local fence, acquired, held_limit, _, held_by = parse_meta(meta)
-    redis.call('ZADD', k.holders, fmt(now + ttl), token)
-    redis.call('HSET', k.state, meta_field,
-        make_meta(tonumber(fence), tonumber(acquired), tonumber(held_limit), server_run_id(), held_by))
-    redis.call('ZREM', k.queue, token)
-    redis.call('ZREM', k.queue_expiry, token)
-    redis.call('DEL', signal)
-    settle(k, now)
-    return {1, tonumber(fence)}
+if held > 0 and redis.call('ZSCORE', k.holders, token) then
+    local meta = redis.call('HGET', k.state, meta_field)
+    if meta then
+        -- Already a holder: a retry of an acquire whose answer was lost, or a waiter
+        -- confirming the place release.lua handed it. Refresh the expiry, keep the
+        -- fence, and restamp the run id: the caller measures its deadline from this
+        -- call, which this server has now answered.
+        local fence, acquired, held_limit, _, held_by = parse_meta(meta)
+        redis.call('ZADD', k.holders, fmt(now + ttl), token)
+        redis.call('HSET', k.state, 'limit', fmt(limit), meta_field,
+            make_meta(tonumber(fence), tonumber(acquired), tonumber(held_limit), run_id, held_by))
+        redis.call('DEL', k.signal_prefix .. token)
+        settle(k, now, waiting)
+        return {1, tonumber(fence)}
+    end
 end
 
-local free = limit - redis.call('ZCARD', k.holders)
-local position = redis.call('ZRANK', k.queue, token)
-local ahead = position or redis.call('ZCARD', k.queue)
+local free = limit - held
+local position = nil
+if waiting > 0 then
+    position = redis.call('ZRANK', k.queue, token)
+end
+local ahead = position or waiting
 
 if ahead < free then
-    local floor = tonumber(redis.call('GET', k.floor) or '0')
-    local fence = math.max(floor + 1, now)
-    redis.call('SET', k.floor, fmt(fence))
+    local fence = next_fence(k, now)
     redis.call('ZADD', k.holders, fmt(now + ttl), token)
-    redis.call('HSET', k.state, meta_field, make_meta(fence, now, limit, server_run_id(), holder))
-    redis.call('ZREM', k.queue, token)
-    redis.call('ZREM', k.queue_expiry, token)
-    redis.call('DEL', signal)
-    -- Places may remain (a semaphore): the waiters now at the head can go next.
-    wake(k, now)
-    settle(k, now)
+    redis.call('HSET', k.state, 'limit', fmt(limit), meta_field,
+        make_meta(fence, now, limit, run_id, holder))
+    if position then
+        redis.call('ZREM', k.queue, token)
+        redis.call('ZREM', k.queue_expiry, token)
+        redis.call('HDEL', k.state, 'w:' .. token)
+        redis.call('DEL', k.signal_prefix .. token)
+        waiting = waiting - 1
+        -- Places may remain (a semaphore): the waiters now at the head can go next.
+        wake(k, now, free - 1)
+    end
+    -- The only holder: its expiry is the latest (else settle looks it up).
+    settle(k, now, waiting, held == 0 and now + ttl or nil)
     return {1, fence}
 end
 
+redis.call('HSET', k.state, 'limit', fmt(limit))
 if queue_ttl then
     if not position then
         local arrival = now
-        local last = redis.call('ZRANGE', k.queue, -1, -1, 'WITHSCORES')
-        if last[2] and tonumber(last[2]) >= arrival then
-            arrival = tonumber(last[2]) + 1
+        if waiting > 0 then
+            local last = redis.call('ZRANGE', k.queue, -1, -1, 'WITHSCORES')
+            if last[2] and tonumber(last[2]) >= arrival then
+                arrival = tonumber(last[2]) + 1
+            end
         end
         redis.call('ZADD', k.queue, fmt(arrival), token)
-        position = redis.call('ZRANK', k.queue, token)
+        -- What release.lua needs to hand this waiter a place.
+        redis.call('HSET', k.state, 'w:' .. token, fmt(limit) .. ' ' .. holder)
+        position = waiting
+        waiting = waiting + 1
     end
     redis.call('ZADD', k.queue_expiry, fmt(now + queue_ttl), token)
 end
 
 -- Places are free but waiters ahead hold them up: make sure those waiters know
--- (normally they were signalled already; this repairs a signal lost in a failover).
-wake(k, now)
-settle(k, now)
+-- (normally they were handed the place already; this covers holders that expired
+-- instead of releasing, and a signal lost in a failover).
+if free > 0 and waiting > 0 then
+    wake(k, now, free)
+end
+settle(k, now, waiting)
 
 local retry_after = -1
 local soonest = redis.call('ZRANGE', k.holders, 0, 0, 'WITHSCORES')

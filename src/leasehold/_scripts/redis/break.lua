@@ -6,17 +6,30 @@
 -- ARGV[1]     name
 -- ARGV[2]     signal prefix (a waiter's signal list is ARGV[2] .. token)
 --
--- Returns     the number of live holders removed. Waiters that can now be granted
---             are signalled.
+-- Returns     the number of live holders removed (not counting places handed over
+--             but not yet confirmed, as in release.lua). Waiters that can now be
+--             granted are signalled.
 
 local k = name_keys()
 local now = now_us()
-purge(k, now)
-local tokens = redis.call('ZRANGE', k.holders, 0, -1)
-for _, token in ipairs(tokens) do
-    redis.call('HDEL', k.state, 'm:' .. token)
+purge_holders(k, now)
+local waiting = purge_queue(k, now)
+local removed = 0
+for _, token in ipairs(redis.call('ZRANGE', k.holders, 0, -1)) do
+    local meta = redis.call('HGET', k.state, 'm:' .. token)
+    if meta then
+        local _, _, _, granted_by = parse_meta(meta)
+        if granted_by ~= '' then
+            removed = removed + 1
+        end
+        redis.call('HDEL', k.state, 'm:' .. token)
+    end
+    -- An unconfirmed hand-over's grant signal (absent for other holders).
+    redis.call('DEL', k.signal_prefix .. token)
 end
 redis.call('DEL', k.holders)
-wake(k, now)
-settle(k, now)
-return #tokens
+if waiting > 0 then
+    wake(k, now, tonumber(redis.call('HGET', k.state, 'limit') or '1'))
+end
+settle(k, now, waiting)
+return removed
