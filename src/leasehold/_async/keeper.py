@@ -52,6 +52,9 @@ class AsyncKeeper:
         # When the keeper will look next on its own (monotonic); a new lease wakes
         # it only if it is due earlier, so acquiring N leases is not O(N²).
         self._next_wake = -math.inf
+        # The shortest lead time (grant to first renewal) seen: an idle keeper
+        # sleeps no longer than this, so a new lease need not wake it.
+        self._shortest_lead = math.inf
 
     def after_fork_in_child(self) -> None:
         # The child inherits neither the thread nor the task; its leases belong to
@@ -67,11 +70,12 @@ class AsyncKeeper:
             if not background_alive(self._handle):
                 self._handle = spawn(self._run, name="leasehold-keeper")
                 return
-            next_wake = self._next_wake
-        due = lease.deadline
-        if lease.renewing:
-            due = min(due, lease.last_sent + renew_interval(lease.ttl) * 0.9)
-        if due < next_wake:
+            due = lease.deadline
+            if lease.renewing:
+                due = min(due, lease.last_sent + renew_interval(lease.ttl) * 0.9)
+            self._shortest_lead = min(self._shortest_lead, due - lease.last_sent)
+            wake = due < self._next_wake
+        if wake:
             self._wakeup.set()
 
     def forget(self, lease: AsyncLease) -> None:
@@ -119,7 +123,7 @@ class AsyncKeeper:
                         self._handle = None
                         return
                 if empty:
-                    delay = KEEPER_LINGER - idle_for
+                    delay = min(KEEPER_LINGER - idle_for, self._shortest_lead)
                 else:
                     idle_since = None
                     delay = await self._round()
