@@ -33,6 +33,25 @@ def counter_worker(url: str, name: str, rounds: int, counter: str, log: str, ttl
     client.close()
 
 
+def redis_counter_worker(url: str, name: str, rounds: int, redis_url: str, log: str) -> None:
+    """The same non-atomic read-modify-write, on a counter kept in Redis (GET, then SET)."""
+    import redis
+
+    data = redis.Redis.from_url(redis_url)
+    client = leasehold.Client(url)
+    lock = client.lock(name, ttl=10.0)
+    with Path(log).open("a") as fh:
+        for _ in range(rounds):
+            with lock as lease:
+                value = int(data.get(f"counter:{name}") or 0)
+                time.sleep(0)
+                data.set(f"counter:{name}", value + 1)
+                fh.write(json.dumps([os.getpid(), lease.fence, value]) + "\n")
+                fh.flush()
+    data.close()
+    client.close()
+
+
 def hold_worker(url: str, name: str, ttl: float, ready: str, renew: bool = True) -> None:
     """Hold ``name`` inside a ``with`` block until the lease is lost or the process
     is killed. Reports through files next to ``ready``: the fence (``ready``), the
