@@ -110,3 +110,12 @@ def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+    harness = make_harness(request.param, request, tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
