@@ -94,28 +94,34 @@ def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
     raise AssertionError(backend)
 
 
-@pytest.fixture(params=BACKENDS)
-def lh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+def _harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
     harness = make_harness(request.param, request, tmp_path)
     try:
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def lh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+    """Every backend: the conformance suite and every primitive's tests."""
+    yield from _harness(request, tmp_path)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
 def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
-    harness = make_harness(request.param, request, tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
+    """Backends whose store clock a FakeClock can drive."""
+    yield from _harness(request, tmp_path)
 
 
 @pytest.fixture(params=["redis", "postgres"])
 def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
-    harness = make_harness(request.param, request, tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
+    yield from _harness(request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL several processes can share, on the real clock (memory:// is one
+    process only, so it is not a parameter here rather than a skip)."""
+    for harness in _harness(request, tmp_path):
+        yield harness.fresh_url()

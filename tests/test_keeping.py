@@ -32,14 +32,6 @@ TTL = 1.0
 BOUND = 1.5  # seconds beyond the TTL that re-acquisition may take on a busy 2-core CI box
 
 
-@pytest.fixture
-def shared_url(lh_backend: BackendHarness) -> str:
-    """A URL several processes can share, on the real clock."""
-    if lh_backend.name == "memory":
-        pytest.skip("memory:// is one process only")
-    return lh_backend.fresh_url()
-
-
 def start_holder(
     url: str, name: str, ready: Path, *, renew: bool = True
 ) -> subprocess.Popen[bytes]:

@@ -469,14 +469,6 @@ def test_sync_and_async_once_have_the_same_api() -> None:
 
 
 @pytest.fixture
-def shared_url(lh_backend: BackendHarness) -> str:
-    """A store several processes share, on the real clock."""
-    if lh_backend.name == "memory":
-        pytest.skip("memory:// is one process only")
-    return lh_backend.fresh_url()
-
-
-@pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
