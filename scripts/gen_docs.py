@@ -27,6 +27,7 @@ COLUMNS = [
     ("cross_host", "across hosts"),
     ("notifications", "notified waiting"),
     ("fence_survives_data_loss", "fences survive data loss"),
+    ("announcements", "notified observe"),
 ]
 
 

@@ -25,6 +25,7 @@ SYNC_DIR = ROOT / "src" / "leasehold" / "_sync"
 HANDWRITTEN = {
     "_concurrency.py",
     "backends/_redis_io.py",
+    "backends/_redis_pubsub.py",
     "backends/_postgres_io.py",
 }
 
@@ -54,6 +55,7 @@ REPLACEMENTS = {
     "AsyncFaultyStore": "FaultyStore",
     "AsyncCountingStore": "CountingStore",
     "AsyncWrappedStore": "WrappedStore",
+    "AsyncSubscription": "Subscription",
     "check_async": "check",
     "aclose": "close",
     "aiter": "iter",

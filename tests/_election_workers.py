@@ -101,11 +101,35 @@ def permit(url: str, name: str, limit: int, ttl: float, ledger: str, stop: str, 
     client.close()
 
 
+def flip(url: str, name: str, ttl: float, identity: str, events: str, rounds: int) -> None:
+    """Lead and resign ``rounds`` times, pausing between, then break a lease on the
+    name and exit. Records [event, term, t] with t on CLOCK_MONOTONIC, taken right
+    after each change was made (and announced) in the store."""
+    with leasehold.Client(url) as client:
+        election = client.election(name, ttl=ttl, identity=identity)
+        for _ in range(rounds):
+            term = election.campaign(timeout=30).fence
+            append(events, ["lead", term, time.monotonic()])
+            time.sleep(0.4)
+            election.resign()
+            append(events, ["resigned", term, time.monotonic()])
+            time.sleep(0.4)
+        # Ended by break_lease through the client: announced too.
+        term = election.campaign(timeout=30).fence
+        append(events, ["lead", term, time.monotonic()])
+        time.sleep(0.4)
+        client.break_lease(name)
+        append(events, ["resigned", term, time.monotonic()])
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "candidate":
         url, name, ttl, identity, mode, events = args
         candidate(url, name, float(ttl), identity, mode, events)
+    elif command == "flip":
+        url, name, ttl, identity, events, rounds = args
+        flip(url, name, float(ttl), identity, events, int(rounds))
     elif command == "permit":
         url, name, limit, ttl, ledger, stop, seed = args
         permit(url, name, int(limit), float(ttl), ledger, stop, int(seed))

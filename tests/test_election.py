@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -26,10 +28,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 import leasehold
 from leasehold._core.election import (
+    CHANGES,
     LocalChanges,
     current_holder,
     observe_delay,
     rejoin_delay,
+    watch_delay,
 )
 from leasehold._core.records import HolderInfo
 from leasehold.testing import BackendHarness
@@ -117,6 +121,11 @@ def test_observe_delay_policy() -> None:
     for ttl in (0.2, 1.0, 30.0):
         ceiling = min(1.0, ttl / 4)
         assert all(ceiling / 2 <= rejoin_delay(ttl, rng) <= ceiling for _ in range(100))
+    # Notified observers: a safety poll of ttl/3 (jittered down a little), and just
+    # after the leader's expiry.
+    for ttl in (0.5, 30.0, 3600.0):
+        assert all(ttl / 3 * 0.8 <= watch_delay(ttl, None, rng) <= ttl / 3 for _ in range(100))
+        assert watch_delay(ttl, 0.05, rng) <= 0.06
 
 
 def test_current_holder_and_local_changes() -> None:
@@ -262,6 +271,178 @@ def test_local_changes_wake_observers_at_once(
         items = watcher.stop()  # stop() wakes the observer too
         assert time.monotonic() - started < 1.0
     assert items == [None, leasehold.Leader(candidate.identity, term, items[1].since), None]  # type: ignore[union-attr]
+
+
+def test_observers_are_notified_through_the_store(
+    lh_backend: BackendHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ttl=30 an observer's safety poll is 8-10 s apart, and in-process wake-ups
+    are switched off here: only the store's announcements can explain changes seen
+    within a second by an observer on another Client."""
+    url = shared_url(lh_backend)
+    name = lh_backend.unique("el")
+    with (
+        leasehold.Client(url) as ca,
+        leasehold.Client(url) as cb,
+        leasehold.Client(url) as observing,
+    ):
+        if not ca.store.capabilities.announcements:
+            pytest.skip(f"{lh_backend.name} has no announcements: observers poll")
+        watcher = Watcher(observing.election(name, ttl=30))
+        wait_until(lambda: watcher.seen, 5, "the first observation")
+        monkeypatch.setattr(CHANGES, "announce", lambda name: None)
+        a = ca.election(name, ttl=30, identity="a")
+        b = cb.election(name, ttl=30, identity="b")
+        first = a.campaign(timeout=5).fence
+        assert wait_until(lambda: watcher.sees_term(first), 5, "a campaign") < 1.0
+        got: list[leasehold.Lease] = []
+        thread = threading.Thread(target=lambda: got.append(b.campaign(timeout=10)), daemon=True)
+        thread.start()
+        time.sleep(0.2)
+        assert a.resign()  # hands over to the queued candidate
+        thread.join(10)
+        second = got[0].fence
+        assert wait_until(lambda: watcher.sees_term(second), 5, "the hand-over") < 1.0
+        assert b.resign()
+        assert wait_until(lambda: watcher.sees_vacancy_after(second), 5, "a vacancy") < 1.0
+        third = a.campaign(timeout=5).fence
+        assert wait_until(lambda: watcher.sees_term(third), 5, "a new term") < 1.0
+        assert cb.break_lease(name) == 1  # through another client
+        assert wait_until(lambda: watcher.sees_vacancy_after(third), 5, "a break") < 1.0
+        monkeypatch.undo()  # stop() wakes the observer in-process
+        items = watcher.stop()
+    # (A vacancy between "a" and "b" is seen where the hand-over is not atomic.)
+    assert items[0] is None and items[-1] is None
+    assert [(x.identity, x.term) for x in items if x is not None] == [
+        ("a", first),
+        ("b", second),
+        ("a", third),
+    ]
+
+
+def test_async_observer_is_notified_through_the_store(
+    lh_backend: BackendHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = shared_url(lh_backend)
+    name = lh_backend.unique("el")
+
+    async def scenario() -> None:
+        async with leasehold.AsyncClient(url) as ca, leasehold.AsyncClient(url) as observing:
+            if not ca.store.capabilities.announcements:
+                pytest.skip(f"{lh_backend.name} has no announcements: observers poll")
+            observer = observing.election(name, ttl=30)
+            seen: list[tuple[float, leasehold.Leader | None]] = []
+
+            async def watch() -> None:
+                async for leader in observer.observe():
+                    seen.append((time.monotonic(), leader))
+
+            async def until(condition: Callable[[], object]) -> float:
+                started = time.monotonic()
+                async with asyncio.timeout(5):
+                    while not condition():
+                        await asyncio.sleep(0.002)
+                return time.monotonic() - started
+
+            watcher = asyncio.ensure_future(watch())
+            await until(lambda: seen)
+            monkeypatch.setattr(CHANGES, "announce", lambda name: None)
+            candidate = ca.election(name, ttl=30, identity="async")
+            lease = await candidate.campaign(timeout=5)
+            assert await until(lambda: seen[-1][1] is not None) < 1.0
+            assert seen[-1][1] == leasehold.Leader("async", lease.fence, seen[-1][1].since)  # type: ignore[union-attr]
+            assert await candidate.resign()
+            assert await until(lambda: seen[-1][1] is None) < 1.0
+            monkeypatch.undo()
+            observer.stop()
+            async with asyncio.timeout(2):
+                await watcher
+            assert [leader for _, leader in seen][::2] == [None, None]
+
+    asyncio.run(scenario())
+
+
+def test_observer_sees_another_process_change_leader_at_once(
+    shared_url: str, tmp_path: Path
+) -> None:
+    """A candidate in another process leads, resigns and is broken three times; an
+    observer here (ttl=30: safety polls 8-10 s apart) sees each change within a
+    second of it, in order."""
+    name = f"flip:{uuid.uuid4().hex[:12]}"
+    events = tmp_path / "events.jsonl"
+    with leasehold.Client(shared_url) as client:
+        watcher = Watcher(client.election(name, ttl=30))
+        try:
+            wait_until(lambda: watcher.seen, 5, "the first observation")
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests._election_workers",
+                    "flip",
+                    shared_url,
+                    name,
+                    "30",
+                    "flipper",
+                    str(events),
+                    "2",
+                ],
+                cwd=ROOT,
+            )
+            try:
+                assert worker.wait(60) == 0
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+            changes = [(str(e), int(n), float(at)) for e, n, at in read_events(events)]  # type: ignore[call-overload, arg-type]
+            assert [event for event, _, _ in changes] == ["lead", "resigned"] * 3
+            last = changes[-1][1]
+            wait_until(lambda: watcher.sees_vacancy_after(last), 5, "the last change")
+        finally:
+            items = watcher.stop()
+    assert [None if x is None else x.identity for x in items] == [None, "flipper"] * 3 + [None]
+    terms = [term for event, term, _ in changes if event == "lead"]
+    assert [x.term for x in items if x is not None] == terms
+    seen = watcher.seen
+    for event, term, at in changes:
+        if event == "lead":
+            when = next(t for t, x in seen if x is not None and x.term == term)
+        else:
+            index = next(i for i, (_, x) in enumerate(seen) if x is not None and x.term == term)
+            when = next(t for t, x in seen[index:] if x is None)
+        assert when - at < 1.0, (event, term, when - at)
+
+
+def test_observe_polls_behind_a_transaction_pooler(postgres_server: Any) -> None:
+    """No LISTEN behind a transaction pooler: subscriptions poll and observers fall
+    back to adaptive polling. Announcements still go out as NOTIFY, so a store with
+    a direct session hears them."""
+    direct_url = postgres_server.url
+    pooled_url = direct_url + ("&" if "?" in direct_url else "?") + "pooler=transaction"
+    name = f"pooled:{uuid.uuid4().hex[:12]}"
+    with (
+        leasehold.Client(pooled_url) as pooled,
+        leasehold.Client(pooled_url) as other,
+        leasehold.Client(direct_url) as direct,
+    ):
+        assert pooled.store.capabilities.announcements is False
+        assert direct.store.capabilities.announcements is True
+        with pooled.store.subscribe(name) as polling, direct.store.subscribe(name) as hearing:
+            pooled.store.announce(name)
+            assert hearing.wait(5.0) is True
+            assert polling.wait(0.3) is False
+        watcher = Watcher(other.election(name, ttl=0.9))  # polls at most 0.3 s apart
+        wait_until(lambda: watcher.seen, 5, "the first observation")
+        candidate = pooled.election(name, ttl=5)
+        term = candidate.campaign(timeout=5).fence
+        wait_until(lambda: watcher.sees_term(term), 2, "a polled change")
+        candidate.resign()
+        wait_until(lambda: watcher.sees_vacancy_after(term), 2, "a polled vacancy")
+        assert watcher.stop() == [None, leasehold.Leader(candidate.identity, term, _NOW), None]
+
+
+_NOW = datetime.now(UTC)
 
 
 class Runner:

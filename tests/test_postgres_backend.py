@@ -29,7 +29,14 @@ pytest.importorskip("psycopg_pool")
 from leasehold import Client  # noqa: E402
 from leasehold._async.backends import postgres as apg  # noqa: E402
 from leasehold._core.clock import SYSTEM_CLOCK  # noqa: E402
-from leasehold._core.records import AcquireRequest, Busy, Granted, Holder, RenewItem  # noqa: E402
+from leasehold._core.records import (  # noqa: E402
+    AcquireRequest,
+    Busy,
+    Granted,
+    HandedOver,
+    Holder,
+    RenewItem,
+)
 from leasehold._core.url import parse  # noqa: E402
 from leasehold._errors import InvalidArgument, StoreUnavailable  # noqa: E402
 from leasehold._sync.backends import postgres as spg  # noqa: E402
@@ -325,16 +332,20 @@ def test_release_wakes_only_the_head_waiter(pg: PostgresServer) -> None:
             holder_store, head_store, tail_store = stores
             name = unique()
             holder, head, tail = tok(), tok(), tok()
-            assert isinstance(await holder_store.acquire(req(name, holder)), Granted)
+            first = await holder_store.acquire(req(name, holder))
+            assert isinstance(first, Granted)
             assert (await head_store.acquire(req(name, head, queue_ttl=10))).position == 0  # type: ignore[union-attr]
             assert (await tail_store.acquire(req(name, tail, queue_ttl=10))).position == 1  # type: ignore[union-attr]
             tail_wait = asyncio.ensure_future(tail_store.wait(name, tail, 0.5))
             started = time.monotonic()
             await holder_store.release(name, holder)
-            assert await head_store.wait(name, head, 5.0) is True
+            handed = await head_store.wait(name, head, 5.0)
+            assert isinstance(handed, HandedOver) and handed.fence > first.fence
             assert time.monotonic() - started < 1.0
             assert await tail_wait is False
-            assert isinstance(await head_store.acquire(req(name, head, queue_ttl=10)), Granted)
+            # An acquire after the hand-over (the waiter cannot know) confirms it.
+            again = await head_store.acquire(req(name, head, queue_ttl=10))
+            assert again == Granted(handed.fence)
         finally:
             for store in stores:
                 await store.aclose()
@@ -353,13 +364,148 @@ def test_wake_sent_before_wait_is_not_missed(pg: PostgresServer) -> None:
             listener = store._listener
             await store.release(name, holder)
             await asyncio.sleep(0.3)  # the notification arrives while nobody waits
-            assert await store.wait(name, waiter, 0.01) is True
+            assert isinstance(await store.wait(name, waiter, 0.01), HandedOver)
             # One listening connection per store, reused by every waiter.
             assert isinstance(await store.acquire(req(unique(), tok(), queue_ttl=5)), Granted)
             await store.acquire(req(name, tok(), queue_ttl=5))
             assert store._listener is listener
         finally:
             await store.aclose()
+
+    run(main)
+
+
+def test_hand_over_makes_the_head_waiter_a_full_holder(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store, other = astore(pg.url), astore(pg.url)
+        waiter_holder = Holder(owner="the-waiter", host="waiter-host", pid=7)
+        try:
+            name = unique()
+            a, b = tok(), tok()
+            first = await store.acquire(req(name, a))
+            assert isinstance(first, Granted)
+            queued = AcquireRequest(name, b, waiter_holder, ttl=20.0, queue_ttl=10.0)
+            assert isinstance(await other.acquire(queued), Busy)
+            assert await store.release(name, a) is True
+            handed = await other.wait(name, b, 5.0)
+            assert isinstance(handed, HandedOver) and handed.fence > first.fence
+            # A full holder: listed with its own request's identity, counted toward
+            # the limit, renewable, releasable.
+            (info,) = await store.holders(name)
+            assert (info.fence, info.owner, info.host, info.pid) == (
+                handed.fence,
+                "the-waiter",
+                "waiter-host",
+                7,
+            )
+            assert info.expires_in <= 10.0  # min(queue expiry, now + ttl)
+            assert isinstance(await store.acquire(req(name, tok())), Busy)
+            assert await other.renew([RenewItem(name, b, 20.0)]) == [True]
+            (info,) = await store.holders(name)
+            assert 10.0 < info.expires_in <= 20.0
+            assert await other.release(name, b) is True
+            assert await store.holders(name) == []
+            third = await store.acquire(req(name, tok()))
+            assert isinstance(third, Granted) and third.fence > handed.fence
+        finally:
+            await store.aclose()
+            await other.aclose()
+
+    run(main)
+
+
+def test_hand_over_fills_only_the_free_places_of_a_semaphore(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            name = unique("sem")
+            h1, h2, w1, w2, w3 = (tok() for _ in range(5))
+            for token in (h1, h2):
+                assert isinstance(await store.acquire(req(name, token, limit=2)), Granted)
+            for token in (w1, w2, w3):
+                assert isinstance(
+                    await store.acquire(req(name, token, limit=2, queue_ttl=10)), Busy
+                )
+            await store.release(name, h1)  # one place: the head only
+            assert isinstance(await store.wait(name, w1, 5.0), HandedOver)
+            assert await store.wait(name, w2, 0.2) is False
+            assert len(await store.holders(name)) == 2
+            assert await store.break_lease(name) == 2  # two places: the next two
+            fences = [await store.wait(name, w, 5.0) for w in (w2, w3)]
+            assert all(isinstance(f, HandedOver) for f in fences)
+            assert sorted(h.fence for h in await store.holders(name)) == sorted(
+                f.fence for f in fences if isinstance(f, HandedOver)
+            )
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_a_waiter_that_died_blocks_the_name_at_most_its_queue_ttl(pg: PostgresServer) -> None:
+    async def main() -> None:
+        store = astore(pg.url)
+        try:
+            name = unique()
+            holder, dead, alive = tok(), tok(), tok()
+            await store.acquire(req(name, holder, ttl=30))
+            # Queued, then gone without a word: a 0.5 s queue place, a 30 s ttl.
+            assert isinstance(await store.acquire(req(name, dead, ttl=30, queue_ttl=0.5)), Busy)
+            assert isinstance(await store.acquire(req(name, alive, queue_ttl=10)), Busy)
+            started = time.monotonic()
+            await store.release(name, holder)  # hands over to the dead waiter
+            (info,) = await store.holders(name)
+            assert info.expires_in <= 0.5
+            while not isinstance(await store.acquire(req(name, alive, queue_ttl=10)), Granted):
+                assert time.monotonic() - started < 5.0
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - started < 2.0
+        finally:
+            await store.aclose()
+
+    run(main)
+
+
+def test_a_hand_over_commits_durably(pg: PostgresServer) -> None:
+    store = sstore(pg.url)
+    try:
+        name, holder, waiter = unique(), tok(), tok()
+        store.acquire(req(name, holder))
+        assert isinstance(store.acquire(req(name, waiter, queue_ttl=10)), Busy)
+    finally:
+        store.close()
+    with psycopg.connect(pg.url) as conn:  # not autocommit: look inside the transaction
+        assert conn.execute(
+            "SELECT * FROM leasehold.release(%s, %s)", (name, holder)
+        ).fetchone() == (True,)
+        # It granted (a fence to the waiter): its commit must flush, unlike a release.
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        fence, queued = conn.execute(
+            "SELECT h.fence, (SELECT count(*) FROM leasehold.waiters w WHERE w.name = h.name) "
+            "FROM leasehold.holders h WHERE h.name = %s AND h.token = %s",
+            (name, waiter),
+        ).fetchone() or (None, None)
+        assert fence is not None and queued == 0  # a holder now, out of the queue
+        conn.rollback()
+
+
+def test_pooler_mode_hand_over_is_confirmed_by_the_next_acquire(pg: PostgresServer) -> None:
+    async def main() -> None:
+        pooled = astore(_url(pg, pooler="transaction"))
+        try:
+            assert pooled.capabilities.hand_over is False
+            name = unique()
+            holder, waiter = tok(), tok()
+            first = await pooled.acquire(req(name, holder))
+            assert isinstance(first, Granted)
+            assert isinstance(await pooled.acquire(req(name, waiter, queue_ttl=10)), Busy)
+            await pooled.release(name, holder)
+            assert await pooled.wait(name, waiter, 0.05) is False  # polls: no notification
+            (info,) = await pooled.holders(name)
+            again = await pooled.acquire(req(name, waiter, queue_ttl=10))
+            assert again == Granted(info.fence) and info.fence > first.fence
+        finally:
+            await pooled.aclose()
 
     run(main)
 
@@ -374,10 +520,10 @@ def test_break_lease_wakes_and_bumps_fence(pg: PostgresServer) -> None:
             assert isinstance(first, Granted)
             assert isinstance(await other.acquire(req(name, b, queue_ttl=10)), Busy)
             assert await store.break_lease(name) == 1
-            assert await other.wait(name, b, 5.0) is True
+            handed = await other.wait(name, b, 5.0)  # break_lease hands over too
+            assert isinstance(handed, HandedOver) and handed.fence > first.fence
             assert await store.renew([RenewItem(name, a, 30)]) == [False]
-            second = await other.acquire(req(name, b, queue_ttl=10))
-            assert isinstance(second, Granted) and second.fence > first.fence
+            assert await other.acquire(req(name, b, queue_ttl=10)) == Granted(handed.fence)
             assert await store.break_lease(unique()) == 0
         finally:
             await store.aclose()
@@ -506,19 +652,23 @@ def test_renew_batches_beyond_one_call_are_split(
 
 
 def test_functions_ignore_the_callers_search_path(pg: PostgresServer) -> None:
-    # No function has a SET clause (they cost a save and restore per call); every
-    # table, sequence and function of ours is qualified instead, so look-alike
-    # tables earlier on the caller's search_path (or in pg_temp) change nothing.
+    # No function sets search_path (a save, a path recomputation and a restore per
+    # call); every table, sequence and function of ours is qualified instead, so
+    # look-alike tables earlier on the caller's search_path (or in pg_temp) change
+    # nothing. Only the three functions that look rows up by name have SET clauses:
+    # lock_timeout and the planner settings that keep them on index scans.
     store = sstore(pg.url)
     try:
         store.ping()
     finally:
         store.close()
     rows = pg.execute(
-        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = 'leasehold' AND p.proconfig IS NOT NULL"
+        "SELECT p.proname, p.proconfig FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'leasehold' AND p.proconfig IS NOT NULL ORDER BY 1"
     )
-    assert rows == []
+    settings = ["lock_timeout=10s", "enable_seqscan=off", "enable_bitmapscan=off"]
+    assert rows == [(f, settings) for f in ("acquire", "break_lease", "release")]
     decoy = "decoy_" + uuid.uuid4().hex[:8]
     name, token = unique(), tok()
     with psycopg.connect(pg.url, autocommit=True) as conn:
@@ -877,6 +1027,56 @@ def test_upgrade_from_schema_version_2_adds_indexes_and_keeps_leases(pg: Postgre
         assert store.release(name, token) is True
         after = store.acquire(req(name, tok()))
         assert isinstance(after, Granted) and after.fence > old_version
+    finally:
+        store.close()
+    # Idempotent: running the file again changes nothing and fails nothing.
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_current_schema_sql(), schema))
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+
+
+# Version 3 of schema.sql (expires_at indexes): the starting point of the version 4
+# upgrade (hand-over).
+V3_SCHEMA_COMMIT = "1f54317c507a7d42b9e1bc6df9a34dfd5068e8eb"
+
+
+def test_upgrade_from_schema_version_3_hands_over_to_old_queue_entries(
+    pg: PostgresServer,
+) -> None:
+    schema = "upgrade3_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_schema_sql_at(V3_SCHEMA_COMMIT, "AS $$ SELECT 3 $$"), schema))
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(3,)]
+    name, holder, waiter = unique(), tok(), tok()
+    call = f"SELECT granted, fence FROM {schema}.acquire(%s, %s, 'old', 'h', 1, 60, 1, %s, %s, %s)"
+    ((granted, old_fence),) = pg.execute(call, (name, holder, None, None, None))
+    assert granted is True
+    # Queued by version 3: no owner or ttl in its queue entry, woken on its channel.
+    ((granted, _),) = pg.execute(call, (name, waiter, 30.0, "old_channel", "old_key"))
+    assert granted is False
+
+    store = sstore(_url(pg, schema=schema))
+    try:
+        assert store.renew([RenewItem(name, holder, 60)]) == [True]  # installs version 4
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+        columns = pg.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = 'waiters'",
+            (schema,),
+        )
+        assert {"owner", "host", "pid", "ttl"} <= {str(c[0]) for c in columns}
+        assert pg.execute(
+            "SELECT to_regprocedure(%s)", (f"{schema}.wake(text,timestamptz,integer)",)
+        ) == [(None,)]
+        # The old queue entry is handed over: for as long as its queue place lasts.
+        assert store.release(name, holder) is True
+        (info,) = store.holders(name)
+        assert info.fence > old_fence and info.owner == "" and info.expires_in <= 30.0
+        confirmed = store.acquire(req(name, waiter, queue_ttl=10))
+        assert confirmed == Granted(info.fence)
+        (info,) = store.holders(name)
+        assert info.expires_in > 29.0  # confirmed: a full ttl
+        assert store.release(name, waiter) is True
     finally:
         store.close()
     # Idempotent: running the file again changes nothing and fails nothing.
@@ -1324,11 +1524,55 @@ def test_terminated_listener_wakes_waiters_and_listens_again(own_pg: PostgresSer
             assert isinstance(await waiter_store.acquire(req(name, waiter, queue_ttl=10)), Busy)
             assert waiter_store._listener is not first_listener
             await store.release(name, holder)
-            assert await waiter_store.wait(name, waiter, 5.0) is True
-            assert isinstance(await waiter_store.acquire(req(name, waiter, queue_ttl=10)), Granted)
+            handed = await waiter_store.wait(name, waiter, 5.0)
+            assert isinstance(handed, HandedOver)
+            assert await waiter_store.acquire(req(name, waiter, queue_ttl=10)) == Granted(
+                handed.fence
+            )
         finally:
             await store.aclose()
             await waiter_store.aclose()
+
+    run(main)
+
+
+def test_lost_announcement_listener_wakes_subscribers_and_listens_again(
+    own_pg: PostgresServer,
+) -> None:
+    async def main() -> None:
+        store, listening = astore(own_pg.url), astore(own_pg.url)
+        try:
+            async with listening.subscribe("election:x") as subscription:
+                assert await subscription.wait(0.05) is False
+                own_pg.terminate_backends()
+                # Announcements may have been lost with the listener: every subscriber
+                # is woken, and the next wait listens anew first (and says so).
+                assert await subscription.wait(5.0) is True
+                assert await subscription.wait(5.0) is True
+                await store.announce("election:x")
+                assert await subscription.wait(5.0) is True
+                assert await subscription.wait(0.1) is False
+        finally:
+            await store.aclose()
+            await listening.aclose()
+
+    run(main)
+
+
+def test_announcements_stay_in_their_schema(pg: PostgresServer) -> None:
+    assert apg.announce_channel("leasehold") != apg.announce_channel("other")
+
+    async def main() -> None:
+        mine, theirs = astore(pg.url), astore(_url(pg, schema="lh_announce_other"))
+        try:
+            async with mine.subscribe("t") as subscription:
+                await theirs.announce("t")  # another schema: another store
+                assert await subscription.wait(0.3) is False
+                await mine.announce("t")
+                assert await subscription.wait(5.0) is True
+        finally:
+            await mine.aclose()
+            await theirs.aclose()
 
     run(main)
 
@@ -1517,10 +1761,11 @@ def test_sync_store_contract(pg: PostgresServer) -> None:
         assert isinstance(busy, Busy) and busy.position == 0
         threading.Timer(0.2, lambda: store.release(name, a)).start()
         started = time.monotonic()
-        assert other.wait(name, b, 5.0) is True
+        handed = other.wait(name, b, 5.0)
+        assert isinstance(handed, HandedOver) and handed.fence > first.fence
         assert time.monotonic() - started < 2.0
         second = other.acquire(req(name, b, queue_ttl=10))
-        assert isinstance(second, Granted) and second.fence > first.fence
+        assert second == Granted(handed.fence)
         assert store.renew([RenewItem(name, a, 5), RenewItem(name, b, 5)]) == [False, True]
         assert [h.fence for h in store.holders(name)] == [second.fence]
         assert store.break_lease(name) == 1
@@ -1541,9 +1786,10 @@ def test_sync_wake_before_wait_and_pooler_mode(pg: PostgresServer) -> None:
         assert isinstance(store.acquire(req(name, waiter, queue_ttl=10)), Busy)
         store.release(name, holder)
         time.sleep(0.3)
-        assert store.wait(name, waiter, 0.01) is True
+        assert isinstance(store.wait(name, waiter, 0.01), HandedOver)
         assert isinstance(pooled, spg.PooledPostgresStore)
         assert pooled.capabilities.notifications is False
+        assert pooled.capabilities.hand_over is False
         other = unique()
         pooled.acquire(req(other, holder))
         assert isinstance(pooled.acquire(req(other, waiter, queue_ttl=10)), Busy)

@@ -29,6 +29,7 @@ from leasehold._core.records import (
     AcquireRequest,
     Busy,
     Granted,
+    HandedOver,
     Holder,
     RenewItem,
 )
@@ -222,7 +223,7 @@ def test_key_layout_keeps_a_name_in_one_slot() -> None:
         slots = {key_slot(key.encode()) for key in everything}
         assert len(slots) == 1, (lease, everything)
         bucket = layout.bucket(lease)
-        assert keys.holders == f"leasehold:{{{bucket}}}:h:{lease}"
+        assert keys.state == f"leasehold:{{{bucket}}}:n:{lease}"
         assert keys.floor == f"leasehold:{{{bucket}}}:fence"
         assert keys.index in layout.indexes()
 
@@ -230,7 +231,7 @@ def test_key_layout_keeps_a_name_in_one_slot() -> None:
 def test_key_layout_is_stable_and_spread() -> None:
     layout = async_redis.KeyLayout("p:")
     # Stable across processes and versions: pinned values (CRC-32 of the UTF-8 name).
-    assert layout.for_name("jobs/nightly").holders == "p:{891}:h:jobs/nightly"
+    assert layout.for_name("jobs/nightly").state == "p:{891}:n:jobs/nightly"
     assert layout.bucket("a{b}c") == layout.bucket("a{b}c")
     buckets = {layout.bucket(f"name-{i}") for i in range(5000)}
     assert len(buckets) > 0.95 * async_redis.BUCKETS
@@ -360,12 +361,16 @@ def test_release_wakes_the_head_waiter_only(server: RedisServer) -> None:
         assert await store.release(lease, "holder")
         assert [admin.exists(keys.signal(t)) for t in "abc"] == [1, 0, 0]
         assert not await store.wait(lease, "b", 0.05)
-        assert await store.wait(lease, "a", 1)
-        fence_of(await store.acquire(req(lease, "a", queue_ttl=10)))
-        # A waiter that gives up passes the turn on when it leaves the queue.
+        handed = await store.wait(lease, "a", 1)
+        assert isinstance(handed, HandedOver)
+        assert fence_of(await store.acquire(req(lease, "a", queue_ttl=10))) == handed.fence
+        # The place passes on to the next waiter when the holder leaves.
         assert await store.release(lease, "a")
         assert [admin.exists(keys.signal(t)) for t in "bc"] == [1, 0]
-        assert not await store.release(lease, "b")  # a waiter, not a holder
+        # b was handed the place without collecting it: still a holder, and its
+        # release passes the place on to c.
+        assert await store.release(lease, "b")
+        assert admin.exists(keys.signal("b")) == 0
         assert admin.exists(keys.signal("c")) == 1
 
     try:
@@ -442,8 +447,9 @@ def test_semaphore_release_wakes_as_many_as_places(server: RedisServer) -> None:
         for token in ("a", "b", "c"):
             await store.acquire(req(lease, token, limit=2, queue_ttl=10))
         assert await store.break_lease(lease) == 2
+        # Both places are handed over at once: a and b are signalled, c is not.
         assert [admin.exists(keys.signal(t)) for t in "abc"] == [1, 1, 0]
-        # "a" takes a place; "b" was told already and keeps its one signal.
+        # "a" confirms its place (its signal goes); "b" keeps its one signal.
         fence_of(await store.acquire(req(lease, "a", limit=2, queue_ttl=10)))
         assert admin.llen(keys.signal("b")) == 1
         assert admin.exists(keys.signal("c")) == 0
@@ -461,10 +467,13 @@ def test_break_lease(server: RedisServer) -> None:
         broken = fence_of(await store.acquire(req(lease, "t1")))
         await store.acquire(req(lease, "w", queue_ttl=10))
         assert await store.break_lease(lease) == 1
-        assert await store.break_lease(lease) == 0
         assert await store.renew([RenewItem(lease, "t1", 10)]) == [False]
-        assert await store.wait(lease, "w", 1)
-        assert fence_of(await store.acquire(req(lease, "w", queue_ttl=10))) > broken
+        # The place went to the waiter, with a fence above the broken one.
+        handed = await store.wait(lease, "w", 1)
+        assert isinstance(handed, HandedOver) and handed.fence > broken
+        assert await store.break_lease(lease) == 1
+        assert await store.break_lease(lease) == 0
+        assert fence_of(await store.acquire(req(lease, "w", queue_ttl=10))) > handed.fence
 
     with_store(server.url, scenario)
 
@@ -555,7 +564,7 @@ def test_waiters_beyond_the_blocking_pool_still_wake(server: RedisServer) -> Non
 
         helper = asyncio.create_task(hand_over())
         woken = await asyncio.gather(store.wait(lease, "a", 3), store.wait(lease, "b", 3))
-        assert woken == [True, True]
+        assert [isinstance(result, HandedOver) for result in woken] == [True, True]
         await helper
 
     with_store(url, scenario)
@@ -687,23 +696,22 @@ def test_release_hands_the_place_to_the_head_waiter(server: RedisServer) -> None
         assert isinstance(await store.acquire(req(lease, "w1", queue_ttl=0.5)), Busy)
         assert isinstance(await store.acquire(req(lease, "w2", queue_ttl=10)), Busy)
         assert await store.release(lease, "holder")
-        # w1 holds provisionally: nobody can slip in, but it cannot renew yet.
-        [provisional] = await store.holders(lease)
-        assert provisional.fence > first
+        # w1 holds at once: nobody can slip in, and it can renew without confirming.
+        [handed] = await store.holders(lease)
+        assert handed.fence > first
+        assert handed.expires_in <= 0.5  # on its queue place until renewed
         assert isinstance(await store.acquire(req(lease, "outsider")), Busy)
-        assert await store.renew([RenewItem(lease, "w1", 10)]) == [False]
-        assert await store.wait(lease, "w1", 1)
-        # Confirming keeps the handed fence and makes the grant a normal one.
-        assert fence_of(await store.acquire(req(lease, "w1", queue_ttl=0.5))) == provisional.fence
+        assert await store.wait(lease, "w1", 1) == HandedOver(handed.fence)
         assert await store.renew([RenewItem(lease, "w1", 10)]) == [True]
+        # A late acquire (its wake-up lost) confirms and keeps the handed fence.
+        assert fence_of(await store.acquire(req(lease, "w1", queue_ttl=0.5))) == handed.fence
         assert await store.release(lease, "w1")
-        # w2 is handed the place next, but never confirms: its grant lasts only as
-        # long as its queue place would have, not its ttl.
-        assert await store.wait(lease, "w2", 1)
-        [unconfirmed] = await store.holders(lease)
-        assert unconfirmed.expires_in <= 10
-        assert not await store.release(lease, "w2")  # not confirmed: not held
+        # w2 is handed the place next and, a full holder, releases it uncollected.
+        [uncollected] = await store.holders(lease)
+        assert uncollected.expires_in <= 10
+        assert await store.release(lease, "w2")
         assert await store.holders(lease) == []
+        assert await store.wait(lease, "w2", 0.05) is False  # its signal went too
 
     with_store(server.url, scenario)
 
@@ -877,7 +885,8 @@ ACL_RULES = (
     "on resetkeys ~leasehold:* resetchannels -@all "
     "+evalsha +script|load +blpop +lpop +ping +time +info +client|setname "
     "+select +zadd +zrem +zscore +zrank +zcard +zrange +zrangebyscore +zremrangebyscore "
-    "+hget +hmget +hset +hdel +get +set +del +exists +lpush +pexpire +pttl"
+    "+hget +hmget +hset +hdel +get +set +del +exists +lpush +pexpire +pttl "
+    "&leasehold:* +publish +subscribe"
 )
 
 
@@ -897,8 +906,8 @@ def test_acl_user_with_documented_permissions(private: Callable[..., RedisServer
         assert await store.renew([RenewItem(lease, "t1", 5)]) == [True]
         assert len(await store.leases()) == 1
         assert await store.release(lease, "t1")
-        assert await store.wait(lease, "t2", 1)
-        assert await store.break_lease(lease) == 0
+        assert isinstance(await store.wait(lease, "t2", 1), HandedOver)
+        assert await store.break_lease(lease) == 1  # t2, handed the place
         assert await store.server_time() is not None
         version = await store.write_record(lease, 0, b"v")
         assert (await store.read_record(lease)).version == version
@@ -909,13 +918,60 @@ def test_acl_user_with_documented_permissions(private: Callable[..., RedisServer
         with_store(limited, lambda store: store.acquire(req(name(), "t")))
 
 
+def test_acl_user_announces_and_subscribes(private: Callable[..., RedisServer]) -> None:
+    instance = private()
+    admin = instance.client()
+    admin.execute_command("ACL", "SETUSER", "worker", *ACL_RULES.split(), ">w0rker-pw")
+    without = ACL_RULES.replace("&leasehold:*", "").split()
+    admin.execute_command("ACL", "SETUSER", "nochannels", *without, ">nc-pw")
+    admin.close()
+    port = instance.port
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        async with store.subscribe("election:x") as subscription:
+            await store.announce("election:x")
+            assert await subscription.wait(5.0) is True
+
+    with_store(f"redis://worker:w0rker-pw@127.0.0.1:{port}/0", scenario)
+
+    async def degraded(store: async_redis.AsyncRedisStore) -> None:
+        # Without the channel permission announcing fails (elections log it), and
+        # subscriptions poll instead of failing; doctor says why.
+        with pytest.raises(StoreUnavailable, match="permission"):
+            await store.announce("election:x")
+        async with store.subscribe("election:x") as subscription:
+            assert subscription.notified is False
+            assert await subscription.wait(0.2) is False
+        assert any("SUBSCRIBE" in warning for warning in store.warnings())
+
+    with_store(f"redis://nochannels:nc-pw@127.0.0.1:{port}/0", degraded)
+
+
+def test_announcement_channel_is_per_prefix_and_database(server: RedisServer) -> None:
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        assert store.announce_channel == "app:announce:3"
+        async with store.subscribe("t") as subscription:
+            # Another prefix or database is another store: not woken.
+            base = f"redis://127.0.0.1:{server.port}"
+            other = async_redis.from_url(parse(base + "/0?prefix=app:"), SYSTEM_CLOCK)
+            try:
+                await other.announce("t")
+            finally:
+                await other.aclose()
+            assert await subscription.wait(0.3) is False
+            await store.announce("t")
+            assert await subscription.wait(5.0) is True
+
+    with_store(f"redis://127.0.0.1:{server.port}/3?prefix=app:", scenario)
+
+
 def test_database_number_is_used(private: Callable[..., RedisServer]) -> None:
     instance = private()
     admin = instance.client(db=3)
     try:
         url = f"redis://127.0.0.1:{instance.port}/3?prefix=app:"
         fence_of(with_store(url, lambda store: store.acquire(req("db-test", "t"))))
-        assert admin.exists(async_redis.KeyLayout("app:").for_name("db-test").holders) == 1
+        assert admin.exists(async_redis.KeyLayout("app:").for_name("db-test").state) == 1
     finally:
         admin.close()
 

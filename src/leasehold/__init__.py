@@ -12,7 +12,7 @@ from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock
 from leasehold._async.once import AsyncOnce
 from leasehold._async.presence import AsyncPresence
-from leasehold._async.store import AsyncStore
+from leasehold._async.store import AsyncStore, AsyncSubscription
 from leasehold._core.clock import Clock, FakeClock, SystemClock
 from leasehold._core.election import Leader
 from leasehold._core.once import NoResult
@@ -45,7 +45,7 @@ from leasehold._sync.lease import Lease
 from leasehold._sync.lock import Lock
 from leasehold._sync.once import Once
 from leasehold._sync.presence import Presence
-from leasehold._sync.store import Store
+from leasehold._sync.store import Store, Subscription
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "AsyncOnce",
     "AsyncPresence",
     "AsyncStore",
+    "AsyncSubscription",
     "Busy",
     "Capabilities",
     "Client",
@@ -89,6 +90,7 @@ __all__ = [
     "Statistics",
     "Store",
     "StoreUnavailable",
+    "Subscription",
     "SystemClock",
     "__version__",
     "retry",

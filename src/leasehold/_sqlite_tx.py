@@ -11,9 +11,10 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 from leasehold._core.backoff import Backoff
 from leasehold._core.records import (
@@ -21,9 +22,11 @@ from leasehold._core.records import (
     AcquireResult,
     Busy,
     Granted,
+    HandedOver,
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
 from leasehold._errors import InvalidArgument, StoreUnavailable
 
@@ -32,6 +35,32 @@ from leasehold._errors import InvalidArgument, StoreUnavailable
 REBOOT_FENCE_GAP = 1 << 32
 
 SETUP_RETRY = Backoff(initial=0.002, maximum=0.1)
+
+# While another connection holds the write lock. SQLite's own busy handler sleeps
+# 1, 2, 5, 10 ... ms, during which a process cycling acquire/release takes the lock
+# again and again (a caller that is not queued yet cannot be served in turn), so
+# the connection has none and these short, jittered retries stand in for it.
+BUSY_RETRY = Backoff(initial=0.00005, maximum=0.002, multiplier=1.5)
+
+T = TypeVar("T")
+
+# Columns lh_waiter gained after leasehold's first release, oldest first (opening
+# an older file adds them): the wake-up address, then what a release needs to hand
+# the waiter a place (its latest request's ttl, limit and holder). Rows queued by
+# an older leasehold lack them (NULL) and are only woken.
+WAITER_COLUMNS = (
+    ("wake", "TEXT"),
+    ("ttl", "REAL"),
+    ("lim", "INTEGER"),
+    ("owner", "TEXT"),
+    ("host", "TEXT"),
+    ("pid", "INTEGER"),
+)
+
+# What a release (or break) tells the store to send, after commit: a waiter's
+# wake-up address and the (fence, token) of the place handed to it (None: only
+# woken, a waiter queued by an older leasehold).
+Wakes = list[tuple[str, tuple[int, str] | None]]
 
 NETWORK_FILESYSTEMS = {
     "nfs",
@@ -48,6 +77,10 @@ NETWORK_FILESYSTEMS = {
     "gpfs",
     "fuse.glusterfs",
 }
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def boot_id() -> str:
@@ -139,16 +172,16 @@ class SQLiteTables:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        # No busy handler (timeout 0): ``_retrying`` waits for locks instead.
         conn = sqlite3.connect(
             str(self.path),
-            timeout=self.busy_timeout,
+            timeout=0,
             isolation_level=None,
             check_same_thread=False,
         )
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             self._init_schema(conn)
         except BaseException:
             conn.close()
@@ -165,8 +198,9 @@ class SQLiteTables:
                 if statement.strip():
                     conn.execute(statement)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(lh_waiter)")}
-            if "wake" not in columns:  # a store created by an earlier version
-                conn.execute("ALTER TABLE lh_waiter ADD COLUMN wake TEXT")
+            for column, kind in WAITER_COLUMNS:
+                if column not in columns:  # a store created by an earlier version
+                    conn.execute(f"ALTER TABLE lh_waiter ADD COLUMN {column} {kind}")
             current = boot_id()
             row = conn.execute("SELECT value FROM lh_meta WHERE key = 'boot'").fetchone()
             if row is None or row[0] != current:
@@ -184,10 +218,35 @@ class SQLiteTables:
                     (current,),
                 )
 
-    @staticmethod
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``, tried again while the database is locked, up to the busy
+        timeout (see BUSY_RETRY). Costs one try/except when it is not locked."""
+        try:
+            return attempt()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+        give_up = time.monotonic() + self.busy_timeout
+        tries = 0
+        while True:
+            time.sleep(BUSY_RETRY.delay(tries))
+            tries += 1
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() >= give_up:
+                    raise
+
+    def read(self, sql: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """The rows of one read outside a transaction, retried while the database
+        is locked (rare in WAL mode: recovery, the last connection closing). Raises
+        sqlite3 errors; callers turn them into StoreUnavailable."""
+        conn = self.connection()
+        return self._retrying(lambda: conn.execute(sql, parameters).fetchall())
+
     @contextlib.contextmanager
-    def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
+    def _immediate(self, conn: sqlite3.Connection) -> Iterator[None]:
+        self._retrying(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield
         except BaseException:
@@ -231,7 +290,10 @@ class SQLiteTables:
         "(SELECT COUNT(*) FROM lh_waiter WHERE name = :n)"
     )
 
-    def acquire(self, request: AcquireRequest, now: float) -> AcquireResult:
+    def acquire(
+        self, request: AcquireRequest, now: float, wake: str | None = None
+    ) -> AcquireResult:
+        """``wake``: the caller's wake-up address, recorded if it is queued."""
         name, token = request.name, request.token
         with self.transaction() as conn:
             mine, held, held_rows, my_seq, waiting, waiting_rows = conn.execute(
@@ -277,18 +339,37 @@ class SQLiteTables:
                 return Granted(int(fence))
             position: int | None = None
             if request.queue_ttl is not None:
+                # The row keeps the latest request: what a release hands over.
+                holder = request.holder
+                values = {
+                    "n": name,
+                    "t": token,
+                    "wake": wake,
+                    "expires": now + request.queue_ttl,
+                    "ttl": request.ttl,
+                    "lim": request.limit,
+                    "owner": holder.owner,
+                    "host": holder.host,
+                    "pid": holder.pid,
+                }
                 if my_seq is None:
                     conn.execute(
-                        "INSERT INTO lh_waiter (name, token, seq, expires) VALUES (?, ?, "
-                        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM lh_waiter WHERE name = ?), ?) "
+                        "INSERT INTO lh_waiter (name, token, seq, expires, wake, ttl, lim, "
+                        "owner, host, pid) VALUES (:n, :t, "
+                        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM lh_waiter WHERE name = :n), "
+                        ":expires, :wake, :ttl, :lim, :owner, :host, :pid) "
                         "ON CONFLICT (name, token) DO UPDATE SET seq = excluded.seq, "
-                        "expires = excluded.expires",
-                        (name, token, name, now + request.queue_ttl),
+                        "expires = excluded.expires, wake = COALESCE(excluded.wake, wake), "
+                        "ttl = excluded.ttl, lim = excluded.lim, owner = excluded.owner, "
+                        "host = excluded.host, pid = excluded.pid",
+                        values,
                     )
                 else:
                     conn.execute(
-                        "UPDATE lh_waiter SET expires = ? WHERE name = ? AND token = ?",
-                        (now + request.queue_ttl, name, token),
+                        "UPDATE lh_waiter SET expires = :expires, wake = COALESCE(:wake, wake), "
+                        "ttl = :ttl, lim = :lim, owner = :owner, host = :host, pid = :pid "
+                        "WHERE name = :n AND token = :t",
+                        values,
                     )
                 position = int(ahead)
             (soonest,) = conn.execute(
@@ -320,7 +401,46 @@ class SQLiteTables:
         ).fetchall()
         return [str(row[0]) for row in rows if row[0] is not None]
 
-    def release(self, name: str, token: str, now: float) -> tuple[bool, list[str]]:
+    # The head of a name's queue, a few rows at a time (a lock hands over one).
+    _HEADS = (
+        "SELECT token, expires, wake, ttl, lim, owner, host, pid FROM lh_waiter "
+        "WHERE name = ? ORDER BY seq LIMIT 4"
+    )
+
+    @classmethod
+    def _hand_over(cls, conn: sqlite3.Connection, name: str, now: float, limit: int) -> Wakes:
+        """Make the first queued waiters holders while their own limit leaves a place
+        (expired rows already purged): a new fence from lh_seq, the holder of the
+        waiter's latest request, expiry min(queue expiry, now + its ttl). A waiter
+        queued by an older leasehold (no request stored) is only woken, as before,
+        with ``limit`` (the departing holder's) as the number of places."""
+        (held,) = conn.execute("SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)).fetchone()
+        held = int(held)
+        wakes: Wakes = []
+        while True:
+            heads = conn.execute(cls._HEADS, (name,)).fetchall()
+            for token, expires, wake, ttl, lim, owner, host, pid in heads:
+                if ttl is None or lim is None or owner is None or host is None or pid is None:
+                    wakes.extend((address, None) for address in cls._wakeable(conn, name, limit))
+                    return wakes
+                if held >= int(lim):
+                    return wakes
+                (fence,) = conn.execute(
+                    "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO lh_holder (name, token, owner, host, pid, fence, lim, "
+                    "acquired, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, token, owner, host, pid, fence, lim, now, min(expires, now + ttl)),
+                )
+                conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
+                held += 1
+                if wake is not None:
+                    wakes.append((str(wake), (int(fence), str(token))))
+            if len(heads) < 4:
+                return wakes
+
+    def release(self, name: str, token: str, now: float) -> tuple[bool, Wakes]:
         with self.transaction() as conn:
             row = conn.execute(
                 "DELETE FROM lh_holder WHERE name = ? AND token = ? RETURNING lim, expires",
@@ -328,27 +448,31 @@ class SQLiteTables:
             ).fetchone()
             held = row is not None and float(row[1]) > now
             conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
-            wake: list[str] = []
+            wakes: Wakes = []
             (queued,) = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM lh_waiter WHERE name = ?)", (name,)
             ).fetchone()
             if queued:
-                # The departing holder or waiter may have been what kept the next out.
+                # The departing holder or waiter may have been what kept the next
+                # out: hand the free places over in this same transaction.
                 self._purge(conn, name, now)
-                wake = self._wakeable(conn, name, int(row[0]) if row is not None else 1)
-        return held, wake
+                wakes = self._hand_over(conn, name, now, int(row[0]) if row is not None else 1)
+        return held, wakes
 
-    def break_lease(self, name: str, now: float) -> tuple[int, list[str]]:
+    def break_lease(self, name: str, now: float) -> tuple[int, Wakes]:
         with self.transaction() as conn:
             self._purge(conn, name, now)
             rows = conn.execute("DELETE FROM lh_holder WHERE name = ? RETURNING lim", (name,))
             limits = [int(row[0]) for row in rows.fetchall()]
-            wake = self._wakeable(conn, name, max(limits, default=1))
-        return len(limits), wake
+            wakes = self._hand_over(conn, name, now, max(limits, default=1))
+        return len(limits), wakes
 
-    def arm(self, name: str, token: str, address: str, limit: int, now: float) -> bool:
-        """Record a waiter's wake-up address in its queue row; True if the waiter
-        could be granted right now (a release came before the address was known)."""
+    _MINE = "SELECT fence FROM lh_holder WHERE name = ? AND token = ? AND expires > ?"
+
+    def arm(self, name: str, token: str, address: str, limit: int, now: float) -> WaitResult:
+        """Record a waiter's wake-up address in its queue row. ``HandedOver`` if a
+        release already made the token a holder (it needs no address then), True if
+        the waiter could be granted right now or is no longer queued, else False."""
         with self.transaction() as conn:
             self._purge(conn, name, now)
             row = conn.execute(
@@ -356,13 +480,42 @@ class SQLiteTables:
                 (address, name, token),
             ).fetchone()
             if row is None:
-                return True  # no longer queued: let the caller look again
+                mine = conn.execute(self._MINE, (name, token, now)).fetchone()
+                # No longer queued: handed over, or let the caller look again.
+                return True if mine is None else HandedOver(int(mine[0]))
             (held,) = conn.execute(
                 "SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)
             ).fetchone()
             (ahead,) = conn.execute(
                 "SELECT COUNT(*) FROM lh_waiter WHERE name = ? AND seq < ?", (name, row[0])
             ).fetchone()
+        return limit - int(held) > int(ahead)
+
+    # A waiter's look without a write: its fence if handed over, whether it is still
+    # queued, and whether it could be granted now (places free, none ahead of it).
+    _LOOK = (
+        "SELECT "
+        "(SELECT fence FROM lh_holder WHERE name = :n AND token = :t AND expires > :now), "
+        "(SELECT seq FROM lh_waiter WHERE name = :n AND token = :t AND expires > :now), "
+        "(SELECT COUNT(*) FROM lh_holder WHERE name = :n AND expires > :now), "
+        "(SELECT COUNT(*) FROM lh_waiter WHERE name = :n AND expires > :now AND seq < "
+        "(SELECT seq FROM lh_waiter WHERE name = :n AND token = :t))"
+    )
+
+    def look(self, name: str, token: str, limit: int, now: float) -> WaitResult:
+        """What a waiter whose wake-up may have been lost would learn by asking
+        again, read-only: ``HandedOver`` if a release made it a holder, True if it
+        is no longer queued or could be granted now, else False."""
+        try:
+            ((fence, seq, held, ahead),) = self.read(
+                self._LOOK, {"n": name, "t": token, "now": now}
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+        if fence is not None:
+            return HandedOver(int(fence))
+        if seq is None:
+            return True
         return limit - int(held) > int(ahead)
 
     _SELECT = "SELECT name, owner, host, pid, fence, lim, acquired, expires FROM lh_holder "
@@ -384,36 +537,34 @@ class SQLiteTables:
         ]
 
     def holders(self, name: str, now: float) -> list[HolderInfo]:
-        conn = self.connection()
         try:
-            rows = conn.execute(
+            rows = self.read(
                 self._SELECT + "WHERE name = ? AND expires > ? ORDER BY fence", (name, now)
-            ).fetchall()
+            )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
         return self._infos(rows, now)
 
     def leases(self, prefix: str, now: float) -> list[HolderInfo]:
-        conn = self.connection()
         try:
-            rows = conn.execute(
+            rows = self.read(
                 self._SELECT + "WHERE substr(name, 1, ?) = ? AND expires > ? ORDER BY name, fence",
                 (len(prefix), prefix, now),
-            ).fetchall()
+            )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
         return self._infos(rows, now)
 
     def read_record(self, key: str, now: float) -> Record:
-        conn = self.connection()
         try:
-            row = conn.execute(
+            rows = self.read(
                 "SELECT value, version FROM lh_record "
                 "WHERE key = ? AND (expires IS NULL OR expires > ?)",
                 (key, now),
-            ).fetchone()
+            )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+        row = rows[0] if rows else None
         if row is None:
             return Record(key=key, value=None, version=0, now=now)
         return Record(key=key, value=bytes(row[0]), version=int(row[1]), now=now)
@@ -444,8 +595,7 @@ class SQLiteTables:
         return int(version)
 
     def ping(self) -> None:
-        conn = self.connection()
         try:
-            conn.execute("SELECT 1").fetchone()
+            self.read("SELECT 1")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None

@@ -42,6 +42,17 @@ class WakeSocket:
                 return woken
             woken = True
 
+    def receive(self) -> list[bytes]:
+        """Consume pending wake-ups; their payloads, oldest first (empty: none)."""
+        payloads = []
+        while True:
+            try:
+                payloads.append(self._sock.recv(64))
+            except (BlockingIOError, InterruptedError):
+                return payloads
+            except OSError:
+                return payloads
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.close()
@@ -59,3 +70,35 @@ def send(addresses: list[str]) -> None:
         for address in targets:
             with contextlib.suppress(OSError):
                 sender.sendto(b"w", "\0" + address)
+
+
+def deliver(addresses: list[str]) -> list[str]:
+    """Like ``send``, and return the addresses nobody is bound to any more (their
+    owner closed its socket or died), so the caller can forget them. A full socket
+    buffer is not among them: its owner has a wake-up pending already."""
+    targets = [a for a in addresses if a.startswith(_PREFIX)]
+    if not targets or not SUPPORTED:
+        return []
+    gone: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        for address in targets:
+            try:
+                sender.sendto(b"a", "\0" + address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                gone.append(address)
+            except OSError:
+                pass
+    return gone
+
+
+def send_messages(messages: list[tuple[str, bytes]]) -> None:
+    """Best effort, like ``send``, with a payload per address (at most 64 bytes)."""
+    targets = [(a, p) for a, p in messages if a.startswith(_PREFIX)]
+    if not targets or not SUPPORTED:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        for address, payload in targets:
+            with contextlib.suppress(OSError):
+                sender.sendto(payload, "\0" + address)

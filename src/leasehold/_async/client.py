@@ -8,7 +8,7 @@ import weakref
 from types import TracebackType
 
 from leasehold._async.backends import open_store
-from leasehold._async.election import AsyncElection
+from leasehold._async.election import AsyncElection, announce_change
 from leasehold._async.gate import AsyncGates
 from leasehold._async.keeper import AsyncKeeper
 from leasehold._async.lease import AsyncLease, OnLost
@@ -160,8 +160,12 @@ class AsyncClient:
 
     async def break_lease(self, name: str) -> int:
         """Forcibly release every holder of ``name``; returns how many were removed.
-        The next grant's fence is higher, so the broken holders' fenced writes fail."""
-        return await self.store.break_lease(validate.name(name))
+        The next grant's fence is higher, so the broken holders' fenced writes fail.
+        If ``name`` is an election, its observers are told at once."""
+        removed = await self.store.break_lease(validate.name(name))
+        if removed:
+            await announce_change(self.store, name)
+        return removed
 
     def statistics(self) -> Statistics:
         return self._counters.snapshot()

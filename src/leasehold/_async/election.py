@@ -2,13 +2,19 @@
 
 Candidates queue in the store's FIFO like any lock waiter, so when a leader resigns
 or dies the next candidate is woken (or, on stores without notifications, finds
-out on its next poll). ``observe()`` polls ``holders()`` -- the store contract has
-no watch operation -- with an interval that adapts to what it sees, and is woken
-at once by elections in the same process.
+out on its next poll). Every change of leader made through this module (a grant,
+a resignation, the end of a term in ``run()``, a loss, ``client.break_lease``) is
+announced on the election's topic (``AsyncStore.announce``), after the store has
+made it. ``observe()`` subscribes to that topic before it reads ``holders()``,
+and reads again when an announcement arrives, just after the leader's expiry (which
+nobody announces), or after a safety poll of ``ttl / 3``. On stores without
+announcements it polls ``holders()`` with an interval that adapts to what it sees.
+Elections in the same process wake their observers directly as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -28,11 +34,14 @@ from leasehold._core.election import (
     leader_from,
     observe_delay,
     rejoin_delay,
+    topic,
+    watch_delay,
 )
 from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
     from leasehold._async.client import AsyncClient
+    from leasehold._async.store import AsyncStore, AsyncSubscription
 
 logger = logging.getLogger("leasehold")
 
@@ -122,58 +131,68 @@ class AsyncElection:
         """Yield who leads now, then every change, until ``stop()``.
 
         Items are ``Leader`` or None (nobody leads); consecutive items differ, and
-        terms only increase: each term is yielded at most once, in order. Changes
-        made by elections in this process are seen at once; others are seen by
-        polling ``holders()`` at most ``ttl / 3`` apart (faster just after a change
-        and around the leader's expiry), so a term that begins and ends between two
-        polls can be missed. A store error before the first answer is raised (it is
-        a configuration problem until proven otherwise); later ones are logged and
-        retried.
+        terms only increase: each term is yielded at most once, in order. On stores
+        with announcements (``capabilities.announcements``) a change made through
+        an election or ``client.break_lease`` anywhere is seen at once; other
+        changes (a leader's expiry, a lease released by hand) just after the
+        leader's expiry or within a safety poll of ``ttl / 3``. Other stores are
+        polled at most ``ttl / 3`` apart (faster just after a change and around the
+        leader's expiry), and changes made by elections in this process are seen at
+        once. A term that begins and ends between two looks can be missed. A store
+        error before the first answer is raised (it is a configuration problem
+        until proven otherwise); later ones are logged and retried.
         """
-        wake = AsyncEvent()
-        CHANGES.subscribe(self._name, wake)
-        try:
-            last_term = -1
-            vacant: bool | None = None  # what was yielded last; None: nothing yet
-            quiet = 0
-            failures = 0
-            reached = False
-            while not self._stopping():
-                wake.clear()
-                try:
-                    holders = await self._client.store.holders(self._name)
-                except StoreUnavailable as exc:
-                    # As for acquire: the first error is a configuration problem,
-                    # later ones are transient and retried.
-                    if not reached:
-                        raise
-                    failures += 1
-                    logger.warning("observing %r: store error (%s); retrying", self._name, exc)
-                    await wake.wait(min(STORE_RETRY.delay(failures - 1), self._ttl / 3))
-                    continue
-                reached = True
+        store = self._client.store
+        # Subscribed before the first read: an announcement after it is never missed.
+        async with store.subscribe(topic(self._name)) as subscription:
+            local = _LocalWake(subscription)  # stop() and this process's elections
+            CHANGES.subscribe(self._name, local)
+            try:
+                last_term = -1
+                vacant: bool | None = None  # what was yielded last; None: nothing yet
+                quiet = 0
                 failures = 0
-                info = current_holder(holders)
-                if info is None:
-                    if vacant is not True:
-                        vacant = True
+                reached = False
+                while not self._stopping():
+                    try:
+                        holders = await store.holders(self._name)
+                    except StoreUnavailable as exc:
+                        # As for acquire: the first error is a configuration problem,
+                        # later ones are transient and retried.
+                        if not reached:
+                            raise
+                        failures += 1
+                        logger.warning("observing %r: store error (%s); retrying", self._name, exc)
+                        retry = STORE_RETRY.delay(failures - 1)
+                        await subscription.wait(min(retry, self._ttl / 3))
+                        continue
+                    reached = True
+                    failures = 0
+                    info = current_holder(holders)
+                    if info is None:
+                        if vacant is not True:
+                            vacant = True
+                            quiet = 0
+                            yield None
+                        else:
+                            quiet += 1
+                    elif info.fence > last_term:
+                        last_term = info.fence
+                        vacant = False
                         quiet = 0
-                        yield None
+                        yield leader_from(info, time.time())
                     else:
                         quiet += 1
-                elif info.fence > last_term:
-                    last_term = info.fence
-                    vacant = False
-                    quiet = 0
-                    yield leader_from(info, time.time())
-                else:
-                    quiet += 1
-                if self._stopping():
-                    break
-                expires_in = None if info is None else info.expires_in
-                await wake.wait(observe_delay(self._ttl, quiet, expires_in))
-        finally:
-            CHANGES.unsubscribe(self._name, wake)
+                    if self._stopping():
+                        break
+                    expires_in = None if info is None else info.expires_in
+                    if subscription.notified:
+                        delay = watch_delay(self._ttl, expires_in)
+                    else:
+                        delay = observe_delay(self._ttl, quiet, expires_in)
+                    await subscription.wait(delay)
+            finally:
+                CHANGES.unsubscribe(self._name, local)
 
     # -- leading by hand -------------------------------------------------------------
 
@@ -210,7 +229,7 @@ class AsyncElection:
         if phase is not None:
             phase.wake.set()  # async: cancel the body before the successor can start
         held = await lease.release()
-        CHANGES.announce(self._name)
+        await self._announce()
         return held
 
     # -- leading in a loop -----------------------------------------------------------
@@ -277,9 +296,28 @@ class AsyncElection:
             return validate.name(identity, what="identity")
         return self.identity
 
+    async def _announce(self) -> None:
+        """Announce a change of leader made here, after the store has made it."""
+        CHANGES.announce(self._name)
+        if IS_ASYNC:
+            # In the background: a granted campaign must not be cancelled (and its
+            # lease lost to its caller) while it tells the others.
+            spawn(self._announce_in_store, name="leasehold-announce")
+        else:
+            await self._announce_in_store()
+
+    async def _announce_in_store(self) -> None:
+        if not self._client._closed:
+            await announce_change(self._client.store, self._name)
+
     def _announce_loss(self, lease: AsyncLease) -> None:
+        # An on_lost callback: it runs in the keeper, which must not wait for the
+        # store, so the announcement goes out in the background.
         del lease
         CHANGES.announce(self._name)
+        # Without an event loop in this thread, observers notice by their safety poll.
+        with contextlib.suppress(RuntimeError):
+            spawn(self._announce_in_store, name="leasehold-announce")
 
     async def _campaign(self, owner: str, timeout: float | None) -> AsyncLease:
         with self._state:
@@ -308,7 +346,7 @@ class AsyncElection:
                 self._campaigning = False
         with self._state:
             self._lease = lease
-        CHANGES.announce(self._name)
+        await self._announce()
         return lease
 
     async def _campaign_until_stopped(self, owner: str) -> AsyncLease | None:
@@ -353,11 +391,31 @@ class AsyncElection:
             with self._state:
                 if self._lease is lease:
                     self._lease = None
-            CHANGES.announce(self._name)
+            await self._announce()
 
     def __repr__(self) -> str:
         state = "leading" if self.leading else ("stopped" if self._stopping() else "idle")
         return f"<{type(self).__name__} {self._name!r} ttl={self._ttl:g}s {state}>"
+
+
+async def announce_change(store: AsyncStore, name: str) -> None:
+    """Tell the observers of election ``name``, in every process, that its leader may
+    have changed (``client.break_lease`` calls this too). Best effort: a failure is
+    logged, and observers notice the change by their safety poll."""
+    try:
+        await store.announce(topic(name))
+    except StoreUnavailable as exc:
+        logger.info("election %r: could not announce a change (%s)", name, exc)
+
+
+class _LocalWake:
+    """What ``CHANGES`` holds for an observer: setting it wakes the subscription."""
+
+    def __init__(self, subscription: AsyncSubscription) -> None:
+        self._subscription = subscription
+
+    def set(self) -> None:
+        self._subscription.wake()
 
 
 class _Phase:
@@ -435,4 +493,4 @@ class _Phase:
         return self.interrupted
 
 
-__all__ = ["AsyncElection", "LeaderBody"]
+__all__ = ["AsyncElection", "LeaderBody", "announce_change"]

@@ -14,38 +14,43 @@ from collections import deque
 
 from leasehold._async._concurrency import AsyncEvent
 
+# Stands for a waiter that joined an empty queue: it never waits, so it needs no event.
+_HEAD = object()
+
 
 class AsyncGates:
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._queues: dict[tuple[str, int], deque[AsyncEvent]] = {}
+        self._queues: dict[tuple[str, int], deque[object]] = {}
 
-    def join(self, key: tuple[str, int]) -> AsyncEvent:
-        """Queue up; the returned event is set when it is this waiter's turn."""
-        turn = AsyncEvent()
+    def join(self, key: tuple[str, int]) -> AsyncEvent | None:
+        """Queue up. None: it is this waiter's turn already (the common case, which
+        then costs no event); else an event that is set when its turn comes."""
         with self._guard:
-            queue = self._queues.setdefault(key, deque())
+            queue = self._queues.get(key)
+            if queue is None:
+                self._queues[key] = deque([_HEAD])
+                return None
+            turn = AsyncEvent()
             queue.append(turn)
-            head = queue[0] is turn
-        if head:
-            turn.set()
-        return turn
+            return turn
 
-    def leave(self, key: tuple[str, int], turn: AsyncEvent) -> None:
+    def leave(self, key: tuple[str, int], turn: AsyncEvent | None) -> None:
         """Leave the queue (granted, gave up or cancelled); the next gets its turn."""
         successor = None
         with self._guard:
             queue = self._queues.get(key)
             if queue is None:
                 return
-            was_head = bool(queue) and queue[0] is turn
+            mine = _HEAD if turn is None else turn
+            was_head = bool(queue) and queue[0] is mine
             with contextlib.suppress(ValueError):  # already left
-                queue.remove(turn)
+                queue.remove(mine)
             if not queue:
                 del self._queues[key]
             elif was_head:
                 successor = queue[0]
-        if successor is not None:
+        if isinstance(successor, AsyncEvent):
             successor.set()
 
     def waiting(self, key: tuple[str, int]) -> int:

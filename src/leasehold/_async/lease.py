@@ -45,6 +45,7 @@ class AsyncLease:
         renew: bool,
         on_lost: OnLost | None,
         owner: str | None = None,
+        term: float | None = None,
     ) -> None:
         self._client = client
         self._owner = owner or client.holder.owner
@@ -59,11 +60,15 @@ class AsyncLease:
         self._pid = os.getpid()
         self._guard = threading.Lock()
         self._last_sent = sent_at
-        self._deadline = safe_deadline(sent_at, ttl, margin)
+        # The validity the store granted from ``sent_at``: the ttl, except for a
+        # hand-over, which runs on the waiter's queue place until its first renewal.
+        self._term = ttl if term is None else term
+        self._deadline = safe_deadline(sent_at, self._term, margin)
         self._granted_at = sent_at
         self._lost_reason: str | None = None
         self._released = False
-        self._lost_event = AsyncEvent()
+        # Created by the first wait_lost(): most leases are never waited on.
+        self._lost_event: AsyncEvent | None = None
         self._bodies: list[AsyncBodyGuard] = []
         # Spreads renewals of many clients so they do not arrive in lock step.
         self.jitter = random.random()
@@ -173,8 +178,10 @@ class AsyncLease:
                 return False
             was_lost = self._lost_reason is not None
             self._released = True
+            event = self._lost_event
         self._client._forget(self)
-        self._lost_event.set()
+        if event is not None:
+            event.set()
         try:
             held = await shielded(lambda: self._client.store.release(self._name, self._token))
         except StoreUnavailable as exc:
@@ -193,9 +200,14 @@ class AsyncLease:
     async def wait_lost(self, timeout: float | None = None) -> bool:
         """Wait until the lease is lost or released; True if it happened in time."""
         validate.timeout(timeout)
+        with self._guard:
+            if self._lost_event is None:
+                self._lost_event = AsyncEvent()
+            event = self._lost_event
+        # Checked after the event exists, so a loss or release in between sets it.
         if not self.held:
             return True
-        return await self._lost_event.wait(timeout)
+        return await event.wait(timeout)
 
     async def fence_sql(self, connection: Any, *, table: str = "leasehold_fences") -> int:
         """Check this lease's fence inside the caller's open transaction on
@@ -219,6 +231,10 @@ class AsyncLease:
     def last_sent(self) -> float:
         return self._last_sent
 
+    @property
+    def term(self) -> float:
+        return self._term
+
     def renew_item(self) -> RenewItem:
         return RenewItem(self._name, self._token, self._ttl)
 
@@ -226,6 +242,7 @@ class AsyncLease:
         with self._guard:
             if sent_at >= self._last_sent:
                 self._last_sent = sent_at
+                self._term = ttl
                 self._deadline = safe_deadline(sent_at, ttl, self._margin)
 
     def _mark_lost(self, reason: str) -> None:
@@ -234,11 +251,13 @@ class AsyncLease:
                 return
             self._lost_reason = reason
             bodies = list(self._bodies)
+            event = self._lost_event
         self._client._forget(self)
         self._client._counters.add("lost")
         self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
         logger.warning("lease %r (fence %d) lost: %s", self._name, self._fence, reason)
-        self._lost_event.set()
+        if event is not None:
+            event.set()
         for body in bodies:
             body.interrupt()
         if self._on_lost is not None:

@@ -16,7 +16,7 @@ from leasehold._async.lease import AsyncLease, OnLost
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin
-from leasehold._core.records import AcquireRequest, Busy, Granted
+from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class AsyncLock:
         key = (self._name, self._limit)
         turn = client._gates.join(key)
         try:
-            if not turn.is_set():
+            if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
                     client._counters.add("timed_out")
@@ -144,6 +144,7 @@ class AsyncLock:
         attempt = 0
         failures = 0
         reached_store = False
+        queued_at: float | None = None  # send time of the attempt that last queued us
         try:
             while True:
                 sent = clock.monotonic()
@@ -168,23 +169,11 @@ class AsyncLock:
                 reached_store = True
                 failures = 0
                 if isinstance(result, Granted):
-                    lease = AsyncLease(
-                        client=client,
-                        name=self._name,
-                        token=token,
-                        fence=result.fence,
-                        ttl=self._ttl,
-                        margin=self._margin,
-                        limit=self._limit,
-                        sent_at=sent,
-                        renew=self._renew,
-                        on_lost=self._on_lost,
-                        owner=holder.owner,
+                    return self._granted(
+                        token, fence=result.fence, owner=holder.owner, sent=sent, started=started
                     )
-                    client._track(lease)
-                    client._counters.add("acquired")
-                    client._counters.add("wait_time", clock.monotonic() - started)
-                    return lease
+                if result.position is not None:
+                    queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
                     client._counters.add("timed_out" if queue else "skipped")
@@ -195,7 +184,21 @@ class AsyncLock:
                 pause = self._pause(result, attempt, store.capabilities.notifications)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
-                await store.wait(self._name, token, pause)
+                woken = await store.wait(self._name, token, pause)
+                if isinstance(woken, HandedOver) and self._renew and queued_at is not None:
+                    # A release made us holder on our queue place (store.release):
+                    # valid from our last queueing attempt for min(ttl, QUEUE_TTL),
+                    # and the keeper renews it to the full ttl. A lease that does
+                    # not renew confirms with one more attempt instead.
+                    term = min(self._ttl, QUEUE_TTL)
+                    return self._granted(
+                        token,
+                        fence=woken.fence,
+                        owner=holder.owner,
+                        sent=queued_at,
+                        started=started,
+                        term=term,
+                    )
                 attempt += 1
         except BaseException:
             # Cancelled, timed out or failed mid-call: the store may have granted or
@@ -213,6 +216,36 @@ class AsyncLock:
                     self._ttl,
                 )
             raise
+
+    def _granted(
+        self,
+        token: str,
+        *,
+        fence: int,
+        owner: str,
+        sent: float,
+        started: float,
+        term: float | None = None,
+    ) -> AsyncLease:
+        client = self._client
+        lease = AsyncLease(
+            client=client,
+            name=self._name,
+            token=token,
+            fence=fence,
+            ttl=self._ttl,
+            margin=self._margin,
+            limit=self._limit,
+            sent_at=sent,
+            renew=self._renew,
+            on_lost=self._on_lost,
+            owner=owner,
+            term=term,
+        )
+        client._track(lease)
+        client._counters.add("acquired")
+        client._counters.add("wait_time", client.clock.monotonic() - started)
+        return lease
 
     @staticmethod
     def _pause(result: Busy, attempt: int, notifications: bool) -> float:

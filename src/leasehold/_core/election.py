@@ -26,6 +26,12 @@ EXPIRY_SLACK = 0.005
 # After losing leadership, a candidate waits min(REJOIN_MAX, ttl/4), jittered, before
 # campaigning again, so that a crowd of ex-leaders does not stampede the store.
 REJOIN_MAX = 1.0
+# Where the store announces changes, an observer still looks unprompted every
+# ttl/3 (at least this fraction of it, jittered): a safety net for changes nobody
+# announced (a crashed announcer, a lease released directly, a lost message).
+SAFETY_POLL_JITTER = 0.2
+# Announcement topics of elections: "election:<name>".
+TOPIC_PREFIX = "election:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,23 @@ def observe_delay(
     if expires_in is not None:
         delay = min(delay, expires_in + EXPIRY_SLACK)
     return max(0.0, delay)
+
+
+def watch_delay(ttl: float, expires_in: float | None, rng: random.Random | None = None) -> float:
+    """How long an observer on a store with announcements waits for one before it
+    looks again anyway: the safety poll (``ttl / 3``, jittered down a little so that
+    many observers spread out), or just after the current leader's expiry in the
+    store if that comes sooner -- a leader that stopped renewing disappears then and
+    nobody announces it."""
+    delay = ttl / 3.0 * (1.0 - SAFETY_POLL_JITTER * (rng or random).random())
+    if expires_in is not None:
+        delay = min(delay, expires_in + EXPIRY_SLACK)
+    return max(0.0, delay)
+
+
+def topic(name: str) -> str:
+    """The announcement topic of the election ``name`` (see ``AsyncStore.announce``)."""
+    return TOPIC_PREFIX + name
 
 
 def rejoin_delay(ttl: float, rng: random.Random | None = None) -> float:
@@ -128,4 +151,6 @@ __all__ = [
     "leader_from",
     "observe_delay",
     "rejoin_delay",
+    "topic",
+    "watch_delay",
 ]

@@ -62,6 +62,24 @@ AcquireResult = Granted | Busy
 
 
 @dataclass(frozen=True, slots=True)
+class HandedOver:
+    """``wait()`` result: a release made the waiting token a holder in its own atomic
+    step (stores with ``Capabilities.hand_over``), so the waiter need not ask again.
+
+    The grant's expiry on the store's clock is ``min(queue expiry, grant time + ttl)``
+    where the queue expiry was set by the waiter's latest acquire attempt. The waiter's
+    safe deadline is therefore the *send* time of that attempt plus
+    ``min(ttl, queue_ttl)`` minus the margin: it knows no later point that surely came
+    before the grant. Renewing brings the expiry to the full ttl.
+    """
+
+    fence: int
+
+
+WaitResult = bool | HandedOver
+
+
+@dataclass(frozen=True, slots=True)
 class RenewItem:
     name: str
     token: str
@@ -111,4 +129,8 @@ class Capabilities:
     cross_host: bool
     notifications: bool
     fence_survives_data_loss: bool
+    # release() makes the first waiter a holder itself and wait() returns HandedOver.
+    hand_over: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # subscribe() is woken by announce() (else its wait() only sleeps: polling).
+    announcements: bool = False

@@ -31,9 +31,19 @@ class _Grant:
 
 
 @dataclass(slots=True)
+class _Waiter:
+    request: AcquireRequest  # the latest attempt: what a hand-over grants
+    expires: float
+
+
+@dataclass(slots=True)
 class _Name:
     grants: dict[str, _Grant] = field(default_factory=dict)  # token -> grant, in grant order
-    queue: dict[str, float] = field(default_factory=dict)  # token -> expiry, in arrival order
+    queue: dict[str, _Waiter] = field(default_factory=dict)  # token -> waiter, arrival order
+
+
+# What release/break tell the store to deliver: (name, token, fence of a hand-over).
+HandOvers = list[tuple[str, str, int]]
 
 
 class LeaseTable:
@@ -67,7 +77,7 @@ class LeaseTable:
         entry = self._names.setdefault(name, _Name())
         for token in [t for t, g in entry.grants.items() if g.expires <= now]:
             del entry.grants[token]
-        for token in [t for t, exp in entry.queue.items() if exp <= now]:
+        for token in [t for t, w in entry.queue.items() if w.expires <= now]:
             del entry.queue[token]
         return entry
 
@@ -80,6 +90,29 @@ class LeaseTable:
         free = limit - len(entry.grants)
         return [(name, token) for token in list(entry.queue)[: max(0, free)]]
 
+    def _grant(self, entry: _Name, request: AcquireRequest, now: float, expires: float) -> int:
+        self._last_fence += 1
+        entry.queue.pop(request.token, None)
+        entry.grants[request.token] = _Grant(
+            holder=request.holder,
+            fence=self._last_fence,
+            limit=request.limit,
+            acquired=now,
+            expires=expires,
+        )
+        return self._last_fence
+
+    def _hand_over(self, name: str, entry: _Name, now: float) -> HandOvers:
+        """Make the first waiters holders while their own limit leaves a place."""
+        handed: HandOvers = []
+        while entry.queue:
+            token, waiter = next(iter(entry.queue.items()))
+            if len(entry.grants) >= waiter.request.limit:
+                break
+            expires = min(waiter.expires, now + waiter.request.ttl)
+            handed.append((name, token, self._grant(entry, waiter.request, now, expires)))
+        return handed
+
     def acquire(self, request: AcquireRequest, now: float) -> AcquireResult:
         entry = self._purge(request.name, now)
         mine = entry.grants.get(request.token)
@@ -90,18 +123,14 @@ class LeaseTable:
         queued = list(entry.queue)
         ahead = queued.index(request.token) if request.token in entry.queue else len(queued)
         if free > ahead:
-            self._last_fence += 1
-            entry.queue.pop(request.token, None)
-            entry.grants[request.token] = _Grant(
-                holder=request.holder,
-                fence=self._last_fence,
-                limit=request.limit,
-                acquired=now,
-                expires=now + request.ttl,
-            )
-            return Granted(self._last_fence)
+            return Granted(self._grant(entry, request, now, now + request.ttl))
         if request.queue_ttl is not None:
-            entry.queue[request.token] = now + request.queue_ttl
+            waiter = entry.queue.get(request.token)
+            if waiter is None:
+                entry.queue[request.token] = _Waiter(request, now + request.queue_ttl)
+            else:
+                waiter.request = request
+                waiter.expires = now + request.queue_ttl
             position: int | None = ahead
         else:
             position = None
@@ -122,23 +151,21 @@ class LeaseTable:
                 answers.append(True)
         return answers
 
-    def release(self, name: str, token: str, now: float) -> tuple[bool, list[tuple[str, str]]]:
+    def release(self, name: str, token: str, now: float) -> tuple[bool, HandOvers]:
         entry = self._purge(name, now)
         held = entry.grants.pop(token, None)
         entry.queue.pop(token, None)
-        limit = held.limit if held is not None else self._limit_hint(entry)
-        wake = self._wakeable(name, entry, limit)
+        handed = self._hand_over(name, entry, now)
         self._forget_if_idle(name)
-        return held is not None, wake
+        return held is not None, handed
 
-    def break_lease(self, name: str, now: float) -> tuple[int, list[tuple[str, str]]]:
+    def break_lease(self, name: str, now: float) -> tuple[int, HandOvers]:
         entry = self._purge(name, now)
         count = len(entry.grants)
-        limit = self._limit_hint(entry)
         entry.grants.clear()
-        wake = self._wakeable(name, entry, limit)
+        handed = self._hand_over(name, entry, now)
         self._forget_if_idle(name)
-        return count, wake
+        return count, handed
 
     @staticmethod
     def _limit_hint(entry: _Name) -> int:

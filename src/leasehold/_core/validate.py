@@ -13,14 +13,14 @@ MIN_TTL = 0.01
 MAX_LIMIT = 1_000_000
 
 
-def name(value: object, *, what: str = "name") -> str:
+def name(value: object, *, what: str = "name", longest: int = MAX_NAME_LENGTH) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidArgument(f"{what} must not be empty")
-    if len(value) > MAX_NAME_LENGTH:
+    if len(value) > longest:
         raise InvalidArgument(
-            f"{what} is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed"
+            f"{what} is {len(value)} characters long; at most {longest} are allowed"
         )
     for ch in value:
         if unicodedata.category(ch) in ("Cc", "Cs") or ch in "\u2028\u2029":
@@ -29,6 +29,17 @@ def name(value: object, *, what: str = "name") -> str:
                 "use printable characters only"
             )
     return value
+
+
+# A topic (store announcements) is a name with room for a kind prefix such as
+# "election:": at most this many characters, printable, never empty.
+MAX_TOPIC_LENGTH = MAX_NAME_LENGTH + 64
+
+
+def topic(value: object) -> str:
+    """An announcement topic: the rules of a name, a little longer. Stores pass it
+    only as data (a parameter, a message body), never inside code or a channel name."""
+    return name(value, what="topic", longest=MAX_TOPIC_LENGTH)
 
 
 def prefix(value: object) -> str:

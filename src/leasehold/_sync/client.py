@@ -10,7 +10,7 @@ import weakref
 from types import TracebackType
 
 from leasehold._sync.backends import open_store
-from leasehold._sync.election import Election
+from leasehold._sync.election import Election, announce_change
 from leasehold._sync.gate import Gates
 from leasehold._sync.keeper import Keeper
 from leasehold._sync.lease import Lease, OnLost
@@ -160,8 +160,12 @@ class Client:
 
     def break_lease(self, name: str) -> int:
         """Forcibly release every holder of ``name``; returns how many were removed.
-        The next grant's fence is higher, so the broken holders' fenced writes fail."""
-        return self.store.break_lease(validate.name(name))
+        The next grant's fence is higher, so the broken holders' fenced writes fail.
+        If ``name`` is an election, its observers are told at once."""
+        removed = self.store.break_lease(validate.name(name))
+        if removed:
+            announce_change(self.store, name)
+        return removed
 
     def statistics(self) -> Statistics:
         return self._counters.snapshot()

@@ -74,7 +74,7 @@ class Keeper:
                 return
             due = lease.deadline
             if lease.renewing:
-                due = min(due, lease.last_sent + renew_interval(lease.ttl) * 0.9)
+                due = min(due, lease.last_sent + renew_interval(lease.term) * 0.9)
             self._shortest_lead = min(self._shortest_lead, due - lease.last_sent)
             wake = due < self._next_wake
         if wake:
@@ -161,7 +161,9 @@ class Keeper:
                 sleep_for = min(sleep_for, lease.deadline - now)
                 continue
             renewable.append(lease)
-            decision = decide_renewal(now, lease.last_sent, lease.ttl, lease.deadline, lease.jitter)
+            decision = decide_renewal(
+                now, lease.last_sent, lease.term, lease.deadline, lease.jitter
+            )
             if decision.renew_now:
                 due = True
             else:

@@ -47,6 +47,7 @@ class Lease:
         renew: bool,
         on_lost: OnLost | None,
         owner: str | None = None,
+        term: float | None = None,
     ) -> None:
         self._client = client
         self._owner = owner or client.holder.owner
@@ -61,11 +62,15 @@ class Lease:
         self._pid = os.getpid()
         self._guard = threading.Lock()
         self._last_sent = sent_at
-        self._deadline = safe_deadline(sent_at, ttl, margin)
+        # The validity the store granted from ``sent_at``: the ttl, except for a
+        # hand-over, which runs on the waiter's queue place until its first renewal.
+        self._term = ttl if term is None else term
+        self._deadline = safe_deadline(sent_at, self._term, margin)
         self._granted_at = sent_at
         self._lost_reason: str | None = None
         self._released = False
-        self._lost_event = Event()
+        # Created by the first wait_lost(): most leases are never waited on.
+        self._lost_event: Event | None = None
         self._bodies: list[BodyGuard] = []
         # Spreads renewals of many clients so they do not arrive in lock step.
         self.jitter = random.random()
@@ -175,8 +180,10 @@ class Lease:
                 return False
             was_lost = self._lost_reason is not None
             self._released = True
+            event = self._lost_event
         self._client._forget(self)
-        self._lost_event.set()
+        if event is not None:
+            event.set()
         try:
             held = shielded(lambda: self._client.store.release(self._name, self._token))
         except StoreUnavailable as exc:
@@ -195,9 +202,14 @@ class Lease:
     def wait_lost(self, timeout: float | None = None) -> bool:
         """Wait until the lease is lost or released; True if it happened in time."""
         validate.timeout(timeout)
+        with self._guard:
+            if self._lost_event is None:
+                self._lost_event = Event()
+            event = self._lost_event
+        # Checked after the event exists, so a loss or release in between sets it.
         if not self.held:
             return True
-        return self._lost_event.wait(timeout)
+        return event.wait(timeout)
 
     def fence_sql(self, connection: Any, *, table: str = "leasehold_fences") -> int:
         """Check this lease's fence inside the caller's open transaction on
@@ -221,6 +233,10 @@ class Lease:
     def last_sent(self) -> float:
         return self._last_sent
 
+    @property
+    def term(self) -> float:
+        return self._term
+
     def renew_item(self) -> RenewItem:
         return RenewItem(self._name, self._token, self._ttl)
 
@@ -228,6 +244,7 @@ class Lease:
         with self._guard:
             if sent_at >= self._last_sent:
                 self._last_sent = sent_at
+                self._term = ttl
                 self._deadline = safe_deadline(sent_at, ttl, self._margin)
 
     def _mark_lost(self, reason: str) -> None:
@@ -236,11 +253,13 @@ class Lease:
                 return
             self._lost_reason = reason
             bodies = list(self._bodies)
+            event = self._lost_event
         self._client._forget(self)
         self._client._counters.add("lost")
         self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
         logger.warning("lease %r (fence %d) lost: %s", self._name, self._fence, reason)
-        self._lost_event.set()
+        if event is not None:
+            event.set()
         for body in bodies:
             body.interrupt()
         if self._on_lost is not None:

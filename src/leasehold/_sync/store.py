@@ -24,10 +24,17 @@ Rules every operation keeps:
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import ClassVar, Protocol
 
+from leasehold._sync._concurrency import Event, Mutex
+from leasehold._core import validate
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
@@ -35,8 +42,12 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
 from leasehold._core.url import StoreURL
+from leasehold._errors import StoreUnavailable
+
+logger = logging.getLogger("leasehold")
 
 
 class Store(ABC):
@@ -70,8 +81,13 @@ class Store(ABC):
     def release(self, name: str, token: str) -> bool:
         """Remove the token as holder *and* from the wait queue of ``name``.
 
-        True if it was a live holder. Idempotent. When places become free, wake the
-        first queued waiters that can now be granted (O(1) of them, not all).
+        True if it was a live holder (a handed-over one too). Idempotent. When places
+        become free, wake the first queued waiters that can now be granted (O(1) of
+        them, not all). Stores with ``capabilities.hand_over`` make those waiters
+        holders in the same atomic step instead of only waking them: a new fence, the
+        holder record of the waiter's latest acquire request, expiry
+        ``min(queue expiry, now + its requested ttl)``; their ``wait`` then returns
+        ``HandedOver``.
         """
 
     @abstractmethod
@@ -91,13 +107,15 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def wait(self, name: str, token: str, timeout: float) -> bool:
+    def wait(self, name: str, token: str, timeout: float) -> WaitResult:
         """Block until the store wakes ``token`` waiting on ``name``, or ``timeout``.
 
-        True if woken. A wake-up sent after ``acquire`` returned Busy for a queued
-        token is never missed, even if it arrives before ``wait`` is called. Stores
-        without notifications sleep for ``timeout`` and return False. Spurious
-        wake-ups are allowed: callers always re-try ``acquire``.
+        ``HandedOver(fence)`` if a release made the token a holder (see ``release``;
+        only stores with ``capabilities.hand_over``), else True if woken. A wake-up
+        sent after ``acquire`` returned Busy for a queued token is never missed, even
+        if it arrives before ``wait`` is called. Stores without notifications sleep
+        for ``timeout`` and return False. Spurious wake-ups are allowed: callers
+        always re-try ``acquire`` unless handed over.
         """
 
     @abstractmethod
@@ -136,6 +154,29 @@ class Store(ABC):
         store has no clock of its own (embedded stores share the host's)."""
         return None
 
+    # -- announcements: optional, with a polling fallback ------------------------------
+
+    def announce(self, topic: str) -> None:
+        """Wake every current subscriber of ``topic``, in every process that uses this
+        store: best effort, at most one round trip. Call it *after* the change it
+        announces, so that a woken subscriber that reads the store sees the change.
+
+        The default does nothing (stores without ``capabilities.announcements``).
+        ``StoreUnavailable`` if the store cannot be reached.
+        """
+        validate.topic(topic)
+
+    def subscribe(self, topic: str) -> Subscription:
+        """A subscription to ``topic``'s announcements, used as a context manager.
+
+        Enter it first, then read the state you watch, then wait on it and read
+        again when the wait returns: an announcement made after the subscription was
+        entered is never missed (see ``AsyncSubscription``). No I/O until entered.
+
+        The default is the polling fallback: ``wait`` sleeps out its timeout.
+        """
+        return Subscription(validate.topic(topic))
+
     def close(self) -> None:
         """Release connections. Idempotent."""
 
@@ -145,3 +186,248 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url.redacted!r})"
+
+
+class Subscription:
+    """A subscription to one topic's announcements, from ``AsyncStore.subscribe``.
+
+    Entering it registers it (with the store, where announcements are notified), so
+    every announcement made after ``__aenter__`` returned reaches it. ``wait(timeout)``
+    returns True when an announcement arrived since the subscription was entered or
+    since the previous ``wait`` returned True (any number of them count as one), or
+    when ``wake()`` was called; False when ``timeout`` passed first. True may be
+    spurious (a store connection was lost and re-established, say): callers re-read
+    the state they watch either way. Subscribing never raises for a store problem:
+    a subscription that cannot register polls (``wait`` only sleeps) and registers
+    again later. One task or thread waits on a subscription at a time.
+
+    This base class is the polling fallback of stores without announcements.
+    """
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._event = Event()
+
+    def __enter__(self) -> Subscription:
+        self._open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        """Register with the store (backends with announcements override this)."""
+
+    @property
+    def notified(self) -> bool:
+        """True while announcements reach this subscription; False while it polls
+        (the fallback, or a store that cannot register it right now)."""
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        """Block until an announcement or ``wake()``, or ``timeout`` seconds."""
+        woken = self._event.wait(max(0.0, timeout))
+        if woken:
+            # Clearing before the caller looks again loses nothing: whatever set the
+            # event before this point made its change before it, too.
+            self._event.clear()
+        return woken
+
+    def wake(self) -> None:
+        """End the current (or next) ``wait`` with True. Thread-safe, never blocks:
+        stores call it on an announcement, and owners to interrupt a wait."""
+        self._event.set()
+
+    def close(self) -> None:
+        """Unregister. Idempotent."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.topic!r}>"
+
+
+class TopicHub:
+    """The subscriptions of one process to one store's announcements, by topic.
+
+    Stores whose announcements arrive in one place (an in-process table, one
+    listening connection) register subscriptions here and fan each announcement
+    out locally. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._by_topic: dict[str, set[Subscription]] = {}
+
+    def add(self, subscription: Subscription) -> None:
+        with self._guard:
+            self._by_topic.setdefault(subscription.topic, set()).add(subscription)
+
+    def discard(self, subscription: Subscription) -> None:
+        with self._guard:
+            subscribed = self._by_topic.get(subscription.topic)
+            if subscribed is None:
+                return
+            subscribed.discard(subscription)
+            if not subscribed:
+                del self._by_topic[subscription.topic]
+
+    def wake(self, topic: str) -> None:
+        with self._guard:
+            subscribed = list(self._by_topic.get(topic, ()))
+        for subscription in subscribed:
+            subscription.wake()
+
+    def wake_all(self) -> None:
+        """Wake every subscription: announcements may have been lost (a listening
+        connection failed), so every subscriber must look again."""
+        with self._guard:
+            subscribed = [s for group in self._by_topic.values() for s in group]
+        for subscription in subscribed:
+            subscription.wake()
+
+    def after_fork_in_child(self) -> None:
+        # The guard may have been held by a thread that does not exist in the child;
+        # the parent's subscriptions are the parent's.
+        self._guard = threading.Lock()
+        self._by_topic = {}
+
+
+class Listener(Protocol):
+    """One connection that receives every announcement of a store (LISTEN, SUBSCRIBE)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self) -> None:
+        """Connect and listen; when this returns, no announcement can be missed.
+        ``StoreUnavailable`` (no credentials in it) if that cannot be done."""
+
+    def close(self) -> None: ...
+
+
+class ListenerSlot:
+    """Keeps a store's announcement listener running, for ``HubSubscription``.
+
+    Started when the first subscription needs it, started again after it failed (at
+    most every ``retry`` seconds), kept while the store lives. Every start is a new
+    *generation*: a subscription that sees a generation it did not know returns from
+    ``wait`` once, since announcements may have been lost between the two.
+    """
+
+    def __init__(self, make: Callable[[], Listener], *, retry: float, what: str) -> None:
+        self._make = make
+        self._retry = retry
+        self._what = what
+        self._mutex = Mutex()
+        self._listener: Listener | None = None
+        self._generation = 0
+        self._retry_at = float("-inf")
+        self._closed = False
+        self._pid = os.getpid()
+        # Listeners inherited over fork(): never used or closed in the child (their
+        # sockets belong to the parent), only kept from the garbage collector.
+        self._inherited: list[Listener] = []
+        self.error: str | None = None
+
+    @property
+    def listener(self) -> Listener | None:
+        return self._listener
+
+    def _after_fork(self) -> None:
+        if os.getpid() == self._pid:
+            return
+        if self._listener is not None:
+            self._inherited.append(self._listener)
+        self._listener = None
+        self._mutex = Mutex()
+        self._retry_at = float("-inf")
+        self._pid = os.getpid()
+
+    def listening(self) -> int | None:
+        """The generation of the live listener, starting it if need be; None while
+        it cannot be started (subscribers poll meanwhile)."""
+        self._after_fork()
+        listener = self._listener
+        if listener is not None and listener.alive:
+            return self._generation
+        if self._closed:
+            return None
+        with self._mutex:
+            listener = self._listener
+            if listener is not None and listener.alive:
+                return self._generation
+            now = time.monotonic()
+            if now < self._retry_at:
+                return None
+            self._listener = None
+            if listener is not None:
+                listener.close()
+            listener = self._make()
+            try:
+                listener.start()
+            except StoreUnavailable as exc:
+                listener.close()
+                self._retry_at = now + self._retry
+                # A warning when it starts failing (or fails differently), not at
+                # every retry: a missing permission would repeat it forever.
+                log = logger.warning if str(exc) != self.error else logger.debug
+                self.error = str(exc)
+                log(
+                    "%s: cannot listen for announcements (%s); observers poll, "
+                    "retrying every %.0f s",
+                    self._what,
+                    exc,
+                    self._retry,
+                )
+                return None
+            self._listener = listener
+            self._generation += 1
+            self.error = None
+            return self._generation
+
+    def close(self) -> None:
+        self._closed = True
+        if os.getpid() != self._pid:
+            self._after_fork()
+            return
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+
+class HubSubscription(Subscription):
+    """A subscription that a store wakes through its ``TopicHub``: directly (memory)
+    or from a listening connection (``slot``)."""
+
+    def __init__(self, topic: str, hub: TopicHub, slot: ListenerSlot | None = None) -> None:
+        super().__init__(topic)
+        self._hub = hub
+        self._slot = slot
+        self._generation: int | None = None
+
+    def _open(self) -> None:
+        # Registered locally before the listener is known to listen: whatever it
+        # receives from then on reaches this subscription.
+        self._hub.add(self)
+        if self._slot is not None:
+            self._generation = self._slot.listening()
+
+    @property
+    def notified(self) -> bool:
+        return self._slot is None or self._generation is not None
+
+    def wait(self, timeout: float) -> bool:
+        if self._slot is not None:
+            generation = self._slot.listening()
+            if generation != self._generation:
+                self._generation = generation
+                if generation is not None:
+                    return True  # listening anew: what came before may be lost
+        return super().wait(timeout)
+
+    def close(self) -> None:
+        self._hub.discard(self)

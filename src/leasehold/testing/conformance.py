@@ -10,34 +10,46 @@ Tests use fresh names, so one server can serve every test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from leasehold._core.records import AcquireRequest, Busy, Granted, Holder, RenewItem
-from leasehold._errors import AcquireTimeout, LeaseLost
+from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver, Holder, RenewItem
+from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost
+from leasehold._sync.store import Store
 from leasehold.testing.harness import BackendHarness
 
 __all__ = [
     "test_acquire_timeout_raises",
+    "test_announce_reaches_every_subscriber_of_its_topic_only",
+    "test_announce_wakes_a_subscriber_promptly",
+    "test_announcement_between_waits_is_not_lost",
+    "test_announcements_in_async_code",
     "test_break_lease_bumps_fence_and_loses_holder",
     "test_cancelled_acquire_leaves_lock_free",
     "test_exclusive_until_released",
     "test_expiry_by_store_clock",
     "test_extend_replaces_ttl",
     "test_fences_strictly_increase",
+    "test_hand_over_to_a_dead_waiter_lasts_only_its_queue_place",
+    "test_handed_over_lease_is_renewed_to_its_full_ttl",
     "test_holders_and_leases_report_what_is_held",
     "test_only_owner_mutates",
     "test_queue_is_fifo",
     "test_record_compare_and_set",
     "test_record_concurrent_increments_lose_nothing",
     "test_record_expiry_and_clock",
+    "test_release_hands_the_place_to_the_head_waiter",
     "test_release_wakes_only_the_head_waiter",
     "test_renew_batch_answers_in_order",
     "test_retried_acquire_is_idempotent",
     "test_semaphore_limit",
+    "test_subscription_fallback_polls",
+    "test_subscription_times_out_and_checks_topics",
     "test_waiter_acquires_after_release",
 ]
 
@@ -186,6 +198,34 @@ def test_waiter_acquires_after_release(lh_backend: BackendHarness) -> None:
     assert got and got[0] > lease.fence
 
 
+def test_handed_over_lease_is_renewed_to_its_full_ttl(lh_backend: BackendHarness) -> None:
+    """A waiter handed the place (no second call) starts on its queue place and the
+    keeper brings it to the full ttl long before that runs out."""
+    waiter_client = lh_backend.real_client()  # real time: the keeper must run
+    name = lh_backend.unique()
+    lease = waiter_client.lock(name).acquire(timeout=5)
+    got: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: got.append(waiter_client.lock(name, ttl=30).acquire(timeout=10))
+    )
+    thread.start()
+    time.sleep(0.3)
+    lease.release()
+    thread.join(10)
+    [handed] = got
+    assert handed.fence > lease.fence
+    if waiter_client.store.capabilities.hand_over:
+        assert handed.remaining() <= 3.0  # min(ttl, queue ttl) from its last attempt
+    deadline = time.monotonic() + 5.0
+    while handed.remaining() < 20.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handed.remaining() > 20.0
+    [info] = waiter_client.holders(name)
+    assert info.fence == handed.fence and info.expires_in > 20.0
+    handed.release()
+    assert waiter_client.holders(name) == []
+
+
 def test_semaphore_limit(lh_backend: BackendHarness) -> None:
     client = lh_backend.client()
     name = lh_backend.unique()
@@ -246,13 +286,75 @@ def test_release_wakes_only_the_head_waiter(lh_backend: BackendHarness) -> None:
     store.acquire(_request(name, holder))
     store.acquire(_request(name, head, queue_ttl=10.0))
     store.acquire(_request(name, second, queue_ttl=10.0))
+    first = store.acquire(_request(name, holder))
+    assert isinstance(first, Granted)
     store.release(name, holder)  # wake-up sent before anyone waits: must not be lost
     started = time.monotonic()
-    assert store.wait(name, head, 5.0) is True
+    woken = store.wait(name, head, 5.0)
     assert time.monotonic() - started < 2.0
+    if store.capabilities.hand_over:
+        assert isinstance(woken, HandedOver)
+        assert woken.fence > first.fence
+    else:
+        assert woken is True
     assert store.wait(name, second, 0.2) is False
     store.release(name, head)
     store.release(name, second)
+
+
+def test_release_hands_the_place_to_the_head_waiter(lh_backend: BackendHarness) -> None:
+    """With ``hand_over`` the head waiter is a full holder as soon as the release
+    commits: counted, listed, renewable, releasable, confirmed by a late acquire."""
+    store = lh_backend.client().store
+    if not store.capabilities.hand_over:
+        pytest.skip(f"{lh_backend.name} wakes waiters instead of handing over")
+    name = lh_backend.unique()
+    holder, head, second, outsider = (secrets.token_urlsafe(24) for _ in range(4))
+    first = store.acquire(_request(name, holder))
+    assert isinstance(first, Granted)
+    assert isinstance(store.acquire(_request(name, head, queue_ttl=10.0)), Busy)
+    assert isinstance(store.acquire(_request(name, second, queue_ttl=10.0)), Busy)
+    assert store.release(name, holder) is True
+    # Already a holder before it waits: nobody can take the place meanwhile.
+    assert isinstance(store.acquire(_request(name, outsider)), Busy)
+    held = store.holders(name)
+    assert len(held) == 1
+    handed = store.wait(name, head, 5.0)
+    assert isinstance(handed, HandedOver)
+    assert held[0].fence == handed.fence > first.fence
+    # Its expiry is its queue place (10 s), not yet the full ttl of the request.
+    assert held[0].expires_in <= 10.0 + 0.5
+    assert store.renew([RenewItem(name, head, 30.0)]) == [True]
+    assert store.holders(name)[0].expires_in > 20.0
+    # An acquire that runs after the hand-over (a lost wake-up) confirms it.
+    again = store.acquire(_request(name, head, queue_ttl=10.0))
+    assert again == Granted(handed.fence)
+    assert store.release(name, head) is True
+    # The next in line is handed the place in turn, with a higher fence.
+    following = store.wait(name, second, 5.0)
+    assert isinstance(following, HandedOver)
+    assert following.fence > handed.fence
+    assert store.release(name, second) is True
+    assert store.holders(name) == []
+
+
+def test_hand_over_to_a_dead_waiter_lasts_only_its_queue_place(
+    lh_backend: BackendHarness,
+) -> None:
+    store = lh_backend.client().store
+    if not store.capabilities.hand_over:
+        pytest.skip(f"{lh_backend.name} wakes waiters instead of handing over")
+    name = lh_backend.unique()
+    holder, ghost, alive = (secrets.token_urlsafe(24) for _ in range(3))
+    store.acquire(_request(name, holder))
+    # The ghost queues for 0.5 s and never comes back; its request asked for 60 s.
+    store.acquire(_request(name, ghost, ttl=60.0, queue_ttl=0.5))
+    store.release(name, holder)
+    assert len(store.holders(name)) == 1  # handed to the ghost
+    lh_backend.advance(0.7)
+    granted = store.acquire(_request(name, alive))
+    assert isinstance(granted, Granted)
+    store.release(name, alive)
 
 
 def test_renew_batch_answers_in_order(lh_backend: BackendHarness) -> None:
@@ -379,3 +481,134 @@ def test_record_concurrent_increments_lose_nothing(lh_backend: BackendHarness) -
     for thread in pool:
         thread.join(60)
     assert client.store.read_record(key).value == str(per_thread * threads).encode()
+
+
+# -- announcements ---------------------------------------------------------------------
+
+
+def _announcing(lh_backend: BackendHarness) -> tuple[Store, Store]:
+    """Two independent stores of the backend (two clients: separate connections), or
+    a skip when it has no announcements."""
+    a, b = lh_backend.client().store, lh_backend.client().store
+    if not a.capabilities.announcements:
+        pytest.skip(f"{lh_backend.name} has no announcements; subscribers poll")
+    return a, b
+
+
+def test_announce_wakes_a_subscriber_promptly(lh_backend: BackendHarness) -> None:
+    announcer, listener = _announcing(lh_backend)
+    topic = lh_backend.unique("topic")
+    with listener.subscribe(topic) as subscription:
+        timer = threading.Timer(0.2, announcer.announce, args=(topic,))
+        started = time.monotonic()
+        timer.start()
+        try:
+            assert subscription.wait(10.0) is True
+        finally:
+            timer.join()
+        assert 0.15 <= time.monotonic() - started < 1.5
+        # Announced before anyone waits (but after subscribing): not lost either.
+        announcer.announce(topic)
+        started = time.monotonic()
+        assert subscription.wait(10.0) is True
+        assert time.monotonic() - started < 1.0
+
+
+def test_announce_reaches_every_subscriber_of_its_topic_only(lh_backend: BackendHarness) -> None:
+    announcer, listener = _announcing(lh_backend)
+    third = lh_backend.client().store
+    # Topics are data, never code: quotes, braces, globs, non-ASCII all travel as is.
+    topic = lh_backend.unique("topic") + " {1}*?[x]'; DROP TABLE x; -- ☃"
+    other = topic + ":other"
+    with contextlib.ExitStack() as stack:
+        many = [
+            stack.enter_context(store.subscribe(topic))
+            for store in (listener, listener, third, announcer, third)
+        ]
+        bystander = stack.enter_context(listener.subscribe(other))
+        announcer.announce(topic)
+        started = time.monotonic()
+        assert all(subscription.wait(10.0) for subscription in many)
+        assert time.monotonic() - started < 1.5
+        assert bystander.wait(0.3) is False
+        announcer.announce(other)
+        assert bystander.wait(10.0) is True
+        assert not any(subscription.wait(0.05) for subscription in many)
+
+
+def test_announcement_between_waits_is_not_lost(lh_backend: BackendHarness) -> None:
+    announcer, listener = _announcing(lh_backend)
+    topic = lh_backend.unique("topic")
+    with listener.subscribe(topic) as subscription:
+        assert subscription.wait(0.05) is False
+        for _ in range(3):  # several announcements between two waits count as one
+            announcer.announce(topic)
+        time.sleep(0.2)  # delivered while nobody waits
+        assert subscription.wait(10.0) is True
+        assert subscription.wait(0.2) is False
+        announcer.announce(topic)
+        assert subscription.wait(10.0) is True
+    # A closed subscription is forgotten: announcing to nobody is fine.
+    announcer.announce(topic)
+
+
+def test_subscription_times_out_and_checks_topics(lh_backend: BackendHarness) -> None:
+    store = lh_backend.client().store
+    topic = lh_backend.unique("topic")
+    with store.subscribe(topic) as subscription:
+        assert subscription.notified is store.capabilities.announcements
+        started = time.monotonic()
+        assert subscription.wait(0.3) is False
+        assert 0.25 <= time.monotonic() - started < 2.0
+        assert subscription.wait(0) is False
+        # wake() ends a wait from any thread, on every backend (Election.stop uses it).
+        threading.Timer(0.1, subscription.wake).start()
+        assert subscription.wait(10.0) is True
+    for bad in ("", "line\nbreak", "x" * 10_000, None):
+        with pytest.raises(InvalidArgument):
+            store.announce(bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            store.subscribe(bad)  # type: ignore[arg-type]
+
+
+def test_subscription_fallback_polls(lh_backend: BackendHarness) -> None:
+    """The base class's subscription (what stores without announcements give) only
+    sleeps: an announcement does not end its wait, its timeout does."""
+    store = lh_backend.client().store
+    topic = lh_backend.unique("topic")
+    with Store.subscribe(store, topic) as subscription:
+        assert subscription.notified is False
+        store.announce(topic)
+        started = time.monotonic()
+        assert subscription.wait(0.3) is False
+        assert time.monotonic() - started >= 0.25
+    if not store.capabilities.announcements:
+        with store.subscribe(topic) as subscription:
+            store.announce(topic)
+            assert subscription.wait(0.3) is False
+
+
+def test_announcements_in_async_code(lh_backend: BackendHarness) -> None:
+    topic = lh_backend.unique("topic")
+
+    async def scenario() -> None:
+        async with lh_backend.async_client() as a, lh_backend.async_client() as b:
+            if not a.store.capabilities.announcements:
+                pytest.skip(f"{lh_backend.name} has no announcements; subscribers poll")
+            async with b.store.subscribe(topic) as subscription:
+                assert await subscription.wait(0.05) is False
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.1, lambda: asyncio.ensure_future(a.store.announce(topic)))
+                started = time.monotonic()
+                assert await subscription.wait(10.0) is True
+                assert time.monotonic() - started < 1.5
+                # A wait is cancellable like any await, and the subscription survives it.
+                waiting = asyncio.ensure_future(subscription.wait(10.0))
+                await asyncio.sleep(0.05)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                await a.store.announce(topic)
+                assert await subscription.wait(10.0) is True
+
+    asyncio.run(scenario())

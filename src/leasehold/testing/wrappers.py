@@ -13,9 +13,10 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
 from leasehold._errors import StoreUnavailable
-from leasehold._sync.store import Store
+from leasehold._sync.store import Store, Subscription
 
 
 class CountingStore(Store):
@@ -59,7 +60,7 @@ class CountingStore(Store):
         self._count("break_lease")
         return self.inner.break_lease(name)
 
-    def wait(self, name: str, token: str, timeout: float) -> bool:
+    def wait(self, name: str, token: str, timeout: float) -> WaitResult:
         self._count("wait")
         return self.inner.wait(name, token, timeout)
 
@@ -76,6 +77,14 @@ class CountingStore(Store):
     def ping(self) -> None:
         self._count("ping")
         self.inner.ping()
+
+    def announce(self, topic: str) -> None:
+        self._count("announce")
+        self.inner.announce(topic)
+
+    def subscribe(self, topic: str) -> Subscription:
+        # Local, no I/O: not counted and never failed (subscriptions poll on errors).
+        return self.inner.subscribe(topic)
 
     def close(self) -> None:
         self.inner.close()

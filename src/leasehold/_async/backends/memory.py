@@ -10,18 +10,21 @@ import threading
 from collections.abc import Sequence
 
 from leasehold._async._concurrency import AsyncEvent
-from leasehold._async.store import AsyncStore
+from leasehold._async.store import AsyncStore, AsyncSubscription, HubSubscription, TopicHub
+from leasehold._core import validate
 from leasehold._core.clock import Clock
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
     Busy,
     Capabilities,
+    HandedOver,
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
-from leasehold._core.table import LeaseTable
+from leasehold._core.table import HandOvers, LeaseTable
 from leasehold._core.url import StoreURL
 
 
@@ -30,6 +33,10 @@ class _Shared:
         self.table = LeaseTable()
         self.guard = threading.Lock()
         self.waiters: dict[tuple[str, str], AsyncEvent] = {}
+        # Subscriptions to announcements, woken directly by announce().
+        self.topics = TopicHub()
+        # Grants made by a release for a waiter, until its wait() collects them.
+        self.handed: dict[tuple[str, str], int] = {}
 
 
 _NAMED: dict[str, _Shared] = {}
@@ -50,7 +57,9 @@ class AsyncMemoryStore(AsyncStore):
         cross_host=False,
         notifications=True,
         fence_survives_data_loss=True,
+        hand_over=True,
         notes=("one process only", "state is lost with the process"),
+        announcements=True,
     )
 
     def __init__(self, url: StoreURL, clock: Clock, store_name: str = "") -> None:
@@ -64,6 +73,12 @@ class AsyncMemoryStore(AsyncStore):
             if event is not None:
                 event.set()
 
+    def _deliver(self, handed: HandOvers) -> None:
+        for name, token, fence in handed:
+            key = (name, token)
+            self._shared.handed[key] = fence
+            self._wake([key])
+
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
         shared = self._shared
         with shared.guard:
@@ -75,6 +90,7 @@ class AsyncMemoryStore(AsyncStore):
                 shared.waiters.setdefault(key, AsyncEvent())
             elif not isinstance(result, Busy):
                 shared.waiters.pop(key, None)
+                shared.handed.pop(key, None)
         return result
 
     async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
@@ -84,9 +100,10 @@ class AsyncMemoryStore(AsyncStore):
     async def release(self, name: str, token: str) -> bool:
         shared = self._shared
         with shared.guard:
-            held, wake = shared.table.release(name, token, self._clock.monotonic())
+            held, handed = shared.table.release(name, token, self._clock.monotonic())
             shared.waiters.pop((name, token), None)
-            self._wake(wake)
+            shared.handed.pop((name, token), None)
+            self._deliver(handed)
         return held
 
     async def holders(self, name: str) -> list[HolderInfo]:
@@ -100,19 +117,26 @@ class AsyncMemoryStore(AsyncStore):
     async def break_lease(self, name: str) -> int:
         shared = self._shared
         with shared.guard:
-            count, wake = shared.table.break_lease(name, self._clock.monotonic())
-            self._wake(wake)
+            count, handed = shared.table.break_lease(name, self._clock.monotonic())
+            self._deliver(handed)
         return count
 
-    async def wait(self, name: str, token: str, timeout: float) -> bool:
-        with self._shared.guard:
-            event = self._shared.waiters.get((name, token))
+    async def wait(self, name: str, token: str, timeout: float) -> WaitResult:
+        key = (name, token)
+        shared = self._shared
+        with shared.guard:
+            event = shared.waiters.get(key)
         if event is None:
             event = AsyncEvent()  # not queued: nothing will wake it; sleep the timeout
         woken = await event.wait(timeout)
-        if woken:
+        if not woken:
+            return False
+        with shared.guard:
             event.clear()
-        return woken
+            fence = shared.handed.pop(key, None)
+            if fence is not None:
+                shared.waiters.pop(key, None)
+        return True if fence is None else HandedOver(fence)
 
     async def read_record(self, key: str) -> Record:
         with self._shared.guard:
@@ -128,6 +152,12 @@ class AsyncMemoryStore(AsyncStore):
 
     async def ping(self) -> None:
         return None
+
+    async def announce(self, topic: str) -> None:
+        self._shared.topics.wake(validate.topic(topic))
+
+    def subscribe(self, topic: str) -> AsyncSubscription:
+        return HubSubscription(validate.topic(topic), self._shared.topics)
 
     def __repr__(self) -> str:
         return f"AsyncMemoryStore({self.url.redacted!r})"

@@ -9,8 +9,10 @@ record versions (compare-and-set values) come from the same sequence.
 
 Nothing depends on session state (no session advisory locks, temp tables or
 prepared statements), so the store is correct behind a transaction-mode pooler
-(``?pooler=transaction``). Waiters are woken by LISTEN/NOTIFY on a dedicated
-connection per store when a direct session is available, and poll otherwise.
+(``?pooler=transaction``). A release hands the place over: the first waiter becomes
+the holder in the releasing transaction (schema version 4), and is told its fence by
+a NOTIFY on a dedicated LISTEN connection per store when a direct session is
+available; otherwise waiters poll, and their next acquire confirms the grant.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from leasehold._async import _concurrency
 from leasehold._async._concurrency import AsyncEvent, AsyncMutex
 from leasehold._async.backends._postgres_io import NotifyListener
-from leasehold._async.store import AsyncStore
+from leasehold._async.store import (
+    AsyncStore,
+    AsyncSubscription,
+    HubSubscription,
+    ListenerSlot,
+    TopicHub,
+)
+from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.records import (
     AcquireRequest,
@@ -46,9 +55,11 @@ from leasehold._core.records import (
     Busy,
     Capabilities,
     Granted,
+    HandedOver,
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
 from leasehold._core.url import StoreURL
 from leasehold._errors import InvalidArgument, StoreUnavailable
@@ -59,7 +70,7 @@ log = logging.getLogger("leasehold.postgres")
 
 # What schema_version() in schema.sql returns. Bump both together whenever the file
 # changes; a store that finds an older version re-runs the (idempotent) file.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The functions of schema.sql the store calls, and how many arguments each takes.
 _FUNCTIONS = {
@@ -292,8 +303,30 @@ def _function_queries(schema: str) -> dict[str, bytes]:
 
 
 def wake_key(name: str, token: str) -> str:
-    """What a NOTIFY carries to wake (name, token): a hash, so tokens stay secret."""
+    """What a NOTIFY carries to wake (name, token): a hash, so tokens stay secret.
+    A hand-over sends ``"<wake_key> <fence>"``."""
     return hashlib.sha256(f"{len(name)}:{name}{token}".encode()).hexdigest()[:32]
+
+
+class _Waiter:
+    """A token this store listens for: ``notified`` when a notification arrived,
+    ``fence`` when it was a hand-over (the token is a holder now). The event is made
+    only by a ``wait`` that has to block: most acquires are granted at once, and
+    never need one."""
+
+    __slots__ = ("event", "fence", "notified", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.notified = False
+        self.fence: int | None = None
+        self.event: AsyncEvent | None = None
+
+
+def announce_channel(schema: str) -> str:
+    """The NOTIFY channel of a schema's announcements: fixed per schema, so every
+    store on it meets there; hashed, so any schema name makes a short identifier."""
+    return "leasehold_announce_" + hashlib.sha256(schema.encode()).hexdigest()[:16]
 
 
 def _looks_dead(conn: AsyncConnection[Any]) -> bool:
@@ -352,13 +385,16 @@ class AsyncPostgresStore(AsyncStore):
         cross_host=True,
         notifications=True,
         fence_survives_data_loss=True,
+        hand_over=True,
         notes=(
             "expiry on the server's clock (clock_timestamp())",
             "fences from one WAL-logged sequence: never reused, even after a crash",
-            "LISTEN/NOTIFY wake-ups on a dedicated connection per store",
+            "a release hands the place to the first waiter in the same transaction; "
+            "LISTEN/NOTIFY tells it its fence, on a dedicated connection per store",
             "correct behind transaction-mode poolers with ?pooler=transaction (polling)",
             "fences survive failover only with synchronous replication",
         ),
+        announcements=True,
     )
 
     def __new__(cls, url: StoreURL, clock: Clock | None = None) -> AsyncPostgresStore:
@@ -388,10 +424,17 @@ class AsyncPostgresStore(AsyncStore):
         self._listener_error: str | None = None
         self._channel = f"leasehold_{secrets.token_hex(12)}"
         self._waiters_guard = threading.Lock()
-        self._waiters: dict[str, tuple[AsyncEvent, float]] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
         self._queries = _function_queries(self._opts.schema)
+        # Announcements: pg_notify on one channel per schema, the topic as payload;
+        # subscribers share one more LISTEN connection, started on first subscribe.
+        self._announce_channel = announce_channel(self._opts.schema)
+        self._topics = TopicHub()
+        self._announcements = ListenerSlot(
+            self._announce_listener, retry=_LISTENER_RETRY, what=repr(self)
+        )
 
     # -- connections --------------------------------------------------------------
 
@@ -405,6 +448,10 @@ class AsyncPostgresStore(AsyncStore):
         listener = self._listener
         if listener is not None:
             _disown(listener.fileno())
+        announcing = self._announcements.listener
+        if isinstance(announcing, _AnnounceListener):
+            _disown(announcing.fileno())
+        self._topics.after_fork_in_child()
         _ORPHANED.extend(x for x in (self._pool, listener) if x is not None)
         self._pool = None
         self._listener = None
@@ -664,16 +711,27 @@ class AsyncPostgresStore(AsyncStore):
             return self._channel
 
     def _on_notify(self, payload: str) -> None:
+        key, _, fence = payload.partition(" ")
         with self._waiters_guard:
-            entry = self._waiters.get(payload)
-        if entry is not None:
-            entry[0].set()
+            entry = self._waiters.get(key)
+            if entry is None:
+                return
+            entry.notified = True
+            if fence.isascii() and fence.isdigit():  # anything else only wakes it
+                entry.fence = int(fence)
+            event = entry.event
+        if event is not None:
+            event.set()
 
     def _on_listener_lost(self) -> None:
         # Notifications sent while nobody listens are lost: wake every waiter, whose
         # next acquire re-establishes LISTEN before it queues again.
         with self._waiters_guard:
-            events = [event for event, _ in self._waiters.values()]
+            events = []
+            for entry in self._waiters.values():
+                entry.notified = True
+                if entry.event is not None:
+                    events.append(entry.event)
         for event in events:
             event.set()
 
@@ -683,17 +741,23 @@ class AsyncPostgresStore(AsyncStore):
         with self._waiters_guard:
             if now >= self._next_sweep:
                 self._next_sweep = now + 10.0
-                for stale in [k for k, (_, until) in self._waiters.items() if until < now]:
+                for stale in [k for k, entry in self._waiters.items() if entry.until < now]:
                     del self._waiters[stale]
             entry = self._waiters.get(key)
-            event = entry[0] if entry is not None else AsyncEvent()
-            event.clear()
-            self._waiters[key] = (event, now + queue_ttl + _WAITER_GRACE)
+            if entry is None:
+                self._waiters[key] = _Waiter(now + queue_ttl + _WAITER_GRACE)
+            else:
+                # A hand-over noted before this attempt is what the attempt confirms.
+                entry.notified = False
+                entry.fence = None
+                if entry.event is not None:
+                    entry.event.clear()
+                entry.until = now + queue_ttl + _WAITER_GRACE
 
-    def _disarm(self, name: str, token: str) -> None:
+    def _disarm(self, name: str, token: str, key: str | None = None) -> None:
         if self._waiters:
             with self._waiters_guard:
-                self._waiters.pop(wake_key(name, token), None)
+                self._waiters.pop(key or wake_key(name, token), None)
 
     # -- the store contract ---------------------------------------------------------
 
@@ -725,7 +789,7 @@ class AsyncPostgresStore(AsyncStore):
         )
         granted, fence, retry_after, position = rows[0]
         if granted:
-            self._disarm(request.name, request.token)
+            self._disarm(request.name, request.token, key)
             return Granted(int(fence))
         return Busy(
             retry_after=None if retry_after is None else max(0.0, float(retry_after)),
@@ -781,20 +845,31 @@ class AsyncPostgresStore(AsyncStore):
         rows = await self._call("break_lease", "break_lease", (name,), idempotent=False)
         return int(rows[0][0])
 
-    async def wait(self, name: str, token: str, timeout: float) -> bool:
+    async def wait(self, name: str, token: str, timeout: float) -> WaitResult:
         self._after_fork()
+        key = wake_key(name, token)
         with self._waiters_guard:
-            entry = self._waiters.get(wake_key(name, token))
+            entry = self._waiters.get(key)
         if entry is None:
             # Not queued through this store's listener (polling mode, no queue_ttl,
-            # or LISTEN unavailable): nothing will wake us.
+            # or LISTEN unavailable): nothing will wake us. A hand-over made
+            # meanwhile is confirmed by the next acquire.
             await _concurrency.sleep(timeout)
             return False
-        event = entry[0]
-        woken = await event.wait(timeout)
-        if woken:
-            event.clear()
-        return woken
+        with self._waiters_guard:
+            event = entry.event
+            if event is None and not entry.notified:
+                event = entry.event = AsyncEvent()
+        if not entry.notified and not (event is not None and await event.wait(timeout)):
+            return False
+        with self._waiters_guard:
+            entry.notified = False
+            if entry.event is not None:
+                entry.event.clear()
+            fence = entry.fence
+            if fence is not None and self._waiters.get(key) is entry:
+                del self._waiters[key]  # a holder now: nothing more to wake it for
+        return True if fence is None else HandedOver(fence)
 
     async def read_record(self, key: str) -> Record:
         rows = await self._call("read_record", "read_record", (key,))
@@ -846,8 +921,35 @@ class AsyncPostgresStore(AsyncStore):
         pool, self._pool = self._pool, None
         if listener is not None:
             await listener.aclose()
+        await self._announcements.aclose()
         if pool is not None:
             await pool.close()
+
+    # -- announcements --------------------------------------------------------------
+
+    async def announce(self, topic: str) -> None:
+        # The topic travels as a parameter (the payload), never as SQL or a channel.
+        await self._query(
+            "announce",
+            b"SELECT pg_notify(%s, %s)",
+            (self._announce_channel, validate.topic(topic)),
+            idempotent=True,  # a second NOTIFY only wakes subscribers twice
+        )
+
+    def subscribe(self, topic: str) -> AsyncSubscription:
+        topic = validate.topic(topic)
+        if not self._opts.listen:
+            return AsyncSubscription(topic)  # no LISTEN behind a transaction pooler
+        return HubSubscription(topic, self._topics, self._announcements)
+
+    def _announce_listener(self) -> _AnnounceListener:
+        listener = NotifyListener(
+            self._opts.conninfo,
+            self._announce_channel,
+            self._topics.wake,
+            self._topics.wake_all,
+        )
+        return _AnnounceListener(listener, repr(self), self._opts.secrets)
 
     def warnings(self) -> list[str]:
         found: list[str] = []
@@ -858,6 +960,11 @@ class AsyncPostgresStore(AsyncStore):
         if self._listener_error is not None:
             found.append(
                 f"{self.url.redacted}: LISTEN failed ({self._listener_error}); waiters poll"
+            )
+        if self._announcements.error is not None:
+            found.append(
+                f"{self.url.redacted}: LISTEN for announcements failed "
+                f"({self._announcements.error}); observers poll"
             )
         if self._opts.statement_timeout == 0:
             found.append(f"{self.url.redacted}: statement_timeout disabled")
@@ -878,6 +985,34 @@ class AsyncPostgresStore(AsyncStore):
         return f"{type(self).__name__}({self.url.redacted!r})"
 
 
+class _AnnounceListener:
+    """The ``NotifyListener`` on a schema's announcement channel, as the
+    ``Listener`` a ``ListenerSlot`` keeps: its failures are StoreUnavailable,
+    password removed."""
+
+    def __init__(self, listener: NotifyListener, what: str, hidden: Sequence[str]) -> None:
+        self._listener = listener
+        self._what = what
+        self._hidden = hidden
+
+    @property
+    def alive(self) -> bool:
+        return self._listener.alive
+
+    def fileno(self) -> int | None:
+        return self._listener.fileno()
+
+    async def start(self) -> None:
+        try:
+            await self._listener.start()
+        except (psycopg.Error, OSError) as exc:
+            message = f"{self._what}: LISTEN failed: {str(exc).strip() or type(exc).__name__}"
+            raise StoreUnavailable(_scrub(message, self._hidden)) from None
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+
+
 class AsyncPooledPostgresStore(AsyncPostgresStore):
     """The same store behind a transaction-mode pooler (``?pooler=transaction``):
     no LISTEN (a pooler does not keep a session), so waiters poll."""
@@ -885,11 +1020,14 @@ class AsyncPooledPostgresStore(AsyncPostgresStore):
     capabilities = replace(
         AsyncPostgresStore.capabilities,
         notifications=False,
+        announcements=False,
+        hand_over=False,
         notes=(
             "expiry on the server's clock (clock_timestamp())",
             "fences from one WAL-logged sequence: never reused, even after a crash",
             "transaction-mode pooler: no session state used, no prepared statements",
-            "no notifications behind the pooler: waiters poll with jitter",
+            "no notifications behind the pooler: waiters poll with jitter (a place "
+            "handed over to a waiter is confirmed by its next acquire)",
             "fences survive failover only with synchronous replication",
         ),
     )

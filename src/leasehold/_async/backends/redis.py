@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from hashlib import sha1
 from importlib import resources
 from typing import Any, Final, Protocol
@@ -43,7 +43,15 @@ from redis.backoff import NoBackoff
 
 from leasehold._async._concurrency import sleep
 from leasehold._async.backends._redis_io import cancellations, raise_if_cancelled_since
-from leasehold._async.store import AsyncStore
+from leasehold._async.backends._redis_pubsub import PubSubListener
+from leasehold._async.store import (
+    AsyncStore,
+    AsyncSubscription,
+    HubSubscription,
+    ListenerSlot,
+    TopicHub,
+)
+from leasehold._core import validate
 from leasehold._core.clock import Clock
 from leasehold._core.records import (
     MAX_RECORD_BYTES,
@@ -52,9 +60,12 @@ from leasehold._core.records import (
     Busy,
     Capabilities,
     Granted,
+    HandedOver,
+    Holder,
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
 from leasehold._core.url import StoreURL
 from leasehold._errors import InvalidArgument, StoreUnavailable
@@ -82,6 +93,10 @@ _BUSY_POLL: Final = 0.1
 RENEW_CHUNK: Final = 1000
 # PEXPIRE ... GT/NX in the scripts.
 MIN_REDIS_VERSION: Final = (7, 0)
+# The announcement listener's connection PINGs after this many idle seconds, and a
+# listener that could not subscribe is tried again after _ANNOUNCE_RETRY.
+_ANNOUNCE_HEALTH_CHECK: Final = 15
+_ANNOUNCE_RETRY: Final = 5.0
 
 
 # --------------------------------------------------------------------------- URL
@@ -287,24 +302,14 @@ def parse_options(url: StoreURL) -> RedisOptions:
 class NameKeys:
     """The keys of one lease name (all in one cluster slot)."""
 
-    holders: str  # zset token -> expiry_us
-    state: str  # hash: 'limit', 'm:<token>' -> holder metadata
-    queue: str  # zset token -> arrival order
-    queue_expiry: str  # zset token -> queue expiry_us
+    state: str  # MessagePack: limit hint, holders, waiters (see _prelude.lua)
     floor: str  # per bucket: highest fence issued
     index: str  # per bucket: zset name -> latest holder expiry_us
     signal_prefix: str  # + token: a waiter's signal list
 
     def script_keys(self) -> list[str]:
-        """KEYS[1..6] of acquire.lua, release.lua and break.lua, in order."""
-        return [
-            self.holders,
-            self.state,
-            self.queue,
-            self.queue_expiry,
-            self.floor,
-            self.index,
-        ]
+        """KEYS[1..3] of acquire.lua, release.lua and break.lua, in order."""
+        return [self.state, self.floor, self.index]
 
     def signal(self, token: str) -> str:
         return self.signal_prefix + token
@@ -329,15 +334,15 @@ class KeyLayout:
         return f"{self.prefix}{{{bucket}}}"
 
     def for_name(self, name: str) -> NameKeys:
+        return _name_keys(self, name)
+
+    def _for_name(self, name: str) -> NameKeys:
         tag = self.tag(self.bucket(name))
         # The name's byte length makes "<name>:<token>" unambiguous when either
         # contains ':'.
         size = len(name.encode("utf-8"))
         return NameKeys(
-            holders=f"{tag}:h:{name}",
-            state=f"{tag}:s:{name}",
-            queue=f"{tag}:q:{name}",
-            queue_expiry=f"{tag}:e:{name}",
+            state=f"{tag}:n:{name}",
             floor=f"{tag}:fence",
             index=f"{tag}:index",
             signal_prefix=f"{tag}:w:{size}:{name}:",
@@ -352,6 +357,20 @@ class KeyLayout:
     def indexes(self) -> list[str]:
         """The name index of every bucket, bucket 0 first (KEYS of leases.lua)."""
         return [f"{self.tag(bucket)}:index" for bucket in range(BUCKETS)]
+
+
+@lru_cache(maxsize=4096)
+def _name_keys(layout: KeyLayout, name: str) -> NameKeys:
+    # Hot names are few: computing their keys (CRC-32, four strings) once each
+    # takes that work off every acquire and release.
+    return layout._for_name(name)
+
+
+@lru_cache(maxsize=256)
+def _holder_json(holder: Holder) -> str:
+    return json.dumps(
+        [holder.owner, holder.host, holder.pid], ensure_ascii=False, separators=(",", ":")
+    )
 
 
 # ----------------------------------------------------------------------- scripts
@@ -421,6 +440,21 @@ def _holder_info(name: str, now: int, expiry: int, meta: str) -> HolderInfo:
     )
 
 
+def _signalled(value: object) -> WaitResult:
+    """What a waiter's signal list said: "h <fence>" is a hand-over (see hand_over in
+    _prelude.lua); anything else ("1", leasehold 0.1's provisional "g <fence>") only
+    wakes the waiter, whose next acquire confirms. None: nothing arrived."""
+    if value is None:
+        return False
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    if text.startswith("h "):
+        try:
+            return HandedOver(int(text[2:]))
+        except ValueError:
+            return True
+    return True
+
+
 class AsyncRedisStore(AsyncStore):
     capabilities = Capabilities(
         server_clock=True,
@@ -429,12 +463,14 @@ class AsyncRedisStore(AsyncStore):
         cross_host=True,
         notifications=True,
         fence_survives_data_loss=True,
+        hand_over=True,
         notes=(
             "durable only with appendonly yes and appendfsync always",
             "fences stay increasing after data loss unless the server clock stepped back across it",
             "leases granted before a restart or failover are reported lost at their next renewal",
             "maxmemory-policy must be noeviction",
         ),
+        announcements=True,
     )
 
     def __init__(self, url: StoreURL, options: RedisOptions) -> None:
@@ -456,6 +492,13 @@ class AsyncRedisStore(AsyncStore):
         # forgets it and bumps the generation (see _server_run_id).
         self._run_id: str | None = None
         self._generation = 0
+        # Announcements: PUBLISH on one channel per prefix and database, the topic as
+        # the message; subscribers share one SUBSCRIBEd connection per store.
+        self.announce_channel = f"{options.prefix}announce:{options.db}"
+        self._topics = TopicHub()
+        self._announcements = ListenerSlot(
+            self._announce_listener, retry=_ANNOUNCE_RETRY, what=repr(self)
+        )
 
     # -- connections ---------------------------------------------------------
 
@@ -661,11 +704,7 @@ class AsyncRedisStore(AsyncStore):
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
         keys = self.keys.for_name(request.name)
-        holder = json.dumps(
-            [request.holder.owner, request.holder.host, request.holder.pid],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        holder = _holder_json(request.holder)
         queue_ttl = "" if request.queue_ttl is None else _us(request.queue_ttl)
         client = self._connect().commands
         for attempt in range(3):
@@ -715,7 +754,7 @@ class AsyncRedisStore(AsyncStore):
             args: list[str | int] = []
             for item in items[start : start + RENEW_CHUNK]:
                 name_keys = self.keys.for_name(item.name)
-                keys += (name_keys.holders, name_keys.state, name_keys.index)
+                keys += (name_keys.state, name_keys.index)
                 args += (item.name, item.token, _us(item.ttl))
             calls.append((keys, args))
         if len(calls) == 1:
@@ -724,7 +763,7 @@ class AsyncRedisStore(AsyncStore):
             replies = await self._run_many("renew", calls)
         answers: list[bool] = []
         for reply, (keys, _args) in zip(replies, calls, strict=True):
-            if not isinstance(reply, list) or len(reply) * 3 != len(keys):
+            if not isinstance(reply, list) or len(reply) * 2 != len(keys):
                 raise self._malformed("renew", reply)
             answers += [answer == 1 for answer in reply]
         return answers
@@ -768,19 +807,28 @@ class AsyncRedisStore(AsyncStore):
 
     async def release(self, name: str, token: str) -> bool:
         keys = self.keys.for_name(name)
-        reply = await self._run("release", keys.script_keys(), [name, keys.signal_prefix, token])
+        client = self._connect().commands
+        with self._translated("release"):
+            # Stamped on the place handed to the next waiter (see hand_over).
+            run_id = await self._server_run_id(client)
+        reply = await self._run(
+            "release", keys.script_keys(), [name, keys.signal_prefix, token, run_id]
+        )
         return bool(reply == 1)
 
     async def break_lease(self, name: str) -> int:
         keys = self.keys.for_name(name)
-        reply = await self._run("break", keys.script_keys(), [name, keys.signal_prefix])
+        client = self._connect().commands
+        with self._translated("break"):
+            run_id = await self._server_run_id(client)
+        reply = await self._run("break", keys.script_keys(), [name, keys.signal_prefix, run_id])
         if not isinstance(reply, int):
             raise self._malformed("break", reply)
         return reply
 
     async def holders(self, name: str) -> list[HolderInfo]:
         keys = self.keys.for_name(name)
-        reply = await self._run("holders", [keys.holders, keys.state], [])
+        reply = await self._run("holders", [keys.state], [])
         try:
             now = int(reply[0])
             infos = [
@@ -803,7 +851,7 @@ class AsyncRedisStore(AsyncStore):
             raise self._malformed("leases", reply) from None
         return sorted(infos, key=lambda info: (info.name, info.fence))
 
-    async def wait(self, name: str, token: str, timeout: float) -> bool:  # noqa: ASYNC109, RUF100
+    async def wait(self, name: str, token: str, timeout: float) -> WaitResult:  # noqa: ASYNC109, RUF100
         signal = self.keys.for_name(name).signal(token)
         connections = self._connect()
         # A local deadline for I/O only; expiry decisions stay on the server's clock.
@@ -818,7 +866,7 @@ class AsyncRedisStore(AsyncStore):
             await sleep(deadline - time.monotonic())
             return False
 
-    async def _wait(self, connections: _Connections, signal: str, deadline: float) -> bool:
+    async def _wait(self, connections: _Connections, signal: str, deadline: float) -> WaitResult:
         while True:
             remaining = deadline - time.monotonic()
             # Redis expires a blocked BLPOP only on its next event-loop tick (hz ticks
@@ -829,7 +877,7 @@ class AsyncRedisStore(AsyncStore):
             if block_for < 0.01:
                 popped = await self._execute(connections.commands, "LPOP", signal)
                 if popped is not None or remaining <= 0:
-                    return popped is not None
+                    return _signalled(popped)
                 await sleep(min(remaining, _TAIL_POLL))
                 continue
             blpop = ("BLPOP", signal, f"{block_for:.3f}")
@@ -844,11 +892,11 @@ class AsyncRedisStore(AsyncStore):
                 # signal stays in its list, so it is only noticed later, not lost).
                 popped = await self._execute(connections.commands, "LPOP", signal)
                 if popped is not None:
-                    return True
+                    return _signalled(popped)
                 await sleep(min(remaining, _BUSY_POLL))
                 continue
             if popped is not None:
-                return True
+                return _signalled(popped[1])
 
     async def read_record(self, key: str) -> Record:
         record_key, _floor = self.keys.for_record(key)
@@ -904,7 +952,33 @@ class AsyncRedisStore(AsyncStore):
         except (TypeError, ValueError):
             raise self._malformed("TIME", reply) from None
 
+    # -- announcements -------------------------------------------------------
+
+    async def announce(self, topic: str) -> None:
+        topic = validate.topic(topic)
+        client = self._connect().commands
+        with self._translated("announce"):
+            await self._execute(client, "PUBLISH", self.announce_channel, topic)
+
+    def subscribe(self, topic: str) -> AsyncSubscription:
+        return HubSubscription(validate.topic(topic), self._topics, self._announcements)
+
+    def _announce_listener(self) -> PubSubListener:
+        kwargs = self._connection_kwargs(self.options.socket_timeout)
+        # Not a command connection: no run_id bookkeeping on (re)connect.
+        kwargs.pop("redis_connect_func", None)
+        kwargs["health_check_interval"] = _ANNOUNCE_HEALTH_CHECK
+        return PubSubListener(
+            kwargs,
+            self.announce_channel,
+            on_message=self._topics.wake,
+            on_lost=self._topics.wake_all,
+            unavailable=self._unavailable,
+            confirm_timeout=self.options.socket_timeout,
+        )
+
     async def aclose(self) -> None:
+        await self._announcements.aclose()
         with self._guard:
             self._closed = True
             current, self._connections = self._connections, None
@@ -918,6 +992,11 @@ class AsyncRedisStore(AsyncStore):
         found: list[str] = []
         if self.options.password and not self.options.tls and self.options.unix_path is None:
             found.append("the password travels unencrypted: use rediss:// across hosts")
+        if self._announcements.error is not None:
+            found.append(
+                f"cannot SUBSCRIBE for announcements ({self._announcements.error}); "
+                "election observers poll"
+            )
         facts = self._server_facts
         if not facts:
             return found

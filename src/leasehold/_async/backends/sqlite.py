@@ -1,39 +1,52 @@
 """``sqlite:///relative.db`` / ``sqlite:////absolute.db``: processes on one host.
 
 Expiry uses the host's boot-time clock, which wall-clock jumps do not move, and
-leases written during an earlier boot count as expired. A release wakes the waiter
-at the head of the store's FIFO queue with one datagram (``leasehold._wake``);
-waiters also look again at least every FALLBACK_POLL seconds, in case the
+leases written during an earlier boot count as expired. A release makes the waiter
+at the head of the store's FIFO queue a holder in its own transaction (hand-over)
+and tells it so with one datagram carrying the fence (``leasehold._wake``);
+waiters also look (read-only) at least every FALLBACK_POLL seconds, in case the
 datagram cannot reach them (another network namespace sharing the file).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from leasehold import _wake
+from leasehold import _sqlite_topics, _wake
 from leasehold._async._concurrency import run_blocking, sleep, wait_readable
-from leasehold._async.store import AsyncStore
+from leasehold._async.store import AsyncStore, AsyncSubscription
+from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
     Capabilities,
     Granted,
+    HandedOver,
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
 from leasehold._core.url import StoreURL, query_options
-from leasehold._errors import InvalidArgument
-from leasehold._sqlite_tx import NETWORK_FILESYSTEMS, SQLiteTables, boot_clock
+from leasehold._errors import InvalidArgument, StoreUnavailable
+from leasehold._sqlite_tx import NETWORK_FILESYSTEMS, SQLiteTables, Wakes, boot_clock
 
 DEFAULT_BUSY_TIMEOUT = 10.0
 FALLBACK_POLL = 0.2
+# Wake-up sockets kept for reuse by later waits (per process); more are closed.
+SPARE_SOCKETS = 8
+# A subscription that could not record its address polls this long before retrying.
+SUBSCRIBE_RETRY = 5.0
+
+logger = logging.getLogger("leasehold")
 
 
 class _BootClock:
@@ -48,11 +61,14 @@ class AsyncSQLiteStore(AsyncStore):
         cross_host=False,
         notifications=_wake.SUPPORTED,
         fence_survives_data_loss=True,
+        hand_over=True,
         notes=(
             "processes on one host; not on network file systems",
-            "same-host wake-ups by datagram; polling every 0.2 s as a fallback",
+            "a release hands the place to the head waiter and wakes it by datagram; "
+            "a read-only look every 0.2 s as a fallback",
             "expiry on the host boot-time clock (immune to wall-clock jumps)",
         ),
+        announcements=_wake.SUPPORTED,
     )
 
     def __init__(
@@ -73,8 +89,13 @@ class AsyncSQLiteStore(AsyncStore):
         self._guard = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = -1
+        # The wake-up sockets of this process's queued waiters, and spare ones to
+        # reuse. Their own lock: ``_guard`` is held through whole transactions.
+        self._wake_guard = threading.Lock()
         self._sockets: dict[tuple[str, str], _wake.WakeSocket] = {}
         self._limits: dict[tuple[str, str], int] = {}
+        self._spare: list[_wake.WakeSocket] = []
+        self._spare_pid = os.getpid()
 
     def _pool(self) -> ThreadPoolExecutor:
         # One worker thread owns the connection, so the event loop never blocks on
@@ -86,24 +107,57 @@ class AsyncSQLiteStore(AsyncStore):
             return self._executor
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
+        key = (request.name, request.token)
+        # A request that may be queued brings its wake-up address along, so being
+        # queued and being reachable are one transaction (no second one to arm).
+        address = None
+        if request.queue_ttl is not None and _wake.SUPPORTED:
+            address = self._socket_for(key).address
+
         def call() -> AcquireResult:
             with self._guard:
-                return self._tables.acquire(request, self._clock.monotonic())
+                return self._tables.acquire(request, self._clock.monotonic(), address)
 
         result = await run_blocking(self._pool(), call)
         if isinstance(result, Granted):
             self._disarm(request.name, request.token)
         elif result.position is not None:
-            with self._guard:
-                self._limits[(request.name, request.token)] = request.limit
+            with self._wake_guard:
+                self._limits[key] = request.limit
+        elif address is not None:
+            self._disarm(request.name, request.token)
         return result
 
+    def _socket_for(self, key: tuple[str, str]) -> _wake.WakeSocket:
+        """The waiter's wake-up socket: its own if it has one, else a spare one."""
+        with self._wake_guard:
+            sock = self._sockets.get(key)
+            if sock is not None:
+                return sock
+            if self._spare_pid != os.getpid():
+                # Inherited across fork: the parent's, which this process must not
+                # read (it would take the parent's wake-ups). Close our copies.
+                inherited = self._spare + list(self._sockets.values())
+                self._spare, self._sockets, self._limits = [], {}, {}
+                self._spare_pid = os.getpid()
+                for old in inherited:
+                    old.close()
+            sock = self._spare.pop() if self._spare else _wake.WakeSocket()
+            self._sockets[key] = sock
+            return sock
+
     def _disarm(self, name: str, token: str) -> None:
-        with self._guard:
+        with self._wake_guard:
             sock = self._sockets.pop((name, token), None)
             self._limits.pop((name, token), None)
-        if sock is not None:
-            sock.close()
+            if sock is None:
+                return
+            if len(self._spare) < SPARE_SOCKETS:
+                # A hand-over still in flight for the old waiter names its token, so
+                # the next user of the socket tells it apart (see _heard).
+                self._spare.append(sock)
+                return
+        sock.close()
 
     async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
         def call() -> list[bool]:
@@ -113,13 +167,13 @@ class AsyncSQLiteStore(AsyncStore):
         return await run_blocking(self._pool(), call)
 
     async def release(self, name: str, token: str) -> bool:
-        def call() -> tuple[bool, list[str]]:
+        def call() -> tuple[bool, Wakes]:
             with self._guard:
                 return self._tables.release(name, token, self._clock.monotonic())
 
         self._disarm(name, token)
-        held, wake = await run_blocking(self._pool(), call)
-        _wake.send(wake)
+        held, wakes = await run_blocking(self._pool(), call)
+        _send(wakes)
         return held
 
     async def holders(self, name: str) -> list[HolderInfo]:
@@ -137,43 +191,63 @@ class AsyncSQLiteStore(AsyncStore):
         return await run_blocking(self._pool(), call)
 
     async def break_lease(self, name: str) -> int:
-        def call() -> tuple[int, list[str]]:
+        def call() -> tuple[int, Wakes]:
             with self._guard:
                 return self._tables.break_lease(name, self._clock.monotonic())
 
-        count, wake = await run_blocking(self._pool(), call)
-        _wake.send(wake)
+        count, wakes = await run_blocking(self._pool(), call)
+        _send(wakes)
         return count
 
-    async def wait(self, name: str, token: str, timeout: float) -> bool:
+    async def wait(self, name: str, token: str, timeout: float) -> WaitResult:
         if not _wake.SUPPORTED:
             await sleep(timeout)
             return False
         key = (name, token)
-        with self._guard:
+        with self._wake_guard:
             sock = self._sockets.get(key)
+            limit = self._limits.get(key, 1)
         if sock is None:
-            # First wait of this waiter: publish a wake-up address. A release that
-            # came before the address was known sent nothing, so arming also tells
-            # whether the waiter could be served already.
-            sock = _wake.WakeSocket()
-            with self._guard:
-                self._sockets[key] = sock
-                limit = self._limits.get(key, 1)
+            # A waiter queued without an address (normally acquire records it):
+            # publish one. A release that came before the address was known sent
+            # nothing (it may have handed the place over already), so arming also
+            # tells where the waiter stands.
+            sock = self._socket_for(key)
             address = sock.address
 
-            def arm() -> bool:
+            def arm() -> WaitResult:
                 with self._guard:
                     return self._tables.arm(name, token, address, limit, self._clock.monotonic())
 
-            if await run_blocking(self._pool(), arm):
-                return True
-        if sock.drain():
-            return True
-        if await wait_readable(sock.fileno(), min(timeout, FALLBACK_POLL)):
-            sock.drain()
-            return True
-        return False
+            armed = await run_blocking(self._pool(), arm)
+            if armed is not False:
+                return self._woken(name, token, armed)
+
+        def look() -> WaitResult:
+            with self._guard:
+                return self._tables.look(name, token, limit, self._clock.monotonic())
+
+        # A local deadline for this call only; expiry decisions stay with the store.
+        deadline = time.monotonic() + timeout
+        while True:
+            heard = _heard(sock.receive(), token)
+            if heard is not False:
+                return self._woken(name, token, heard)
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and await wait_readable(sock.fileno(), min(remaining, FALLBACK_POLL)):
+                continue
+            # No datagram, which may not be able to reach us: a read-only look
+            # finds a hand-over (or a free place) all the same, without a write.
+            seen = await run_blocking(self._pool(), look)
+            if seen is not False:
+                return self._woken(name, token, seen)
+            if deadline - time.monotonic() <= 0:
+                return False
+
+    def _woken(self, name: str, token: str, result: WaitResult) -> WaitResult:
+        if isinstance(result, HandedOver):
+            self._disarm(name, token)  # a holder now: nothing more to wait for
+        return result
 
     async def read_record(self, key: str) -> Record:
         def call() -> Record:
@@ -205,15 +279,51 @@ class AsyncSQLiteStore(AsyncStore):
             with self._guard:
                 self._tables.close()
 
-        with self._guard:
-            sockets = list(self._sockets.values())
+        with self._wake_guard:
+            sockets = list(self._sockets.values()) + self._spare
             self._sockets.clear()
+            self._spare = []
         for sock in sockets:
             sock.close()
         if self._executor is not None and self._executor_pid == os.getpid():
             await run_blocking(self._executor, call)
             self._executor.shutdown(wait=False)
         self._executor = None
+
+    # -- announcements: a datagram to every subscriber's socket -----------------------
+
+    async def announce(self, topic: str) -> None:
+        validate.topic(topic)
+        if not _wake.SUPPORTED:
+            return
+
+        def find() -> list[str]:
+            with self._guard:
+                return _sqlite_topics.subscribers(self._tables, topic)
+
+        gone = _wake.deliver(await run_blocking(self._pool(), find))
+        if gone:
+            await self._unsubscribe([(topic, address) for address in gone])
+
+    def subscribe(self, topic: str) -> AsyncSubscription:
+        topic = validate.topic(topic)
+        if not _wake.SUPPORTED:
+            return AsyncSubscription(topic)
+        return _SQLiteSubscription(self, topic)
+
+    async def _subscribe(self, topic: str, address: str) -> None:
+        def call() -> None:
+            with self._guard:
+                _sqlite_topics.register(self._tables, topic, address)
+
+        await run_blocking(self._pool(), call)
+
+    async def _unsubscribe(self, pairs: list[tuple[str, str]]) -> None:
+        def call() -> None:
+            with self._guard:
+                _sqlite_topics.unregister(self._tables, pairs)
+
+        await run_blocking(self._pool(), call)
 
     def warnings(self) -> list[str]:
         found = []
@@ -223,6 +333,102 @@ class AsyncSQLiteStore(AsyncStore):
                 "SQLite locking is unreliable there"
             )
         return found
+
+
+class _SQLiteSubscription(AsyncSubscription):
+    """Woken by a datagram on a socket of its own, whose address is recorded under
+    the topic in the store file. If recording fails, it polls and tries again later."""
+
+    def __init__(self, store: AsyncSQLiteStore, topic: str) -> None:
+        super().__init__(topic)
+        self._store = store
+        self._sock: _wake.WakeSocket | None = None
+        self._retry_at = float("-inf")
+        self._closed = False
+
+    async def _open(self) -> None:
+        await self._register()
+
+    @property
+    def notified(self) -> bool:
+        return self._sock is not None
+
+    async def _register(self) -> bool:
+        now = time.monotonic()
+        if self._closed or now < self._retry_at:
+            return False
+        sock = _wake.WakeSocket()
+        try:
+            await self._store._subscribe(self.topic, sock.address)
+        except StoreUnavailable as exc:
+            sock.close()
+            self._retry_at = now + SUBSCRIBE_RETRY
+            logger.warning(
+                "%r: cannot subscribe to %r (%s); polling for %.0f s",
+                self._store,
+                self.topic,
+                exc,
+                SUBSCRIBE_RETRY,
+            )
+            return False
+        self._sock = sock
+        return True
+
+    async def wait(self, timeout: float) -> bool:
+        sock = self._sock
+        if sock is None:
+            if await self._register():
+                return True  # subscribed only now: what came before was not seen
+            return await super().wait(timeout)
+        if sock.drain():
+            return True
+        if await wait_readable(sock.fileno(), max(0.0, timeout)):
+            sock.drain()
+            return True
+        return False
+
+    def wake(self) -> None:
+        super().wake()
+        sock = self._sock
+        if sock is not None:
+            _wake.send([sock.address])
+
+    async def aclose(self) -> None:
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        sock.close()
+        # On failure the next announcement finds nobody there and forgets the address.
+        with contextlib.suppress(StoreUnavailable):
+            await self._store._unsubscribe([(self.topic, sock.address)])
+
+
+def _send(wakes: Wakes) -> None:
+    """After commit: tell each waiter it was handed a place ("g<fence> <token>") or
+    only that it may look again ("w", which is all a leasehold 0.1 waiter gets)."""
+    if wakes:
+        _wake.send_messages(
+            [
+                (address, b"w" if grant is None else b"g%d %s" % (grant[0], grant[1].encode()))
+                for address, grant in wakes
+            ]
+        )
+
+
+def _heard(payloads: list[bytes], token: str) -> WaitResult:
+    """What the datagrams a waiter received say: the fence of a hand-over to its
+    token, or only that it was woken (True), or nothing (False). A hand-over to
+    another token is a late datagram for the socket's previous user: ignored."""
+    woken = False
+    for payload in payloads:
+        if payload.startswith(b"g"):
+            fence, _, to = payload[1:].partition(b" ")
+            if to == token.encode() and fence.isdigit():
+                return HandedOver(int(fence))
+        else:
+            woken = True
+    return woken
 
 
 def parse_path(url: StoreURL) -> Path:

@@ -1,4 +1,4 @@
--- leasehold PostgreSQL schema, version 3 (PostgreSQL 12 or newer).
+-- leasehold PostgreSQL schema, version 4 (PostgreSQL 12 or newer).
 --
 -- The library runs this file itself on first use of a store, inside one transaction
 -- guarded by a transaction-level advisory lock, so concurrent first use is safe; it
@@ -6,7 +6,9 @@
 -- an older version upgrades that version in place (version 1 -> 2 adds the records
 -- table and its functions; 2 -> 3 adds expires_at indexes for purge(), drops
 -- lock_name() and replaces every function with a schema-qualified one without SET
--- clauses; nothing existing changes shape). Teams that manage
+-- clauses; 3 -> 4 adds four nullable columns to waiters for the hand-over, replaces
+-- wake() with hand_over() and rewrites acquire, release and break_lease with the
+-- same signatures; nothing existing changes shape). Teams that manage
 -- schema changes themselves apply it as a migration and set ?create_schema=false:
 --
 --     psql --single-transaction -v ON_ERROR_STOP=1 -f schema.sql "$DATABASE_URL"
@@ -37,6 +39,8 @@
 --   waiters     FIFO wait queue per name. channel/wake_key: where and what to NOTIFY
 --               to wake this waiter (NULL channel: the waiter polls). wake_key is a
 --               hash of (name, token), so tokens never travel in notifications.
+--               owner/host/pid/ttl/holder_limit: the waiter's latest acquire
+--               request, which a hand-over grants (version 4).
 --   records     small versioned values changed only by compare-and-set (version 2).
 --               version comes from fence_seq; expires_at is on the server clock,
 --               NULL for never; expired rows are absent to every operation and
@@ -47,9 +51,13 @@
 --       -> (granted, fence, retry_after, queue_position)
 --   renew(names[], tokens[], ttls[]) -> boolean[]  (answers in item order)
 --   release(name, token) -> boolean                 (was a live holder; commits with
---       synchronous_commit=off -- see the function -- while acquire and
---       write_record always commit durably: the fence and version must survive)
---   break_lease(name) -> integer                    (live holders removed)
+--       synchronous_commit=off -- see the function -- unless it hands the place
+--       over, while acquire and write_record always commit durably: the fence and
+--       version must survive). Hands free places to the first waiters: they become
+--       holders in the same transaction and are sent 'wake_key fence' (version 4).
+--   break_lease(name) -> integer                    (live holders removed; hands
+--       over like release)
+--   hand_over(name, now, count, sync)  (used by release and break_lease)
 --   holders_of(name) / leases(prefix) -> live holders with held_for/expires_in (s)
 --   read_record(key) -> (value, version, now)   (version 0 and NULL value if absent;
 --       now: clock_timestamp() as Unix seconds, the time base of every expiry)
@@ -59,6 +67,13 @@
 --   purge(now)  (called by acquire and write_record now and then: drops long-expired
 --               rows of any name or key)
 --   schema_version() -> integer
+-- acquire, release and break_lease run with enable_seqscan and enable_bitmapscan
+-- off (SET clauses, restored when they return): every row they look for is found
+-- through an index, and a plain index scan marks the index entries of deleted rows
+-- dead as it passes them, so a name acquired and released thousands of times a
+-- second never makes them step over thousands of dead rows. (A sequential scan
+-- reads them all; a bitmap scan never marks them; either is what the planner picks
+-- for a table its statistics call small.)
 -- Durations are seconds (double precision). The advisory lock of a name is
 -- (hashtext(schema), hashtext(name)) in the two-key space, which never conflicts with
 -- an application's one-key (bigint) advisory locks; a record key's is
@@ -102,6 +117,13 @@ CREATE TABLE IF NOT EXISTS waiters (
     PRIMARY KEY (name, token)
 );
 CREATE INDEX IF NOT EXISTS waiters_name_seq ON waiters (name, seq);
+-- Version 4: what a hand-over grants, from the waiter's latest acquire request
+-- (NULL in rows queued by version 3: such a hand-over lasts as long as the queue
+-- place and names no owner). Adding nullable columns rewrites nothing.
+ALTER TABLE waiters ADD COLUMN IF NOT EXISTS owner text,
+                    ADD COLUMN IF NOT EXISTS host text,
+                    ADD COLUMN IF NOT EXISTS pid integer,
+                    ADD COLUMN IF NOT EXISTS ttl double precision;
 
 -- Version 2. value is never NULL: writing NULL deletes the row.
 CREATE TABLE IF NOT EXISTS records (
@@ -120,67 +142,43 @@ CREATE INDEX IF NOT EXISTS records_expires_at ON records (expires_at)
 -- Version 3 inlines this into its callers (a SQL function with a SET clause is
 -- never inlined, and cost more than the rest of a release).
 DROP FUNCTION IF EXISTS lock_name(text);
+-- Version 4 hands places over (hand_over) instead of only waking waiters.
+DROP FUNCTION IF EXISTS wake(text, timestamptz, integer);
 
 CREATE OR REPLACE FUNCTION schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT 3 $$;
+AS $$ SELECT 4 $$;
 
 -- Every other function is created by the block below, which writes this schema's
 -- name into its text: @schema@ becomes the quoted schema name (every table, sequence
 -- and function of ours is qualified with it), @fence_seq@/@waiter_seq@ the
 -- sequences' quoted names as literals, @name_lock@/@record_lock@ the first key of
 -- the name and record advisory locks (hashtext(schema), hashtext(schema ||
--- ':record')). So no function has a SET clause (which costs a configuration
--- save and restore on every call, and stops a SQL function from being inlined),
--- and none depends on the caller's search_path: the built-in functions and
--- operators come from pg_catalog, which is searched first unless a caller lists
--- it explicitly after a schema of its own; pg_temp is never searched for them.
--- lock_timeout, which the functions used to SET, is set transaction-locally with
--- set_config() instead: every call in autocommit mode is its own transaction.
+-- ':record')). So no function needs a SET search_path clause (which costs a
+-- configuration save, a search path recomputation and a restore on every call,
+-- and stops a SQL function from being inlined), and none depends on the caller's
+-- search_path: the built-in functions and operators come from pg_catalog, which
+-- is searched first unless a caller lists it explicitly after a schema of its
+-- own; pg_temp is never searched for them. The SET clauses of acquire, release and
+-- break_lease (lock_timeout and the two planner settings, see the header) cost a
+-- few microseconds a call; renew and write_record set lock_timeout
+-- transaction-locally with set_config(): every call in autocommit mode is its own
+-- transaction.
 DO $install$
 DECLARE
     v_sql text := $functions$
 
--- NOTIFY the first waiters of p_name that fit in the free places (O(free), not all).
--- Called with the name locked. Notifications are delivered on commit.
-CREATE OR REPLACE FUNCTION @schema@.wake(p_name text, p_now timestamptz, p_limit integer)
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_free integer;
-BEGIN
-    -- The common case, a release nobody waits for, costs one index probe.
-    IF NOT EXISTS (SELECT 1 FROM @schema@.waiters q
-                   WHERE q.name = p_name AND q.expires_at > p_now) THEN
-        RETURN;
-    END IF;
-    SELECT p_limit - count(*) INTO v_free
-    FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at > p_now;
-    IF v_free <= 0 THEN
-        RETURN;
-    END IF;
-    -- LIMIT before the channel filter: a polling waiter at the head still holds its
-    -- place, and waking the one behind it would be useless.
-    PERFORM pg_notify(w.channel, w.wake_key)
-    FROM (
-        SELECT q.channel, q.wake_key FROM @schema@.waiters q
-        WHERE q.name = p_name AND q.expires_at > p_now
-        ORDER BY q.seq
-        LIMIT v_free
-    ) w
-    WHERE w.channel IS NOT NULL;
-END
-$$;
-
 -- Removes rows that expired a while ago under names nobody touches any more
--- (acquire and release purge their own name; this bounds the rest). Expired rows
+-- (acquire purges the names it is asked for; this bounds the rest). Expired rows
 -- are absent to every operation already, so deleting them without the name's lock
 -- changes no answer; SKIP LOCKED keeps it from ever waiting. The expires_at
--- indexes (version 3) find the rows without scanning the tables.
+-- indexes (version 3) find the rows without scanning the tables. PL/pgSQL (since
+-- version 4) keeps its plans for the session; a SQL function planned them anew
+-- on every call.
 CREATE OR REPLACE FUNCTION @schema@.purge(p_now timestamptz) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 AS $$
+BEGIN
     DELETE FROM @schema@.holders WHERE ctid = ANY (ARRAY(
         SELECT ctid FROM @schema@.holders WHERE expires_at <= p_now - interval '1 minute'
         LIMIT 500 FOR UPDATE SKIP LOCKED));
@@ -190,8 +188,12 @@ AS $$
     DELETE FROM @schema@.records WHERE ctid = ANY (ARRAY(
         SELECT ctid FROM @schema@.records WHERE expires_at <= p_now - interval '1 minute'
         LIMIT 500 FOR UPDATE SKIP LOCKED));
+END
 $$;
 
+-- The common case, a free name nobody waits for, is one statement after the lock:
+-- an INSERT guarded by the state of the name. Anything else (a holder, a queue,
+-- expired rows, the token's own grant) takes the general path below.
 CREATE OR REPLACE FUNCTION @schema@.acquire(
     p_name text, p_token text, p_owner text, p_host text, p_pid integer,
     p_ttl double precision, p_limit integer, p_queue_ttl double precision,
@@ -199,56 +201,95 @@ CREATE OR REPLACE FUNCTION @schema@.acquire(
     OUT granted boolean, OUT fence bigint, OUT retry_after double precision,
     OUT queue_position integer)
 LANGUAGE plpgsql
+SET lock_timeout = '10s' SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 DECLARE
+    v_locked text;
     v_now timestamptz;
-    v_holders integer;
+    v_live integer;
+    v_expired integer;
+    v_soonest timestamptz;
     v_seq bigint;
     v_ahead integer;
+    v_stale integer;
 BEGIN
-    PERFORM set_config('lock_timeout', '10s', true);
     -- Serialises every state change of one name (grants, release, break) for the
     -- rest of the transaction. Transaction-scoped, so it is safe behind
-    -- transaction-mode poolers and can never outlive the transaction.
-    PERFORM pg_advisory_xact_lock(@name_lock@, hashtext(p_name));
+    -- transaction-mode poolers and can never outlive the transaction. (One plain
+    -- expression, which PL/pgSQL evaluates without starting the executor.)
+    v_locked := pg_advisory_xact_lock(@name_lock@, hashtext(p_name))::text;
     -- Read the clock after the lock: time spent waiting must not shorten the lease.
     v_now := clock_timestamp();
-    -- Blocking deletes on purpose: if a renewal holds the row lock, wait for it and
-    -- re-check, so a holder renewed in time is never counted as expired.
-    DELETE FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at <= v_now;
-    DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at <= v_now;
     IF random() < 0.01 THEN
         PERFORM @schema@.purge(v_now);
     END IF;
-
-    UPDATE @schema@.holders h SET expires_at = v_now + make_interval(secs => p_ttl)
-    WHERE h.name = p_name AND h.token = p_token
+    -- A fence handed out must never be handed out again: with
+    -- synchronous_commit=off a crash could lose this commit after the client saw
+    -- the fence. 'local' and stronger settings are left alone.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    -- Every row of the name counts here, expired or not, and the token's own row
+    -- counts as all places: then this grants nothing and the general path decides.
+    INSERT INTO @schema@.holders AS h (name, token, owner, host, pid, fence,
+                                       holder_limit, granted_at, expires_at)
+    SELECT p_name, p_token, p_owner, p_host, p_pid, nextval(@fence_seq@::regclass),
+           p_limit, v_now, v_now + make_interval(secs => p_ttl)
+    WHERE NOT EXISTS (SELECT FROM @schema@.waiters w WHERE w.name = p_name)
+      AND (SELECT count(*) + p_limit * count(*) FILTER (WHERE x.token = p_token)
+           FROM @schema@.holders x WHERE x.name = p_name) < p_limit
     RETURNING h.fence INTO fence;
-    IF FOUND THEN
-        -- Retried acquire whose first answer was lost: same grant, same fence.
-        DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token;
+    IF fence IS NOT NULL THEN
         granted := true;
         RETURN;
     END IF;
 
-    SELECT count(*) INTO v_holders FROM @schema@.holders h WHERE h.name = p_name;
-    SELECT w.seq INTO v_seq FROM @schema@.waiters w
-    WHERE w.name = p_name AND w.token = p_token;
-    SELECT count(*) INTO v_ahead FROM @schema@.waiters w
-    WHERE w.name = p_name AND (v_seq IS NULL OR w.seq < v_seq);
+    -- The general path: the whole state of the name in one statement.
+    SELECT h.live, h.expired, h.mine, h.soonest, q.seq, q.ahead, q.stale
+    INTO v_live, v_expired, fence, v_soonest, v_seq, v_ahead, v_stale
+    FROM (
+        SELECT count(*) FILTER (WHERE x.expires_at > v_now) AS live,
+               count(*) FILTER (WHERE x.expires_at <= v_now) AS expired,
+               min(x.fence) FILTER (WHERE x.token = p_token AND x.expires_at > v_now) AS mine,
+               min(x.expires_at) FILTER (WHERE x.expires_at > v_now) AS soonest
+        FROM @schema@.holders x WHERE x.name = p_name
+    ) h, (
+        SELECT m.seq,
+               count(y.seq) FILTER (WHERE y.expires_at > v_now
+                                      AND (m.seq IS NULL OR y.seq < m.seq)) AS ahead,
+               count(y.seq) FILTER (WHERE y.expires_at <= v_now) AS stale
+        FROM (SELECT (SELECT z.seq FROM @schema@.waiters z
+                      WHERE z.name = p_name AND z.token = p_token
+                        AND z.expires_at > v_now) AS seq) m
+        LEFT JOIN @schema@.waiters y ON y.name = p_name
+        GROUP BY m.seq
+    ) q;
+    IF v_expired > 0 AND fence IS NULL THEN
+        -- Blocking on purpose: if a renewal holds the row lock, wait for it and look
+        -- again, so a holder renewed in time is never counted as expired.
+        DELETE FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at <= v_now;
+        SELECT count(*), min(h.expires_at), min(h.fence) FILTER (WHERE h.token = p_token)
+        INTO v_live, v_soonest, fence
+        FROM @schema@.holders h WHERE h.name = p_name;
+    END IF;
+    IF fence IS NOT NULL THEN
+        -- Already a live holder: a retried acquire whose first answer was lost, or a
+        -- waiter confirming a hand-over. Same grant, same fence, a full ttl again.
+        UPDATE @schema@.holders h SET expires_at = v_now + make_interval(secs => p_ttl)
+        WHERE h.name = p_name AND h.token = p_token;
+        granted := true;
+        RETURN;
+    END IF;
+    IF v_stale > 0 THEN
+        DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at <= v_now;
+    END IF;
 
-    IF v_holders < p_limit AND v_ahead < p_limit - v_holders THEN
-        -- A fence handed out must never be handed out again: with
-        -- synchronous_commit=off a crash could lose this commit after the client saw
-        -- the fence. 'local' and stronger settings are left alone.
-        IF current_setting('synchronous_commit') = 'off' THEN
-            PERFORM set_config('synchronous_commit', 'on', true);
-        END IF;
-        fence := nextval(@fence_seq@::regclass);
-        INSERT INTO @schema@.holders (name, token, owner, host, pid, fence, holder_limit,
-                                      granted_at, expires_at)
-        VALUES (p_name, p_token, p_owner, p_host, p_pid, fence, p_limit,
-                v_now, v_now + make_interval(secs => p_ttl));
+    IF v_live < p_limit AND v_ahead < p_limit - v_live THEN
+        INSERT INTO @schema@.holders AS h (name, token, owner, host, pid, fence,
+                                           holder_limit, granted_at, expires_at)
+        VALUES (p_name, p_token, p_owner, p_host, p_pid, nextval(@fence_seq@::regclass),
+                p_limit, v_now, v_now + make_interval(secs => p_ttl))
+        RETURNING h.fence INTO fence;
         IF v_seq IS NOT NULL THEN
             DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token;
         END IF;
@@ -257,22 +298,24 @@ BEGIN
     END IF;
 
     granted := false;
-    SELECT extract(epoch FROM min(h.expires_at) - v_now)::double precision
-    INTO retry_after FROM @schema@.holders h WHERE h.name = p_name;
+    retry_after := extract(epoch FROM v_soonest - v_now)::double precision;
     IF v_seq IS NOT NULL THEN
         queue_position := v_ahead;
         IF p_queue_ttl IS NOT NULL THEN
-            -- Keeps its place (seq); the channel follows the store that asks now.
+            -- Keeps its place (seq); the channel follows the store that asks now, and
+            -- a hand-over grants what this latest request asks for.
             UPDATE @schema@.waiters w
             SET expires_at = v_now + make_interval(secs => p_queue_ttl),
-                channel = p_channel, wake_key = p_wake_key, holder_limit = p_limit
+                channel = p_channel, wake_key = p_wake_key, holder_limit = p_limit,
+                owner = p_owner, host = p_host, pid = p_pid, ttl = p_ttl
             WHERE w.name = p_name AND w.token = p_token;
         END IF;
     ELSIF p_queue_ttl IS NOT NULL THEN
         INSERT INTO @schema@.waiters (name, token, seq, holder_limit, channel, wake_key,
-                                      expires_at)
+                                      expires_at, owner, host, pid, ttl)
         VALUES (p_name, p_token, nextval(@waiter_seq@::regclass), p_limit, p_channel,
-                p_wake_key, v_now + make_interval(secs => p_queue_ttl));
+                p_wake_key, v_now + make_interval(secs => p_queue_ttl), p_owner, p_host,
+                p_pid, p_ttl);
         queue_position := v_ahead;
     END IF;
 END
@@ -335,39 +378,91 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION @schema@.release(p_name text, p_token text) RETURNS boolean
+-- Makes the first p_count live waiters of p_name holders, in the caller's
+-- transaction, with the name locked: a new fence each, the owner, ttl and limit of
+-- the waiter's latest acquire request, expiry min(its queue expiry, now + its ttl)
+-- -- so a waiter that died after queueing holds the name at most as long as its
+-- queue place would have lasted. Each one that listens is sent 'wake_key fence' on
+-- its channel (delivered on commit). p_sync: the caller's synchronous_commit.
+CREATE OR REPLACE FUNCTION @schema@.hand_over(
+    p_name text, p_now timestamptz, p_count integer, p_sync text)
+RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_set text;
+    v_sent bigint;
+BEGIN
+    -- These are grants: their fences must survive a crash (see acquire). A caller's
+    -- own 'local' or stronger setting is kept.
+    v_set := set_config('synchronous_commit',
+                        CASE WHEN p_sync = 'off' THEN 'on' ELSE p_sync END, true);
+    WITH head AS (
+        SELECT w.token FROM @schema@.waiters w
+        WHERE w.name = p_name AND w.expires_at > p_now
+        ORDER BY w.seq
+        LIMIT p_count
+    ), moved AS (
+        DELETE FROM @schema@.waiters w USING head
+        WHERE w.name = p_name AND w.token = head.token
+        RETURNING w.token, w.seq, w.owner, w.host, w.pid, w.ttl, w.holder_limit,
+                  w.channel, w.wake_key, w.expires_at
+    ), fenced AS (
+        SELECT m.*, nextval(@fence_seq@::regclass) AS fence
+        FROM (SELECT * FROM moved ORDER BY seq) m
+    ), granted AS (
+        INSERT INTO @schema@.holders (name, token, owner, host, pid, fence, holder_limit,
+                                      granted_at, expires_at)
+        SELECT p_name, f.token, coalesce(f.owner, ''), coalesce(f.host, ''),
+               coalesce(f.pid, 0), f.fence, f.holder_limit, p_now,
+               CASE WHEN f.ttl IS NULL THEN f.expires_at  -- queued by schema version 3
+                    ELSE least(f.expires_at, p_now + make_interval(secs => f.ttl)) END
+        FROM fenced f
+    )
+    SELECT count(pg_notify(f.channel, f.wake_key || ' ' || f.fence)) INTO v_sent
+    FROM fenced f WHERE f.channel IS NOT NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION @schema@.release(p_name text, p_token text) RETURNS boolean
+LANGUAGE plpgsql
+SET lock_timeout = '10s' SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_sync text := current_setting('synchronous_commit');
+    v_locked text;
     v_now timestamptz;
     v_live boolean;
-    v_limit integer;
-    v_was_waiting boolean;
+    v_head_limit integer;
+    v_others integer;
 BEGIN
     -- A release need not wait for its WAL flush: losing it in a crash (or a failover
     -- without synchronous replication) only brings the lease back until it expires,
     -- and hands out nothing. Whatever acts on it durably -- the grant to the next
     -- holder -- commits later in the WAL, so flushing that flushes the release too.
     -- Only when this transaction has written nothing yet: a caller's own earlier
-    -- writes keep their durability. (acquire and write_record switch it back on.)
-    IF txid_current_if_assigned() IS NULL THEN
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-    PERFORM set_config('lock_timeout', '10s', true);
-    PERFORM pg_advisory_xact_lock(@name_lock@, hashtext(p_name));
+    -- writes keep their durability. (A hand-over is a grant and switches it back.)
+    v_locked := set_config('synchronous_commit',
+                           CASE WHEN txid_current_if_assigned() IS NULL THEN 'off'
+                                ELSE v_sync END, true)
+                || pg_advisory_xact_lock(@name_lock@, hashtext(p_name))::text;
     v_now := clock_timestamp();
     DELETE FROM @schema@.holders h WHERE h.name = p_name AND h.token = p_token
-    RETURNING h.expires_at > v_now, h.holder_limit INTO v_live, v_limit;
-    DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token
-    RETURNING true INTO v_was_waiting;
-    IF (v_live IS NOT NULL OR v_was_waiting)
-       AND EXISTS (SELECT 1 FROM @schema@.waiters q
-                   WHERE q.name = p_name AND q.expires_at > v_now) THEN
-        IF v_limit IS NULL THEN
-            SELECT max(h.holder_limit) INTO v_limit
-            FROM @schema@.holders h WHERE h.name = p_name AND h.expires_at > v_now;
-        END IF;
-        PERFORM @schema@.wake(p_name, v_now, coalesce(v_limit, 1));
+    RETURNING h.expires_at > v_now INTO v_live;
+    IF v_live IS NULL THEN
+        -- Not a holder: perhaps a waiter giving up (a grant always leaves the queue).
+        DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token;
+    END IF;
+    -- The head of the queue and, only if there is one, the places the other holders
+    -- take -- expired ones too: a conservative count, and their waiters come back at
+    -- that expiry by themselves (acquire's retry_after).
+    SELECT w.holder_limit,
+           (SELECT count(*) FROM @schema@.holders x WHERE x.name = p_name)
+    INTO v_head_limit, v_others
+    FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at > v_now
+    ORDER BY w.seq LIMIT 1;
+    IF v_head_limit > v_others THEN
+        PERFORM @schema@.hand_over(p_name, v_now, v_head_limit - v_others, v_sync);
     END IF;
     RETURN coalesce(v_live, false);
 END
@@ -375,22 +470,28 @@ $$;
 
 CREATE OR REPLACE FUNCTION @schema@.break_lease(p_name text) RETURNS integer
 LANGUAGE plpgsql
+SET lock_timeout = '10s' SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 DECLARE
+    v_locked text;
     v_now timestamptz;
     v_count integer;
-    v_limit integer;
+    v_head_limit integer;
 BEGIN
-    PERFORM set_config('lock_timeout', '10s', true);
-    PERFORM pg_advisory_xact_lock(@name_lock@, hashtext(p_name));
+    v_locked := pg_advisory_xact_lock(@name_lock@, hashtext(p_name))::text;
     v_now := clock_timestamp();
     WITH gone AS (
         DELETE FROM @schema@.holders h WHERE h.name = p_name
-        RETURNING h.expires_at > v_now AS live, h.holder_limit
+        RETURNING h.expires_at > v_now AS live
     )
-    SELECT count(*) FILTER (WHERE live), max(holder_limit) FILTER (WHERE live)
-    INTO v_count, v_limit FROM gone;
-    PERFORM @schema@.wake(p_name, v_now, coalesce(v_limit, 1));
+    SELECT count(*) FILTER (WHERE g.live) INTO v_count FROM gone g;
+    SELECT w.holder_limit INTO v_head_limit
+    FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at > v_now
+    ORDER BY w.seq LIMIT 1;
+    IF v_head_limit IS NOT NULL THEN
+        PERFORM @schema@.hand_over(p_name, v_now, v_head_limit,
+                                   current_setting('synchronous_commit'));
+    END IF;
     RETURN v_count;
 END
 $$;

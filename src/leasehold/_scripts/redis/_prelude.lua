@@ -1,6 +1,6 @@
 -- _prelude.lua: helpers shared by the lease scripts. The store prepends this file
--- to acquire/renew/release/holders/leases/break before loading them (Redis Lua has
--- no `require`), so each loaded script stays one self-contained EVALSHA.
+-- to every script before loading it (Redis Lua has no `require`), so each loaded
+-- script stays one self-contained EVALSHA.
 --
 -- KEYS, ARGV, returns: none of its own; see each script's header.
 --
@@ -10,12 +10,26 @@
 -- * A holder is live while its expiry > now; a waiter while its queue expiry > now.
 -- * Numbers that are stored as text or passed to commands go through fmt(), because
 --   Lua's tostring() would write 1.7e+15.
--- * Per-name keys (holders, state, queue, queue expiry) share one hash tag with
---   their bucket's fence floor and name index, so every script touches one slot.
---   Signal lists (prefix .. token) are built here from the name's signal prefix;
---   they carry the same hash tag, so they live in that slot too.
+-- * All of a name's state is ONE key, a MessagePack value read with one GET and
+--   written with one SET (plus its PX): a script costs a handful of commands, not
+--   dozens, whatever it does. cmsgpack stores integral numbers as integers, so
+--   microsecond times round-trip exactly.
+-- * The name's key shares one hash tag with its bucket's fence floor and name index,
+--   so every script touches one slot. Signal lists (signal prefix .. token) carry
+--   the same hash tag, so they live in that slot too.
+--
+-- The state of a name: {limit_hint, holders, waiters}
+--   holders: list in grant order of
+--            {token, expiry_us, fence, acquired_us, limit, run_id, holder_json, handed}
+--            handed = 1 while a hand-over's signal may still sit in the waiter's list
+--   waiters: list in arrival order of
+--            {token, queue_expiry_us, limit, ttl_us, holder_json}
 
 local GRACE_MS = 1000 -- keys outlive the last expiry they hold by this much
+
+-- Field positions (Lua arrays are 1-based).
+local H_TOKEN, H_EXPIRY, H_FENCE, H_ACQUIRED, H_LIMIT, H_RUN, H_HOLDER, H_HANDED = 1, 2, 3, 4, 5, 6, 7, 8
+local W_TOKEN, W_EXPIRY, W_LIMIT, W_TTL, W_HOLDER = 1, 2, 3, 4, 5
 
 local function fmt(n)
     return string.format('%.0f', n)
@@ -37,16 +51,11 @@ local function server_run_id()
     return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
 end
 
--- Holder metadata, one hash field per holder:
+-- Holder metadata as holders.lua and leases.lua report it:
 -- "<fence> <acquired_us> <limit> <run_id> <holder json>"
-local function make_meta(fence, acquired, limit, run_id, holder)
-    return fmt(fence) .. ' ' .. fmt(acquired) .. ' ' .. fmt(limit) .. ' ' .. run_id .. ' ' .. holder
-end
-
-local function parse_meta(meta)
-    local fence, acquired, limit, run_id, holder =
-        string.match(meta, '^(%d+) (%d+) (%d+) (%x*) (.*)$')
-    return fence, acquired, limit, run_id, holder
+local function meta_of(h)
+    return fmt(h[H_FENCE]) .. ' ' .. fmt(h[H_ACQUIRED]) .. ' ' .. fmt(h[H_LIMIT]) .. ' '
+        .. h[H_RUN] .. ' ' .. h[H_HOLDER]
 end
 
 local function ttl_ms(expiry, now)
@@ -66,19 +75,52 @@ end
 -- The keys and names of one lease name, in the order acquire/release/break take them.
 local function name_keys()
     return {
-        holders = KEYS[1], -- zset: token -> expiry_us
-        -- hash: 'limit' -> last requested limit, 'm:'..token -> meta,
-        -- 'w:'..token -> "<limit> <holder json>" of a queued waiter (for hand_over)
-        state = KEYS[2],
-        queue = KEYS[3], -- zset: token -> arrival (strictly increasing per name)
-        queue_expiry = KEYS[4], -- zset: token -> queue expiry_us
-        floor = KEYS[5], -- string: highest fence issued in this bucket
-        index = KEYS[6], -- zset: name -> latest holder expiry_us (for leases())
+        state = KEYS[1], -- string: the MessagePack state above
+        floor = KEYS[2], -- string: highest fence issued in this bucket
+        index = KEYS[3], -- zset: name -> latest holder expiry_us (for leases())
         name = ARGV[1],
         signal_prefix = ARGV[2], -- signal list of a waiter: signal_prefix .. token
     }
 end
 
+local function load(key)
+    local raw = redis.call('GET', key)
+    if not raw then
+        return {1, {}, {}}
+    end
+    return cmsgpack.unpack(raw)
+end
+
+-- Drop expired holders and waiters, in place. Only a hand-over has a signal list
+-- (waiters are never signalled otherwise); one its waiter never collected goes
+-- with the grant instead of lingering until its own TTL.
+local function purge(s, k, now)
+    local kept = {}
+    for _, h in ipairs(s[2]) do
+        if h[H_EXPIRY] > now then
+            kept[#kept + 1] = h
+        elseif h[H_HANDED] == 1 then
+            redis.call('DEL', k.signal_prefix .. h[H_TOKEN])
+        end
+    end
+    s[2] = kept
+    kept = {}
+    for _, w in ipairs(s[3]) do
+        if w[W_EXPIRY] > now then
+            kept[#kept + 1] = w
+        end
+    end
+    s[3] = kept
+end
+
+local function find(list, token)
+    for i, entry in ipairs(list) do
+        if entry[1] == token then
+            return i
+        end
+    end
+    return nil
+end
 
 -- The next fence of the name's bucket: max(floor + 1, now), recorded as the floor.
 local function next_fence(k, now)
@@ -88,138 +130,60 @@ local function next_fence(k, now)
     return fence
 end
 
--- Drop expired holders; returns the number of live holders left. Costs one ZCARD
--- when nobody holds the name.
-local function purge_holders(k, now)
-    local held = redis.call('ZCARD', k.holders)
-    if held == 0 then
-        return 0
-    end
-    for _, token in ipairs(redis.call('ZRANGEBYSCORE', k.holders, '-inf', fmt(now))) do
-        redis.call('ZREM', k.holders, token)
-        redis.call('HDEL', k.state, 'm:' .. token)
-        -- A hand-over that its waiter never took up leaves its grant signal behind.
-        redis.call('DEL', k.signal_prefix .. token)
-        held = held - 1
-    end
-    return held
-end
-
--- Drop expired waiters; returns the number of live waiters left. Costs one ZCARD
--- when nobody waits, which is the common case.
-local function purge_queue(k, now)
-    local waiting = redis.call('ZCARD', k.queue_expiry)
-    if waiting == 0 then
-        return 0
-    end
-    for _, token in ipairs(redis.call('ZRANGEBYSCORE', k.queue_expiry, '-inf', fmt(now))) do
-        redis.call('ZREM', k.queue, token)
-        redis.call('ZREM', k.queue_expiry, token)
-        redis.call('HDEL', k.state, 'w:' .. token)
-        redis.call('DEL', k.signal_prefix .. token)
-        waiting = waiting - 1
-    end
-    return waiting
-end
-
--- Signal the first `free` waiters (the ones that could be granted now), so a
--- release wakes one waiter of a lock, never the whole queue. A waiter that already
--- has a signal pending is not signalled twice (the list holds at most one element).
--- The signal outlives the waiter's queue entry only briefly.
-local function wake(k, now, free)
-    if free <= 0 then
-        return 0
-    end
-    local woken = 0
-    for _, token in ipairs(redis.call('ZRANGE', k.queue, 0, free - 1)) do
-        local signal = k.signal_prefix .. token
-        if redis.call('EXISTS', signal) == 0 then
-            local expiry = tonumber(redis.call('ZSCORE', k.queue_expiry, token) or now)
-            redis.call('LPUSH', signal, '1')
-            redis.call('PEXPIRE', signal, fmt(ttl_ms(expiry, now)))
-            woken = woken + 1
-        end
-    end
-    return woken
-end
-
--- Hand free places to the first waiters (release.lua): each becomes a *provisional*
--- holder in the same atomic step, with a new fence, an empty run id and the expiry
--- of its queue place, and its signal list gets "g <fence>". The waiter's next
--- acquire (which the contract makes every woken waiter run) finds itself holder:
--- the cheap holder path confirms the grant (expiry now + ttl, this server's run id).
--- Until then the grant cannot be renewed (empty run id), does not count as held for
--- release(), and a waiter that died or gave up blocks the name no longer than its
--- queue place would have. Waiters queued by an older leasehold (no 'w:' field) are
--- only woken, as before. Returns the number of waiters left.
-local function hand_over(k, now, waiting)
-    local held = redis.call('ZCARD', k.holders)
-    while waiting > 0 do
-        local head = redis.call('ZRANGE', k.queue, 0, 0)[1]
-        local info = redis.call('HGET', k.state, 'w:' .. head)
-        local limit, holder = nil, nil
-        if info then
-            limit, holder = string.match(info, '^(%d+) (.*)$')
-        end
-        if not limit then
-            wake(k, now, tonumber(redis.call('HGET', k.state, 'limit') or '1') - held)
-            return waiting
-        end
-        if held >= tonumber(limit) then
-            return waiting
-        end
-        local expiry = tonumber(redis.call('ZSCORE', k.queue_expiry, head))
-        local signal = k.signal_prefix .. head
+-- Hand free places to the first waiters, in the same atomic step: each becomes a
+-- holder with a new fence, the holder record, limit and ttl of its latest queued
+-- request, `run_id` (the calling client's reading of it; see renew.lua: a stale
+-- one can only make renewals fail) and expiry min(queue expiry, now + ttl). Its
+-- signal list gets "h <fence>", so its wait() returns the grant and no second call
+-- is needed (AsyncStore.release/wait). Until its first renewal the grant runs on
+-- the waiter's queue place, so a waiter that died or gave up blocks the name no
+-- longer than its queue place would have. `caller`, when it is handed a place, is
+-- answered directly instead (acquire.lua). Stops at the first waiter whose own
+-- limit leaves no place (FIFO: nobody overtakes it here). Returns the latest
+-- expiry it granted, or nil.
+local function hand_over(s, k, now, run_id, caller)
+    local holders, waiters = s[2], s[3]
+    local latest = nil
+    while #waiters > 0 and #holders < waiters[1][W_LIMIT] do
+        local w = table.remove(waiters, 1)
+        local token = w[W_TOKEN]
+        local expiry = math.min(w[W_EXPIRY], now + w[W_TTL])
         local fence = next_fence(k, now)
-        redis.call('ZADD', k.holders, fmt(expiry), head)
-        redis.call('HSET', k.state, 'm:' .. head, make_meta(fence, now, tonumber(limit), '', holder))
-        redis.call('HDEL', k.state, 'w:' .. head)
-        redis.call('ZREM', k.queue, head)
-        redis.call('ZREM', k.queue_expiry, head)
-        redis.call('DEL', signal)
-        redis.call('LPUSH', signal, 'g ' .. fmt(fence))
-        redis.call('PEXPIRE', signal, fmt(ttl_ms(expiry, now)))
-        held = held + 1
-        waiting = waiting - 1
+        local handed = 0
+        if token ~= caller then
+            local signal = k.signal_prefix .. token
+            redis.call('LPUSH', signal, 'h ' .. fmt(fence))
+            redis.call('PEXPIRE', signal, fmt(ttl_ms(expiry, now)))
+            handed = 1
+        end
+        holders[#holders + 1] = {token, expiry, fence, now, w[W_LIMIT], run_id, w[W_HOLDER], handed}
+        latest = math.max(latest or 0, expiry)
     end
-    return waiting
+    return latest
 end
 
--- After a write: give the name's keys TTLs that cover every expiry they hold (so a
--- name whose holders all crashed disappears by itself), keep the name index in step,
--- and delete the state hash once nothing is held or queued. `waiting` is the number
--- of live waiters (0: the queue keys are gone). The per-name keys hold only this
--- name's entries, so their TTL is set exactly from the latest expiry in them; the
--- bucket's index is shared by many names and only ever extended. `holders_until`:
--- the latest holder expiry when the caller knows it (nil: look it up).
-local function settle(k, now, waiting, holders_until)
-    if not holders_until then
-        local top_holder = redis.call('ZRANGE', k.holders, -1, -1, 'WITHSCORES')
-        holders_until = top_holder[2] and tonumber(top_holder[2])
+-- Keep the bucket's name index in step with a grant or renewal: the name stays
+-- listed (for leases()) until `expiry`. Entries of names whose holders are gone are
+-- dropped here as their scores pass, so the index stays as small as what is held.
+local function index_holder(k, expiry, now)
+    redis.call('ZREMRANGEBYSCORE', k.index, '-inf', fmt(now))
+    redis.call('ZADD', k.index, 'GT', fmt(expiry), k.name)
+    keep_alive(k.index, ttl_ms(expiry, now))
+end
+
+-- Write the state back with a TTL that covers every expiry in it (so a name whose
+-- holders and waiters all vanished disappears by itself), or delete it when empty.
+local function save(s, k, now)
+    local latest = 0
+    for _, h in ipairs(s[2]) do
+        latest = math.max(latest, h[H_EXPIRY])
     end
-    local queue_until = nil
-    if waiting > 0 then
-        local top_waiter = redis.call('ZRANGE', k.queue_expiry, -1, -1, 'WITHSCORES')
-        queue_until = top_waiter[2] and tonumber(top_waiter[2])
+    for _, w in ipairs(s[3]) do
+        latest = math.max(latest, w[W_EXPIRY])
     end
-    if holders_until then
-        local ms = ttl_ms(holders_until, now)
-        redis.call('PEXPIRE', k.holders, fmt(ms))
-        redis.call('ZREMRANGEBYSCORE', k.index, '-inf', fmt(now))
-        redis.call('ZADD', k.index, 'GT', fmt(holders_until), k.name)
-        keep_alive(k.index, ms)
-    else
-        redis.call('ZREM', k.index, k.name)
-    end
-    if queue_until then
-        local ms = fmt(ttl_ms(queue_until, now))
-        redis.call('PEXPIRE', k.queue, ms)
-        redis.call('PEXPIRE', k.queue_expiry, ms)
-    end
-    if holders_until or queue_until then
-        local ms = ttl_ms(math.max(holders_until or 0, queue_until or 0), now)
-        redis.call('PEXPIRE', k.state, fmt(ms))
-    else
+    if latest <= now then
         redis.call('DEL', k.state)
+    else
+        redis.call('SET', k.state, cmsgpack.pack(s), 'PX', fmt(ttl_ms(latest, now)))
     end
 end

@@ -1,13 +1,10 @@
 -- acquire.lua: try once to add a token as a holder of a name (AsyncStore.acquire).
 --
--- KEYS[1]  holders      zset   token -> expiry_us
--- KEYS[2]  state        hash   'limit' -> last requested limit; 'm:'..token -> meta
--- KEYS[3]  queue        zset   token -> arrival (strictly increasing per name)
--- KEYS[4]  queue expiry zset   token -> queue expiry_us
--- KEYS[5]  fence floor  string highest fence issued in the name's bucket
--- KEYS[6]  name index   zset   name -> latest holder expiry_us, per bucket
+-- KEYS[1]  state        string  the name's MessagePack state (see the prelude)
+-- KEYS[2]  fence floor  string  highest fence issued in the name's bucket
+-- KEYS[3]  name index   zset    name -> latest holder expiry_us, per bucket
 -- ARGV[1]  name
--- ARGV[2]  signal prefix: the waiter's signal list is ARGV[2] .. token
+-- ARGV[2]  signal prefix: a waiter's signal list is ARGV[2] .. token
 -- ARGV[3]  token
 -- ARGV[4]  ttl in microseconds
 -- ARGV[5]  limit (holders allowed at once)
@@ -34,85 +31,71 @@ local limit = tonumber(ARGV[5])
 local queue_ttl = ARGV[6] ~= '' and tonumber(ARGV[6]) or nil
 local holder = ARGV[7]
 local run_id = ARGV[8]
-local meta_field = 'm:' .. token
 
 local now = now_us()
-local held = purge_holders(k, now)
-local waiting = purge_queue(k, now)
+local s = load(k.state)
+purge(s, k, now)
+-- Places freed by holders that expired go to the waiters at the head first (the
+-- caller too, if it is one of them).
+local index_until = hand_over(s, k, now, run_id, token)
+local holders, waiters = s[2], s[3]
 
-if held > 0 and redis.call('ZSCORE', k.holders, token) then
-    local meta = redis.call('HGET', k.state, meta_field)
-    if meta then
-        -- Already a holder: a retry of an acquire whose answer was lost, or a waiter
-        -- confirming the place release.lua handed it. Refresh the expiry, keep the
-        -- fence, and restamp the run id: the caller measures its deadline from this
-        -- call, which this server has now answered.
-        local fence, acquired, held_limit, _, held_by = parse_meta(meta)
-        redis.call('ZADD', k.holders, fmt(now + ttl), token)
-        redis.call('HSET', k.state, 'limit', fmt(limit), meta_field,
-            make_meta(tonumber(fence), tonumber(acquired), tonumber(held_limit), run_id, held_by))
+local mine = find(holders, token)
+if mine then
+    -- Already a holder: a retry of an acquire whose answer was lost, a waiter whose
+    -- hand-over signal went astray, or the caller handed a place just now. Refresh
+    -- the expiry, keep the fence, restamp the run id: the caller measures its
+    -- deadline from this call, which this server has now answered.
+    local h = holders[mine]
+    if h[8] == 1 then
         redis.call('DEL', k.signal_prefix .. token)
-        settle(k, now, waiting)
-        return {1, tonumber(fence)}
+        h[8] = 0
     end
+    h[2] = now + ttl
+    h[6] = run_id
+    s[1] = limit
+    index_holder(k, math.max(h[2], index_until or 0), now)
+    save(s, k, now)
+    return {1, h[3]}
 end
 
-local free = limit - held
-local position = nil
-if waiting > 0 then
-    position = redis.call('ZRANK', k.queue, token)
-end
-local ahead = position or waiting
-
-if ahead < free then
-    local fence = next_fence(k, now)
-    redis.call('ZADD', k.holders, fmt(now + ttl), token)
-    redis.call('HSET', k.state, 'limit', fmt(limit), meta_field,
-        make_meta(fence, now, limit, run_id, holder))
+local position = find(waiters, token)
+local ahead = position and position - 1 or #waiters
+if ahead < limit - #holders then
+    -- A place for the caller. When queued it may overtake waiters ahead whose own
+    -- (smaller) limit leaves them no place: limits are per caller (docs/semaphores).
     if position then
-        redis.call('ZREM', k.queue, token)
-        redis.call('ZREM', k.queue_expiry, token)
-        redis.call('HDEL', k.state, 'w:' .. token)
-        redis.call('DEL', k.signal_prefix .. token)
-        waiting = waiting - 1
-        -- Places may remain (a semaphore): the waiters now at the head can go next.
-        wake(k, now, free - 1)
+        table.remove(waiters, position)
     end
-    -- The only holder: its expiry is the latest (else settle looks it up).
-    settle(k, now, waiting, held == 0 and now + ttl or nil)
+    local fence = next_fence(k, now)
+    holders[#holders + 1] = {token, now + ttl, fence, now, limit, run_id, holder, 0}
+    s[1] = limit
+    index_holder(k, math.max(now + ttl, index_until or 0), now)
+    save(s, k, now)
     return {1, fence}
 end
 
-redis.call('HSET', k.state, 'limit', fmt(limit))
+s[1] = limit
 if queue_ttl then
-    if not position then
-        local arrival = now
-        if waiting > 0 then
-            local last = redis.call('ZRANGE', k.queue, -1, -1, 'WITHSCORES')
-            if last[2] and tonumber(last[2]) >= arrival then
-                arrival = tonumber(last[2]) + 1
-            end
-        end
-        redis.call('ZADD', k.queue, fmt(arrival), token)
-        -- What release.lua needs to hand this waiter a place.
-        redis.call('HSET', k.state, 'w:' .. token, fmt(limit) .. ' ' .. holder)
-        position = waiting
-        waiting = waiting + 1
+    if position then
+        local w = waiters[position]
+        w[2] = now + queue_ttl
+        w[3], w[4], w[5] = limit, ttl, holder
+    else
+        waiters[#waiters + 1] = {token, now + queue_ttl, limit, ttl, holder}
+        position = #waiters
     end
-    redis.call('ZADD', k.queue_expiry, fmt(now + queue_ttl), token)
 end
-
--- Places are free but waiters ahead hold them up: make sure those waiters know
--- (normally they were handed the place already; this covers holders that expired
--- instead of releasing, and a signal lost in a failover).
-if free > 0 and waiting > 0 then
-    wake(k, now, free)
+if index_until then
+    index_holder(k, index_until, now)
 end
-settle(k, now, waiting)
+save(s, k, now)
 
 local retry_after = -1
-local soonest = redis.call('ZRANGE', k.holders, 0, 0, 'WITHSCORES')
-if soonest[2] then
-    retry_after = tonumber(soonest[2]) - now
+for _, h in ipairs(holders) do
+    local left = h[2] - now
+    if retry_after < 0 or left < retry_after then
+        retry_after = left
+    end
 end
-return {0, retry_after, position or -1}
+return {0, retry_after, position and position - 1 or -1}

@@ -7,10 +7,10 @@
 -- Returns  {now_us, name_1, expiry_us_1, meta_1, name_2, ...}, one triple per
 --          live holder; meta as in holders.lua.
 --
--- A bucket's per-name keys are "<key prefix>{<bucket>}:h:<name>" (holders) and
--- ":s:<name>" (state); the bucket part is the index key without ":index".
--- Standalone Redis only: in a cluster the buckets live in different slots, so
--- this would run once per node with that node's buckets (see the docs).
+-- A bucket's name state is "<key prefix>{<bucket>}:n:<name>"; the bucket part is
+-- the index key without ":index". Standalone Redis only: in a cluster the buckets
+-- live in different slots, so this would run once per node with that node's
+-- buckets (see the docs).
 
 local now = now_us()
 local prefix = ARGV[1]
@@ -22,15 +22,14 @@ for _, index in ipairs(KEYS) do
         local bucket = string.sub(index, 1, #index - #':index')
         for _, name in ipairs(names) do
             if string.sub(name, 1, #prefix) == prefix then
-                local holders = bucket .. ':h:' .. name
-                local state = bucket .. ':s:' .. name
-                local live = redis.call('ZRANGEBYSCORE', holders, since, '+inf', 'WITHSCORES')
-                for i = 1, #live, 2 do
-                    local meta = redis.call('HGET', state, 'm:' .. live[i])
-                    if meta then
-                        out[#out + 1] = name
-                        out[#out + 1] = tonumber(live[i + 1])
-                        out[#out + 1] = meta
+                local raw = redis.call('GET', bucket .. ':n:' .. name)
+                if raw then
+                    for _, h in ipairs(cmsgpack.unpack(raw)[2]) do
+                        if h[2] > now then
+                            out[#out + 1] = name
+                            out[#out + 1] = h[2]
+                            out[#out + 1] = meta_of(h)
+                        end
                     end
                 end
             end

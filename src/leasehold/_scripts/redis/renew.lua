@@ -1,7 +1,7 @@
 -- renew.lua: extend a batch of holders in one round trip (AsyncStore.renew).
 --
--- KEYS     per item i (1-based), three keys:
---          [3i-2] holders zset, [3i-1] state hash, [3i] name index of the bucket
+-- KEYS     per item i (1-based), two keys: [2i-1] the name's state, [2i] the name
+--          index of its bucket
 -- ARGV     per item i: [3i-2] name, [3i-1] token, [3i] ttl in microseconds
 --
 -- Returns  an array of 1 (renewed) / 0 (not a live holder), in item order.
@@ -14,22 +14,25 @@
 local now = now_us()
 local run_id = nil
 local answers = {}
-for i = 1, #KEYS / 3 do
-    local holders, state, index = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+for i = 1, #KEYS / 2 do
+    local state, index = KEYS[2 * i - 1], KEYS[2 * i]
     local name, token = ARGV[3 * i - 2], ARGV[3 * i - 1]
     local ttl = tonumber(ARGV[3 * i])
     local ok = 0
-    local expiry = redis.call('ZSCORE', holders, token)
-    if expiry and tonumber(expiry) > now then
-        local meta = redis.call('HGET', state, 'm:' .. token)
-        if meta then
-            local _, _, _, granted_by = parse_meta(meta)
+    local raw = redis.call('GET', state)
+    if raw then
+        local s = cmsgpack.unpack(raw)
+        local mine = find(s[2], token)
+        local h = mine and s[2][mine]
+        if h and h[2] > now then
             run_id = run_id or server_run_id()
-            if granted_by == run_id then
+            if h[6] == run_id then
                 local until_us = now + ttl
+                h[2] = until_us
                 local ms = ttl_ms(until_us, now)
-                redis.call('ZADD', holders, 'XX', fmt(until_us), token)
-                keep_alive(holders, ms)
+                -- KEEPTTL then keep_alive: the key's TTL also covers other holders
+                -- and waiters, so it may only grow here.
+                redis.call('SET', state, cmsgpack.pack(s), 'KEEPTTL')
                 keep_alive(state, ms)
                 redis.call('ZADD', index, 'GT', fmt(until_us), name)
                 keep_alive(index, ms)

@@ -6,7 +6,11 @@
 -- lh_record: small versioned values changed by compare-and-set; version comes
 --            from lh_seq, expires (boot clock) NULL means never.
 -- lh_waiter: FIFO wait queue per name; seq orders arrivals; wake is the waiter's
---            same-host wake-up socket address (NULL: it polls).
+--            same-host wake-up socket address (NULL: it polls); ttl, lim, owner,
+--            host, pid are its latest acquire request, which a release uses to make
+--            it a holder (hand-over). Older stores get these columns by ALTER TABLE
+--            (see WAITER_COLUMNS in _sqlite_tx.py); their rows lack them (NULL) and
+--            are only woken.
 CREATE TABLE IF NOT EXISTS lh_seq (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO lh_seq (id, value) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS lh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,6 +33,11 @@ CREATE TABLE IF NOT EXISTS lh_waiter (
     seq INTEGER NOT NULL,
     expires REAL NOT NULL,
     wake TEXT,
+    ttl REAL,
+    lim INTEGER,
+    owner TEXT,
+    host TEXT,
+    pid INTEGER,
     PRIMARY KEY (name, token)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS lh_waiter_seq ON lh_waiter (name, seq);

@@ -79,9 +79,10 @@ class NotifyListener:
         pgconn = conn.pgconn
         encoding = conn.info.encoding
         wake_fd = self._wakeup[0].fileno()
+        readable = _poller([pgconn.socket, wake_fd])
         try:
             while not self._closing:
-                if wake_fd in _readable([pgconn.socket, wake_fd]):
+                if wake_fd in readable():
                     return
                 # Raises OperationalError once the server has gone (EOF, reset).
                 pgconn.consume_input()
@@ -113,13 +114,13 @@ class NotifyListener:
             conn.close()
 
 
-def _readable(fds: list[int]) -> list[int]:
-    """Block until one of ``fds`` is readable. poll() has no FD_SETSIZE limit;
+def _poller(fds: list[int]) -> Callable[[], list[int]]:
+    """A function that blocks until one of ``fds`` is readable and returns those.
+    poll() (set up once, it runs for every notification) has no FD_SETSIZE limit;
     select() is the fallback where poll() does not exist (Windows)."""
     if hasattr(select, "poll"):
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
-        return [fd for fd, _ in poller.poll()]
-    readable, _, _ = select.select(fds, [], [])
-    return list(readable)
+        return lambda: [fd for fd, _ in poller.poll()]
+    return lambda: list(select.select(fds, [], [])[0])

@@ -12,18 +12,21 @@ import threading
 from collections.abc import Sequence
 
 from leasehold._sync._concurrency import Event
-from leasehold._sync.store import Store
+from leasehold._sync.store import Store, Subscription, HubSubscription, TopicHub
+from leasehold._core import validate
 from leasehold._core.clock import Clock
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
     Busy,
     Capabilities,
+    HandedOver,
     HolderInfo,
     Record,
     RenewItem,
+    WaitResult,
 )
-from leasehold._core.table import LeaseTable
+from leasehold._core.table import HandOvers, LeaseTable
 from leasehold._core.url import StoreURL
 
 
@@ -32,6 +35,10 @@ class _Shared:
         self.table = LeaseTable()
         self.guard = threading.Lock()
         self.waiters: dict[tuple[str, str], Event] = {}
+        # Subscriptions to announcements, woken directly by announce().
+        self.topics = TopicHub()
+        # Grants made by a release for a waiter, until its wait() collects them.
+        self.handed: dict[tuple[str, str], int] = {}
 
 
 _NAMED: dict[str, _Shared] = {}
@@ -52,7 +59,9 @@ class MemoryStore(Store):
         cross_host=False,
         notifications=True,
         fence_survives_data_loss=True,
+        hand_over=True,
         notes=("one process only", "state is lost with the process"),
+        announcements=True,
     )
 
     def __init__(self, url: StoreURL, clock: Clock, store_name: str = "") -> None:
@@ -66,6 +75,12 @@ class MemoryStore(Store):
             if event is not None:
                 event.set()
 
+    def _deliver(self, handed: HandOvers) -> None:
+        for name, token, fence in handed:
+            key = (name, token)
+            self._shared.handed[key] = fence
+            self._wake([key])
+
     def acquire(self, request: AcquireRequest) -> AcquireResult:
         shared = self._shared
         with shared.guard:
@@ -77,6 +92,7 @@ class MemoryStore(Store):
                 shared.waiters.setdefault(key, Event())
             elif not isinstance(result, Busy):
                 shared.waiters.pop(key, None)
+                shared.handed.pop(key, None)
         return result
 
     def renew(self, items: Sequence[RenewItem]) -> list[bool]:
@@ -86,9 +102,10 @@ class MemoryStore(Store):
     def release(self, name: str, token: str) -> bool:
         shared = self._shared
         with shared.guard:
-            held, wake = shared.table.release(name, token, self._clock.monotonic())
+            held, handed = shared.table.release(name, token, self._clock.monotonic())
             shared.waiters.pop((name, token), None)
-            self._wake(wake)
+            shared.handed.pop((name, token), None)
+            self._deliver(handed)
         return held
 
     def holders(self, name: str) -> list[HolderInfo]:
@@ -102,19 +119,26 @@ class MemoryStore(Store):
     def break_lease(self, name: str) -> int:
         shared = self._shared
         with shared.guard:
-            count, wake = shared.table.break_lease(name, self._clock.monotonic())
-            self._wake(wake)
+            count, handed = shared.table.break_lease(name, self._clock.monotonic())
+            self._deliver(handed)
         return count
 
-    def wait(self, name: str, token: str, timeout: float) -> bool:
-        with self._shared.guard:
-            event = self._shared.waiters.get((name, token))
+    def wait(self, name: str, token: str, timeout: float) -> WaitResult:
+        key = (name, token)
+        shared = self._shared
+        with shared.guard:
+            event = shared.waiters.get(key)
         if event is None:
             event = Event()  # not queued: nothing will wake it; sleep the timeout
         woken = event.wait(timeout)
-        if woken:
+        if not woken:
+            return False
+        with shared.guard:
             event.clear()
-        return woken
+            fence = shared.handed.pop(key, None)
+            if fence is not None:
+                shared.waiters.pop(key, None)
+        return True if fence is None else HandedOver(fence)
 
     def read_record(self, key: str) -> Record:
         with self._shared.guard:
@@ -130,6 +154,12 @@ class MemoryStore(Store):
 
     def ping(self) -> None:
         return None
+
+    def announce(self, topic: str) -> None:
+        self._shared.topics.wake(validate.topic(topic))
+
+    def subscribe(self, topic: str) -> Subscription:
+        return HubSubscription(validate.topic(topic), self._shared.topics)
 
     def __repr__(self) -> str:
         return f"AsyncMemoryStore({self.url.redacted!r})"
