@@ -66,9 +66,11 @@ class Chain:
         self.latencies: list[int] = []
         self.at_target: Any = None
         self.done = asyncio.Event()
+        self.asking = 0  # waiters that have called acquire
 
     async def waiter(self, acquire: Callable[[], Awaitable[Any]],
                      release: Callable[[Any], Awaitable[Any]]) -> None:  # fmt: skip
+        self.asking += 1
         held = await acquire()
         self.latencies.append(now_ns() - self.last_release)
         if len(self.latencies) == self.target:
@@ -90,9 +92,10 @@ async def _herd(
     first = await acquire()
     chain = Chain(handoffs, calls)
     tasks = [asyncio.create_task(chain.waiter(acquire, release)) for _ in range(waiters)]
-    # Every waiter has asked at least once when the acquire count says so.
+    # Every waiter has asked once it called acquire and the store saw a waiter
+    # (leasehold queues a client's waiters locally: only the first asks the store).
     queued_by = time.monotonic() + QUEUE_BUDGET
-    while calls()["acquire"] < waiters + 1 and time.monotonic() < queued_by:
+    while (chain.asking < waiters or calls()["acquire"] < 2) and time.monotonic() < queued_by:
         await asyncio.sleep(0.05)
     queued_after = QUEUE_BUDGET - (queued_by - time.monotonic())
     idle0 = calls()

@@ -295,15 +295,24 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             largest[backend] = cell
     for backend, cell in largest.items():
         entry, n = s3[cell], int(cell.split("@")[1])
-        value = med(entry, "renew_calls_per_interval")
+        # Calls per renewal round: every call should carry all n leases. (Calls per
+        # *nominal* interval run up to ~1.2: rounds come up to 10 % early by design
+        # (jitter), and a window of a few intervals catches one round more or less.)
+        items = med(entry, "items_per_call")
+        value = n / items if items else NAN
+        per_interval = num(med(entry, "renew_calls_per_interval"), 2)
+        shown = f"{num(value, 2)} calls per round ({per_interval} per interval)"
         if backend == "redis":  # the server's view: one script call per round
-            value = max(value, med(entry, "server_scripts_per_interval"))
+            calls = med(entry, "renew_calls_per_interval")
+            scripts = med(entry, "server_scripts_per_interval")
+            value = max(value, scripts / calls if calls else NAN)
+            shown = f"1 round trip carrying {num(value, 2)} scripts of ≤ 1,000 leases"
         add(
-            f"Renewal ({backend}): ≤ 1 store round trip per interval for {n:,} leases",
+            f"Renewal ({backend}): 1 store call per renewal round for {n:,} leases",
             value,
             1.05,
             at_most=True,
-            shown=num(value, 2) + " per interval",
+            shown=shown,
         )
     for cell, entry in s4.items():
         if cell == "redis-py":

@@ -444,8 +444,8 @@ def _holder_info(name: str, now: int, expiry: int, meta: str) -> HolderInfo:
 
 def _signalled(value: object) -> WaitResult:
     """What a waiter's signal list said: "h <fence>" is a hand-over (see hand_over in
-    _prelude.lua); anything else ("1", leasehold 0.1's provisional "g <fence>") only
-    wakes the waiter, whose next acquire confirms. None: nothing arrived."""
+    _prelude.lua); anything else only wakes the waiter, whose next acquire then
+    confirms or queues again. None: nothing arrived."""
     if value is None:
         return False
     text = value.decode() if isinstance(value, bytes) else str(value)
