@@ -309,6 +309,12 @@ def test_observers_are_notified_through_the_store(
         assert wait_until(lambda: watcher.sees_term(third), 5, "a new term") < 1.0
         assert cb.break_lease(name) == 1  # through another client
         assert wait_until(lambda: watcher.sees_vacancy_after(third), 5, "a break") < 1.0
+        # The campaign's own lease, released by hand rather than by resign().
+        fourth = b.campaign(timeout=5)
+        assert wait_until(lambda: watcher.sees_term(fourth.fence), 5, "a term") < 1.0
+        assert fourth.release()
+        found = wait_until(lambda: watcher.sees_vacancy_after(fourth.fence), 5, "a release")
+        assert found < 1.0
         monkeypatch.undo()  # stop() wakes the observer in-process
         items = watcher.stop()
     # (A vacancy between "a" and "b" is seen where the hand-over is not atomic.)
@@ -317,6 +323,7 @@ def test_observers_are_notified_through_the_store(
         ("a", first),
         ("b", second),
         ("a", third),
+        ("b", fourth.fence),
     ]
 
 

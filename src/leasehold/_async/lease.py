@@ -72,6 +72,8 @@ class AsyncLease:
         self._bodies: list[AsyncBodyGuard] = []
         # Spreads renewals of many clients so they do not arrive in lock step.
         self.jitter = random.random()
+        # Run once after the store release (an election announces the vacancy).
+        self._after_release: Callable[[], Any] | None = None
 
     # -- what a holder reads -------------------------------------------------
 
@@ -195,6 +197,9 @@ class AsyncLease:
             held = False
         self._client._counters.add("released")
         self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        hook = self._after_release
+        if hook is not None:
+            await hook()
         return held and not was_lost
 
     async def wait_lost(self, timeout: float | None = None) -> bool:

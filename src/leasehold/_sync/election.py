@@ -136,7 +136,7 @@ class Election:
         terms only increase: each term is yielded at most once, in order. On stores
         with announcements (``capabilities.announcements``) a change made through
         an election or ``client.break_lease`` anywhere is seen at once; other
-        changes (a leader's expiry, a lease released by hand) just after the
+        changes (a leader's expiry, a plain ``lock(name)``) just after the
         leader's expiry or within a safety poll of ``ttl / 3``. Other stores are
         polled at most ``ttl / 3`` apart (faster just after a change and around the
         leader's expiry), and changes made by elections in this process are seen at
@@ -228,9 +228,7 @@ class Election:
             return False
         if phase is not None:
             phase.wake.set()  # async: cancel the body before the successor can start
-        held = lease.release()
-        self._announce()
-        return held
+        return lease.release()  # announced by the lease's release hook
 
     # -- leading in a loop -----------------------------------------------------------
 
@@ -344,6 +342,9 @@ class Election:
         finally:
             with self._state:
                 self._campaigning = False
+        # However the lease ends -- resign(), run()'s end of term, or the caller's
+        # own lease.release() -- its release announces the vacancy.
+        lease._after_release = self._announce
         with self._state:
             self._lease = lease
         self._announce()
@@ -388,10 +389,10 @@ class Election:
                     exc.reason,
                 )
         finally:
+            # `async with lease` released it, and the release announced it.
             with self._state:
                 if self._lease is lease:
                     self._lease = None
-            self._announce()
 
     def __repr__(self) -> str:
         state = "leading" if self.leading else ("stopped" if self._stopping() else "idle")

@@ -74,6 +74,8 @@ class Lease:
         self._bodies: list[BodyGuard] = []
         # Spreads renewals of many clients so they do not arrive in lock step.
         self.jitter = random.random()
+        # Run once after the store release (an election announces the vacancy).
+        self._after_release: Callable[[], Any] | None = None
 
     # -- what a holder reads -------------------------------------------------
 
@@ -197,6 +199,9 @@ class Lease:
             held = False
         self._client._counters.add("released")
         self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        hook = self._after_release
+        if hook is not None:
+            hook()
         return held and not was_lost
 
     def wait_lost(self, timeout: float | None = None) -> bool:
