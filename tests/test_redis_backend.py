@@ -1170,3 +1170,36 @@ def test_fork_reconnects_in_the_child(server: RedisServer) -> None:
         assert store.release(lease, "parent")
     finally:
         store.close()
+
+
+def test_a_long_queue_costs_no_more_per_operation(private: Callable[..., RedisServer]) -> None:
+    """Waiters live in zsets, not in the encoded holders: the commands a queue refresh
+    and a hand-over run inside their scripts do not grow with the queue."""
+    instance = private()
+    admin = instance.client()
+
+    def commands() -> int:
+        stats = admin.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_config|resetstat")
+
+    async def cost(store: async_redis.AsyncRedisStore, waiters: int) -> tuple[int, int]:
+        lease = name(f"queue{waiters}")
+        await store.acquire(req(lease, "holder"))
+        for i in range(waiters):
+            assert isinstance(await store.acquire(req(lease, f"w{i}", queue_ttl=30)), Busy)
+        admin.config_resetstat()
+        assert isinstance(await store.acquire(req(lease, f"w{waiters - 1}", queue_ttl=30)), Busy)
+        refresh = commands()
+        admin.config_resetstat()
+        assert await store.release(lease, "holder")
+        hand_over = commands()
+        return refresh, hand_over
+
+    try:
+        short = with_store(instance.url, lambda store: cost(store, 3))
+        long = with_store(instance.url, lambda store: cost(store, 1_000))
+        # Equal but for a key-TTL fallback (PEXPIRE GT, then NX) taken or not.
+        assert all(abs(a - b) <= 2 for a, b in zip(long, short, strict=True)), (short, long)
+        assert max(long) < 40
+    finally:
+        admin.close()

@@ -302,14 +302,24 @@ def parse_options(url: StoreURL) -> RedisOptions:
 class NameKeys:
     """The keys of one lease name (all in one cluster slot)."""
 
-    state: str  # MessagePack: limit hint, holders, waiters (see _prelude.lua)
+    state: str  # MessagePack: limit hint, holders (see _prelude.lua)
     floor: str  # per bucket: highest fence issued
     index: str  # per bucket: zset name -> latest holder expiry_us
+    queue: str  # zset token -> arrival
+    queue_expiry: str  # zset token -> queue expiry_us
+    queue_info: str  # hash token -> "<limit> <ttl_us> <holder json>"
     signal_prefix: str  # + token: a waiter's signal list
 
     def script_keys(self) -> list[str]:
-        """KEYS[1..3] of acquire.lua, release.lua and break.lua, in order."""
-        return [self.state, self.floor, self.index]
+        """KEYS[1..6] of acquire.lua, release.lua and break.lua, in order."""
+        return [
+            self.state,
+            self.floor,
+            self.index,
+            self.queue,
+            self.queue_expiry,
+            self.queue_info,
+        ]
 
     def signal(self, token: str) -> str:
         return self.signal_prefix + token
@@ -345,6 +355,9 @@ class KeyLayout:
             state=f"{tag}:n:{name}",
             floor=f"{tag}:fence",
             index=f"{tag}:index",
+            queue=f"{tag}:qa:{name}",
+            queue_expiry=f"{tag}:qe:{name}",
+            queue_info=f"{tag}:qi:{name}",
             signal_prefix=f"{tag}:w:{size}:{name}:",
         )
 

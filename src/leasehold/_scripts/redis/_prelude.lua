@@ -10,26 +10,27 @@
 -- * A holder is live while its expiry > now; a waiter while its queue expiry > now.
 -- * Numbers that are stored as text or passed to commands go through fmt(), because
 --   Lua's tostring() would write 1.7e+15.
--- * All of a name's state is ONE key, a MessagePack value read with one GET and
---   written with one SET (plus its PX): a script costs a handful of commands, not
---   dozens, whatever it does. cmsgpack stores integral numbers as integers, so
---   microsecond times round-trip exactly.
--- * The name's key shares one hash tag with its bucket's fence floor and name index,
---   so every script touches one slot. Signal lists (signal prefix .. token) carry
---   the same hash tag, so they live in that slot too.
+-- * A name's holders are ONE key, a MessagePack value read with one GET and written
+--   with one SET (plus its PX): a script costs a handful of commands, not dozens.
+--   cmsgpack stores integral numbers as integers, so microsecond times round-trip
+--   exactly. Its waiters live in zsets and a hash instead, so that a long queue
+--   (a fleet of processes waiting for one name) costs O(log n) per operation, not
+--   a decode and re-encode of every waiter.
+-- * The name's keys share one hash tag with its bucket's fence floor and name
+--   index, so every script touches one slot. Signal lists (signal prefix .. token)
+--   carry the same hash tag, so they live in that slot too.
 --
--- The state of a name: {limit_hint, holders, waiters}
---   holders: list in grant order of
---            {token, expiry_us, fence, acquired_us, limit, run_id, holder_json, handed}
---            handed = 1 while a hand-over's signal may still sit in the waiter's list
---   waiters: list in arrival order of
---            {token, queue_expiry_us, limit, ttl_us, holder_json}
+-- The holders of a name: {limit_hint, holders}, holders in grant order, each
+--   {token, expiry_us, fence, acquired_us, limit, run_id, holder_json, handed}
+--   handed = 1 while a hand-over's signal may still sit in the waiter's list.
+-- Its waiters: queue zset (token -> arrival, strictly increasing), queue expiry zset
+-- (token -> queue expiry_us), info hash (token -> "<limit> <ttl_us> <holder json>":
+-- the latest request, which a hand-over grants).
 
 local GRACE_MS = 1000 -- keys outlive the last expiry they hold by this much
 
 -- Field positions (Lua arrays are 1-based).
 local H_TOKEN, H_EXPIRY, H_FENCE, H_ACQUIRED, H_LIMIT, H_RUN, H_HOLDER, H_HANDED = 1, 2, 3, 4, 5, 6, 7, 8
-local W_TOKEN, W_EXPIRY, W_LIMIT, W_TTL, W_HOLDER = 1, 2, 3, 4, 5
 
 local function fmt(n)
     return string.format('%.0f', n)
@@ -75,9 +76,12 @@ end
 -- The keys and names of one lease name, in the order acquire/release/break take them.
 local function name_keys()
     return {
-        state = KEYS[1], -- string: the MessagePack state above
+        state = KEYS[1], -- string: the MessagePack holders above
         floor = KEYS[2], -- string: highest fence issued in this bucket
         index = KEYS[3], -- zset: name -> latest holder expiry_us (for leases())
+        queue = KEYS[4], -- zset: token -> arrival
+        queue_expiry = KEYS[5], -- zset: token -> queue expiry_us
+        queue_info = KEYS[6], -- hash: token -> "<limit> <ttl_us> <holder json>"
         name = ARGV[1],
         signal_prefix = ARGV[2], -- signal list of a waiter: signal_prefix .. token
     }
@@ -86,31 +90,60 @@ end
 local function load(key)
     local raw = redis.call('GET', key)
     if not raw then
-        return {1, {}, {}}
+        return {1, {}}
     end
     return cmsgpack.unpack(raw)
 end
 
--- Drop expired holders and waiters, in place. Only a hand-over has a signal list
--- (waiters are never signalled otherwise); one its waiter never collected goes
--- with the grant instead of lingering until its own TTL.
+-- Drop expired holders, in place; true if any went. Only a hand-over has a signal
+-- list (waiters are never signalled otherwise); one its waiter never collected
+-- goes with the grant instead of lingering until its own TTL.
 local function purge(s, k, now)
-    local kept = {}
+    local kept, dropped = {}, false
     for _, h in ipairs(s[2]) do
         if h[H_EXPIRY] > now then
             kept[#kept + 1] = h
-        elseif h[H_HANDED] == 1 then
-            redis.call('DEL', k.signal_prefix .. h[H_TOKEN])
+        else
+            dropped = true
+            if h[H_HANDED] == 1 then
+                redis.call('DEL', k.signal_prefix .. h[H_TOKEN])
+            end
         end
     end
     s[2] = kept
-    kept = {}
-    for _, w in ipairs(s[3]) do
-        if w[W_EXPIRY] > now then
-            kept[#kept + 1] = w
-        end
+    return dropped
+end
+
+local function unqueue(k, token)
+    redis.call('ZREM', k.queue, token)
+    redis.call('ZREM', k.queue_expiry, token)
+    redis.call('HDEL', k.queue_info, token)
+end
+
+-- Drop expired waiters; returns the number of live waiters left. Costs one ZCARD
+-- when nobody waits, which is the common case.
+local function purge_queue(k, now)
+    local waiting = redis.call('ZCARD', k.queue_expiry)
+    if waiting == 0 then
+        return 0
     end
-    s[3] = kept
+    for _, token in ipairs(redis.call('ZRANGEBYSCORE', k.queue_expiry, '-inf', fmt(now))) do
+        unqueue(k, token)
+        waiting = waiting - 1
+    end
+    return waiting
+end
+
+-- Give the queue keys a TTL covering the latest queue expiry in them (they vanish
+-- by themselves once empty: Redis deletes empty zsets and hashes).
+local function settle_queue(k, now, waiting)
+    if waiting > 0 then
+        local top = redis.call('ZRANGE', k.queue_expiry, -1, -1, 'WITHSCORES')
+        local ms = fmt(ttl_ms(tonumber(top[2]), now))
+        redis.call('PEXPIRE', k.queue, ms)
+        redis.call('PEXPIRE', k.queue_expiry, ms)
+        redis.call('PEXPIRE', k.queue_info, ms)
+    end
 end
 
 local function find(list, token)
@@ -140,26 +173,41 @@ end
 -- longer than its queue place would have. `caller`, when it is handed a place, is
 -- answered directly instead (acquire.lua). Stops at the first waiter whose own
 -- limit leaves no place (FIFO: nobody overtakes it here). Returns the latest
--- expiry it granted, or nil.
-local function hand_over(s, k, now, run_id, caller)
-    local holders, waiters = s[2], s[3]
+-- expiry it granted (or nil) and the number of waiters left.
+local function hand_over(s, k, now, run_id, caller, waiting)
+    local holders = s[2]
     local latest = nil
-    while #waiters > 0 and #holders < waiters[1][W_LIMIT] do
-        local w = table.remove(waiters, 1)
-        local token = w[W_TOKEN]
-        local expiry = math.min(w[W_EXPIRY], now + w[W_TTL])
-        local fence = next_fence(k, now)
-        local handed = 0
-        if token ~= caller then
-            local signal = k.signal_prefix .. token
-            redis.call('LPUSH', signal, 'h ' .. fmt(fence))
-            redis.call('PEXPIRE', signal, fmt(ttl_ms(expiry, now)))
-            handed = 1
+    while waiting > 0 do
+        local token = redis.call('ZRANGE', k.queue, 0, 0)[1]
+        local info = redis.call('HGET', k.queue_info, token)
+        local limit, ttl, holder = nil, nil, nil
+        if info then
+            limit, ttl, holder = string.match(info, '^(%d+) (%d+) (.*)$')
         end
-        holders[#holders + 1] = {token, expiry, fence, now, w[W_LIMIT], run_id, w[W_HOLDER], handed}
-        latest = math.max(latest or 0, expiry)
+        if not limit then
+            unqueue(k, token) -- unreadable: it asks again and is queued anew
+        else
+            limit = tonumber(limit)
+            if #holders >= limit then
+                break
+            end
+            local queued_until = tonumber(redis.call('ZSCORE', k.queue_expiry, token))
+            local expiry = math.min(queued_until, now + tonumber(ttl))
+            local fence = next_fence(k, now)
+            local handed = 0
+            unqueue(k, token)
+            if token ~= caller then
+                local signal = k.signal_prefix .. token
+                redis.call('LPUSH', signal, 'h ' .. fmt(fence))
+                redis.call('PEXPIRE', signal, fmt(ttl_ms(expiry, now)))
+                handed = 1
+            end
+            holders[#holders + 1] = {token, expiry, fence, now, limit, run_id, holder, handed}
+            latest = math.max(latest or 0, expiry)
+        end
+        waiting = waiting - 1
     end
-    return latest
+    return latest, waiting
 end
 
 -- Keep the bucket's name index in step with a grant or renewal: the name stays
@@ -171,15 +219,12 @@ local function index_holder(k, expiry, now)
     keep_alive(k.index, ttl_ms(expiry, now))
 end
 
--- Write the state back with a TTL that covers every expiry in it (so a name whose
--- holders and waiters all vanished disappears by itself), or delete it when empty.
+-- Write the holders back with a TTL that covers every expiry in them (so a name
+-- whose holders all vanished disappears by itself), or delete them when none is left.
 local function save(s, k, now)
     local latest = 0
     for _, h in ipairs(s[2]) do
         latest = math.max(latest, h[H_EXPIRY])
-    end
-    for _, w in ipairs(s[3]) do
-        latest = math.max(latest, w[W_EXPIRY])
     end
     if latest <= now then
         redis.call('DEL', k.state)

@@ -1,8 +1,11 @@
 -- acquire.lua: try once to add a token as a holder of a name (AsyncStore.acquire).
 --
--- KEYS[1]  state        string  the name's MessagePack state (see the prelude)
+-- KEYS[1]  holders      string  the name's MessagePack holders (see the prelude)
 -- KEYS[2]  fence floor  string  highest fence issued in the name's bucket
 -- KEYS[3]  name index   zset    name -> latest holder expiry_us, per bucket
+-- KEYS[4]  queue        zset    token -> arrival (strictly increasing per name)
+-- KEYS[5]  queue expiry zset    token -> queue expiry_us
+-- KEYS[6]  queue info   hash    token -> "<limit> <ttl_us> <holder json>"
 -- ARGV[1]  name
 -- ARGV[2]  signal prefix: a waiter's signal list is ARGV[2] .. token
 -- ARGV[3]  token
@@ -34,11 +37,14 @@ local run_id = ARGV[8]
 
 local now = now_us()
 local s = load(k.state)
-purge(s, k, now)
+local dirty = purge(s, k, now)
+local waiting = purge_queue(k, now)
 -- Places freed by holders that expired go to the waiters at the head first (the
 -- caller too, if it is one of them).
-local index_until = hand_over(s, k, now, run_id, token)
-local holders, waiters = s[2], s[3]
+local index_until, left = hand_over(s, k, now, run_id, token, waiting)
+dirty = dirty or left ~= waiting
+waiting = left
+local holders = s[2]
 
 local mine = find(holders, token)
 if mine then
@@ -56,46 +62,60 @@ if mine then
     s[1] = limit
     index_holder(k, math.max(h[2], index_until or 0), now)
     save(s, k, now)
+    settle_queue(k, now, waiting)
     return {1, h[3]}
 end
 
-local position = find(waiters, token)
-local ahead = position and position - 1 or #waiters
+local position = nil
+if waiting > 0 then
+    position = redis.call('ZRANK', k.queue, token)
+end
+local ahead = position or waiting
 if ahead < limit - #holders then
     -- A place for the caller. When queued it may overtake waiters ahead whose own
     -- (smaller) limit leaves them no place: limits are per caller (docs/semaphores).
     if position then
-        table.remove(waiters, position)
+        unqueue(k, token)
+        waiting = waiting - 1
     end
     local fence = next_fence(k, now)
     holders[#holders + 1] = {token, now + ttl, fence, now, limit, run_id, holder, 0}
     s[1] = limit
     index_holder(k, math.max(now + ttl, index_until or 0), now)
     save(s, k, now)
+    settle_queue(k, now, waiting)
     return {1, fence}
 end
 
-s[1] = limit
 if queue_ttl then
-    if position then
-        local w = waiters[position]
-        w[2] = now + queue_ttl
-        w[3], w[4], w[5] = limit, ttl, holder
-    else
-        waiters[#waiters + 1] = {token, now + queue_ttl, limit, ttl, holder}
-        position = #waiters
+    if not position then
+        local arrival = now
+        if waiting > 0 then
+            local last = redis.call('ZRANGE', k.queue, -1, -1, 'WITHSCORES')
+            if last[2] and tonumber(last[2]) >= arrival then
+                arrival = tonumber(last[2]) + 1
+            end
+        end
+        redis.call('ZADD', k.queue, fmt(arrival), token)
+        position = waiting
+        waiting = waiting + 1
     end
+    redis.call('ZADD', k.queue_expiry, fmt(now + queue_ttl), token)
+    redis.call('HSET', k.queue_info, token, fmt(limit) .. ' ' .. fmt(ttl) .. ' ' .. holder)
+    settle_queue(k, now, waiting)
 end
 if index_until then
     index_holder(k, index_until, now)
 end
-save(s, k, now)
+if dirty then
+    save(s, k, now)
+end
 
 local retry_after = -1
 for _, h in ipairs(holders) do
-    local left = h[2] - now
-    if retry_after < 0 or left < retry_after then
-        retry_after = left
+    local remaining = h[2] - now
+    if retry_after < 0 or remaining < retry_after then
+        retry_after = remaining
     end
 end
-return {0, retry_after, position and position - 1 or -1}
+return {0, retry_after, position or -1}

@@ -1,7 +1,7 @@
 -- release.lua: remove a token as holder and as waiter of a name (AsyncStore.release).
 --
--- KEYS[1..3]  as acquire.lua: state, fence floor (for the fences of hand-overs),
---             name index
+-- KEYS[1..6]  as acquire.lua: holders, fence floor (for the fences of hand-overs),
+--             name index, queue, queue expiry, queue info
 -- ARGV[1]     name
 -- ARGV[2]     signal prefix (a waiter's signal list is ARGV[2] .. token)
 -- ARGV[3]     token
@@ -17,36 +17,38 @@ local k = name_keys()
 local token = ARGV[3]
 local now = now_us()
 local s = load(k.state)
-purge(s, k, now)
+local dirty = purge(s, k, now)
+local waiting = purge_queue(k, now)
 local held = 0
 local mine = find(s[2], token)
 if mine then
     local h = table.remove(s[2], mine)
     held = 1
+    dirty = true
     if h[8] == 1 then
         -- A hand-over its waiter never collected leaves its grant signal behind.
         redis.call('DEL', k.signal_prefix .. token)
     end
 end
-local queued = find(s[3], token)
-if queued then
-    table.remove(s[3], queued)
-    redis.call('DEL', k.signal_prefix .. token)
+if waiting > 0 and redis.call('ZREM', k.queue, token) == 1 then
+    redis.call('ZREM', k.queue_expiry, token)
+    redis.call('HDEL', k.queue_info, token)
+    waiting = waiting - 1
 end
-if held == 0 and not queued and #s[3] == 0 then
-    -- Nothing of ours here and nobody to hand a place to: change nothing, except
-    -- cleaning up after a name whose holders all expired.
-    if #s[2] == 0 then
-        redis.call('ZREM', k.index, k.name)
-        redis.call('DEL', k.state)
-    end
-    return 0
+local index_until = nil
+if waiting > 0 then
+    local left
+    index_until, left = hand_over(s, k, now, ARGV[4] or '', nil, waiting)
+    dirty = dirty or left ~= waiting
+    waiting = left
 end
-local index_until = hand_over(s, k, now, ARGV[4] or '', nil)
 if index_until then
     index_holder(k, index_until, now)
 elseif #s[2] == 0 then
     redis.call('ZREM', k.index, k.name) -- nothing held: unlisted at once
 end
-save(s, k, now)
+if dirty then
+    save(s, k, now)
+end
+settle_queue(k, now, waiting)
 return held
