@@ -187,12 +187,18 @@ class Lock:
                 if deadline is not None:
                     pause = min(pause, deadline - now)
                 woken = store.wait(self._name, token, pause)
-                if isinstance(woken, HandedOver) and self._renew and queued_at is not None:
+                term = min(self._ttl, QUEUE_TTL)
+                if (
+                    isinstance(woken, HandedOver)
+                    and self._renew
+                    and queued_at is not None
+                    and clock.monotonic() < queued_at + term / 2
+                ):
                     # A release made us holder on our queue place (store.release):
                     # valid from our last queueing attempt for min(ttl, QUEUE_TTL),
                     # and the keeper renews it to the full ttl. A lease that does
-                    # not renew confirms with one more attempt instead.
-                    term = min(self._ttl, QUEUE_TTL)
+                    # not renew, or whose last attempt is too old to vouch for
+                    # half of that (a short ttl), confirms with one more attempt.
                     return self._granted(
                         token,
                         fence=woken.fence,

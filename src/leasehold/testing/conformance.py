@@ -36,6 +36,7 @@ __all__ = [
     "test_extend_replaces_ttl",
     "test_fences_strictly_increase",
     "test_hand_over_to_a_dead_waiter_lasts_only_its_queue_place",
+    "test_hand_over_to_a_long_waiting_short_lease_is_confirmed",
     "test_handed_over_lease_is_renewed_to_its_full_ttl",
     "test_holders_and_leases_report_what_is_held",
     "test_only_owner_mutates",
@@ -224,6 +225,27 @@ def test_handed_over_lease_is_renewed_to_its_full_ttl(lh_backend: BackendHarness
     assert info.fence == handed.fence and info.expires_in > 20.0
     handed.release()
     assert waiter_client.holders(name) == []
+
+
+def test_hand_over_to_a_long_waiting_short_lease_is_confirmed(
+    lh_backend: BackendHarness,
+) -> None:
+    """A hand-over only vouches for min(ttl, queue ttl) from the waiter's last
+    queueing attempt. With ttl=1 and that attempt 0.7 s old, using it would leave
+    0.3 s; the lock confirms instead and gets its full second."""
+    client = lh_backend.real_client()
+    name = lh_backend.unique()
+    lease = client.lock(name).acquire(timeout=5)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(client.lock(name, ttl=1).acquire(10)))
+    thread.start()
+    time.sleep(0.7)  # less than the waiter's 1 s queue refresh
+    lease.release()
+    thread.join(10)
+    [short] = got
+    assert short.fence > lease.fence
+    assert short.remaining() > 0.8
+    short.release()
 
 
 def test_semaphore_limit(lh_backend: BackendHarness) -> None:
