@@ -314,29 +314,14 @@ class SQLiteTables:
                     "SELECT COUNT(*) FROM lh_waiter WHERE name = ? AND seq < ?", (name, my_seq)
                 ).fetchone()
             if request.limit - int(held) > ahead:
-                (fence,) = conn.execute(
-                    "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
-                ).fetchone()
-                conn.execute(
-                    "INSERT INTO lh_holder (name, token, owner, host, pid, fence, lim, "
-                    "acquired, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        name,
-                        token,
-                        request.holder.owner,
-                        request.holder.host,
-                        request.holder.pid,
-                        fence,
-                        request.limit,
-                        now,
-                        now + request.ttl,
-                    ),
+                holder = request.holder
+                fence = self._grant(
+                    conn,
+                    (name, token, holder.owner, holder.host, holder.pid, request.limit, now),
+                    expires=now + request.ttl,
+                    queued=my_seq is not None,
                 )
-                if my_seq is not None:
-                    conn.execute(
-                        "DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token)
-                    )
-                return Granted(int(fence))
+                return Granted(fence)
             position: int | None = None
             if request.queue_ttl is not None:
                 # The row keeps the latest request: what a release hands over.
@@ -390,6 +375,36 @@ class SQLiteTables:
         return answers
 
     @staticmethod
+    def _next_value(conn: sqlite3.Connection) -> int:
+        """The next fence (or record version): one sequence for the whole file."""
+        (value,) = conn.execute(
+            "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
+        ).fetchone()
+        return int(value)
+
+    @classmethod
+    def _grant(
+        cls,
+        conn: sqlite3.Connection,
+        row: tuple[str, str, str, str, int, int, float],
+        *,
+        expires: float,
+        queued: bool,
+    ) -> int:
+        """Make a token a holder with a new fence; ``row`` is (name, token, owner,
+        host, pid, limit, acquired). A queued token leaves the queue."""
+        name, token, owner, host, pid, limit, acquired = row
+        fence = cls._next_value(conn)
+        conn.execute(
+            "INSERT INTO lh_holder (name, token, owner, host, pid, fence, lim, "
+            "acquired, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, token, owner, host, pid, fence, limit, acquired, expires),
+        )
+        if queued:
+            conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
+        return fence
+
+    @staticmethod
     def _wakeable(conn: sqlite3.Connection, name: str, limit: int) -> list[str]:
         """Wake-up addresses of the queued waiters that free places now let in."""
         (held,) = conn.execute("SELECT COUNT(*) FROM lh_holder WHERE name = ?", (name,)).fetchone()
@@ -425,15 +440,12 @@ class SQLiteTables:
                     return wakes
                 if held >= int(lim):
                     return wakes
-                (fence,) = conn.execute(
-                    "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
-                ).fetchone()
-                conn.execute(
-                    "INSERT INTO lh_holder (name, token, owner, host, pid, fence, lim, "
-                    "acquired, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, token, owner, host, pid, fence, lim, now, min(expires, now + ttl)),
+                fence = cls._grant(
+                    conn,
+                    (name, token, owner, host, pid, lim, now),
+                    expires=min(expires, now + ttl),
+                    queued=True,
                 )
-                conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
                 held += 1
                 if wake is not None:
                     wakes.append((str(wake), (int(fence), str(token))))
@@ -580,9 +592,7 @@ class SQLiteTables:
             row = conn.execute("SELECT version FROM lh_record WHERE key = ?", (key,)).fetchone()
             if (0 if row is None else int(row[0])) != expected:
                 return None
-            (version,) = conn.execute(
-                "UPDATE lh_seq SET value = value + 1 WHERE id = 1 RETURNING value"
-            ).fetchone()
+            version = self._next_value(conn)
             if value is None:
                 conn.execute("DELETE FROM lh_record WHERE key = ?", (key,))
             else:

@@ -86,10 +86,6 @@ class LeaseTable:
         if entry is not None and not entry.grants and not entry.queue:
             del self._names[name]
 
-    def _wakeable(self, name: str, entry: _Name, limit: int) -> list[tuple[str, str]]:
-        free = limit - len(entry.grants)
-        return [(name, token) for token in list(entry.queue)[: max(0, free)]]
-
     def _grant(self, entry: _Name, request: AcquireRequest, now: float, expires: float) -> int:
         self._last_fence += 1
         entry.queue.pop(request.token, None)
@@ -167,10 +163,6 @@ class LeaseTable:
         self._forget_if_idle(name)
         return count, handed
 
-    @staticmethod
-    def _limit_hint(entry: _Name) -> int:
-        return max((g.limit for g in entry.grants.values()), default=1)
-
     def holders(self, name: str, now: float) -> list[HolderInfo]:
         entry = self._purge(name, now)
         infos = [self._info(name, g, now) for g in entry.grants.values()]
@@ -182,16 +174,6 @@ class LeaseTable:
         for name in sorted(n for n in self._names if n.startswith(prefix)):
             infos.extend(self.holders(name, now))
         return infos
-
-    def expired_waiters(self, now: float) -> list[tuple[str, str]]:
-        """Queued tokens that became grantable because holders expired (no event
-        announces an expiry, so the memory store sweeps for these)."""
-        wake: list[tuple[str, str]] = []
-        for name in list(self._names):
-            entry = self._purge(name, now)
-            wake.extend(self._wakeable(name, entry, self._limit_hint(entry)))
-            self._forget_if_idle(name)
-        return wake
 
     @staticmethod
     def _info(name: str, grant: _Grant, now: float) -> HolderInfo:

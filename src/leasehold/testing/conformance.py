@@ -305,11 +305,10 @@ def test_release_wakes_only_the_head_waiter(lh_backend: BackendHarness) -> None:
         pytest.skip(f"{lh_backend.name} has no notifications; waiters poll")
     name = lh_backend.unique()
     holder, head, second = (secrets.token_urlsafe(24) for _ in range(3))
-    store.acquire(_request(name, holder))
-    store.acquire(_request(name, head, queue_ttl=10.0))
-    store.acquire(_request(name, second, queue_ttl=10.0))
     first = store.acquire(_request(name, holder))
     assert isinstance(first, Granted)
+    store.acquire(_request(name, head, queue_ttl=10.0))
+    store.acquire(_request(name, second, queue_ttl=10.0))
     store.release(name, holder)  # wake-up sent before anyone waits: must not be lost
     started = time.monotonic()
     woken = store.wait(name, head, 5.0)
