@@ -65,6 +65,20 @@ def wait_for(path: Path, timeout: float) -> str:
     return path.read_text()
 
 
+def wait_for_renewal(client: leasehold.Client, name: str, timeout: float = 5.0) -> None:
+    """Return as soon as the holder's expiry in the store has moved on."""
+    deadline = time.monotonic() + timeout
+
+    def expiry() -> float:
+        [info] = client.holders(name)
+        return time.monotonic() + info.expires_in
+
+    first = expiry()
+    while expiry() < first + 0.05:
+        assert time.monotonic() < deadline, "the holder never renewed"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -88,7 +102,9 @@ def test_paused_holder_is_replaced_and_learns_it(
         proc = start_holder(shared_url, name, ready)
         procs.append(proc)
         fence = json.loads(ready.read_text())["fence"]
-        time.sleep(0.3)  # a renewal or two have happened
+        # Stop it just after a renewal committed, so the pause falls between its
+        # store calls: frozen *inside* one, it would hold SQLite's write lock.
+        wait_for_renewal(client, name)
         proc.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         lease = client.lock(name, ttl=TTL).acquire(timeout=TTL + BOUND + 5)

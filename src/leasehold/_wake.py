@@ -15,6 +15,7 @@ import contextlib
 import secrets
 import socket
 import sys
+import weakref
 
 SUPPORTED = sys.platform.startswith("linux")
 _PREFIX = "leasehold-wake-"
@@ -24,6 +25,10 @@ class WakeSocket:
     def __init__(self) -> None:
         self.address = _PREFIX + secrets.token_hex(12)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Stores keep spare sockets for reuse; one dropped without aclose() closes
+        # its sockets when collected instead of leaking them until the socket's
+        # own finalizer complains.
+        weakref.finalize(self, self._sock.close)
         self._sock.bind("\0" + self.address)
         self._sock.setblocking(False)
 
