@@ -728,6 +728,35 @@ def test_release_commits_asynchronously_only_on_its_own(pg: PostgresServer) -> N
         conn.rollback()
 
 
+def test_only_an_acquire_that_grants_waits_for_its_flush(pg: PostgresServer) -> None:
+    # Schema version 5: a busy answer (queued or not) commits asynchronously, a grant
+    # durably, and a caller's own earlier writes keep their durability.
+    store = sstore(pg.url)
+    try:
+        name, holder = unique(), tok()
+        assert isinstance(store.acquire(req(name, holder)), Granted)
+    finally:
+        store.close()
+    call = "SELECT granted FROM leasehold.acquire(%s, %s, 'o', 'h', 1, 60, 1, %s, NULL, NULL)"
+    with psycopg.connect(pg.url) as conn:  # not autocommit: look inside the transaction
+        for queue_ttl in (None, 10.0):
+            assert conn.execute(call, (name, tok(), queue_ttl)).fetchone() == (False,)
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+            conn.rollback()
+        conn.execute("SELECT txid_current()")  # what any write does first
+        assert conn.execute(call, (name, tok(), 10.0)).fetchone() == (False,)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        conn.rollback()
+        # The session asks for asynchronous commits; a grant flushes all the same.
+        conn.execute("SET synchronous_commit = off")
+        assert conn.execute(call, (unique(), tok(), None)).fetchone() == (True,)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        # ... and so does the holder's own acquire again (same fence, new expiry).
+        assert conn.execute(call, (name, holder, None)).fetchone() == (True,)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        conn.rollback()
+
+
 def test_leases_prefix_treats_wildcards_literally(pg: PostgresServer) -> None:
     async def main() -> None:
         store = astore(pg.url)

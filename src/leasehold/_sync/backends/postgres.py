@@ -72,7 +72,7 @@ log = logging.getLogger("leasehold.postgres")
 
 # What schema_version() in schema.sql returns. Bump both together whenever the file
 # changes; a store that finds an older version re-runs the (idempotent) file.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The functions of schema.sql the store calls, and how many arguments each takes.
 _FUNCTIONS = {
