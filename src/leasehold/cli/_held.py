@@ -30,6 +30,7 @@ from leasehold.cli._common import (
     EXIT_CANNOT_EXECUTE,
     EXIT_NOT_FOUND,
     SIGNAL_BASE,
+    F,
     duration,
     say,
     stderr_console,
@@ -76,6 +77,57 @@ def command_to_run(command: Sequence[str], usage: str) -> tuple[str, ...]:
             f"missing the command to run: {usage}", ctx=click.get_current_context()
         )
     return tuple(command)
+
+
+DEFAULT_TTL = 30.0
+DEFAULT_KILL_AFTER = 10.0
+
+
+def name_and_command(func: F) -> F:
+    """NAME and the command after it (parsed by ``NameThenCommand``)."""
+    func = click.argument(
+        "command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD [ARGS]..."
+    )(func)
+    return click.argument("name", callback=_common.check_name)(func)
+
+
+def ttl_option(text: str) -> Callable[[F], F]:
+    return click.option(
+        "--ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        show_default=True,
+        metavar="S",
+        callback=_common.check_ttl,
+        help=text,
+    )
+
+
+def kill_after_option(lost: str) -> Callable[[F], F]:
+    """``--kill-after``; ``lost`` names the event, e.g. "the lease is lost"."""
+    return click.option(
+        "--kill-after",
+        type=float,
+        default=DEFAULT_KILL_AFTER,
+        show_default=True,
+        metavar="S",
+        callback=_common.check_seconds,
+        help=f"When {lost}: seconds between SIGTERM and SIGKILL to the command's process group.",
+    )
+
+
+def exit_code_option(flag: str, *short: str, default: int, when: str) -> Callable[[F], F]:
+    """An option that changes the exit code leasehold uses ``when`` something happens."""
+    return click.option(
+        flag,
+        *short,
+        type=int,
+        default=default,
+        show_default=True,
+        metavar="N",
+        callback=_common.check_exit_code,
+        help=f"Exit code when {when}.",
+    )
 
 
 STATUS_REFRESH = 0.2  # seconds between redraws of the waiting line

@@ -24,8 +24,16 @@ from leasehold.cli._common import (
     open_client,
     say,
 )
-from leasehold.cli._held import HeldCommand, NameThenCommand, WaitingLine, command_to_run
-from leasehold.cli.run import DEFAULT_KILL_AFTER, DEFAULT_TTL
+from leasehold.cli._held import (
+    HeldCommand,
+    NameThenCommand,
+    WaitingLine,
+    command_to_run,
+    exit_code_option,
+    kill_after_option,
+    name_and_command,
+    ttl_option,
+)
 
 check_identity = checked(lambda value: validate.name(value, what="identity"))
 
@@ -46,8 +54,7 @@ EPILOG = _common.exit_codes_epilog(
     short_help="Run a command only while leading an election.",
     context_settings=_common.CONTEXT_SETTINGS,
 )
-@click.argument("name", callback=_common.check_name)
-@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD [ARGS]...")
+@name_and_command
 @click.option(
     "--identity",
     "-i",
@@ -57,34 +64,15 @@ EPILOG = _common.exit_codes_epilog(
     help="How this candidate is known while it leads (leasehold ls, LEASEHOLD_IDENTITY). "
     "Default: host:pid:random, unique per process.",
 )
-@click.option(
-    "--ttl",
-    type=float,
-    default=DEFAULT_TTL,
-    show_default=True,
-    metavar="S",
-    callback=_common.check_ttl,
-    help="Leadership time-to-live in seconds. Renewed every TTL/3 while the command runs; "
-    "if leasehold dies, another candidate takes over after at most TTL.",
+@ttl_option(
+    "Leadership time-to-live in seconds. Renewed every TTL/3 while the command runs; "
+    "if leasehold dies, another candidate takes over after at most TTL."
 )
-@click.option(
-    "--kill-after",
-    type=float,
-    default=DEFAULT_KILL_AFTER,
-    show_default=True,
-    metavar="S",
-    callback=_common.check_seconds,
-    help="When leadership is lost: seconds between SIGTERM and SIGKILL to the command's "
-    "process group.",
-)
-@click.option(
+@kill_after_option("leadership is lost")
+@exit_code_option(
     "--lost-exit-code",
-    type=int,
     default=EXIT_LOST,
-    show_default=True,
-    metavar="N",
-    callback=_common.check_exit_code,
-    help="Exit code when leadership was lost and the command stopped.",
+    when="leadership was lost and the command stopped",
 )
 @click.option(
     "--verbose",

@@ -28,11 +28,16 @@ from leasehold.cli._common import (
     open_client,
     say,
 )
-from leasehold.cli._held import HeldCommand, NameThenCommand, WaitingLine, command_to_run
-
-DEFAULT_TTL = 30.0
-DEFAULT_KILL_AFTER = 10.0
-
+from leasehold.cli._held import (
+    HeldCommand,
+    NameThenCommand,
+    WaitingLine,
+    command_to_run,
+    exit_code_option,
+    kill_after_option,
+    name_and_command,
+    ttl_option,
+)
 
 check_limit = checked(validate.limit)
 
@@ -55,17 +60,10 @@ EPILOG = _common.exit_codes_epilog(
     short_help="Run a command while holding a lease.",
     context_settings=_common.CONTEXT_SETTINGS,
 )
-@click.argument("name", callback=_common.check_name)
-@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD [ARGS]...")
-@click.option(
-    "--ttl",
-    type=float,
-    default=DEFAULT_TTL,
-    show_default=True,
-    metavar="S",
-    callback=_common.check_ttl,
-    help="Lease time-to-live in seconds. Renewed every TTL/3 while the command runs; "
-    "if leasehold dies, others can take over after at most TTL.",
+@name_and_command
+@ttl_option(
+    "Lease time-to-live in seconds. Renewed every TTL/3 while the command runs; "
+    "if leasehold dies, others can take over after at most TTL."
 )
 @click.option(
     "--wait",
@@ -91,43 +89,15 @@ EPILOG = _common.exit_codes_epilog(
     callback=check_limit,
     help="Let up to N holders run at once (a semaphore). Use the same N everywhere.",
 )
-@click.option(
-    "--kill-after",
-    type=float,
-    default=DEFAULT_KILL_AFTER,
-    show_default=True,
-    metavar="S",
-    callback=_common.check_seconds,
-    help="When the lease is lost: seconds between SIGTERM and SIGKILL to the command's "
-    "process group.",
+@kill_after_option("the lease is lost")
+@exit_code_option(
+    "--conflict-exit-code", "-E", default=EXIT_BUSY, when="--no-wait finds the lease held"
 )
-@click.option(
-    "--conflict-exit-code",
-    "-E",
-    type=int,
-    default=EXIT_BUSY,
-    show_default=True,
-    metavar="N",
-    callback=_common.check_exit_code,
-    help="Exit code when --no-wait finds the lease held.",
-)
-@click.option(
-    "--timeout-exit-code",
-    type=int,
-    default=EXIT_TIMEOUT,
-    show_default=True,
-    metavar="N",
-    callback=_common.check_exit_code,
-    help="Exit code when --wait runs out.",
-)
-@click.option(
+@exit_code_option("--timeout-exit-code", default=EXIT_TIMEOUT, when="--wait runs out")
+@exit_code_option(
     "--lost-exit-code",
-    type=int,
     default=EXIT_LOST,
-    show_default=True,
-    metavar="N",
-    callback=_common.check_exit_code,
-    help="Exit code when the lease was lost and the command stopped.",
+    when="the lease was lost and the command stopped",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Do not say who holds a busy lease.")
 @click.option("--verbose", "-v", is_flag=True, help="Say when the lease is acquired and released.")
