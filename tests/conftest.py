@@ -49,6 +49,19 @@ def redis_server() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """Three redis-server masters forming one cluster (tests/servers/redis_cluster.py)."""
+    if _server_module("redis").redis_server_binary() is None:
+        unavailable("redis-server is not installed (apt-get install redis-server)")
+    cluster = _server_module("redis_cluster").RedisClusterServers(3)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
     module = _server_module("postgres")
     if module.postgres_bindir() is None:
@@ -86,6 +99,11 @@ def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         return BackendHarness(
             name="redis", url=server.url, clock=None, fresh_url=lambda: server.url
         )
+    if backend == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        return BackendHarness(
+            name="redis-cluster", url=cluster.url, clock=None, fresh_url=lambda: cluster.url
+        )
     if backend == "postgres":
         server = request.getfixturevalue("postgres_server")
         return BackendHarness(
@@ -94,7 +112,7 @@ def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
     raise AssertionError(backend)
 
 
-def _harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+def param_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
     harness = make_harness(request.param, request, tmp_path)
     try:
         yield harness
@@ -105,23 +123,23 @@ def _harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend
 @pytest.fixture(params=BACKENDS)
 def lh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
     """Every backend: the conformance suite and every primitive's tests."""
-    yield from _harness(request, tmp_path)
+    yield from param_harness(request, tmp_path)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
 def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
     """Backends whose store clock a FakeClock can drive."""
-    yield from _harness(request, tmp_path)
+    yield from param_harness(request, tmp_path)
 
 
 @pytest.fixture(params=["redis", "postgres"])
 def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
-    yield from _harness(request, tmp_path)
+    yield from param_harness(request, tmp_path)
 
 
 @pytest.fixture(params=["sqlite", "redis", "postgres"])
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A store URL several processes can share, on the real clock (memory:// is one
     process only, so it is not a parameter here rather than a skip)."""
-    for harness in _harness(request, tmp_path):
+    for harness in param_harness(request, tmp_path):
         yield harness.fresh_url()

@@ -16,15 +16,17 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 import leasehold
 from leasehold._core.clock import SYSTEM_CLOCK
+from leasehold._core.records import RenewItem
 from leasehold._core.url import parse
 from leasehold._sync.backends import open_store
+from leasehold._sync.store import Store
 from leasehold.testing import BackendHarness, CountingStore, FaultyStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,3 +374,35 @@ def test_ten_thousand_leases_cost_one_renewal_call_per_interval(
     assert all(n == 10_000 for n in store.renew_items), store.renew_items
     assert all(lease.held for lease in leases)
     client.close()
+
+
+class _PartlyAnswering(CountingStore):
+    """Answers None (unknown, as a Redis Cluster does for a node that is down) for
+    the renewal of every name in ``silent``."""
+
+    def __init__(self, inner: Store, silent: set[str]) -> None:
+        super().__init__(inner)
+        self.silent = silent
+
+    def renew(self, items: Sequence[RenewItem]) -> Sequence[bool | None]:
+        answers = list(super().renew([item for item in items if item.name not in self.silent]))
+        return [None if item.name in self.silent else answers.pop(0) for item in items]
+
+
+def test_an_unanswered_renewal_is_retried_and_costs_only_its_own_lease() -> None:
+    store = _PartlyAnswering(open_store(parse("memory://"), SYSTEM_CLOCK), {"silent"})
+    client = leasehold.Client(store=store)
+    try:
+        kept = client.lock("answered", ttl=1.0).acquire(timeout=5)
+        doomed = client.lock("silent", ttl=1.0).acquire(timeout=5)
+        time.sleep(0.55)  # a renewal round or two, each partly unanswered
+        assert doomed.held, "no answer is not a no: held until its safe deadline"
+        time.sleep(1.05)  # past the ttl
+        assert kept.held and not kept.lost
+        assert doomed.lost
+        stats = client.statistics()
+        assert stats.lost == 1 and stats.renewal_failures >= 2
+        # Unanswered items are retried sooner than the next regular round.
+        assert store.calls["renew"] >= 4, store.calls
+    finally:
+        client.close()

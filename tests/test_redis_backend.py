@@ -36,26 +36,21 @@ from leasehold._core.records import (
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument, StoreUnavailable
 from leasehold._sync.backends import redis as sync_redis
+from tests.conftest import unavailable
 from tests.servers.redis import RedisServer, make_tls_files, openssl_binary, redis_server_binary
 
 T = TypeVar("T")
 HOLDER = Holder(owner="tester:ünï", host="test-host", pid=4242)
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1":
-        pytest.fail(f"{reason} (LEASEHOLD_REQUIRE_SERVERS=1 forbids skipping)")
-    pytest.skip(reason)
-
-
 def need_redis() -> None:
     if redis_server_binary() is None:
-        _unavailable("redis-server is not installed (apt-get install redis-server)")
+        unavailable("redis-server is not installed (apt-get install redis-server)")
 
 
 def need_openssl() -> None:
     if openssl_binary() is None:
-        _unavailable("the openssl command line tool is needed to make test certificates")
+        unavailable("the openssl command line tool is needed to make test certificates")
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +189,7 @@ def test_construction_does_no_io() -> None:
     twin.close()
 
 
-def test_unreachable_server_is_store_unavailable() -> None:
+def test_unreachable_server_is_storeunavailable() -> None:
     url = "redis://user:hunter2@127.0.0.1:1/0?socket_connect_timeout=1"
     with pytest.raises(StoreUnavailable) as caught:
         with_store(url, lambda store: store.ping())
@@ -824,7 +819,7 @@ def test_grants_from_before_a_restart_cannot_renew(private: Callable[..., RedisS
     with_store(instance.url, scenario)
 
 
-def test_killed_server_is_store_unavailable(private: Callable[..., RedisServer]) -> None:
+def test_killed_server_is_storeunavailable(private: Callable[..., RedisServer]) -> None:
     instance = private()
     store = sync_store(instance.url)
     try:

@@ -89,6 +89,7 @@ class RedisServer:
         tls: bool = False,
         password: str | None = None,
         appendonly: bool = False,
+        cluster: bool = False,
         extra_config: Sequence[str] = (),
     ) -> None:
         binary = redis_server_binary()
@@ -98,9 +99,13 @@ class RedisServer:
         self.tls = tls
         self.password = password
         self.appendonly = appendonly
+        self.cluster = cluster
         self.extra_config = tuple(extra_config)
         self._dir: Path | None = None
         self._port: int | None = None
+        # The cluster bus port: picked like the client port, since the default
+        # (client port + 10000) may be taken or beyond 65535 for a random port.
+        self._bus_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._tls_files: TLSFiles | None = None
 
@@ -120,6 +125,12 @@ class RedisServer:
         if self._port is None:
             raise RuntimeError("the server has not been started")
         return self._port
+
+    @property
+    def bus_port(self) -> int:
+        if self._bus_port is None:
+            raise RuntimeError("not a cluster node, or not started")
+        return self._bus_port
 
     @property
     def tls_files(self) -> TLSFiles:
@@ -192,6 +203,12 @@ class RedisServer:
             args += ["--port", port]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.cluster:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self._bus_port),
+            ]  # fmt: skip
         for line in self.extra_config:
             key, _, value = line.partition(" ")
             args += [f"--{key}", *value.split()]
@@ -204,6 +221,8 @@ class RedisServer:
         for _attempt in range(1 if fixed_port else 5):
             if not fixed_port:
                 self._port = _free_port()
+                if self.cluster:
+                    self._bus_port = _free_port()
             self._process = subprocess.Popen(
                 self._command(),
                 stdin=subprocess.DEVNULL,

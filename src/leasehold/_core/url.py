@@ -16,6 +16,8 @@ SCHEMES = {
     "sqlite": "sqlite",
     "redis": "redis",
     "rediss": "redis",
+    "redis+cluster": "redis",
+    "rediss+cluster": "redis",
     "unix": "redis",
     "postgresql": "postgres",
     "postgres": "postgres",

@@ -206,16 +206,32 @@ class Keeper:
             retry = RETRY_BACKOFF.delay(self._failures - 1)
             soonest = min(lease.deadline for lease in pending) - clock.monotonic()
             return max(0.0, min(retry, soonest))
-        self._failures = 0
-        counters.add("renewed", len(items))
+        unanswered: list[Lease] = []
         for (lease, item), ok in zip(pairs, answers, strict=True):
-            if ok:
+            if ok is None:
+                unanswered.append(lease)
+            elif ok:
                 lease._renewed(sent, item.ttl)
             else:
                 lease._mark_lost(
                     "the store says it is no longer held (expired, broken or taken over)"
                 )
-        return 0.0
+        counters.add("renewed", len(items) - len(unanswered))
+        if not unanswered:
+            self._failures = 0
+            return 0.0
+        # Part of the store (a cluster node) did not answer: those leases are
+        # retried like a failed call, the others were renewed.
+        self._failures += 1
+        counters.add("renewal_failures")
+        logger.warning(
+            "renewing %d of %d lease(s) got no answer; retrying them until their safe deadlines",
+            len(unanswered),
+            len(items),
+        )
+        retry = RETRY_BACKOFF.delay(self._failures - 1)
+        soonest = min(lease.deadline for lease in unanswered) - clock.monotonic()
+        return max(0.0, min(retry, soonest))
 
 
 __all__ = ["Keeper"]

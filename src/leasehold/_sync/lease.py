@@ -163,6 +163,8 @@ class Lease:
                 self._mark_lost("the store was unreachable until the safe deadline")
                 raise LeaseLost(self._name, self._fence, "store unreachable") from None
             raise
+        if answers and answers[0] is None:  # not for one item (see AsyncStore.renew)
+            raise StoreUnavailable(f"renewing {self._name!r}: the store gave no answer")
         if not answers or not answers[0]:
             self._mark_lost("the store says it is no longer held (expired, broken or taken over)")
             self.check()

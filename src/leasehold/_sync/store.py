@@ -72,10 +72,16 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def renew(self, items: Sequence[RenewItem]) -> list[bool]:
+    def renew(self, items: Sequence[RenewItem]) -> Sequence[bool | None]:
         """For each item, atomically: if the token is a live holder of the name, set
         its expiry to now + ttl (replacing, not adding) and answer True; otherwise
-        False. One round trip for the whole batch; answers in item order."""
+        False. One round trip for the whole batch; answers in item order.
+
+        A store whose items live on several servers (a Redis Cluster) answers None
+        for the items of a server that could not be reached, so that one server's
+        failure does not cost the leases kept on the others; the caller retries
+        those items as it would after an error. A store raises ``StoreUnavailable``
+        when it could answer no item at all, so a single item is never None."""
 
     @abstractmethod
     def release(self, name: str, token: str) -> bool:

@@ -38,7 +38,7 @@ class CountingStore(Store):
         self._count("acquire")
         return self.inner.acquire(request)
 
-    def renew(self, items: Sequence[RenewItem]) -> list[bool]:
+    def renew(self, items: Sequence[RenewItem]) -> Sequence[bool | None]:
         self._count("renew")
         with self._guard:
             self.renew_items.append(len(items))

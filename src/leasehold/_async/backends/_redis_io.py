@@ -1,17 +1,27 @@
 """The async half of the Redis backend's tiny shim (its twin: _sync/backends/_redis_io.py).
 
-redis-py's asyncio client sends each command through ``asyncio.wait_for``. On
+Two things differ between redis-py's asyncio and sync clients and live here.
+
+Cancellation. redis-py's asyncio client sends each command through ``asyncio.wait_for``. On
 Python 3.11, ``wait_for`` returns the inner result when a cancellation arrives just
 as the inner operation completes, and the cancellation is lost: the command's
 caller carries on as if never cancelled (a cancelled lock acquire would keep
 waiting). The store counts the task's cancellation requests around each command
 and raises a swallowed one again. Threads cannot be cancelled, so the sync twin
 does nothing.
+
+Cluster clients. The asyncio ``RedisCluster`` takes no ``redis_connect_func`` and
+discovers the cluster on first use; the sync one takes the hook as an argument and
+discovers the cluster in its constructor (I/O).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio.cluster
 
 
 def cancellations() -> int:
@@ -25,3 +35,32 @@ def raise_if_cancelled_since(before: int) -> None:
     ``before`` and the cancellation never reached us."""
     if cancellations() > before:
         raise asyncio.CancelledError("cancelled during a Redis command")
+
+
+def cluster_client(kwargs: dict[str, Any], on_new_connection: Callable[[Any], None]) -> Any:
+    """A redis-py cluster client; ``on_new_connection(connection)`` runs after the
+    handshake of every connection it makes, to any node. No I/O."""
+    client = redis.asyncio.cluster.RedisCluster(**kwargs)
+
+    async def connected(connection: Any) -> None:
+        # A redis_connect_func replaces redis-py's handshake, so it makes it first.
+        await connection.on_connect()
+        on_new_connection(connection)
+
+    # The asyncio client builds each node's connections from these kwargs: the
+    # template for nodes it discovers, and a copy per startup node made in its
+    # constructor. redis-py installs its own connection hooks the same way.
+    client.nodes_manager.connection_kwargs["redis_connect_func"] = connected
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_kwargs["redis_connect_func"] = connected
+    return client
+
+
+async def cluster_ready(client: Any) -> None:
+    """Learn the cluster's nodes and slots if the client has not yet, or has
+    forgotten them after an error (redis-py rediscovers on the next command)."""
+    await client.initialize()
+
+
+async def close_cluster(client: Any) -> None:
+    await client.aclose()

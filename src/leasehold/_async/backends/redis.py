@@ -1,4 +1,5 @@
-"""``redis://``, ``rediss://`` (TLS) and ``unix://``: Redis 7.0+ through redis-py.
+"""``redis://``, ``rediss://`` (TLS), ``unix://`` and, for a Redis Cluster,
+``redis+cluster://`` and ``rediss+cluster://``: Redis 7.0+ through redis-py.
 
 Every store operation is one Lua script call: one round trip, atomic on the server,
 with expiry decided by the server's clock (``TIME`` inside the script). The scripts
@@ -15,7 +16,11 @@ Layout (see ``KeyLayout``; docs/backends.md (Redis) has the whole story):
   for blocking calls); a release hands its place to the first waiter in the same
   script and pushes to that waiter's list only.
 * The server's ``run_id`` (restart detection) is read once per connection, not per
-  script: see ``_server_run_id``.
+  script: see ``_stamp``. In a cluster, once per node: a grant is stamped with the
+  run_id of the node that owns its name's slot.
+* In a cluster, redis-py's cluster client routes each script by its keys and
+  follows MOVED and ASK. The two operations that span buckets are split per slot
+  and pipelined (one round trip per node): a renewal batch, and ``leases()``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import threading
 import time
 import urllib.parse
@@ -33,16 +39,23 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from hashlib import sha1
 from importlib import resources
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import redis.asyncio
 import redis.asyncio.connection
 import redis.asyncio.retry
 from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from leasehold._async._concurrency import sleep
-from leasehold._async.backends._redis_io import cancellations, raise_if_cancelled_since
+from leasehold._async.backends._redis_io import (
+    cancellations,
+    close_cluster,
+    cluster_client,
+    cluster_ready,
+    raise_if_cancelled_since,
+)
 from leasehold._async.backends._redis_pubsub import PubSubListener
 from leasehold._async.store import (
     AsyncStore,
@@ -97,6 +110,14 @@ MIN_REDIS_VERSION: Final = (7, 0)
 # listener that could not subscribe is tried again after _ANNOUNCE_RETRY.
 _ANNOUNCE_HEALTH_CHECK: Final = 15
 _ANNOUNCE_RETRY: Final = 5.0
+# In a cluster, a command finding every connection to its node busy polls for a free
+# one this often, for up to socket_timeout (redis-py's cluster client fails at once
+# where the standalone store's pool waits).
+_POOL_POLL: Final = 0.005
+
+# Errors of redis-py, of its cluster client (some of which are no RedisError) and of
+# sockets: each becomes StoreUnavailable in _translated.
+_DRIVER_ERRORS: Final = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
 
 
 # --------------------------------------------------------------------------- URL
@@ -104,7 +125,8 @@ _ANNOUNCE_RETRY: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class RedisOptions:
-    """Everything a ``redis://``, ``rediss://`` or ``unix://`` URL says, validated."""
+    """Everything a ``redis[s]://``, ``redis[s]+cluster://`` or ``unix://`` URL says,
+    validated."""
 
     tls: bool
     host: str
@@ -124,15 +146,23 @@ class RedisOptions:
     ssl_keyfile: str | None = None
     ssl_cert_reqs: str = "required"
     ssl_check_hostname: bool = True
+    # host:port is then a seed node: any node of the cluster will do.
+    cluster: bool = False
 
     def __repr__(self) -> str:
         # The password never reaches a repr.
         where = self.unix_path or f"{self.host}:{self.port}"
-        return f"RedisOptions({where!r}, db={self.db}, prefix={self.prefix!r}, tls={self.tls})"
+        mode = ", cluster=True" if self.cluster else ""
+        return (
+            f"RedisOptions({where!r}, db={self.db}, prefix={self.prefix!r}, tls={self.tls}{mode})"
+        )
 
 
 _OPTIONS: Final = {
-    "db": "database number (unix:// URLs; redis:// URLs may also use the path /N)",
+    "db": (
+        "database number (unix:// URLs; redis:// URLs may also use the path /N; "
+        "a cluster has only database 0)"
+    ),
     "prefix": f"key prefix, default {DEFAULT_PREFIX!r}",
     "socket_timeout": f"seconds to wait for a reply, default {DEFAULT_SOCKET_TIMEOUT:g}",
     "socket_connect_timeout": f"seconds to connect, default {DEFAULT_CONNECT_TIMEOUT:g}",
@@ -208,9 +238,10 @@ def parse_options(url: StoreURL) -> RedisOptions:
         if key in query:
             raise _bad(url, f"option {key!r} is given twice")
         query[key] = value
-    tls = url.scheme == "rediss"
+    cluster = url.scheme.endswith("+cluster")
+    tls = url.scheme in ("rediss", "rediss+cluster")
     if not tls and any(key.startswith("ssl_") for key in query):
-        raise _bad(url, "ssl_* options need a rediss:// URL")
+        raise _bad(url, "ssl_* options need a rediss:// or rediss+cluster:// URL")
 
     username = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password else None
@@ -243,6 +274,8 @@ def parse_options(url: StoreURL) -> RedisOptions:
         if db is not None and db != from_query:
             raise _bad(url, f"database {db} in the path but db={from_query} in the query")
         db = from_query
+    if cluster and db:
+        raise _bad(url, f"a Redis Cluster has only database 0, got {db}")
 
     cert_reqs = query.get("ssl_cert_reqs", "required").lower()
     if cert_reqs not in ("none", "optional", "required"):
@@ -292,6 +325,7 @@ def parse_options(url: StoreURL) -> RedisOptions:
         ssl_keyfile=query.get("ssl_keyfile") or None,
         ssl_cert_reqs=cert_reqs,
         ssl_check_hostname=check_hostname,
+        cluster=cluster,
     )
 
 
@@ -426,7 +460,41 @@ class _Connections:
     pid: int
     commands: _Commands
     blocking: _Commands
-    pools: tuple[_Pool, _Pool]
+    # Standalone: the two connection pools. Cluster: no pools of ours; ``cluster``
+    # is the commands client (slots, nodes), ``clusters`` both clients, to close.
+    pools: tuple[_Pool, ...] = ()
+    cluster: Any = None
+    clusters: tuple[Any, ...] = ()
+
+
+class _Stamp(NamedTuple):
+    """Where a run_id was read (a node's "host:port"; "" standalone), the run_id,
+    and the generation of that node's cache entry when it was read."""
+
+    where: str
+    run_id: str
+    generation: int
+
+
+@cache
+def _bucket_slot(bucket: int) -> int:
+    # The bucket number is the hash tag of every key of the bucket (see KeyLayout).
+    return key_slot(str(bucket).encode())
+
+
+def _node_name(connection: Any) -> str:
+    # redis-py's name of a cluster node ("host:port"), from one of its connections.
+    return f"{connection.host}:{connection.port}"
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """Whether redis-py refused to open another connection (nothing was sent).
+    redis-py 6+ raises MaxConnectionsError (without a message from the asyncio
+    cluster client), older versions a ConnectionError saying so."""
+    exhausted = getattr(redis_errors, "MaxConnectionsError", None)
+    return (exhausted is not None and isinstance(exc, exhausted)) or (
+        "Too many connections" in str(exc)
+    )
 
 
 def _us(seconds: float) -> int:
@@ -490,21 +558,27 @@ class AsyncRedisStore(AsyncStore):
         self.url = url
         self.options = options
         self.keys = KeyLayout(options.prefix)
-        self._indexes = self.keys.indexes()
+        # The KEYS of each leases.lua call: every bucket's index in one call
+        # standalone; one call per slot in a cluster (slot order, buckets ascending).
+        self._index_groups = self._group_indexes()
         self._guard = threading.Lock()
         self._connections: _Connections | None = None
         # Connections inherited over fork(): never used or closed in the child (their
         # sockets belong to the parent), only kept from the garbage collector.
         self._inherited: list[_Connections] = []
         self._closed = False
-        self._server_facts: dict[str, Any] = {}
+        # INFO of each server ("" standalone; each primary's "host:port" in a cluster).
+        self._server_facts: dict[str, dict[str, Any]] = {}
         # wait() blocks in slices of this, so a silent server is noticed.
         self._block_slice = options.socket_timeout
-        # The server's run_id as read by INFO on one of our connections; None when
-        # unknown. Every new connection (a restart or failover breaks them all)
-        # forgets it and bumps the generation (see _server_run_id).
-        self._run_id: str | None = None
-        self._generation = 0
+        # Each server's run_id as read by INFO on one of our connections, by where
+        # it was read (see _Stamp). Every new connection to a server (a restart or
+        # failover breaks them all) forgets that server's entry and bumps its
+        # generation (see _stamp). A lock of its own: the sync cluster client makes
+        # connections while _guard is held (its constructor discovers the cluster).
+        self._run_ids: dict[str, str] = {}
+        self._generations: dict[str, int] = {}
+        self._run_id_guard = threading.Lock()
         # Announcements: PUBLISH on one channel per prefix and database, the topic as
         # the message; subscribers share one SUBSCRIBEd connection per store.
         self.announce_channel = f"{options.prefix}announce:{options.db}"
@@ -512,6 +586,15 @@ class AsyncRedisStore(AsyncStore):
         self._announcements = ListenerSlot(
             self._announce_listener, retry=_ANNOUNCE_RETRY, what=repr(self)
         )
+
+    def _group_indexes(self) -> list[list[str]]:
+        indexes = self.keys.indexes()
+        if not self.options.cluster:
+            return [indexes]
+        by_slot: dict[int, list[str]] = {}
+        for bucket, index in enumerate(indexes):
+            by_slot.setdefault(_bucket_slot(bucket), []).append(index)
+        return [by_slot[slot] for slot in sorted(by_slot)]
 
     # -- connections ---------------------------------------------------------
 
@@ -539,6 +622,9 @@ class AsyncRedisStore(AsyncStore):
             # write), and a timed-out one must not spend the caller's safe deadline
             # twice; callers retry what is safe to retry. Pooled sockets that died
             # with a server restart are noticed and replaced when checked out.
+            # (For a cluster client this is its retry of whole commands after a
+            # connection error; MOVED, ASK and TRYAGAIN are still followed, as the
+            # command did not run.)
             "retry": redis.asyncio.retry.Retry(NoBackoff(), 0),
             # Replaces redis-py's handshake (which it calls) to notice new connections.
             "redis_connect_func": self._on_connect,
@@ -561,8 +647,25 @@ class AsyncRedisStore(AsyncStore):
             kwargs["connection_class"] = redis.asyncio.connection.Connection
         return kwargs
 
+    def _cluster_kwargs(self, socket_timeout: float, max_connections: int) -> dict[str, Any]:
+        """redis-py ``RedisCluster`` arguments: the same connections, to any node."""
+        kwargs = self._connection_kwargs(socket_timeout)
+        # The cluster client picks the connection class (ssl=) and has only
+        # database 0; cluster_client installs the connect hook.
+        for key in ("db", "connection_class", "redis_connect_func"):
+            del kwargs[key]
+        kwargs["ssl"] = self.options.tls
+        # Per node.
+        kwargs["max_connections"] = max_connections
+        # Names on the nodes that are up keep working while another node's slots
+        # have no master (the servers decide whether to serve meanwhile:
+        # cluster-require-full-coverage).
+        kwargs["require_full_coverage"] = False
+        return kwargs
+
     def _connect(self) -> _Connections:
-        """The connections of this process, created on first use (no I/O here)."""
+        """The connections of this process, created on first use (no I/O here,
+        except that redis-py's sync cluster client discovers the cluster when built)."""
         if self._closed:
             raise StoreUnavailable(f"redis store {self.url.redacted}: the store is closed")
         with self._guard:
@@ -572,59 +675,121 @@ class AsyncRedisStore(AsyncStore):
                 return current
             if current is not None:
                 self._inherited.append(current)
-            # Commands wait for a free connection (up to socket_timeout) instead of
-            # failing when all are busy.
-            # (Any: redis-py leaves the sync BlockingConnectionPool unannotated.)
-            blocking_pool_class: Any = redis.asyncio.BlockingConnectionPool
-            command_pool = blocking_pool_class(
-                max_connections=self.options.max_connections,
-                timeout=self.options.socket_timeout,
-                **self._connection_kwargs(self.options.socket_timeout),
-            )
-            # BLPOP holds its connection for the whole wait, so waiters get their own
-            # pool and never starve commands (renewals above all). Its read timeout
-            # covers one blocking slice plus the usual reply time.
-            blocking_pool = redis.asyncio.ConnectionPool(
-                max_connections=self.options.max_blocking_connections,
-                **self._connection_kwargs(self._block_slice + self.options.socket_timeout),
-            )
-            current = _Connections(
-                pid=pid,
-                commands=redis.asyncio.Redis(connection_pool=command_pool),
-                blocking=redis.asyncio.Redis(connection_pool=blocking_pool),
-                pools=(command_pool, blocking_pool),
-            )
+                self._connections = None
+            if self.options.cluster:
+                current = self._new_cluster_connections(pid)
+            else:
+                current = self._new_connections(pid)
             self._connections = current
             return current
 
+    def _new_connections(self, pid: int) -> _Connections:
+        # Commands wait for a free connection (up to socket_timeout) instead of
+        # failing when all are busy.
+        # (Any: redis-py leaves the sync BlockingConnectionPool unannotated.)
+        blocking_pool_class: Any = redis.asyncio.BlockingConnectionPool
+        command_pool = blocking_pool_class(
+            max_connections=self.options.max_connections,
+            timeout=self.options.socket_timeout,
+            **self._connection_kwargs(self.options.socket_timeout),
+        )
+        # BLPOP holds its connection for the whole wait, so waiters get their own
+        # pool and never starve commands (renewals above all). Its read timeout
+        # covers one blocking slice plus the usual reply time.
+        blocking_pool = redis.asyncio.ConnectionPool(
+            max_connections=self.options.max_blocking_connections,
+            **self._connection_kwargs(self._block_slice + self.options.socket_timeout),
+        )
+        return _Connections(
+            pid=pid,
+            commands=redis.asyncio.Redis(connection_pool=command_pool),
+            blocking=redis.asyncio.Redis(connection_pool=blocking_pool),
+            pools=(command_pool, blocking_pool),
+        )
+
+    def _new_cluster_connections(self, pid: int) -> _Connections:
+        # As standalone: waiters (BLPOP) get clients of their own, here a second
+        # cluster client with its own connections to each node.
+        with self._translated("connect"):
+            commands = cluster_client(
+                self._cluster_kwargs(self.options.socket_timeout, self.options.max_connections),
+                self._on_cluster_connect,
+            )
+            blocking = cluster_client(
+                self._cluster_kwargs(
+                    self._block_slice + self.options.socket_timeout,
+                    self.options.max_blocking_connections,
+                ),
+                self._on_cluster_connect,
+            )
+        return _Connections(
+            pid=pid,
+            commands=commands,
+            blocking=blocking,
+            cluster=commands,
+            clusters=(commands, blocking),
+        )
+
     async def _on_connect(self, connection: Any) -> None:
         await connection.on_connect()
-        self._forget_run_id()
+        self._forget_run_id("")
 
-    def _forget_run_id(self) -> None:
-        with self._guard:
-            self._run_id = None
-            self._generation += 1
+    def _on_cluster_connect(self, connection: Any) -> None:
+        self._forget_run_id(_node_name(connection))
 
-    async def _server_run_id(self, client: _Commands) -> str:
-        """The server's run_id, read with ``INFO server`` once and cached.
+    def _forget_run_id(self, where: str) -> None:
+        with self._run_id_guard:
+            self._run_ids.pop(where, None)
+            self._generations[where] = self._generations.get(where, 0) + 1
+
+    async def _owner(self, connections: _Connections, key: str) -> tuple[str, dict[str, Any]]:
+        """Where ``key`` lives: ("", {}) standalone; in a cluster, the name of the
+        primary that owns its slot and the ``target_nodes`` argument that reaches it."""
+        cluster = connections.cluster
+        if cluster is None:
+            return "", {}
+        await cluster_ready(cluster)
+        node = cluster.get_node_from_key(key)
+        return str(node.name), {"target_nodes": node}
+
+    def _still_owner(self, connections: _Connections, key: str, where: str) -> bool:
+        """Whether ``where`` (see _owner) still owns ``key``, as far as the client
+        knows: a MOVED during a call updates what it knows."""
+        cluster = connections.cluster
+        if cluster is None:
+            return True
+        try:
+            return bool(cluster.get_node_from_key(key).name == where)
+        except redis_errors.RedisClusterException:
+            return False  # the client forgot the slots after an error
+
+    async def _stamp(self, connections: _Connections, key: str) -> _Stamp:
+        """The run_id of the server that owns ``key``, read with ``INFO server``
+        once per server and cached.
 
         Grants are stamped with it so that renew.lua can tell a grant of an earlier
         server process (restart, failover). Reading it inside every acquire script
-        cost ~18 µs of server time per grant; now acquire passes it in ARGV. The
-        cache is forgotten whenever any connection is (re)established — a restart
-        or failover breaks every connection, so a new server is always met on a new
-        connection — and on NOSCRIPT. Soundness does not rest on the cache: renew.lua
-        still compares each stamp with INFO's run_id (once per script, not per
-        grant), so a stale stamp can only make a renewal fail (the holder is told
-        its lease is lost), never let a grant from before a restart renew. And
-        acquire re-stamps a grant when a connection was made during its call (see
-        ``acquire``), so even that false alarm needs a proxy that hides restarts.
+        cost ~18 µs of server time per grant; now acquire passes it in ARGV. In a
+        cluster each node has its own run_id and renew.lua compares a grant's stamp
+        with the run_id of the node it runs on, so the stamp must come from the
+        node that owns the name's slot: the cache is per node, and a name whose slot
+        moves (MOVED: failover, resharding) is looked up on its new owner. An entry
+        is forgotten whenever a connection to its server is (re)established — a
+        restart or failover breaks every connection, so a new server is always met
+        on a new connection — and on NOSCRIPT. Soundness does not rest on the
+        cache: renew.lua still compares each stamp with INFO's run_id (once per
+        script, not per grant), so a stale stamp can only make a renewal fail (the
+        holder is told its lease is lost), never let a grant from before a restart
+        renew. And acquire re-stamps a grant when a connection to its server was
+        made, or its slot moved, during its call (see ``acquire``), so even that
+        false alarm needs a proxy that hides restarts.
         """
-        cached = self._run_id
-        if cached is not None:
-            return cached
-        info = await self._execute(client, "INFO", "server")
+        where, target = await self._owner(connections, key)
+        with self._run_id_guard:
+            cached = self._run_ids.get(where)
+            if cached is not None:
+                return _Stamp(where, cached, self._generations.get(where, 0))
+        info = await self._execute(connections.commands, "INFO", "server", **target)
         if not isinstance(info, dict) or "run_id" not in info:
             raise self._malformed("INFO server", info)
         raw = info["run_id"]
@@ -637,9 +802,16 @@ class AsyncRedisStore(AsyncStore):
                 f"redis store {self.url.redacted}: Redis {version} is too old: "
                 "leasehold needs 7.0 or newer"
             )
-        with self._guard:
-            self._run_id = run_id
-        return run_id
+        with self._run_id_guard:
+            self._run_ids[where] = run_id
+            # Read after INFO: the connection INFO may have made does not count as
+            # one made during the caller's script.
+            return _Stamp(where, run_id, self._generations.get(where, 0))
+
+    def _stamp_is_current(self, connections: _Connections, key: str, stamp: _Stamp) -> bool:
+        with self._run_id_guard:
+            fresh = self._generations.get(stamp.where, 0) == stamp.generation
+        return fresh and self._still_owner(connections, key, stamp.where)
 
     # -- errors --------------------------------------------------------------
 
@@ -669,6 +841,16 @@ class AsyncRedisStore(AsyncStore):
             detail = f"Redis is out of memory (maxmemory): {detail}"
         elif isinstance(exc, redis_errors.BusyLoadingError):
             detail = f"Redis is still loading its data set: {detail}"
+        elif isinstance(exc, redis_errors.ClusterDownError | redis_errors.SlotNotCoveredError):
+            detail = f"the Redis Cluster is down or a slot has no master: {detail}"
+        elif "Cluster mode is not enabled" in detail:
+            # redis-py says so both for a standalone server and for an ACL user
+            # that may not read the slot map.
+            detail = (
+                "the seed node is not a cluster node (use redis:// for a standalone "
+                "server), or the Redis user lacks +cluster|slots and +command: "
+                f"{detail}"
+            )
         # Only the driver's text is scrubbed: the URL is redacted already, and a short
         # password would otherwise also be blotted out of the user name.
         return StoreUnavailable(
@@ -679,24 +861,57 @@ class AsyncRedisStore(AsyncStore):
     def _translated(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except (redis_errors.RedisError, OSError) as exc:
+        except _DRIVER_ERRORS as exc:
             # `from None`: the driver's exception may carry connection details; what
             # matters is already in the message.
             raise self._unavailable(doing, exc) from None
 
-    async def _execute(self, client: _Commands, *args: str | int | bytes) -> Any:
+    async def _execute(
+        self,
+        client: _Commands,
+        *args: str | int | bytes,
+        wait_for_connection: bool = True,
+        **options: Any,
+    ) -> Any:
+        """One command; ``options`` go to redis-py (``target_nodes`` in a cluster).
+        In a cluster, a command that finds every connection to its node busy waits
+        for one up to socket_timeout, as the standalone command pool does, unless
+        ``wait_for_connection`` is false."""
         before = cancellations()
-        reply = await client.execute_command(*args)
+        deadline: float | None = None
+        while True:
+            try:
+                reply = await client.execute_command(*args, **options)
+                break
+            except redis_errors.ConnectionError as exc:
+                deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
+                await sleep(_POOL_POLL)
         # A cancellation that arrived while redis-py was sending can be lost (see
         # _redis_io); raise it here so a cancelled caller never carries on.
         raise_if_cancelled_since(before)
         return reply
 
+    def _wait_for_connection(
+        self, exc: redis_errors.ConnectionError, deadline: float | None, wait: bool
+    ) -> float:
+        """The deadline for a cluster command to get a connection; raises ``exc``
+        unless it only said that none was free and there is time left."""
+        if not (wait and self.options.cluster and _pool_exhausted(exc)):
+            raise exc
+        now = time.monotonic()
+        if deadline is None:
+            return now + self.options.socket_timeout
+        if now >= deadline:
+            raise exc
+        return deadline
+
     # -- scripts -------------------------------------------------------------
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
+        """Run a script once (in a cluster, on the node that owns its keys' slot)."""
         script = _script(name)
-        client = self._connect().commands
+        connections = self._connect()
+        client = connections.commands
         with self._translated(name):
             try:
                 return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
@@ -704,9 +919,21 @@ class AsyncRedisStore(AsyncStore):
                 # A restart, a failover or SCRIPT FLUSH emptied the script cache. The
                 # script did not run, so loading it and running it again is safe. A
                 # restart may also mean another run_id.
-                self._forget_run_id()
-                await self._execute(client, "SCRIPT", "LOAD", script.source)
+                await self._load_script(connections, script, [keys[0]])
                 return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _load_script(
+        self, connections: _Connections, script: _Script, keys: Sequence[str]
+    ) -> None:
+        """After NOSCRIPT: load the script on the server(s) that own ``keys`` (one
+        key per call that met NOSCRIPT) and forget their run_ids."""
+        owners: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            where, target = await self._owner(connections, key)
+            owners[where] = target
+        for where, target in owners.items():
+            self._forget_run_id(where)
+            await self._execute(connections.commands, "SCRIPT", "LOAD", script.source, **target)
 
     def _malformed(self, what: str, reply: object) -> StoreUnavailable:
         return StoreUnavailable(
@@ -719,11 +946,10 @@ class AsyncRedisStore(AsyncStore):
         keys = self.keys.for_name(request.name)
         holder = _holder_json(request.holder)
         queue_ttl = "" if request.queue_ttl is None else _us(request.queue_ttl)
-        client = self._connect().commands
+        connections = self._connect()
         for attempt in range(3):
             with self._translated("acquire"):
-                run_id = await self._server_run_id(client)
-            generation = self._generation
+                stamp = await self._stamp(connections, keys.state)
             reply = await self._run(
                 "acquire",
                 keys.script_keys(),
@@ -735,14 +961,19 @@ class AsyncRedisStore(AsyncStore):
                     request.limit,
                     queue_ttl,
                     holder,
-                    run_id,
+                    stamp.run_id,
                 ],
             )
             granted = isinstance(reply, list) and bool(reply) and reply[0] == 1
-            # A connection made during the call may have met a restarted server, so
-            # the grant may carry the old run_id: acquire again (idempotent for a
-            # holder: same fence) to stamp the fresh one.
-            if not granted or generation == self._generation or attempt == 2:
+            # A connection made during the call may have met a restarted server, or
+            # (cluster) the name's slot may have moved to another node, so the grant
+            # may carry the wrong run_id: acquire again (idempotent for a holder:
+            # same fence) to stamp the right one.
+            if (
+                not granted
+                or attempt == 2
+                or self._stamp_is_current(connections, keys.state, stamp)
+            ):
                 break
         try:
             if reply[0] == 1:
@@ -755,17 +986,20 @@ class AsyncRedisStore(AsyncStore):
             position=None if position < 0 else position,
         )
 
-    async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
+    async def renew(self, items: Sequence[RenewItem]) -> list[bool | None]:
         if not items:
             return []
         # Scripts of at most RENEW_CHUNK items, so that no one script blocks Redis
-        # for long; all of them in one pipelined round trip. Each item is renewed
-        # atomically on its own, which is all the contract asks.
+        # for long; all of them in one pipelined round trip (in a cluster, one per
+        # node, all nodes at once). Each item is renewed atomically on its own,
+        # which is all the contract asks.
+        batches = self._renew_batches(items)
         calls: list[tuple[list[str], list[str | int]]] = []
-        for start in range(0, len(items), RENEW_CHUNK):
+        for positions in batches:
             keys: list[str] = []
             args: list[str | int] = []
-            for item in items[start : start + RENEW_CHUNK]:
+            for position in positions:
+                item = items[position]
                 name_keys = self.keys.for_name(item.name)
                 keys += (name_keys.state, name_keys.index)
                 args += (item.name, item.token, _us(item.ttl))
@@ -773,29 +1007,64 @@ class AsyncRedisStore(AsyncStore):
         if len(calls) == 1:
             replies = [await self._run("renew", *calls[0])]
         else:
-            replies = await self._run_many("renew", calls)
-        answers: list[bool] = []
-        for reply, (keys, _args) in zip(replies, calls, strict=True):
-            if not isinstance(reply, list) or len(reply) * 2 != len(keys):
+            # In a cluster, a node that does not answer leaves its items unanswered
+            # (None) rather than failing the whole batch: the keeper retries them,
+            # and the leases kept on the other nodes are renewed meanwhile.
+            replies = await self._run_many("renew", calls, partial=self.options.cluster)
+        answers: list[bool | None] = [None] * len(items)
+        for reply, positions in zip(replies, batches, strict=True):
+            if reply is None:
+                continue
+            if not isinstance(reply, list) or len(reply) != len(positions):
                 raise self._malformed("renew", reply)
-            answers += [answer == 1 for answer in reply]
+            for position, answer in zip(positions, reply, strict=True):
+                answers[position] = answer == 1
         return answers
 
+    def _renew_batches(self, items: Sequence[RenewItem]) -> list[list[int]]:
+        """The items of each renew.lua call, as positions in ``items``: chunks of
+        RENEW_CHUNK in order; in a cluster, where a script's keys must share one
+        slot, chunks of the items of each slot."""
+        if self.options.cluster:
+            by_slot: dict[int, list[int]] = {}
+            for position, item in enumerate(items):
+                slot = _bucket_slot(KeyLayout.bucket(item.name))
+                by_slot.setdefault(slot, []).append(position)
+            groups = list(by_slot.values())
+        else:
+            groups = [list(range(len(items)))]
+        return [
+            group[start : start + RENEW_CHUNK]
+            for group in groups
+            for start in range(0, len(group), RENEW_CHUNK)
+        ]
+
     async def _run_many(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]
+        self,
+        name: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[str | int]]],
+        *,
+        partial: bool = False,
     ) -> list[Any]:
-        """Run one script once per (keys, args) in one pipelined round trip."""
+        """Run one script once per (keys, args) in one pipelined round trip (in a
+        cluster, redis-py's pipeline sends each node its calls, all nodes at once).
+        ``partial``: if that fails, run each node's calls on their own, and answer
+        None for the calls of a node that fails too (unless every node failed)."""
         script = _script(name)
-        client = self._connect().commands
+        connections = self._connect()
         with self._translated(name):
-            replies = await self._pipelined(client, script, calls)
+            try:
+                replies = await self._pipelined(connections, script, calls)
+            except _DRIVER_ERRORS:
+                if not partial:
+                    raise
+                replies = await self._pipelined_per_node(connections, script, calls)
             noscript = redis_errors.NoScriptError
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, noscript)]
             if missing:
                 # As in _run: the calls that met NOSCRIPT did not run, so run them again.
-                self._forget_run_id()
-                await self._execute(client, "SCRIPT", "LOAD", script.source)
-                again = await self._pipelined(client, script, [calls[i] for i in missing])
+                await self._load_script(connections, script, [calls[i][0][0] for i in missing])
+                again = await self._pipelined(connections, script, [calls[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
             for reply in replies:
@@ -803,38 +1072,86 @@ class AsyncRedisStore(AsyncStore):
                     raise reply
         return replies
 
-    async def _pipelined(
+    async def _pipelined_per_node(
         self,
-        client: _Commands,
+        connections: _Connections,
         script: _Script,
         calls: Sequence[tuple[Sequence[str], Sequence[str | int]]],
     ) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        """``calls`` as one pipeline per node, one node after another: the replies,
+        with None for the calls of a node that failed. Raises if every node failed.
+        (redis-py fails a cluster pipeline as a whole when one node cannot be
+        reached.) A node that refuses connections costs nothing; one that does not
+        answer at all costs its socket_connect_timeout once per renewal round."""
+        by_node: dict[str, list[int]] = {}
+        for index, (keys, _args) in enumerate(calls):
+            where, _target = await self._owner(connections, keys[0])
+            by_node.setdefault(where, []).append(index)
+        replies: list[Any] = [None] * len(calls)
+        failure: BaseException | None = None
+        for indices in by_node.values():
+            try:
+                part = await self._pipelined(
+                    connections, script, [calls[index] for index in indices]
+                )
+            except _DRIVER_ERRORS as exc:
+                failure = exc
+                continue
+            for index, reply in zip(indices, part, strict=True):
+                replies[index] = reply
+        if failure is not None and all(reply is None for reply in replies):
+            raise failure
+        return replies
+
+    async def _pipelined(
+        self,
+        connections: _Connections,
+        script: _Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[str | int]]],
+    ) -> list[Any]:
+        client = connections.commands
+        # In a cluster, each call names its node: redis-py's sync cluster pipeline
+        # would otherwise ask a default node for the keys of every EVALSHA (COMMAND
+        # GETKEYS, a round trip per call, failing whenever that node is down).
+        targets = [(await self._owner(connections, keys[0]))[1] for keys, _args in calls]
         before = cancellations()
-        replies = await pipe.execute(raise_on_error=False)
+        deadline: float | None = None
+        while True:
+            pipe = client.pipeline(transaction=False)
+            for (keys, args), target in zip(calls, targets, strict=True):
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, **target)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+                break
+            except redis_errors.ConnectionError as exc:
+                # Every connection to a node was busy. Repeating the whole pipeline
+                # is safe for the scripts pipelined (renewals, leases()), even if
+                # other nodes ran their part.
+                deadline = self._wait_for_connection(exc, deadline, True)
+                await sleep(_POOL_POLL)
         # As in _execute: a cancellation swallowed while sending is raised again.
         raise_if_cancelled_since(before)
         return list(replies)
 
     async def release(self, name: str, token: str) -> bool:
         keys = self.keys.for_name(name)
-        client = self._connect().commands
+        connections = self._connect()
         with self._translated("release"):
             # Stamped on the place handed to the next waiter (see hand_over).
-            run_id = await self._server_run_id(client)
+            stamp = await self._stamp(connections, keys.state)
         reply = await self._run(
-            "release", keys.script_keys(), [name, keys.signal_prefix, token, run_id]
+            "release", keys.script_keys(), [name, keys.signal_prefix, token, stamp.run_id]
         )
         return bool(reply == 1)
 
     async def break_lease(self, name: str) -> int:
         keys = self.keys.for_name(name)
-        client = self._connect().commands
+        connections = self._connect()
         with self._translated("break"):
-            run_id = await self._server_run_id(client)
-        reply = await self._run("break", keys.script_keys(), [name, keys.signal_prefix, run_id])
+            stamp = await self._stamp(connections, keys.state)
+        reply = await self._run(
+            "break", keys.script_keys(), [name, keys.signal_prefix, stamp.run_id]
+        )
         if not isinstance(reply, int):
             raise self._malformed("break", reply)
         return reply
@@ -853,15 +1170,23 @@ class AsyncRedisStore(AsyncStore):
         return sorted(infos, key=lambda info: info.fence)
 
     async def leases(self, prefix: str = "") -> list[HolderInfo]:
-        reply = await self._run("leases", self._indexes, [prefix])
-        try:
-            now = int(reply[0])
-            infos = [
-                _holder_info(reply[i], now, int(reply[i + 1]), reply[i + 2])
-                for i in range(1, len(reply), 3)
-            ]
-        except (TypeError, ValueError, IndexError):
-            raise self._malformed("leases", reply) from None
+        # Standalone: one script over every bucket, an atomic snapshot. Cluster: one
+        # script per slot, each a snapshot of its buckets on its node's clock.
+        groups = self._index_groups
+        if len(groups) == 1:
+            replies = [await self._run("leases", groups[0], [prefix])]
+        else:
+            replies = await self._run_many("leases", [(group, [prefix]) for group in groups])
+        infos: list[HolderInfo] = []
+        for reply in replies:
+            try:
+                now = int(reply[0])
+                infos += [
+                    _holder_info(reply[i], now, int(reply[i + 1]), reply[i + 2])
+                    for i in range(1, len(reply), 3)
+                ]
+            except (TypeError, ValueError, IndexError):
+                raise self._malformed("leases", reply) from None
         return sorted(infos, key=lambda info: (info.name, info.fence))
 
     async def wait(self, name: str, token: str, timeout: float) -> WaitResult:  # noqa: ASYNC109, RUF100
@@ -871,7 +1196,7 @@ class AsyncRedisStore(AsyncStore):
         deadline = time.monotonic() + max(0.0, timeout)
         try:
             return await self._wait(connections, signal, deadline)
-        except (redis_errors.RedisError, OSError):
+        except _DRIVER_ERRORS:
             # A wait is only the pause between two acquire attempts. If Redis fails
             # meanwhile, sleep out the pause like a store without notifications: the
             # next acquire reports the error, and a caller that retries acquire
@@ -895,11 +1220,11 @@ class AsyncRedisStore(AsyncStore):
                 continue
             blpop = ("BLPOP", signal, f"{block_for:.3f}")
             try:
-                popped = await self._execute(connections.blocking, *blpop)
+                popped = await self._execute(
+                    connections.blocking, *blpop, wait_for_connection=False
+                )
             except redis_errors.ConnectionError as exc:
-                # redis-py 6+ raises MaxConnectionsError here, older versions a plain
-                # ConnectionError with the same text.
-                if "Too many connections" not in str(exc):
+                if not _pool_exhausted(exc):
                     raise
                 # Every blocking connection is in use: poll rather than fail (the
                 # signal stays in its list, so it is only noticed later, not lost).
@@ -944,16 +1269,25 @@ class AsyncRedisStore(AsyncStore):
         return None if reply < 0 else reply
 
     async def ping(self) -> None:
-        client = self._connect().commands
+        connections = self._connect()
+        client = connections.commands
+        # A cluster is reachable when every primary answers (all at once).
+        target: dict[str, Any] = {}
+        if connections.cluster is not None:
+            target["target_nodes"] = connections.cluster.PRIMARIES
         with self._translated("ping"):
             if self._server_facts:
-                await self._execute(client, "PING")
+                await self._execute(client, "PING", **target)
                 return
             # The first ping reads INFO instead (still one round trip) so that
-            # warnings() can report the server's configuration without I/O.
-            info = await self._execute(client, "INFO")
+            # warnings() can report the servers' configuration without I/O.
+            info = await self._execute(client, "INFO", **target)
+        if connections.cluster is None:
+            info = {"": info}
         if isinstance(info, dict):
-            self._server_facts = dict(info)
+            self._server_facts = {
+                str(where): dict(facts) for where, facts in info.items() if isinstance(facts, dict)
+            }
 
     async def server_time(self) -> float | None:
         client = self._connect().commands
@@ -980,6 +1314,10 @@ class AsyncRedisStore(AsyncStore):
         kwargs = self._connection_kwargs(self.options.socket_timeout)
         # Not a command connection: no run_id bookkeeping on (re)connect.
         kwargs.pop("redis_connect_func", None)
+        if self.options.cluster:
+            # A cluster passes every PUBLISH to the subscribers on all its nodes, so
+            # one plain connection to any node hears every announcement.
+            kwargs["host"], kwargs["port"] = self._any_node()
         kwargs["health_check_interval"] = _ANNOUNCE_HEALTH_CHECK
         return PubSubListener(
             kwargs,
@@ -989,6 +1327,18 @@ class AsyncRedisStore(AsyncStore):
             unavailable=self._unavailable,
             confirm_timeout=self.options.socket_timeout,
         )
+
+    def _any_node(self) -> tuple[str, int]:
+        """A primary of the cluster: a random one of those the cluster client knows
+        (so a listener started again after its node failed likely meets another),
+        the seed node while it knows none."""
+        current = self._connections
+        if current is not None and current.pid == os.getpid() and current.cluster is not None:
+            primaries = current.cluster.get_primaries()
+            if primaries:
+                node = random.choice(primaries)
+                return str(node.host), int(node.port)
+        return self.options.host, self.options.port
 
     async def aclose(self) -> None:
         await self._announcements.aclose()
@@ -1000,6 +1350,9 @@ class AsyncRedisStore(AsyncStore):
         for pool in current.pools:
             with self._translated("close"):
                 await pool.disconnect()
+        for client in current.clusters:
+            with self._translated("close"):
+                await close_cluster(client)
 
     def warnings(self) -> list[str]:
         found: list[str] = []
@@ -1010,27 +1363,39 @@ class AsyncRedisStore(AsyncStore):
                 f"cannot SUBSCRIBE for announcements ({self._announcements.error}); "
                 "election observers poll"
             )
-        facts = self._server_facts
-        if not facts:
-            return found
-        policy = facts.get("maxmemory_policy")
-        if policy not in (None, "noeviction"):
-            found.append(
-                f"maxmemory-policy is {policy}: under memory pressure Redis may evict "
-                "lease keys and grant a held lease again; use noeviction"
-            )
-        if facts.get("aof_enabled") == 0:
-            found.append(
-                "persistence is off (appendonly no): a restart forgets every lease; "
-                "holders learn it at their next renewal and fences stay increasing"
-            )
-        if facts.get("role") == "slave":
-            found.append("connected to a replica: writes will fail")
-        version = str(facts.get("redis_version", ""))
-        numbers = [int(part) for part in version.split(".")[:2] if part.isdigit()]
-        if len(numbers) == 2 and tuple(numbers) < MIN_REDIS_VERSION:
-            found.append(f"Redis {version} is too old: leasehold needs 7.0 or newer")
+        # A cluster's servers each warn for themselves; one warning names them all.
+        servers: dict[str, list[str]] = {}
+        for where, facts in sorted(self._server_facts.items()):
+            for warning in _server_warnings(facts):
+                servers.setdefault(warning, []).append(where)
+        for warning, wheres in servers.items():
+            if self.options.cluster:
+                warning = f"{', '.join(wheres)}: {warning}"
+            found.append(warning)
         return found
+
+
+def _server_warnings(facts: dict[str, Any]) -> list[str]:
+    """What is risky in one server's INFO."""
+    found: list[str] = []
+    policy = facts.get("maxmemory_policy")
+    if policy not in (None, "noeviction"):
+        found.append(
+            f"maxmemory-policy is {policy}: under memory pressure Redis may evict "
+            "lease keys and grant a held lease again; use noeviction"
+        )
+    if facts.get("aof_enabled") == 0:
+        found.append(
+            "persistence is off (appendonly no): a restart forgets every lease; "
+            "holders learn it at their next renewal and fences stay increasing"
+        )
+    if facts.get("role") == "slave":
+        found.append("connected to a replica: writes will fail")
+    version = str(facts.get("redis_version", ""))
+    numbers = [int(part) for part in version.split(".")[:2] if part.isdigit()]
+    if len(numbers) == 2 and tuple(numbers) < MIN_REDIS_VERSION:
+        found.append(f"Redis {version} is too old: leasehold needs 7.0 or newer")
+    return found
 
 
 def from_url(url: StoreURL, clock: Clock) -> AsyncRedisStore:
