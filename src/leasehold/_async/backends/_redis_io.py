@@ -13,6 +13,12 @@ does nothing.
 Cluster clients. The asyncio ``RedisCluster`` takes no ``redis_connect_func`` and
 discovers the cluster on first use; the sync one takes the hook as an argument and
 discovers the cluster in its constructor (I/O).
+
+Packing commands. redis-py's sync connections pack a command with hiredis; its
+asyncio connections do it in Python, about 2 µs per argument, and every script
+call has 10 to 16 (measured: an EVALSHA of acquire.lua 37 µs slower than a PING on
+asyncio, 5 µs on sync). The connection classes here pack with redis-py's own hiredis
+serializer, the one its sync connections use: the same bytes on the wire.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio.cluster
+import redis.asyncio.connection
+import redis.connection
+from redis.utils import HIREDIS_AVAILABLE
 
 
 def cancellations() -> int:
@@ -64,3 +73,40 @@ async def cluster_ready(client: Any) -> None:
 
 async def close_cluster(client: Any) -> None:
     await client.aclose()
+
+
+# redis-py 5.0 and newer; without hiredis (or the class) the stock classes are used.
+_HIREDIS_SERIALIZER: Any = (
+    redis.connection.HiredisRespSerializer()
+    if HIREDIS_AVAILABLE and hasattr(redis.connection, "HiredisRespSerializer")
+    else None
+)
+
+
+class _HiredisPacking:
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed: list[bytes] = _HIREDIS_SERIALIZER.pack(*args)
+        return packed
+
+
+class _TCPConnection(_HiredisPacking, redis.asyncio.connection.Connection):
+    pass
+
+
+class _TLSConnection(_HiredisPacking, redis.asyncio.connection.SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPacking, redis.asyncio.connection.UnixDomainSocketConnection):
+    pass
+
+
+def connection_classes() -> tuple[type[Any], type[Any], type[Any]]:
+    """redis-py's connection classes for TCP, TLS and unix sockets."""
+    if _HIREDIS_SERIALIZER is None:
+        return (
+            redis.asyncio.connection.Connection,
+            redis.asyncio.connection.SSLConnection,
+            redis.asyncio.connection.UnixDomainSocketConnection,
+        )
+    return _TCPConnection, _TLSConnection, _UnixConnection

@@ -2,7 +2,8 @@
 
 Threads cannot be cancelled, so there is no swallowed cancellation to raise again.
 The sync ``RedisCluster`` runs a ``redis_connect_func`` after its own handshake, and
-discovers the cluster in its constructor.
+discovers the cluster in its constructor. redis-py's sync connections pack commands
+with hiredis already, so its own connection classes serve as they are.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.cluster
+import redis.connection
 
 
 def cancellations() -> int:
@@ -36,3 +38,12 @@ def cluster_ready(client: Any) -> None:
 
 def close_cluster(client: Any) -> None:
     client.close()
+
+
+def connection_classes() -> tuple[type[Any], type[Any], type[Any]]:
+    """redis-py's connection classes for TCP, TLS and unix sockets."""
+    return (
+        redis.connection.Connection,
+        redis.connection.SSLConnection,
+        redis.connection.UnixDomainSocketConnection,
+    )

@@ -56,6 +56,7 @@ from leasehold._sync.backends._redis_io import (
     close_cluster,
     cluster_client,
     cluster_ready,
+    connection_classes,
     raise_if_cancelled_since,
 )
 from leasehold._sync.backends._redis_pubsub import PubSubListener
@@ -116,6 +117,9 @@ _ANNOUNCE_RETRY: Final = 5.0
 # one this often, for up to socket_timeout (redis-py's cluster client fails at once
 # where the standalone store's pool waits).
 _POOL_POLL: Final = 0.005
+
+# For standalone servers (the cluster client picks its own): see _redis_io.
+_TCP_CONNECTION, _TLS_CONNECTION, _UNIX_CONNECTION = connection_classes()
 
 # Errors of redis-py, of its cluster client (some of which are no RedisError) and of
 # sockets: each becomes StoreUnavailable in _translated.
@@ -632,21 +636,21 @@ class RedisStore(Store):
             "redis_connect_func": self._on_connect,
         }
         if options.unix_path is not None:
-            kwargs["connection_class"] = redis.connection.UnixDomainSocketConnection
+            kwargs["connection_class"] = _UNIX_CONNECTION
             kwargs["path"] = options.unix_path
             return kwargs
         kwargs["host"] = options.host
         kwargs["port"] = options.port
         kwargs["socket_keepalive"] = True
         if options.tls:
-            kwargs["connection_class"] = redis.connection.SSLConnection
+            kwargs["connection_class"] = _TLS_CONNECTION
             kwargs["ssl_ca_certs"] = options.ssl_ca_certs
             kwargs["ssl_certfile"] = options.ssl_certfile
             kwargs["ssl_keyfile"] = options.ssl_keyfile
             kwargs["ssl_cert_reqs"] = options.ssl_cert_reqs
             kwargs["ssl_check_hostname"] = options.ssl_check_hostname
         else:
-            kwargs["connection_class"] = redis.connection.Connection
+            kwargs["connection_class"] = _TCP_CONNECTION
         return kwargs
 
     def _cluster_kwargs(self, socket_timeout: float, max_connections: int) -> dict[str, Any]:
