@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -115,13 +116,37 @@ def filesystem_type(path: Path) -> str | None:
     return best_type
 
 
+class WouldWait(Exception):
+    """The database is locked by another connection; ``attempt_now`` gives up."""
+
+
+# With checkpoints left to the caller (``autocheckpoint=False``), one is due after
+# this many commits: SQLite's own default is 1,000 WAL pages, and a commit of
+# leasehold writes a handful.
+CHECKPOINT_EVERY = 256
+
+
 class SQLiteTables:
-    def __init__(self, path: Path, *, busy_timeout: float, allow_network_fs: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float,
+        allow_network_fs: bool,
+        autocheckpoint: bool = True,
+    ) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self.allow_network_fs = allow_network_fs
+        # False: commits never checkpoint the WAL themselves (a checkpoint writes
+        # and syncs the database file); the owner calls checkpoint() when
+        # checkpoint_due says so, off the thread that must not block.
+        self.autocheckpoint = autocheckpoint
+        self.commits = 0
+        self._checkpointed_at = 0
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._waits = True
         self.fs_type: str | None = None
 
     # -- connection --------------------------------------------------------------
@@ -182,6 +207,8 @@ class SQLiteTables:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            if not self.autocheckpoint:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
             self._init_schema(conn)
         except BaseException:
             conn.close()
@@ -218,14 +245,51 @@ class SQLiteTables:
                     (current,),
                 )
 
+    def attempt_now(
+        self, guard: threading.Lock, operation: Callable[[], T]
+    ) -> tuple[bool, T | None]:
+        """``(True, operation())`` if it could run at once on the calling thread:
+        the connection is open in this process, ``guard`` (which serialises every
+        use of it) is free, and no other connection holds the database lock.
+        Otherwise ``(False, None)`` without waiting and without having changed
+        anything: the caller runs it where waiting is allowed."""
+        if self._conn is None or self._pid != os.getpid():
+            return False, None  # opening it may wait (set-up retries)
+        if not guard.acquire(blocking=False):
+            return False, None
+        try:
+            self._waits = False
+            try:
+                return True, operation()
+            except WouldWait:
+                return False, None
+            finally:
+                self._waits = True
+        finally:
+            guard.release()
+
+    @property
+    def checkpoint_due(self) -> bool:
+        return not self.autocheckpoint and self.commits - self._checkpointed_at >= CHECKPOINT_EVERY
+
+    def checkpoint(self) -> None:
+        """Copy what it can of the WAL into the database file, waiting for nobody
+        (PASSIVE), for stores made with ``autocheckpoint=False``."""
+        self._checkpointed_at = self.commits
+        with contextlib.suppress(sqlite3.Error):
+            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def _retrying(self, attempt: Callable[[], T]) -> T:
         """``attempt()``, tried again while the database is locked, up to the busy
-        timeout (see BUSY_RETRY). Costs one try/except when it is not locked."""
+        timeout (see BUSY_RETRY). Costs one try/except when it is not locked.
+        Inside ``attempt_now`` a locked database raises WouldWait instead."""
         try:
             return attempt()
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
+            if not self._waits:
+                raise WouldWait from None
         give_up = time.monotonic() + self.busy_timeout
         tries = 0
         while True:
@@ -254,6 +318,7 @@ class SQLiteTables:
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self.commits += 1
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
