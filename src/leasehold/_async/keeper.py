@@ -194,16 +194,12 @@ class AsyncKeeper:
         try:
             answers = call.result()
         except LeaseholdError as exc:
-            self._failures += 1
-            counters.add("renewal_failures")
             logger.warning(
                 "renewing %d lease(s) failed (%s); retrying until their safe deadlines",
                 len(items),
                 exc,
             )
-            retry = RETRY_BACKOFF.delay(self._failures - 1)
-            soonest = min(lease.deadline for lease in pending) - clock.monotonic()
-            return max(0.0, min(retry, soonest))
+            return self._retry_after_failure(pending)
         unanswered: list[AsyncLease] = []
         for (lease, item), ok in zip(pairs, answers, strict=True):
             if ok is None:
@@ -220,15 +216,20 @@ class AsyncKeeper:
             return 0.0
         # Part of the store (a cluster node) did not answer: those leases are
         # retried like a failed call, the others were renewed.
-        self._failures += 1
-        counters.add("renewal_failures")
         logger.warning(
             "renewing %d of %d lease(s) got no answer; retrying them until their safe deadlines",
             len(unanswered),
             len(items),
         )
+        return self._retry_after_failure(unanswered)
+
+    def _retry_after_failure(self, leases: list[AsyncLease]) -> float:
+        """Count a failed renewal of ``leases``; how long to wait before the next
+        attempt (backing off, never past the soonest of their safe deadlines)."""
+        self._failures += 1
+        self._client._counters.add("renewal_failures")
         retry = RETRY_BACKOFF.delay(self._failures - 1)
-        soonest = min(lease.deadline for lease in unanswered) - clock.monotonic()
+        soonest = min(lease.deadline for lease in leases) - self._client.clock.monotonic()
         return max(0.0, min(retry, soonest))
 
 
