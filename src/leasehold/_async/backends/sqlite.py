@@ -134,18 +134,14 @@ class AsyncSQLiteStore(AsyncStore):
                     self._checkpoint_later()
                 return result  # type: ignore[return-value]
 
-        def guarded() -> T:
-            with self._guard:
-                return operation()
+        return await run_blocking(self._pool(), lambda: self._guarded(operation))
 
-        return await run_blocking(self._pool(), guarded)
+    def _guarded(self, operation: Callable[[], T]) -> T:
+        with self._guard:
+            return operation()
 
     def _checkpoint_later(self) -> None:
-        def call() -> None:
-            with self._guard:
-                self._tables.checkpoint()
-
-        self._pool().submit(call)
+        self._pool().submit(self._guarded, self._tables.checkpoint)
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
         key = (request.name, request.token)
@@ -238,17 +234,11 @@ class AsyncSQLiteStore(AsyncStore):
             sock = self._socket_for(key)
             address = sock.address
 
-            def arm() -> WaitResult:
-                with self._guard:
-                    return self._tables.arm(name, token, address, limit, self._clock.monotonic())
-
-            armed = await run_blocking(self._pool(), arm)
+            armed = await self._call(
+                lambda: self._tables.arm(name, token, address, limit, self._clock.monotonic())
+            )
             if armed is not False:
                 return self._woken(name, token, armed)
-
-        def look() -> WaitResult:
-            with self._guard:
-                return self._tables.look(name, token, limit, self._clock.monotonic())
 
         # A local deadline for this call only; expiry decisions stay with the store.
         deadline = time.monotonic() + timeout
@@ -261,7 +251,9 @@ class AsyncSQLiteStore(AsyncStore):
                 continue
             # No datagram, which may not be able to reach us: a read-only look
             # finds a hand-over (or a free place) all the same, without a write.
-            seen = await run_blocking(self._pool(), look)
+            seen = await self._call(
+                lambda: self._tables.look(name, token, limit, self._clock.monotonic())
+            )
             if seen is not False:
                 return self._woken(name, token, seen)
             if deadline - time.monotonic() <= 0:
@@ -285,17 +277,9 @@ class AsyncSQLiteStore(AsyncStore):
         )
 
     async def ping(self) -> None:
-        def call() -> None:
-            with self._guard:
-                self._tables.ping()
-
-        await run_blocking(self._pool(), call)
+        await self._call(self._tables.ping)
 
     async def aclose(self) -> None:
-        def call() -> None:
-            with self._guard:
-                self._tables.close()
-
         with self._wake_guard:
             sockets = list(self._sockets.values()) + self._spare
             self._sockets.clear()
@@ -303,7 +287,7 @@ class AsyncSQLiteStore(AsyncStore):
         for sock in sockets:
             sock.close()
         if self._executor is not None and self._executor_pid == os.getpid():
-            await run_blocking(self._executor, call)
+            await run_blocking(self._executor, lambda: self._guarded(self._tables.close))
             self._executor.shutdown(wait=False)
         self._executor = None
 
@@ -314,11 +298,9 @@ class AsyncSQLiteStore(AsyncStore):
         if not _wake.SUPPORTED:
             return
 
-        def find() -> list[str]:
-            with self._guard:
-                return _sqlite_topics.subscribers(self._tables, topic)
-
-        gone = _wake.deliver(await run_blocking(self._pool(), find))
+        gone = _wake.deliver(
+            await self._call(lambda: _sqlite_topics.subscribers(self._tables, topic))
+        )
         if gone:
             await self._unsubscribe([(topic, address) for address in gone])
 
@@ -329,18 +311,10 @@ class AsyncSQLiteStore(AsyncStore):
         return _SQLiteSubscription(self, topic)
 
     async def _subscribe(self, topic: str, address: str) -> None:
-        def call() -> None:
-            with self._guard:
-                _sqlite_topics.register(self._tables, topic, address)
-
-        await run_blocking(self._pool(), call)
+        await self._call(lambda: _sqlite_topics.register(self._tables, topic, address))
 
     async def _unsubscribe(self, pairs: list[tuple[str, str]]) -> None:
-        def call() -> None:
-            with self._guard:
-                _sqlite_topics.unregister(self._tables, pairs)
-
-        await run_blocking(self._pool(), call)
+        await self._call(lambda: _sqlite_topics.unregister(self._tables, pairs))
 
     def warnings(self) -> list[str]:
         found = []

@@ -801,13 +801,9 @@ class RedisStore(Store):
         raw = info["run_id"]
         # redis-py turns an all-digit id into an int; ids are 40 hex digits.
         run_id = f"{raw:040d}" if isinstance(raw, int) else str(raw)
-        version = str(info.get("redis_version", ""))
-        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-        if len(numbers) == 2 and numbers < MIN_REDIS_VERSION:
-            raise StoreUnavailable(
-                f"redis store {self.url.redacted}: Redis {version} is too old: "
-                "leasehold needs 7.0 or newer"
-            )
+        too_old = _too_old(info)
+        if too_old is not None:
+            raise StoreUnavailable(f"redis store {self.url.redacted}: {too_old}")
         with self._run_id_guard:
             self._run_ids[where] = run_id
             # Read after INFO: the connection INFO may have made does not count as
@@ -1389,11 +1385,19 @@ def _server_warnings(facts: dict[str, Any]) -> list[str]:
         )
     if facts.get("role") == "slave":
         found.append("connected to a replica: writes will fail")
-    version = str(facts.get("redis_version", ""))
-    numbers = [int(part) for part in version.split(".")[:2] if part.isdigit()]
-    if len(numbers) == 2 and tuple(numbers) < MIN_REDIS_VERSION:
-        found.append(f"Redis {version} is too old: leasehold needs 7.0 or newer")
+    too_old = _too_old(facts)
+    if too_old is not None:
+        found.append(too_old)
     return found
+
+
+def _too_old(info: dict[str, Any]) -> str | None:
+    """Why the server of this INFO is too old for leasehold, or None."""
+    version = str(info.get("redis_version", ""))
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if len(numbers) == 2 and numbers < MIN_REDIS_VERSION:
+        return f"Redis {version} is too old: leasehold needs 7.0 or newer"
+    return None
 
 
 def from_url(url: StoreURL, clock: Clock) -> RedisStore:

@@ -136,18 +136,14 @@ class SQLiteStore(Store):
                     self._checkpoint_later()
                 return result  # type: ignore[return-value]
 
-        def guarded() -> T:
-            with self._guard:
-                return operation()
+        return run_blocking(self._pool(), lambda: self._guarded(operation))
 
-        return run_blocking(self._pool(), guarded)
+    def _guarded(self, operation: Callable[[], T]) -> T:
+        with self._guard:
+            return operation()
 
     def _checkpoint_later(self) -> None:
-        def call() -> None:
-            with self._guard:
-                self._tables.checkpoint()
-
-        self._pool().submit(call)
+        self._pool().submit(self._guarded, self._tables.checkpoint)
 
     def acquire(self, request: AcquireRequest) -> AcquireResult:
         key = (request.name, request.token)
@@ -234,17 +230,11 @@ class SQLiteStore(Store):
             sock = self._socket_for(key)
             address = sock.address
 
-            def arm() -> WaitResult:
-                with self._guard:
-                    return self._tables.arm(name, token, address, limit, self._clock.monotonic())
-
-            armed = run_blocking(self._pool(), arm)
+            armed = self._call(
+                lambda: self._tables.arm(name, token, address, limit, self._clock.monotonic())
+            )
             if armed is not False:
                 return self._woken(name, token, armed)
-
-        def look() -> WaitResult:
-            with self._guard:
-                return self._tables.look(name, token, limit, self._clock.monotonic())
 
         # A local deadline for this call only; expiry decisions stay with the store.
         deadline = time.monotonic() + timeout
@@ -257,7 +247,9 @@ class SQLiteStore(Store):
                 continue
             # No datagram, which may not be able to reach us: a read-only look
             # finds a hand-over (or a free place) all the same, without a write.
-            seen = run_blocking(self._pool(), look)
+            seen = self._call(
+                lambda: self._tables.look(name, token, limit, self._clock.monotonic())
+            )
             if seen is not False:
                 return self._woken(name, token, seen)
             if deadline - time.monotonic() <= 0:
@@ -281,17 +273,9 @@ class SQLiteStore(Store):
         )
 
     def ping(self) -> None:
-        def call() -> None:
-            with self._guard:
-                self._tables.ping()
-
-        run_blocking(self._pool(), call)
+        self._call(self._tables.ping)
 
     def close(self) -> None:
-        def call() -> None:
-            with self._guard:
-                self._tables.close()
-
         with self._wake_guard:
             sockets = list(self._sockets.values()) + self._spare
             self._sockets.clear()
@@ -299,7 +283,7 @@ class SQLiteStore(Store):
         for sock in sockets:
             sock.close()
         if self._executor is not None and self._executor_pid == os.getpid():
-            run_blocking(self._executor, call)
+            run_blocking(self._executor, lambda: self._guarded(self._tables.close))
             self._executor.shutdown(wait=False)
         self._executor = None
 
@@ -310,11 +294,7 @@ class SQLiteStore(Store):
         if not _wake.SUPPORTED:
             return
 
-        def find() -> list[str]:
-            with self._guard:
-                return _sqlite_topics.subscribers(self._tables, topic)
-
-        gone = _wake.deliver(run_blocking(self._pool(), find))
+        gone = _wake.deliver(self._call(lambda: _sqlite_topics.subscribers(self._tables, topic)))
         if gone:
             self._unsubscribe([(topic, address) for address in gone])
 
@@ -325,18 +305,10 @@ class SQLiteStore(Store):
         return _SQLiteSubscription(self, topic)
 
     def _subscribe(self, topic: str, address: str) -> None:
-        def call() -> None:
-            with self._guard:
-                _sqlite_topics.register(self._tables, topic, address)
-
-        run_blocking(self._pool(), call)
+        self._call(lambda: _sqlite_topics.register(self._tables, topic, address))
 
     def _unsubscribe(self, pairs: list[tuple[str, str]]) -> None:
-        def call() -> None:
-            with self._guard:
-                _sqlite_topics.unregister(self._tables, pairs)
-
-        run_blocking(self._pool(), call)
+        self._call(lambda: _sqlite_topics.unregister(self._tables, pairs))
 
     def warnings(self) -> list[str]:
         found = []
