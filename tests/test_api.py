@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_all_is_honest() -> None:
     exported = set(leasehold.__all__)
     public = {name for name in dir(leasehold) if not name.startswith("_")}
-    modules = {"testing", "fence", "cli", "asgi", "celery"}
+    modules = {"testing", "fence", "cli", "asgi", "celery", "naming", "otel", "prometheus"}
     assert exported - {"__version__"} == public - modules, (
         f"missing from __all__: {sorted(public - modules - exported)}; "
         f"not defined: {sorted(exported - public - {'__version__'})}"

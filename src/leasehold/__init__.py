@@ -26,6 +26,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
 )
 from leasehold._core.stats import Statistics
 from leasehold._errors import (
@@ -92,6 +93,7 @@ __all__ = [
     "StoreUnavailable",
     "Subscription",
     "SystemClock",
+    "WaiterInfo",
     "__version__",
     "events",
     "retry",

@@ -27,6 +27,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._errors import InvalidArgument, StoreUnavailable
@@ -631,6 +632,32 @@ class SQLiteTables:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
         return self._infos(rows, now)
+
+    def waiters(self, prefix: str, now: float) -> list[WaiterInfo]:
+        try:
+            rows = self.read(
+                "SELECT name, coalesce(owner, ''), coalesce(host, ''), coalesce(pid, 0), "
+                "expires FROM lh_waiter WHERE substr(name, 1, ?) = ? AND expires > ? "
+                "ORDER BY name, seq",
+                (len(prefix), prefix, now),
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+        infos: list[WaiterInfo] = []
+        position = 0
+        for index, (name, owner, host, pid, expires) in enumerate(rows):
+            position = position + 1 if index and rows[index - 1][0] == name else 0
+            infos.append(
+                WaiterInfo(
+                    name=str(name),
+                    owner=str(owner),
+                    host=str(host),
+                    pid=int(pid),
+                    position=position,
+                    expires_in=max(0.0, float(expires) - now),
+                )
+            )
+        return infos
 
     def read_record(self, key: str, now: float) -> Record:
         try:

@@ -101,6 +101,23 @@ class HolderInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class WaiterInfo:
+    """A live place in a name's wait queue, as reported by ``waiters()``.
+
+    ``position`` is 0-based among the name's live waiters (0 is served first);
+    ``expires_in`` is when the place lapses unless the waiter asks again. ``owner``,
+    ``host`` and ``pid`` are the waiter's latest request ("" and 0 for a place queued
+    by a version that did not store them)."""
+
+    name: str
+    owner: str
+    host: str
+    pid: int
+    position: int
+    expires_in: float
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """A small versioned value as read by ``read_record``.
 

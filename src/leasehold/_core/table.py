@@ -18,6 +18,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
 )
 
 
@@ -173,6 +174,25 @@ class LeaseTable:
         infos: list[HolderInfo] = []
         for name in sorted(n for n in self._names if n.startswith(prefix)):
             infos.extend(self.holders(name, now))
+        return infos
+
+    def waiters(self, prefix: str, now: float) -> list[WaiterInfo]:
+        infos: list[WaiterInfo] = []
+        for name in sorted(n for n in self._names if n.startswith(prefix)):
+            entry = self._purge(name, now)
+            for position, waiter in enumerate(entry.queue.values()):
+                holder = waiter.request.holder
+                infos.append(
+                    WaiterInfo(
+                        name=name,
+                        owner=holder.owner,
+                        host=holder.host,
+                        pid=holder.pid,
+                        position=position,
+                        expires_in=max(0.0, waiter.expires - now),
+                    )
+                )
+            self._forget_if_idle(name)
         return infos
 
     @staticmethod

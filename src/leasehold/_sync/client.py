@@ -22,7 +22,7 @@ from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import default_url
 from leasehold._core.once import Serializer
-from leasehold._core.records import Holder, HolderInfo
+from leasehold._core.records import Holder, HolderInfo, WaiterInfo
 from leasehold._core.stats import Counters, Statistics
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument
@@ -157,6 +157,11 @@ class Client:
     def leases(self, prefix: str = "") -> list[HolderInfo]:
         """Every live lease whose name starts with ``prefix``."""
         return self.store.leases(validate.prefix(prefix))
+
+    def waiters(self, prefix: str = "") -> list[WaiterInfo] | None:
+        """Every live place in the wait queues of names starting with ``prefix``,
+        by name and position (queue depth per name); None if the store cannot tell."""
+        return self.store.waiters(validate.prefix(prefix))
 
     def break_lease(self, name: str) -> int:
         """Forcibly release every holder of ``name``; returns how many were removed.

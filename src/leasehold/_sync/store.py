@@ -42,6 +42,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.url import StoreURL
@@ -103,6 +104,15 @@ class Store(ABC):
     @abstractmethod
     def leases(self, prefix: str = "") -> list[HolderInfo]:
         """Every live holder of every name starting with ``prefix``, by name."""
+
+    def waiters(self, prefix: str = "") -> list[WaiterInfo] | None:
+        """Every live queued waiter of every name starting with ``prefix``, by name
+        and then queue position. Read only, for humans and exporters (queue depth,
+        ``leasehold ls``); one snapshot per server. The default answers None: "this
+        store cannot list its queue" (a third-party store written before this
+        operation existed); every built-in store answers a list."""
+        del prefix
+        return None
 
     @abstractmethod
     def break_lease(self, name: str) -> int:

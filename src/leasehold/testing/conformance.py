@@ -52,6 +52,7 @@ __all__ = [
     "test_subscription_fallback_polls",
     "test_subscription_times_out_and_checks_topics",
     "test_waiter_acquires_after_release",
+    "test_waiters_report_the_queue",
 ]
 
 HOLDER = Holder(owner="conformance", host="localhost", pid=1)
@@ -297,6 +298,37 @@ def test_queue_is_fifo(lh_backend: BackendHarness) -> None:
     store.release(name, w1)
     assert isinstance(store.acquire(_request(name, w3, queue_ttl=10.0)), Granted)
     store.release(name, w3)
+
+
+def test_waiters_report_the_queue(lh_backend: BackendHarness) -> None:
+    """``waiters(prefix)``: every live queue place of the names under ``prefix``, by
+    name and 0-based position, with the waiter's identity; gone once it leaves."""
+    store = lh_backend.client().store
+    prefix = lh_backend.unique("q") + ":"
+    first, second, elsewhere = prefix + "a", prefix + "b", lh_backend.unique("other")
+    holder, w1, w2, w3, w4 = (secrets.token_urlsafe(24) for _ in range(5))
+    assert store.waiters(prefix) == []
+    for name in (first, second, elsewhere):
+        assert isinstance(store.acquire(_request(name, holder)), Granted)
+    waiting = Holder(owner="waiting-one", host="elsewhere", pid=4242)
+    for token, name in ((w1, first), (w2, first), (w3, second), (w4, elsewhere)):
+        request = AcquireRequest(name=name, token=token, holder=waiting, ttl=30.0, queue_ttl=20.0)
+        assert isinstance(store.acquire(request), Busy)
+    assert isinstance(store.acquire(_request(first, secrets.token_urlsafe(24))), Busy)  # unqueued
+    infos = store.waiters(prefix)
+    assert infos is not None, f"{lh_backend.name} cannot list its waiters"
+    assert [(i.name, i.position) for i in infos] == [(first, 0), (first, 1), (second, 0)]
+    for info in infos:
+        assert (info.owner, info.host, info.pid) == ("waiting-one", "elsewhere", 4242)
+        assert 0 < info.expires_in <= 20.0
+    assert any(i.name == elsewhere for i in store.waiters("") or [])
+    store.release(first, w1)  # gives up its place
+    assert [(i.name, i.position) for i in store.waiters(prefix) or []] == [(first, 0), (second, 0)]
+    for name, token in ((first, w2), (second, w3), (elsewhere, w4)):
+        store.release(name, token)
+    for name in (first, second, elsewhere):
+        store.release(name, holder)
+    assert store.waiters(prefix) == []
 
 
 def test_release_wakes_only_the_head_waiter(lh_backend: BackendHarness) -> None:

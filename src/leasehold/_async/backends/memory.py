@@ -22,6 +22,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.table import HandOvers, LeaseTable
@@ -113,6 +114,10 @@ class AsyncMemoryStore(AsyncStore):
     async def leases(self, prefix: str = "") -> list[HolderInfo]:
         with self._shared.guard:
             return self._shared.table.leases(prefix, self._clock.monotonic())
+
+    async def waiters(self, prefix: str = "") -> list[WaiterInfo]:
+        with self._shared.guard:
+            return self._shared.table.waiters(prefix, self._clock.monotonic())
 
     async def break_lease(self, name: str) -> int:
         shared = self._shared

@@ -59,6 +59,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.url import StoreURL
@@ -302,6 +303,19 @@ def _function_queries(schema: str) -> dict[str, bytes]:
     }
 
 
+def _waiters_query(schema: str) -> bytes:
+    """The live waiters of names starting with a prefix, by name and arrival, with
+    their 0-based place (``schema`` is safe to quote, as in _function_queries)."""
+    return (
+        "SELECT w.name, coalesce(w.owner, ''), coalesce(w.host, ''), coalesce(w.pid, 0), "
+        "row_number() OVER (PARTITION BY w.name ORDER BY w.seq) - 1, "
+        "extract(epoch FROM w.expires_at - c.now)::double precision "
+        "FROM (SELECT clock_timestamp() AS now) c "
+        f'JOIN "{schema}".waiters w ON w.name >= %s AND starts_with(w.name, %s) '
+        "AND w.expires_at > c.now ORDER BY w.name, w.seq"
+    ).encode()
+
+
 def wake_key(name: str, token: str) -> str:
     """What a NOTIFY carries to wake (name, token): a hash, so tokens stay secret.
     A hand-over sends ``"<wake_key> <fence>"``."""
@@ -428,6 +442,7 @@ class AsyncPostgresStore(AsyncStore):
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
         self._queries = _function_queries(self._opts.schema)
+        self._waiters_query = _waiters_query(self._opts.schema)
         # Announcements: pg_notify on one channel per schema, the topic as payload;
         # subscribers share one more LISTEN connection, started on first subscribe.
         self._announce_channel = announce_channel(self._opts.schema)
@@ -839,6 +854,23 @@ class AsyncPostgresStore(AsyncStore):
                 expires_in=max(0.0, float(expires_in)),
             )
             for name, owner, host, pid, fence, limit, held_for, expires_in in rows
+        ]
+
+    async def waiters(self, prefix: str = "") -> list[WaiterInfo]:
+        # A plain read of the waiters table (no function of schema.sql, so stores
+        # whose schema is managed as a migration need no new version for it).
+        # Columns NULL in rows queued by schema version 3 read as "" and 0.
+        rows = await self._query("waiters", self._waiters_query, (prefix, prefix), idempotent=True)
+        return [
+            WaiterInfo(
+                name=name,
+                owner=owner,
+                host=host,
+                pid=int(pid),
+                position=int(position),
+                expires_in=max(0.0, float(expires_in)),
+            )
+            for name, owner, host, pid, position, expires_in in rows
         ]
 
     async def break_lease(self, name: str) -> int:

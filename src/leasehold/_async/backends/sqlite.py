@@ -34,6 +34,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.url import StoreURL, query_options
@@ -210,6 +211,9 @@ class AsyncSQLiteStore(AsyncStore):
 
     async def leases(self, prefix: str = "") -> list[HolderInfo]:
         return await self._call(lambda: self._tables.leases(prefix, self._clock.monotonic()))
+
+    async def waiters(self, prefix: str = "") -> list[WaiterInfo]:
+        return await self._call(lambda: self._tables.waiters(prefix, self._clock.monotonic()))
 
     async def break_lease(self, name: str) -> int:
         count, wakes = await self._call(

@@ -24,6 +24,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.table import HandOvers, LeaseTable
@@ -115,6 +116,10 @@ class MemoryStore(Store):
     def leases(self, prefix: str = "") -> list[HolderInfo]:
         with self._shared.guard:
             return self._shared.table.leases(prefix, self._clock.monotonic())
+
+    def waiters(self, prefix: str = "") -> list[WaiterInfo]:
+        with self._shared.guard:
+            return self._shared.table.waiters(prefix, self._clock.monotonic())
 
     def break_lease(self, name: str) -> int:
         shared = self._shared

@@ -81,6 +81,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.url import StoreURL
@@ -525,6 +526,29 @@ def _holder_info(name: str, now: int, expiry: int, meta: str) -> HolderInfo:
         held_for=max(0.0, (now - int(acquired)) / 1e6),
         expires_in=max(0.0, (int(expiry) - now) / 1e6),
     )
+
+
+def _waiter_infos(now: int, triples: Sequence[Any]) -> list[WaiterInfo]:
+    """waiters.lua's (name, queue expiry, "<limit> <ttl_us> <holder json>") triples,
+    each name's in queue order, as WaiterInfo with 0-based positions."""
+    infos: list[WaiterInfo] = []
+    for i in range(0, len(triples), 3):
+        name, expiry, info = str(triples[i]), int(triples[i + 1]), str(triples[i + 2])
+        owner, host, pid = "", "", 0
+        if info:
+            owner, host, pid = json.loads(info.split(" ", 2)[2])
+        position = infos[-1].position + 1 if infos and infos[-1].name == name else 0
+        infos.append(
+            WaiterInfo(
+                name=name,
+                owner=str(owner),
+                host=str(host),
+                pid=int(pid),
+                position=position,
+                expires_in=max(0.0, (expiry - now) / 1e6),
+            )
+        )
+    return infos
 
 
 def _signalled(value: object) -> WaitResult:
@@ -1184,6 +1208,22 @@ class RedisStore(Store):
             except (TypeError, ValueError, IndexError):
                 raise self._malformed("leases", reply) from None
         return sorted(infos, key=lambda info: (info.name, info.fence))
+
+    def waiters(self, prefix: str = "") -> list[WaiterInfo]:
+        # As leases(): one snapshot standalone, one per slot in a cluster.
+        groups = self._index_groups
+        if len(groups) == 1:
+            replies = [self._run("waiters", groups[0], [prefix])]
+        else:
+            replies = self._run_many("waiters", [(group, [prefix]) for group in groups])
+        infos: list[WaiterInfo] = []
+        for reply in replies:
+            try:
+                now = int(reply[0])
+                infos += _waiter_infos(now, reply[1:])
+            except (TypeError, ValueError, IndexError):
+                raise self._malformed("waiters", reply) from None
+        return sorted(infos, key=lambda info: (info.name, info.position))
 
     def wait(self, name: str, token: str, timeout: float) -> WaitResult:  # noqa: ASYNC109, RUF100
         signal = self.keys.for_name(name).signal(token)

@@ -36,6 +36,7 @@ from leasehold._core.records import (
     HolderInfo,
     Record,
     RenewItem,
+    WaiterInfo,
     WaitResult,
 )
 from leasehold._core.url import StoreURL, query_options
@@ -208,6 +209,9 @@ class SQLiteStore(Store):
 
     def leases(self, prefix: str = "") -> list[HolderInfo]:
         return self._call(lambda: self._tables.leases(prefix, self._clock.monotonic()))
+
+    def waiters(self, prefix: str = "") -> list[WaiterInfo]:
+        return self._call(lambda: self._tables.waiters(prefix, self._clock.monotonic()))
 
     def break_lease(self, name: str) -> int:
         count, wakes = self._call(lambda: self._tables.break_lease(name, self._clock.monotonic()))
