@@ -160,7 +160,7 @@ def one_clean_line(stderr: str) -> str:
 
 def test_help_of_every_subcommand_documents_exit_codes(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
-    names = ["run", "ls", "break", "doctor", "demo", "leader"]
+    names = ["run", "ls", "break", "doctor", "demo", "leader", "top", "exporter"]
     results = lh_many(env, [["--help"], *([name, "--help"] for name in names)])
     for result in results:
         assert result.returncode == 0, result
@@ -318,8 +318,11 @@ def test_ls_json_matches_what_is_held_and_break_bumps_the_fence(
     assert len(rows) == 1
     row = rows[0]
     assert set(row) == {
-        "name", "owner", "host", "pid", "fence", "limit", "held_for", "expires_in"
+        "name", "owner", "host", "pid", "fence", "limit", "held_for", "expires_in",
+        "queue_depth", "pid_alive",
     }  # fmt: skip
+    assert row["queue_depth"] == 0
+    assert row["pid_alive"] is True
     assert row["name"] == "reports/daily"
     assert row["pid"] == holder.pid
     assert row["fence"] == fence

@@ -27,9 +27,11 @@ from leasehold.cli._supervise import Interrupted, signal_name
 from leasehold.cli.brk import break_command
 from leasehold.cli.demo import demo_command
 from leasehold.cli.doctor import doctor_command
+from leasehold.cli.exporter import exporter_command
 from leasehold.cli.leader import leader_command
 from leasehold.cli.ls import ls_command
 from leasehold.cli.run import run_command
+from leasehold.cli.top import top_command
 
 
 @click.group(
@@ -52,6 +54,8 @@ def cli() -> None:
       leasehold leader beat -- celery -A proj beat
                                                one active instance, others standing by
       leasehold ls                             what is held, by whom, for how long
+      leasehold top                            the busiest names, live
+      leasehold exporter                       the whole store on /metrics (Prometheus)
       leasehold doctor                         check the store
     """
 
@@ -64,6 +68,8 @@ for command in (
     break_command,
     doctor_command,
     demo_command,
+    top_command,
+    exporter_command,
 ):
     cli.add_command(command)
 
