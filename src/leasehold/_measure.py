@@ -4,12 +4,14 @@
 OpenTelemetry and Prometheus exporters only map instrument keys to their own
 instruments, so the two never disagree about what is counted. See
 docs/observability.md for what each instrument means.
+
+This runs inside every acquire and release while an exporter is on, so it builds
+plain tuples, and exporters cache their labelled instruments by those tuples.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Literal
 
 from leasehold import events
@@ -27,6 +29,12 @@ Instrument = Literal[
     "leader",  # gauge: 1 while this process leads an election of the group
 ]
 Kind = Literal["count", "observe", "add", "set"]
+# The attribute most instruments add to the common three: (key, value) or None.
+Extra = tuple[str, str] | None
+# (kind, instrument, value, extra)
+Measurement = tuple[Kind, Instrument, float, Extra]
+# primitive, store, name group: the labels every measurement carries.
+Common = tuple[str, str, str]
 
 OUTCOMES: dict[type[events.Event], str] = {
     events.Acquired: "granted",
@@ -38,70 +46,61 @@ OUTCOMES: dict[type[events.Event], str] = {
 # and one the store refused (the lease is lost: see the losses counter).
 RENEWED, FAILED, REFUSED = "renewed", "failed", "refused"
 
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    kind: Kind
-    instrument: Instrument
-    value: float
-    # The common attributes (primitive, store, name_group) and at most one more.
-    primitive: str
-    store: str
-    name_group: str
-    extra: tuple[str, str] | None = None
+_GRANTED: Extra = ("outcome", "granted")
+_EXTRAS: dict[str, Extra] = {o: ("outcome", o) for o in OUTCOMES.values()}
 
 
 class Measurer:
-    """Event -> measurements. Thread-safe; keeps only the leader counts (which
-    elections of a group this process leads right now)."""
+    """Event -> (common labels, measurements). Thread-safe; keeps only the leader
+    counts (which elections of a group this process leads right now)."""
 
     def __init__(self, grouper: NameGrouper) -> None:
         self._grouper = grouper
         self._guard = threading.Lock()
         self._leading: dict[tuple[str, str], set[str]] = {}
 
-    def measure(self, event: events.Event) -> list[Measurement]:
-        group = self._grouper(event.name)
+    def measure(self, event: events.Event) -> tuple[Common, list[Measurement]]:
+        common = (event.primitive, event.store, self._grouper(event.name))
+        return common, self._measurements(event, common[2])
 
-        def m(
-            kind: Kind, instrument: Instrument, value: float, extra: tuple[str, str] | None = None
-        ) -> Measurement:
-            return Measurement(kind, instrument, value, event.primitive, event.store, group, extra)
-
-        outcome = OUTCOMES.get(type(event))
+    def _measurements(self, event: events.Event, group: str) -> list[Measurement]:
         if isinstance(event, events.AcquireStarted):
-            return [m("add", "waiting", 1)]
-        if outcome is not None:
-            wait: float = getattr(event, "wait", 0.0)
-            found = [
-                m("add", "waiting", -1),
-                m("count", "acquisitions", 1, ("outcome", outcome)),
-                m("observe", "acquire_wait", max(0.0, wait), ("outcome", outcome)),
+            return [("add", "waiting", 1.0, None)]
+        if isinstance(event, events.Acquired):
+            return [
+                ("add", "waiting", -1.0, None),
+                ("count", "acquisitions", 1.0, _GRANTED),
+                ("observe", "acquire_wait", max(0.0, event.wait), _GRANTED),
+                ("add", "held", 1.0, None),
             ]
-            if outcome == "granted":
-                found.append(m("add", "held", 1))
-            return found
+        if isinstance(event, events.Released):
+            return [("add", "held", -1.0, None), ("observe", "hold", max(0.0, event.held), None)]
+        if isinstance(event, events.Busy | events.TimedOut | events.AcquireFailed):
+            extra = _EXTRAS[OUTCOMES[type(event)]]
+            return [
+                ("add", "waiting", -1.0, None),
+                ("count", "acquisitions", 1.0, extra),
+                ("observe", "acquire_wait", max(0.0, event.wait), extra),
+            ]
         if isinstance(event, events.Renewed):
             return [
-                m("count", "renewals", 1, ("result", RENEWED)),
-                m("observe", "renewal_duration", max(0.0, event.duration)),
+                ("count", "renewals", 1.0, ("result", RENEWED)),
+                ("observe", "renewal_duration", max(0.0, event.duration), None),
             ]
         if isinstance(event, events.RenewalFailed):
             return [
-                m("count", "renewals", 1, ("result", FAILED)),
-                m("observe", "renewal_duration", max(0.0, event.duration)),
+                ("count", "renewals", 1.0, ("result", FAILED)),
+                ("observe", "renewal_duration", max(0.0, event.duration), None),
             ]
         if isinstance(event, events.Lost):
-            found = [
-                m("add", "held", -1),
-                m("count", "losses", 1, ("reason", event.reason)),
-                m("observe", "hold", max(0.0, event.held)),
+            found: list[Measurement] = [
+                ("add", "held", -1.0, None),
+                ("count", "losses", 1.0, ("reason", event.reason)),
+                ("observe", "hold", max(0.0, event.held), None),
             ]
             if event.reason == "refused":
-                found.append(m("count", "renewals", 1, ("result", REFUSED)))
+                found.append(("count", "renewals", 1.0, ("result", REFUSED)))
             return found
-        if isinstance(event, events.Released):
-            return [m("add", "held", -1), m("observe", "hold", max(0.0, event.held))]
         if isinstance(event, events.ElectionWon | events.ElectionEnded):
             key = (event.store, group)
             with self._guard:
@@ -111,8 +110,8 @@ class Measurer:
                 else:
                     leading.discard(event.name)
                 value = 1.0 if leading else 0.0
-            return [m("set", "leader", value)]
+            return [("set", "leader", value, None)]
         return []
 
 
-__all__ = ["OUTCOMES", "Instrument", "Measurement", "Measurer"]
+__all__ = ["OUTCOMES", "Common", "Extra", "Instrument", "Measurement", "Measurer"]

@@ -39,7 +39,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.util.types import Attributes
 
 from leasehold import __version__, events
-from leasehold._measure import OUTCOMES, Measurement, Measurer
+from leasehold._measure import OUTCOMES, Common, Extra, Measurer
 from leasehold.naming import NameGrouper, resolve
 
 SCOPE = "leasehold"
@@ -97,6 +97,8 @@ class Instrumentation:
         self._leader = meter.create_gauge(
             "leasehold.leader", "1", "1 while this process leads an election of the group"
         )
+        # Attribute dicts by (common labels, extra), built once each.
+        self._attributes: dict[tuple[Common, Extra], dict[str, str]] = {}
         self._subscription = events.subscribe(self._on_event)
 
     def close(self) -> None:
@@ -109,30 +111,24 @@ class Instrumentation:
                     del _installed[key]
 
     def _on_event(self, event: events.Event) -> None:
-        for measurement in self._measurer.measure(event):
-            self._record(measurement)
+        common, measurements = self._measurer.measure(event)
+        for kind, instrument, value, extra in measurements:
+            attributes = self._attributes.get((common, extra))
+            if attributes is None:
+                attributes = self._attributes[(common, extra)] = _attributes(common, extra)
+            if kind == "count":
+                self._counters[instrument].add(value, attributes)
+            elif kind == "observe":
+                self._histograms[instrument].record(value, attributes)
+            elif kind == "add":
+                self._up_down[instrument].add(value, attributes)
+            else:
+                self._leader.set(value, attributes)
         outcome = OUTCOMES.get(type(event))
         if outcome is not None:
             self._acquire_span(event, outcome)
         elif isinstance(event, events.Lost):
             self._loss_event(event)
-
-    def _record(self, m: Measurement) -> None:
-        attributes = {
-            "leasehold.primitive": m.primitive,
-            "leasehold.store": m.store,
-            "leasehold.name_group": m.name_group,
-        }
-        if m.extra is not None:
-            attributes[f"leasehold.{m.extra[0]}"] = m.extra[1]
-        if m.kind == "count":
-            self._counters[m.instrument].add(m.value, attributes)
-        elif m.kind == "observe":
-            self._histograms[m.instrument].record(m.value, attributes)
-        elif m.kind == "add":
-            self._up_down[m.instrument].add(m.value, attributes)
-        else:
-            self._leader.set(m.value, attributes)
 
     def _common(self, event: events.Event) -> dict[str, str | int]:
         return {
@@ -177,6 +173,18 @@ class Instrumentation:
         with self._tracer.start_as_current_span("leasehold.loss") as span:
             span.add_event("leasehold.lost", attributes)
             span.set_status(trace.Status(trace.StatusCode.ERROR, event.reason))
+
+
+def _attributes(common: Common, extra: Extra) -> dict[str, str]:
+    primitive, store, group = common
+    attributes = {
+        "leasehold.primitive": primitive,
+        "leasehold.store": store,
+        "leasehold.name_group": group,
+    }
+    if extra is not None:
+        attributes[f"leasehold.{extra[0]}"] = extra[1]
+    return attributes
 
 
 def instrument(

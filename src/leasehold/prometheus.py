@@ -38,7 +38,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from leasehold import events
-from leasehold._measure import Measurement, Measurer
+from leasehold._measure import Common, Extra, Instrument, Measurer
 from leasehold.naming import NameGrouper, resolve
 
 COMMON = ("primitive", "store", "name_group")
@@ -136,6 +136,9 @@ class Instrumentation:
                 registry=r,
             ),
         }
+        # Labelled children by (instrument, common labels, extra): labels() costs
+        # more than the measurement itself.
+        self._children: dict[tuple[Instrument, Common, Extra], Any] = {}
         self._subscription = events.subscribe(self._on_event)
 
     def close(self) -> None:
@@ -147,22 +150,20 @@ class Instrumentation:
                 del _installed[id(self.registry)]
 
     def _on_event(self, event: events.Event) -> None:
-        for measurement in self._measurer.measure(event):
-            self._record(measurement)
-
-    def _record(self, m: Measurement) -> None:
-        labels = [m.primitive, m.store, m.name_group]
-        if m.extra is not None:
-            labels.append(m.extra[1])
-        child = self._metrics[m.instrument].labels(*labels)
-        if m.kind == "count":
-            child.inc(m.value)
-        elif m.kind == "observe":
-            child.observe(m.value)
-        elif m.kind == "add":
-            child.inc(m.value)
-        else:
-            child.set(m.value)
+        common, measurements = self._measurer.measure(event)
+        children = self._children
+        for kind, instrument, value, extra in measurements:
+            key = (instrument, common, extra)
+            child = children.get(key)
+            if child is None:
+                labels = common if extra is None else (*common, extra[1])
+                child = children[key] = self._metrics[instrument].labels(*labels)
+            if kind == "observe":
+                child.observe(value)
+            elif kind == "set":
+                child.set(value)
+            else:
+                child.inc(value)
 
 
 def instrument(
