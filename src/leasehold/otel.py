@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.util.types import Attributes
 
 from leasehold import __version__, events
@@ -64,17 +66,6 @@ class Instrumentation:
         self._grouper = grouper
         self._measurer = Measurer(grouper)
         seconds = "s"
-        self._counters: dict[str, Any] = {
-            "acquisitions": meter.create_counter(
-                "leasehold.acquisitions", "{acquisition}", "Acquire calls, by outcome"
-            ),
-            "renewals": meter.create_counter(
-                "leasehold.renewals", "{renewal}", "Renewals of held leases, by result"
-            ),
-            "losses": meter.create_counter(
-                "leasehold.losses", "{loss}", "Leases lost while held, by reason"
-            ),
-        }
         self._histograms: dict[str, Any] = {
             "acquire_wait": meter.create_histogram(
                 "leasehold.acquire.wait", seconds, "Time an acquire call took, by outcome"
@@ -86,16 +77,46 @@ class Instrumentation:
                 "leasehold.renewal.duration", seconds, "Round trip of a renewal call"
             ),
         }
-        self._up_down: dict[str, Any] = {
-            "held": meter.create_up_down_counter(
-                "leasehold.held", "{lease}", "Leases held by this process now"
-            ),
-            "waiting": meter.create_up_down_counter(
-                "leasehold.waiting", "{call}", "Acquire calls in progress in this process"
-            ),
+        # Counters, up-down counters and the gauge are observable: an event only adds
+        # to a total here, and the SDK reads the totals when it collects. A
+        # synchronous add costs the SDK several microseconds (it checks and hashes
+        # the attributes every time) and an acquire with its release makes five.
+        self._guard = threading.Lock()
+        self._closed = False
+        self._totals: dict[str, dict[tuple[Common, Extra], float]] = {
+            instrument: {}
+            for instrument in ("acquisitions", "renewals", "losses", "held", "waiting", "leader")
         }
-        self._leader = meter.create_gauge(
-            "leasehold.leader", "1", "1 while this process leads an election of the group"
+        observe = self._observer
+        meter.create_observable_counter(
+            "leasehold.acquisitions",
+            [observe("acquisitions")],
+            "{acquisition}",
+            "Acquire calls, by outcome",
+        )
+        meter.create_observable_counter(
+            "leasehold.renewals",
+            [observe("renewals")],
+            "{renewal}",
+            "Renewals of held leases, by result",
+        )
+        meter.create_observable_counter(
+            "leasehold.losses", [observe("losses")], "{loss}", "Leases lost while held, by reason"
+        )
+        meter.create_observable_up_down_counter(
+            "leasehold.held", [observe("held")], "{lease}", "Leases held by this process now"
+        )
+        meter.create_observable_up_down_counter(
+            "leasehold.waiting",
+            [observe("waiting")],
+            "{call}",
+            "Acquire calls in progress in this process",
+        )
+        meter.create_observable_gauge(
+            "leasehold.leader",
+            [observe("leader")],
+            "1",
+            "1 while this process leads an election of the group",
         )
         # Attribute dicts by (common labels, extra), built once each.
         self._attributes: dict[tuple[Common, Extra], dict[str, str]] = {}
@@ -105,6 +126,8 @@ class Instrumentation:
         """Unsubscribe: no more measurements or spans (instruments stay registered
         with their provider, as OpenTelemetry has no way to remove them)."""
         self._subscription.close()
+        with self._guard:
+            self._closed = True
         with _guard:
             for key, value in list(_installed.items()):
                 if value is self:
@@ -113,22 +136,32 @@ class Instrumentation:
     def _on_event(self, event: events.Event) -> None:
         common, measurements = self._measurer.measure(event)
         for kind, instrument, value, extra in measurements:
-            attributes = self._attributes.get((common, extra))
-            if attributes is None:
-                attributes = self._attributes[(common, extra)] = _attributes(common, extra)
-            if kind == "count":
-                self._counters[instrument].add(value, attributes)
-            elif kind == "observe":
+            key = (common, extra)
+            if kind == "observe":
+                attributes = self._attributes.get(key)
+                if attributes is None:
+                    attributes = self._attributes[key] = _attributes(common, extra)
                 self._histograms[instrument].record(value, attributes)
-            elif kind == "add":
-                self._up_down[instrument].add(value, attributes)
-            else:
-                self._leader.set(value, attributes)
+                continue
+            with self._guard:
+                totals = self._totals[instrument]
+                totals[key] = value if kind == "set" else totals.get(key, 0.0) + value
         outcome = OUTCOMES.get(type(event))
         if outcome is not None:
             self._acquire_span(event, outcome)
         elif isinstance(event, events.Lost):
             self._loss_event(event)
+
+    def _observer(self, instrument: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            del options
+            with self._guard:
+                if self._closed:
+                    return []
+                found = list(self._totals[instrument].items())
+            return [Observation(value, _attributes(*key)) for key, value in found]
+
+        return observe
 
     def _common(self, event: events.Event) -> dict[str, str | int]:
         return {
