@@ -31,7 +31,9 @@ def test_a_real_lock_in_prometheus(tmp_path: Path) -> None:
             with client.lock("invoice:1234", ttl=10) as lease:
                 assert lease.held
                 during = samples(generate_latest(registry).decode())
-            assert client.lock("invoice:1234").try_acquire() is not None
+            again = client.lock("invoice:1234").try_acquire()
+            assert again is not None
+            again.release()
             other = client.lock("invoice:99", ttl=10).acquire(timeout=5)
             busy = client.lock("invoice:99").try_acquire()
             other.release()
@@ -59,13 +61,13 @@ def test_a_real_lock_in_opentelemetry(tmp_path: Path) -> None:
         with leasehold.Client("memory://") as client:
             with client.lock("job:42", ttl=10) as lease:
                 fence = lease.fence
+        data = reader.get_metrics_data()
     finally:
         instrumentation.close()
     (span,) = [s for s in spans.get_finished_spans() if s.name == "leasehold.acquire"]
     assert span.attributes["leasehold.fence"] == fence
     assert span.attributes["leasehold.outcome"] == "granted"
     assert span.attributes["leasehold.store"] == "memory"
-    data = reader.get_metrics_data()
     names = {m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}
     assert {"leasehold.acquisitions", "leasehold.hold", "leasehold.held"} <= names
 

@@ -130,7 +130,8 @@ def test_a_user_name_group() -> None:
 def run_workers(tmp_path: Path, workers: int, mode: str, url: str = "") -> tuple[dict, dict]:  # type: ignore[type-arg]
     directory = tmp_path / "multiproc"
     directory.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory), "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory), "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-m", "tests._prom_workers", str(workers), mode, url],
         cwd=ROOT,
