@@ -27,6 +27,7 @@ from leasehold.naming import name_group
 
 check_prefix = _common.checked(validate.prefix)
 check_interval = _common.checked(lambda value: validate.ttl(value, what="--interval"))
+check_poll = _common.checked(lambda value: validate.ttl(value, what="--poll"))
 
 # Rates and wait percentiles cover what was seen in this many seconds.
 WINDOW = 60.0
@@ -194,7 +195,17 @@ def _keys() -> Iterator[Callable[[float], str]]:
     show_default=True,
     callback=check_interval,
     metavar="S",
-    help="Seconds between polls of the store.",
+    help="Seconds between refreshes of the table.",
+)
+@click.option(
+    "--poll",
+    type=float,
+    default=0.2,
+    show_default=True,
+    callback=check_poll,
+    metavar="S",
+    help="Seconds between polls of the store (at most --interval): shorter sees "
+    "more hand-offs and times waits better, and reads the store more often.",
 )
 @click.option(
     "--rows",
@@ -212,11 +223,13 @@ def _keys() -> Iterator[Callable[[float], str]]:
 @click.option(
     "--once",
     is_flag=True,
-    help="Poll twice, --interval apart, print one table and exit (implied when "
+    help="Poll for --interval seconds, print one table and exit (implied when "
     "stdout is not a terminal).",
 )
 @common_options
-def top_command(prefix: str, interval: float, limit: int, groups: bool, once: bool) -> int:
+def top_command(
+    *, prefix: str, interval: float, poll: float, limit: int, groups: bool, once: bool
+) -> int:
     """Show the names with the most waiters and hand-offs, refreshing in place;
     q quits.
 
@@ -225,9 +238,9 @@ def top_command(prefix: str, interval: float, limit: int, groups: bool, once: bo
     WAITERS     queued waiters (queue depth)
     HANDOFFS/S  new grants per second (new fences seen between polls, over the
                 last minute; a lower bound when a name changes hands faster
-                than --interval)
+                than --poll)
     WAIT P99    99th percentile of how long waiters stayed queued, as seen by
-                these polls over the last minute (resolution: --interval)
+                these polls over the last minute (resolution: --poll)
     OLDEST      how long the oldest live holder has held it
     """
     out = stdout_console()
@@ -240,22 +253,26 @@ def top_command(prefix: str, interval: float, limit: int, groups: bool, once: bo
             snapshot = _view.poll(client, prefix)
             return tracker.update(snapshot, time.monotonic()), snapshot
 
+        poll = min(poll, interval)
         if once:
-            step()
-            time.sleep(interval)
             rows, snapshot = step()
+            for _ in range(max(1, math.ceil(interval / poll))):
+                time.sleep(poll)
+                rows, snapshot = step()
             out.print(
                 render(rows, title=_title(url, rows, snapshot, False), limit=limit, boxed=False)
             )
             return 0
-        return _live(out, step, url, interval, limit)
+        return _live(out, step, url=url, interval=interval, poll=poll, limit=limit)
 
 
 def _live(
     out: Console,
     step: Callable[[], tuple[list[Row], _view.StoreSnapshot]],
+    *,
     url: str,
     interval: float,
+    poll: float,
     limit: int,
 ) -> int:
     stopped: list[int] = []
@@ -278,8 +295,9 @@ def _live(
                     transient=False,
                 )
             )
+            next_refresh = time.monotonic() + interval
             while not stopped:
-                next_poll = time.monotonic() + interval
+                next_poll = time.monotonic() + poll
                 while not stopped and (left := next_poll - time.monotonic()) > 0:
                     pressed = key(left) if key is not None else ""
                     if key is None:
@@ -287,6 +305,9 @@ def _live(
                     if "q" in pressed.lower():
                         return 0
                 rows, snapshot = step()
+                if time.monotonic() < next_refresh:
+                    continue
+                next_refresh = time.monotonic() + interval
                 live.update(
                     render(
                         rows,
