@@ -266,3 +266,68 @@ def test_top_quits_on_q_in_a_terminal(store: tuple[dict[str, str], leasehold.Cli
         os.close(master)
         lease.release()
     assert with_output
+
+
+def test_exporter_health_follows_the_store(tmp_path: Path) -> None:
+    """A real Redis stopped under a running exporter: /healthz turns 503 and the
+    store series go (leasehold_store_up 0), then both come back after a restart."""
+    from tests.conftest import unavailable
+    from tests.servers.redis import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        unavailable("redis-server is not installed")
+    env = cli_env(tmp_path)
+    with RedisServer() as server:
+        with leasehold.Client(server.url) as client:
+            # A grant made at the store level: nothing releases it when the client closes.
+            request = AcquireRequest(
+                name="job:7", token=secrets.token_urlsafe(16), holder=WAITER, ttl=60
+            )
+            client.store.acquire(request)
+        proc = subprocess.Popen(
+            [*LH, "exporter", "--port", "0", "--bind", "127.0.0.1", "--interval", "0.2", server.url],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", proc.stderr.readline())
+            assert match
+            base = f"http://127.0.0.1:{match.group(1)}"
+
+            def health() -> int:
+                try:
+                    with urllib.request.urlopen(base + "/healthz", timeout=10) as response:
+                        return int(response.status)
+                except urllib.error.HTTPError as exc:
+                    exc.close()
+                    return int(exc.code)
+
+            def wait_for(status: int) -> None:
+                deadline = time.monotonic() + 30
+                while health() != status and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert health() == status
+
+            assert (
+                scrape(base + "/metrics")[
+                    ("leasehold_store_holders", frozenset({("name_group", "job:*")}))
+                ]
+                == 1
+            )
+            server.stop()
+            wait_for(503)
+            down = scrape(base + "/metrics")
+            assert down == {("leasehold_store_up", frozenset()): 0}
+            server.start()
+            wait_for(200)
+            assert scrape(base + "/metrics")[("leasehold_store_up", frozenset())] == 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+            _, err = proc.communicate()
+            assert "polling the store failed" in err
+            assert "polling the store works again" in err
+            assert err.count("polling the store failed") <= 3  # not once per poll
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()

@@ -329,6 +329,14 @@ def test_waiters_report_the_queue(lh_backend: BackendHarness) -> None:
     for name in (first, second, elsewhere):
         store.release(name, holder)
     assert store.waiters(prefix) == []
+    # A place whose queue expiry passed is not listed, on the store's clock.
+    brief = secrets.token_urlsafe(24)
+    assert isinstance(store.acquire(_request(first, holder)), Granted)
+    assert isinstance(store.acquire(_request(first, brief, queue_ttl=0.3)), Busy)
+    assert [i.name for i in store.waiters(prefix) or []] == [first]
+    time.sleep(0.6)
+    assert store.waiters(prefix) == []
+    store.release(first, holder)
 
 
 def test_release_wakes_only_the_head_waiter(lh_backend: BackendHarness) -> None:
