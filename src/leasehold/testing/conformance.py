@@ -334,7 +334,7 @@ def test_waiters_report_the_queue(lh_backend: BackendHarness) -> None:
     assert isinstance(store.acquire(_request(first, holder)), Granted)
     assert isinstance(store.acquire(_request(first, brief, queue_ttl=0.3)), Busy)
     assert [i.name for i in store.waiters(prefix) or []] == [first]
-    time.sleep(0.6)
+    lh_backend.advance(0.6)
     assert store.waiters(prefix) == []
     store.release(first, holder)
 
