@@ -331,3 +331,21 @@ def test_exporter_health_follows_the_store(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def test_election_patterns_report_the_held_elections_that_match() -> None:
+    with leasehold.Client("memory://") as client:
+        leaders = [client.election(f"beat-{i}", identity=f"node-{i}") for i in range(3)]
+        for candidate in leaders:
+            candidate.campaign(timeout=5)
+        other = client.lock("unrelated", ttl=30).acquire(timeout=5)
+        snapshot = _view.poll(client, elections=["beat-*", "idle"])
+        assert {name: info and info.owner for name, info in snapshot.leaders.items()} == {
+            "beat-0": "node-0",
+            "beat-1": "node-1",
+            "beat-2": "node-2",
+            "idle": None,  # named in full: reported while nobody leads
+        }
+        for candidate in leaders:
+            candidate.resign()
+        other.release()

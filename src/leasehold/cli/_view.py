@@ -16,6 +16,7 @@ the caller.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import socket
 import time
@@ -61,11 +62,26 @@ def poll(
     waiters = client.waiters(prefix)
     leaders: dict[str, HolderInfo | None] = {}
     for election in elections:
+        if is_pattern(election):
+            # A pattern reports the matching elections that have a leader now (one
+            # nobody leads is not in the store at all: name it to see it at 0).
+            for info in leases:
+                if fnmatch.fnmatchcase(info.name, election):
+                    known = leaders.get(info.name)
+                    if known is None or info.fence < known.fence:
+                        leaders[info.name] = info
+            continue
         holders = client.holders(election)
         # The oldest grant is the leader (see leasehold._core.election.leader_from).
         leaders[election] = min(holders, key=lambda info: info.fence, default=None)
     members = {room: client.presence(room).members() for room in rooms}
     return StoreSnapshot(leases, waiters, leaders, members, time.monotonic() - started)
+
+
+def is_pattern(election: str) -> bool:
+    """``--election`` takes names, or shell patterns (``beat-*``) over the names
+    that are held."""
+    return any(c in election for c in "*?[")
 
 
 def by_group(snapshot: StoreSnapshot, grouper: NameGrouper = name_group) -> dict[str, GroupStats]:

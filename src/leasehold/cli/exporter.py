@@ -254,7 +254,8 @@ def _poll_forever(
     multiple=True,
     metavar="NAME",
     help="Report this election's leader (repeatable): the store cannot tell "
-    "an election from a lock by itself.",
+    "an election from a lock by itself. A shell pattern (beat-*) reports every "
+    "held name that matches; only a name given in full shows 0 while nobody leads.",
 )
 @click.option(
     "--room",
@@ -296,7 +297,8 @@ def exporter_command(
     if url_argument is not None:
         _common.STATE.url = url_argument
     for election in elections:
-        validate.name(election)
+        if not _view.is_pattern(election):
+            validate.name(election)
     collector = StoreCollector(interval)
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     with open_client() as client:
