@@ -27,7 +27,7 @@ psycopg = pytest.importorskip("psycopg")
 pytest.importorskip("psycopg_pool")
 
 from leasehold import Client  # noqa: E402
-from leasehold._async.backends import postgres as apg  # noqa: E402
+from leasehold._async.backends.postgres import store as apg  # noqa: E402
 from leasehold._core.clock import SYSTEM_CLOCK  # noqa: E402
 from leasehold._core.records import (  # noqa: E402
     AcquireRequest,
@@ -39,7 +39,7 @@ from leasehold._core.records import (  # noqa: E402
 )
 from leasehold._core.url import parse  # noqa: E402
 from leasehold._errors import InvalidArgument, StoreUnavailable  # noqa: E402
-from leasehold._sync.backends import postgres as spg  # noqa: E402
+from leasehold._sync.backends.postgres import store as spg  # noqa: E402
 from tests.servers.postgres import (  # noqa: E402
     PgBouncer,
     PostgresServer,
@@ -903,7 +903,7 @@ def test_create_schema_false_needs_the_migration(pg: PostgresServer) -> None:
             store.ping()
         # Apply the shipped file the way a migration tool would: one transaction,
         # with the schema name replaced in the two marked lines only.
-        text = apg.resources.files("leasehold._scripts").joinpath("postgres/schema.sql").read_text()
+        text = apg.resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
         marked = [line for line in text.splitlines() if line.rstrip().endswith("-- (*)")]
         assert len(marked) == 2
         for line in marked:
@@ -920,7 +920,7 @@ def test_create_schema_false_needs_the_migration(pg: PostgresServer) -> None:
 
 # Version 1 of schema.sql, as first shipped: the starting point of upgrade tests.
 V1_SCHEMA_COMMIT = "b9b8456fa3bd04470b93a5044c6d5cc62eb1ab48"
-SCHEMA_FILE = "src/leasehold/_scripts/postgres/schema.sql"
+SCHEMA_FILE = "src/leasehold/_shared/postgres/schema.sql"
 
 
 def _v1_schema_sql() -> str:
@@ -946,7 +946,7 @@ def _schema_sql_at(commit: str, version_marker: str) -> str:
 
 
 def _current_schema_sql() -> str:
-    return resources.files("leasehold._scripts").joinpath("postgres/schema.sql").read_text()
+    return resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
 
 
 def _for_schema(text: str, schema: str) -> bytes:

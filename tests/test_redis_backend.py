@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import pytest
 from redis.crc import key_slot
 
-from leasehold._async.backends import redis as async_redis
+from leasehold._async.backends.redis import store as async_redis
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import (
     MAX_RECORD_BYTES,
@@ -35,7 +35,7 @@ from leasehold._core.records import (
 )
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument, StoreUnavailable
-from leasehold._sync.backends import redis as sync_redis
+from leasehold._sync.backends.redis import store as sync_redis
 from tests.conftest import unavailable
 from tests.servers.redis import RedisServer, make_tls_files, openssl_binary, redis_server_binary
 
@@ -244,7 +244,7 @@ def test_signal_keys_are_unambiguous() -> None:
 def test_scripts_start_with_a_contract() -> None:
     from importlib import resources
 
-    folder = resources.files("leasehold") / "_scripts" / "redis"
+    folder = resources.files("leasehold") / "_shared" / "redis"
     for script_name in ("acquire", "renew", "release", "holders", "leases", "break"):
         text = (folder / f"{script_name}.lua").read_text(encoding="utf-8")
         header = text.split("\n\n", 1)[0]

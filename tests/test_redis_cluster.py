@@ -22,13 +22,13 @@ from typing import TypeVar
 import pytest
 
 import leasehold
-from leasehold._async.backends import redis as async_redis
+from leasehold._async.backends.redis import store as async_redis
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.election import CHANGES
 from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver, Holder, RenewItem
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument, StoreUnavailable
-from leasehold._sync.backends import redis as sync_redis
+from leasehold._sync.backends.redis import store as sync_redis
 from tests.servers.redis import RedisServer
 from tests.servers.redis_cluster import RedisClusterServers
 from tests.test_redis_backend import need_redis, with_store

@@ -216,7 +216,7 @@ class SQLiteTables:
         return conn
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
-        schema = resources.files("leasehold._scripts").joinpath("sqlite/schema.sql").read_text()
+        schema = resources.files("leasehold._shared").joinpath("sqlite/schema.sql").read_text()
         with self._immediate(conn):
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")

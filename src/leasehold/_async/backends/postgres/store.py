@@ -1,7 +1,7 @@
 """``postgresql://`` and ``postgres://``: PostgreSQL through psycopg 3 and psycopg_pool.
 
 Lease state lives in ordinary tables of one schema (``?schema=``, default
-``leasehold``), created idempotently on first use from ``_scripts/postgres/schema.sql``.
+``leasehold``), created idempotently on first use from ``leasehold/_shared/postgres/schema.sql``.
 Every operation is one call of a PL/pgSQL function from that file: one round trip,
 one short transaction, expiry decided by the server's ``clock_timestamp()``.
 Fences come from one WAL-logged sequence, issued in the granting transaction;
@@ -39,7 +39,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from leasehold._async import _concurrency
 from leasehold._async._concurrency import AsyncEvent, AsyncMutex
-from leasehold._async.backends._postgres_io import NotifyListener
+from leasehold._async.backends.postgres.listener import NotifyListener
 from leasehold._async.store import (
     AsyncStore,
     AsyncSubscription,
@@ -286,7 +286,7 @@ def parse_options(url: StoreURL) -> PostgresOptions:
 def _schema_sql() -> str:
     """The body of schema.sql: everything between its markers (the file's first
     statements pick the schema; the store does that itself for ``?schema=``)."""
-    text = resources.files("leasehold._scripts").joinpath("postgres/schema.sql").read_text()
+    text = resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
     start = text.index("-- leasehold:body")
     end = text.index("-- leasehold:end")
     return text[text.index("\n", start) + 1 : end]
@@ -569,7 +569,7 @@ class AsyncPostgresStore(AsyncStore):
                 raise StoreUnavailable(
                     f"{self!r}: schema {self._opts.schema!r} {found} "
                     f"(version {SCHEMA_VERSION} needed) and ?create_schema=false; apply "
-                    "leasehold/_scripts/postgres/schema.sql as a migration"
+                    "leasehold/_shared/postgres/schema.sql as a migration"
                 )
             async with conn.transaction():
                 # Serialises concurrent first use and upgrades: CREATE ... IF NOT

@@ -5,7 +5,7 @@
 
 Every store operation is one Lua script call: one round trip, atomic on the server,
 with expiry decided by the server's clock (``TIME`` inside the script). The scripts
-live in ``leasehold/_scripts/redis``; each states its KEYS, ARGV and reply.
+live in ``leasehold/_shared/redis``; each states its KEYS, ARGV and reply.
 
 Layout (see ``KeyLayout``; docs/backends.md (Redis) has the whole story):
 
@@ -51,7 +51,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from leasehold._sync._concurrency import sleep
-from leasehold._sync.backends._redis_io import (
+from leasehold._sync.backends.redis.io import (
     cancellations,
     close_cluster,
     cluster_client,
@@ -59,7 +59,7 @@ from leasehold._sync.backends._redis_io import (
     connection_classes,
     raise_if_cancelled_since,
 )
-from leasehold._sync.backends._redis_pubsub import PubSubListener
+from leasehold._sync.backends.redis.pubsub import PubSubListener
 from leasehold._sync.store import (
     Store,
     Subscription,
@@ -118,7 +118,7 @@ _ANNOUNCE_RETRY: Final = 5.0
 # where the standalone store's pool waits).
 _POOL_POLL: Final = 0.005
 
-# For standalone servers (the cluster client picks its own): see _redis_io.
+# For standalone servers (the cluster client picks its own): see redis/io.py.
 _TCP_CONNECTION, _TLS_CONNECTION, _UNIX_CONNECTION = connection_classes()
 
 # Errors of redis-py, of its cluster client (some of which are no RedisError) and of
@@ -438,7 +438,7 @@ class _Script:
 
 @cache
 def _script(name: str) -> _Script:
-    folder = resources.files("leasehold") / "_scripts" / "redis"
+    folder = resources.files("leasehold") / "_shared" / "redis"
     prelude = (folder / "_prelude.lua").read_text(encoding="utf-8")
     body = (folder / f"{name}.lua").read_text(encoding="utf-8")
     source = f"{prelude}\n{body}"
@@ -889,7 +889,7 @@ class RedisStore(Store):
                 deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
                 sleep(_POOL_POLL)
         # A cancellation that arrived while redis-py was sending can be lost (see
-        # _redis_io); raise it here so a cancelled caller never carries on.
+        # redis/io.py); raise it here so a cancelled caller never carries on.
         raise_if_cancelled_since(before)
         return reply
 
