@@ -1,11 +1,16 @@
-"""The PostgreSQL backend: options, schema and migrations, store operations, listener."""
+"""The PostgreSQL backend.
 
+``options`` (the URL), ``schema`` (schema.sql and its queries), ``waiting`` (wake-up
+keys, waiters, the announcement listener), ``connection`` (pool, fork safety,
+installation, calls), ``store`` (the store operations), ``listener`` (LISTEN,
+hand-written per flavour).
+"""
+
+from leasehold._async.backends.postgres.options import PostgresOptions, parse_options
 from leasehold._async.backends.postgres.store import (
     AsyncPooledPostgresStore,
     AsyncPostgresStore,
-    PostgresOptions,
     from_url,
-    parse_options,
 )
 
 __all__ = [

@@ -19,38 +19,32 @@ available; otherwise waiters poll, and their next acquire confirms the grant.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
-import secrets
-import select
-import threading
-import urllib.parse
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from importlib import resources
+from dataclasses import replace
 from typing import Any
 
 import psycopg
 import psycopg.errors
-from psycopg import Connection, sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg.conninfo import conninfo_to_dict
 
 from leasehold._sync import _concurrency
-from leasehold._sync._concurrency import Event, Mutex
+from leasehold._sync._concurrency import Event
+from leasehold._sync.backends.postgres.connection import (
+    _LISTENER_RETRY,
+    _WAITER_GRACE,
+    PostgresConnection,
+)
 from leasehold._sync.backends.postgres.listener import NotifyListener
+from leasehold._sync.backends.postgres.options import _scrub, parse_options
+from leasehold._sync.backends.postgres.waiting import _Waiter, wake_key
 from leasehold._sync.store import (
-    Store,
     Subscription,
     HubSubscription,
-    ListenerSlot,
-    TopicHub,
 )
 from leasehold._core import validate
-from leasehold._core.clock import SYSTEM_CLOCK, Clock
+from leasehold._core.clock import Clock
 from leasehold._core.records import (
     AcquireRequest,
     AcquireResult,
@@ -64,323 +58,18 @@ from leasehold._core.records import (
     WaitResult,
 )
 from leasehold._core.url import StoreURL
-from leasehold._errors import InvalidArgument, StoreUnavailable
 
 __all__ = ["PooledPostgresStore", "PostgresStore", "from_url"]
 
 log = logging.getLogger("leasehold.postgres")
 
-# What schema_version() in schema.sql returns. Bump both together whenever the file
-# changes; a store that finds an older version re-runs the (idempotent) file.
-SCHEMA_VERSION = 5
-
-# The functions of schema.sql the store calls, and how many arguments each takes.
-_FUNCTIONS = {
-    "acquire": 10,
-    "renew": 3,
-    "release": 2,
-    "holders_of": 1,
-    "leases": 1,
-    "break_lease": 1,
-    "read_record": 1,
-    "write_record": 4,
-}
 # The most items one renew() call sends; larger batches take one call per this many
 # (the function itself works through 1,000 items at a time). Bounds how long one
 # statement runs, well inside statement_timeout.
 _RENEW_CALL_ITEMS = 20_000
 
-# URL query parameters that are leasehold's, not libpq's: removed before the rest
-# of the URL reaches libpq (which rejects parameters it does not know).
-OWN_OPTIONS = frozenset(
-    {"schema", "pooler", "pool_min_size", "pool_max_size", "create_schema", "statement_timeout"}
-)
 
-# libpq settings leasehold supplies when the URL (or the matching PG* environment
-# variable) does not. They bound how long a dead server or network path can go
-# unnoticed -- about 10 s -- which must stay well inside a lease's safe deadline.
-LIBPQ_DEFAULTS: dict[str, tuple[str, str | None]] = {
-    "connect_timeout": ("5", "PGCONNECT_TIMEOUT"),
-    "keepalives": ("1", None),
-    "keepalives_idle": ("4", None),
-    "keepalives_interval": ("2", None),
-    "keepalives_count": ("2", None),
-    "tcp_user_timeout": ("9000", None),  # ms: unacknowledged data fails the socket
-    "application_name": ("leasehold", "PGAPPNAME"),
-}
-_INT_PARAMS = (
-    "connect_timeout",
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
-)
-_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_POOLERS = ("none", "session", "transaction")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-_STATEMENT_TIMEOUT_DEFAULT = 5.0
-_POOL_WAIT = 1.0  # seconds to wait for a pooled connection before connecting directly
-_QUICK_FAILURE = 1.0  # seconds: a call that failed faster than this may be retried
-_LISTENER_RETRY = 5.0  # seconds before a failed LISTEN connection is tried again
-_WAITER_GRACE = 5.0  # keep a wake-up registration this long past its queue expiry
-
-# Stores that found themselves in a forked child keep their parent's pool and
-# listener here forever: letting them be collected would run finalizers that talk
-# to (or close) sockets the parent still uses.
-_ORPHANED: list[object] = []
-
-
-@dataclass(frozen=True)
-class PostgresOptions:
-    """Everything the URL says, validated before any I/O."""
-
-    conninfo: str = ""
-    schema: str = "leasehold"
-    pooler: str = "none"
-    pool_min_size: int = 1
-    pool_max_size: int = 10
-    create_schema: bool = True
-    statement_timeout: float = _STATEMENT_TIMEOUT_DEFAULT
-    connect_timeout: float = 5.0
-    secrets: tuple[str, ...] = ()
-
-    @property
-    def listen(self) -> bool:
-        return self.pooler != "transaction"
-
-    def __repr__(self) -> str:  # never show the conninfo: it holds the password
-        return (
-            f"PostgresOptions(schema={self.schema!r}, pooler={self.pooler!r}, "
-            f"pool={self.pool_min_size}..{self.pool_max_size})"
-        )
-
-
-def _scrub(text: str, hidden: Sequence[str]) -> str:
-    for secret in hidden:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _seconds(key: str, value: str, *, allow_zero: bool = False) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not (number >= 0 if allow_zero else number > 0) or number == float("inf"):
-        raise InvalidArgument(f"?{key}= must be a positive number of seconds, got {value!r}")
-    return number
-
-
-def _count(key: str, value: str, lowest: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise InvalidArgument(f"?{key}= must be an integer, got {value!r}") from None
-    if number < lowest:
-        raise InvalidArgument(f"?{key}= must be at least {lowest}, got {number}")
-    return number
-
-
-def parse_options(url: StoreURL) -> PostgresOptions:
-    """Split leasehold's options from libpq's and validate both; no I/O."""
-    parts = urllib.parse.urlsplit(url.raw)
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    hidden = [p for p in (parts.password, urllib.parse.unquote(parts.password or "")) if p]
-    hidden += [v for k, v in pairs if k.lower() in ("password", "sslpassword") and v]
-    own: dict[str, str] = {}
-    passthrough: list[tuple[str, str]] = []
-    for key, value in pairs:
-        if key in OWN_OPTIONS:
-            if key in own:
-                raise InvalidArgument(f"?{key}= is given twice in {url.redacted!r}")
-            own[key] = value
-        else:
-            passthrough.append((key, value))
-
-    schema = own.get("schema", "leasehold")
-    if not _SCHEMA_RE.fullmatch(schema):
-        raise InvalidArgument(
-            f"?schema={schema!r} is not a plain identifier: use letters, digits and "
-            "underscores, at most 63 characters, not starting with a digit"
-        )
-    pooler = own.get("pooler", "none").lower() or "none"
-    if pooler == "statement":
-        raise InvalidArgument(
-            "?pooler=statement is not supported: installing the schema needs a "
-            "multi-statement transaction; use transaction pooling"
-        )
-    if pooler not in _POOLERS:
-        raise InvalidArgument(f"?pooler= must be one of {', '.join(_POOLERS)}, got {pooler!r}")
-    create = own.get("create_schema", "true").lower()
-    if create not in _TRUE + _FALSE:
-        raise InvalidArgument(f"?create_schema= must be true or false, got {create!r}")
-    pool_min = _count("pool_min_size", own.get("pool_min_size", "1"), 0)
-    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(10, pool_min))), 1)
-    if pool_max < pool_min:
-        raise InvalidArgument(
-            f"?pool_max_size={pool_max} is smaller than ?pool_min_size={pool_min}"
-        )
-    statement_timeout = _seconds(
-        "statement_timeout",
-        own.get("statement_timeout", str(_STATEMENT_TIMEOUT_DEFAULT)),
-        allow_zero=True,
-    )
-
-    # Rebuild the URL without our parameters, then let libpq's own parser (no I/O)
-    # check the rest: unknown parameters and malformed URLs fail here, not later.
-    libpq_url = urllib.parse.urlunsplit(
-        (
-            parts.scheme,
-            parts.netloc,
-            parts.path,
-            urllib.parse.urlencode(passthrough, quote_via=urllib.parse.quote),
-            parts.fragment,
-        )
-    )
-    try:
-        given = conninfo_to_dict(libpq_url)
-    except psycopg.Error as exc:
-        raise InvalidArgument(
-            f"invalid PostgreSQL url {url.redacted!r}: {_scrub(str(exc), hidden)}"
-        ) from None
-    for key in _INT_PARAMS:
-        setting = given.get(key)
-        if setting is not None and not re.fullmatch(r"-?\d+", str(setting)):
-            raise InvalidArgument(f"?{key}= must be an integer, got {setting!r}")
-    for port in str(given.get("port") or "").split(","):
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
-            raise InvalidArgument(f"invalid port {port!r} in {url.redacted!r}")
-    sslmode = given.get("sslmode")
-    if sslmode is not None and str(sslmode) not in _SSLMODES:
-        raise InvalidArgument(f"?sslmode= must be one of {', '.join(_SSLMODES)}, got {sslmode!r}")
-
-    extra: dict[str, Any] = {}
-    for key, (default, env) in LIBPQ_DEFAULTS.items():
-        if key not in given and not (env and os.environ.get(env)):
-            extra[key] = default
-    if statement_timeout > 0 and pooler != "transaction":
-        # A startup option: transaction poolers (pgbouncer) reject unknown startup
-        # parameters, so behind them only the functions' own lock_timeout applies.
-        setting = f"-c statement_timeout={int(statement_timeout * 1000)}"
-        current = str(given.get("options") or os.environ.get("PGOPTIONS") or "")
-        if "statement_timeout" not in current:
-            extra["options"] = f"{current} {setting}".strip()
-    connect_timeout = float(given.get("connect_timeout") or extra.get("connect_timeout") or 5)
-    return PostgresOptions(
-        conninfo=make_conninfo(libpq_url, **extra),
-        schema=schema,
-        pooler=pooler,
-        pool_min_size=pool_min,
-        pool_max_size=pool_max,
-        create_schema=create in _TRUE,
-        statement_timeout=statement_timeout,
-        # libpq treats values below 2 s as 2 s; the pool waits a little longer.
-        connect_timeout=max(2.0, connect_timeout) + 1.0,
-        secrets=tuple(hidden),
-    )
-
-
-def _schema_sql() -> str:
-    """The body of schema.sql: everything between its markers (the file's first
-    statements pick the schema; the store does that itself for ``?schema=``)."""
-    text = resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
-    start = text.index("-- leasehold:body")
-    end = text.index("-- leasehold:end")
-    return text[text.index("\n", start) + 1 : end]
-
-
-def _function_queries(schema: str) -> dict[str, bytes]:
-    """``SELECT * FROM "schema".function(%s, ...)`` for every function, built once per
-    store: the per-call path only looks one up. ``schema`` matched ``_SCHEMA_RE``
-    (letters, digits, underscores), so double quotes make it a safe identifier."""
-    return {
-        function: (f'SELECT * FROM "{schema}".{function}({", ".join(["%s"] * arity)})').encode()
-        for function, arity in _FUNCTIONS.items()
-    }
-
-
-def wake_key(name: str, token: str) -> str:
-    """What a NOTIFY carries to wake (name, token): a hash, so tokens stay secret.
-    A hand-over sends ``"<wake_key> <fence>"``."""
-    return hashlib.sha256(f"{len(name)}:{name}{token}".encode()).hexdigest()[:32]
-
-
-class _Waiter:
-    """A token this store listens for: ``notified`` when a notification arrived,
-    ``fence`` when it was a hand-over (the token is a holder now). The event is made
-    only by a ``wait`` that has to block: most acquires are granted at once, and
-    never need one."""
-
-    __slots__ = ("event", "fence", "notified", "until")
-
-    def __init__(self, until: float) -> None:
-        self.until = until
-        self.notified = False
-        self.fence: int | None = None
-        self.event: Event | None = None
-
-
-def announce_channel(schema: str) -> str:
-    """The NOTIFY channel of a schema's announcements: fixed per schema, so every
-    store on it meets there; hashed, so any schema name makes a short identifier."""
-    return "leasehold_announce_" + hashlib.sha256(schema.encode()).hexdigest()[:16]
-
-
-def _looks_dead(conn: Connection[Any]) -> bool:
-    """True if an idle pooled connection has something to read.
-
-    Nothing is sent to an idle connection without LISTEN except the goodbye of a
-    terminated backend (FATAL, then EOF). Checking costs no round trip, so a
-    connection killed while idle in the pool is dropped before it fails a call.
-    """
-    if conn.closed or conn.broken:
-        return True
-    try:
-        fd = conn.pgconn.socket
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            return bool(poller.poll(0))
-        readable, _, _ = select.select([fd], [], [], 0)
-        return bool(readable)
-    except (OSError, ValueError, psycopg.Error):
-        return True
-
-
-def _disown(fd: int | None) -> None:
-    """Point ``fd`` at /dev/null in this (forked) process only.
-
-    Whatever later closes or finalizes the inherited connection then writes its
-    Terminate message to /dev/null instead of ending the parent's session.
-    """
-    if fd is None or fd < 0:
-        return
-    try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-    except OSError:
-        return
-    try:
-        os.dup2(devnull, fd)
-    except OSError:
-        pass
-    finally:
-        os.close(devnull)
-
-
-class _Retry(Exception):
-    """A call failed because its connection died; safe to repeat once if idempotent."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-class PostgresStore(Store):
+class PostgresStore(PostgresConnection):
     capabilities = Capabilities(
         server_clock=True,
         durable=True,
@@ -407,267 +96,6 @@ class PostgresStore(Store):
             target = PooledPostgresStore
         instance: PostgresStore = super().__new__(target)
         return instance
-
-    def __init__(self, url: StoreURL, clock: Clock | None = None) -> None:
-        self.url = url
-        self._opts = parse_options(url)
-        # Only local bookkeeping (listener retries, forgetting stale waiters) reads
-        # this clock; every lease decision is made by the server's clock.
-        self._clock = clock or SYSTEM_CLOCK
-        self._pid = os.getpid()
-        self._pool: ConnectionPool[Connection[tuple[Any, ...]]] | None = None
-        self._connections: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
-        self._schema_ready = False
-        self._closed = False
-        self._mutex = Mutex()
-        self._listener_mutex = Mutex()
-        self._listener: NotifyListener | None = None
-        self._listener_retry_at = float("-inf")
-        self._listener_error: str | None = None
-        self._channel = f"leasehold_{secrets.token_hex(12)}"
-        self._waiters_guard = threading.Lock()
-        self._waiters: dict[str, _Waiter] = {}
-        self._next_sweep = float("-inf")
-        self._schema = sql.Identifier(self._opts.schema)
-        self._queries = _function_queries(self._opts.schema)
-        # Announcements: pg_notify on one channel per schema, the topic as payload;
-        # subscribers share one more LISTEN connection, started on first subscribe.
-        self._announce_channel = announce_channel(self._opts.schema)
-        self._topics = TopicHub()
-        self._announcements = ListenerSlot(
-            self._announce_listener, retry=_LISTENER_RETRY, what=repr(self)
-        )
-
-    # -- connections --------------------------------------------------------------
-
-    def _after_fork(self) -> None:
-        """In a forked child: abandon (never use, never close) the parent's sockets."""
-        if os.getpid() == self._pid:
-            return
-        for conn in list(self._connections):
-            if not conn.closed:
-                _disown(conn.pgconn.socket)
-        listener = self._listener
-        if listener is not None:
-            _disown(listener.fileno())
-        announcing = self._announcements.listener
-        if isinstance(announcing, _AnnounceListener):
-            _disown(announcing.fileno())
-        self._topics.after_fork_in_child()
-        _ORPHANED.extend(x for x in (self._pool, listener) if x is not None)
-        self._pool = None
-        self._listener = None
-        self._connections = weakref.WeakSet()
-        # Locks may have been held by threads that do not exist in the child.
-        self._mutex = Mutex()
-        self._listener_mutex = Mutex()
-        self._waiters_guard = threading.Lock()
-        self._waiters = {}
-        self._channel = f"leasehold_{secrets.token_hex(12)}"
-        self._pid = os.getpid()
-
-    def _configure(self, conn: Connection[Any]) -> None:
-        self._connections.add(conn)
-
-    def _ready_pool(self) -> ConnectionPool[Connection[tuple[Any, ...]]]:
-        self._after_fork()
-        pool = self._pool
-        if pool is not None and self._schema_ready:
-            return pool
-        with self._mutex:
-            if self._closed:
-                raise StoreUnavailable(f"{self!r} is closed")
-            if self._pool is None:
-                pool = ConnectionPool(
-                    self._opts.conninfo,
-                    kwargs=self._connect_kwargs(),
-                    min_size=self._opts.pool_min_size,
-                    max_size=self._opts.pool_max_size,
-                    open=False,
-                    configure=self._configure,
-                    timeout=self._opts.connect_timeout,
-                    # Give up a reconnection series soon: the next call starts a new
-                    # one at once instead of waiting out a long backoff delay.
-                    reconnect_timeout=2 * self._opts.connect_timeout,
-                    name=f"leasehold-{self._opts.schema}",
-                )
-                pool.open(wait=False)
-                self._pool = pool
-            pool = self._pool
-            if not self._schema_ready:
-                self._install(pool)
-                self._schema_ready = True
-        return pool
-
-    def _getconn(
-        self, pool: ConnectionPool[Connection[tuple[Any, ...]]]
-    ) -> tuple[Connection[tuple[Any, ...]], bool]:
-        """A live connection, and whether it is the pool's (else a one-off, closed
-        after use)."""
-        waited = False
-        for _ in range(self._opts.pool_max_size + 1):
-            try:
-                conn = pool.getconn(timeout=self._opts.connect_timeout if waited else _POOL_WAIT)
-            except PoolTimeout:
-                if waited:
-                    raise
-                if pool.get_stats().get("pool_size", 0) >= self._opts.pool_max_size:
-                    waited = True  # full and busy: wait for a connection like anyone
-                    continue
-                # The pool is failing to connect. Its reconnection backoff doubles
-                # up to minutes, longer than a lease lives after an outage, so this
-                # call connects by itself; that also makes an error name the real
-                # cause (refused, authentication, DNS) instead of "timeout".
-                return self._connect(), False
-            if not _looks_dead(conn):
-                return conn, True
-            conn.close()  # the pool discards closed connections it gets back
-            pool.putconn(conn)
-        return self._connect(), False
-
-    def _putconn(
-        self,
-        pool: ConnectionPool[Connection[tuple[Any, ...]]],
-        conn: Connection[tuple[Any, ...]],
-        pooled: bool,
-    ) -> None:
-        if pooled:
-            pool.putconn(conn)
-        else:
-            conn.close()
-
-    def _connect(self) -> Connection[tuple[Any, ...]]:
-        return Connection.connect(self._opts.conninfo, **self._connect_kwargs())
-
-    def _connect_kwargs(self) -> dict[str, Any]:
-        return {
-            "autocommit": True,
-            # Server-side prepared statements are session state, which a transaction
-            # pooler does not keep: never prepare there.
-            "prepare_threshold": None if self._opts.pooler == "transaction" else 5,
-        }
-
-    def _install(self, pool: ConnectionPool[Connection[tuple[Any, ...]]]) -> None:
-        """Create or upgrade the schema once per store; cheap when it is current."""
-        conn, pooled = self._getconn(pool)
-        try:
-            installed = 0
-            try:
-                cur = conn.execute(sql.SQL("SELECT {}.schema_version()").format(self._schema))
-                row = cur.fetchone()
-                installed = 0 if row is None else int(row[0])
-            except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
-                pass
-            if installed >= SCHEMA_VERSION:
-                return
-            if not self._opts.create_schema:
-                found = (
-                    "has no leasehold tables"
-                    if installed == 0
-                    else f"holds leasehold schema version {installed}"
-                )
-                raise StoreUnavailable(
-                    f"{self!r}: schema {self._opts.schema!r} {found} "
-                    f"(version {SCHEMA_VERSION} needed) and ?create_schema=false; apply "
-                    "leasehold/_shared/postgres/schema.sql as a migration"
-                )
-            with conn.transaction():
-                # Serialises concurrent first use and upgrades: CREATE ... IF NOT
-                # EXISTS alone can still fail with a unique violation when two
-                # sessions race.
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext('leasehold'), hashtext('install'))"
-                )
-                # Look again under the lock: whoever held it may have installed this
-                # version, or a newer one that this (older) file must not replace.
-                # A lookup before the call, as an error would abort the transaction.
-                # (Locking pg_namespace to read it also makes the session take in
-                # catalog changes committed while it waited.)
-                cur = conn.execute(
-                    "SELECT n.oid IS NOT NULL, to_regprocedure(%s) IS NOT NULL "
-                    "FROM (SELECT 1) one LEFT JOIN pg_namespace n ON n.nspname = %s",
-                    (
-                        sql.Identifier(self._opts.schema).as_string(conn) + ".schema_version()",
-                        self._opts.schema,
-                    ),
-                )
-                row = cur.fetchone()
-                has_schema, has_version = (bool(row[0]), bool(row[1])) if row else (False, False)
-                if has_version:
-                    cur = conn.execute(sql.SQL("SELECT {}.schema_version()").format(self._schema))
-                    row = cur.fetchone()
-                    if row is not None and int(row[0]) >= SCHEMA_VERSION:
-                        return
-                if not has_schema:
-                    # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE
-                    # privilege on the database even when the schema exists.
-                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(self._schema))
-                path = sql.Identifier(self._opts.schema).as_string(conn) + ", pg_temp"
-                conn.execute("SELECT set_config('search_path', %s, true)", (path,))
-                conn.execute(_schema_sql().encode())
-        finally:
-            self._putconn(pool, conn, pooled)
-
-    def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        pool = self._ready_pool()
-        conn, pooled = self._getconn(pool)
-        try:
-            cur = conn.execute(query, params)
-            return list(cur.fetchall())
-        except psycopg.Error as exc:
-            if conn.closed or conn.broken:
-                raise _Retry(exc) from exc
-            raise
-        finally:
-            self._putconn(pool, conn, pooled)
-
-    def _call(
-        self, what: str, function: str, params: Sequence[Any], *, idempotent: bool = True
-    ) -> list[tuple[Any, ...]]:
-        """Run ``SELECT * FROM schema.function(params)``; every driver error ends here."""
-        return self._query(what, self._queries[function], params, idempotent=idempotent)
-
-    def _query(
-        self, what: str, query: bytes, params: Sequence[Any], *, idempotent: bool
-    ) -> list[tuple[Any, ...]]:
-        # A connection that dies under a call (backend terminated, server restarted)
-        # is retried once on a fresh connection when repeating cannot change the
-        # answer; release and break_lease report the failure instead. Only a quick
-        # failure is retried: a slow one means a dead network path, where a second
-        # attempt would only double the time until the caller hears of it.
-        attempts = 2 if idempotent else 1
-        started = self._clock.monotonic()
-        for attempt in range(attempts):
-            try:
-                return self._run(query, params)
-            except _Retry as exc:
-                quick = self._clock.monotonic() - started < _QUICK_FAILURE
-                if attempt + 1 >= attempts or not quick:
-                    raise self._unavailable(what, exc.cause) from None
-            except StoreUnavailable:
-                raise
-            except (psycopg.Error, OSError) as exc:
-                raise self._unavailable(what, exc) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
-        """The one place a driver error becomes StoreUnavailable, password removed."""
-        detail = str(exc).strip() or type(exc).__name__
-        if isinstance(exc, PoolTimeout):
-            # Raised only when every one of pool_max_size connections stayed busy.
-            detail = (
-                f"all {self._opts.pool_max_size} pooled connections stayed busy for "
-                f"{self._opts.connect_timeout + _POOL_WAIT:g} s (raise ?pool_max_size=)"
-            )
-        sqlstate = getattr(exc, "sqlstate", None)
-        kind = type(exc).__name__ + (f" {sqlstate}" if sqlstate else "")
-        message = f"{self!r}: {what} failed ({kind}): {detail}"
-        if self._opts.listen and (
-            sqlstate in ("42P05", "26000") or "unsupported startup parameter" in detail
-        ):
-            # What a transaction-mode pooler does to session state.
-            message += " (behind a transaction-mode pooler? add ?pooler=transaction)"
-        return StoreUnavailable(_scrub(message, self._opts.secrets))
 
     # -- wake-ups -----------------------------------------------------------------
 
@@ -940,15 +368,6 @@ class PostgresStore(Store):
             return Subscription(topic)  # no LISTEN behind a transaction pooler
         return HubSubscription(topic, self._topics, self._announcements)
 
-    def _announce_listener(self) -> _AnnounceListener:
-        listener = NotifyListener(
-            self._opts.conninfo,
-            self._announce_channel,
-            self._topics.wake,
-            self._topics.wake_all,
-        )
-        return _AnnounceListener(listener, repr(self), self._opts.secrets)
-
     def warnings(self) -> list[str]:
         found: list[str] = []
         if not self._opts.listen:
@@ -981,34 +400,6 @@ class PostgresStore(Store):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url.redacted!r})"
-
-
-class _AnnounceListener:
-    """The ``NotifyListener`` on a schema's announcement channel, as the
-    ``Listener`` a ``ListenerSlot`` keeps: its failures are StoreUnavailable,
-    password removed."""
-
-    def __init__(self, listener: NotifyListener, what: str, hidden: Sequence[str]) -> None:
-        self._listener = listener
-        self._what = what
-        self._hidden = hidden
-
-    @property
-    def alive(self) -> bool:
-        return self._listener.alive
-
-    def fileno(self) -> int | None:
-        return self._listener.fileno()
-
-    def start(self) -> None:
-        try:
-            self._listener.start()
-        except (psycopg.Error, OSError) as exc:
-            message = f"{self._what}: LISTEN failed: {str(exc).strip() or type(exc).__name__}"
-            raise StoreUnavailable(_scrub(message, self._hidden)) from None
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 class PooledPostgresStore(PostgresStore):
