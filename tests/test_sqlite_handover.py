@@ -28,7 +28,8 @@ from leasehold._core.records import (
 from leasehold._core.url import parse
 from leasehold._errors import StoreUnavailable
 from leasehold._shared.sqlite import wake as _wake
-from leasehold._shared.sqlite.tx import SQLiteTables, boot_id
+from leasehold._shared.sqlite.connection import boot_id
+from leasehold._shared.sqlite.tx import SQLiteTables
 from leasehold._sync.backends.sqlite.store import SQLiteStore, _heard, from_url
 
 HOLDER = Holder(owner="holder", host="h", pid=1)

@@ -39,7 +39,8 @@ from leasehold._core.url import StoreURL, query_options
 from leasehold._errors import InvalidArgument, StoreUnavailable
 from leasehold._shared.sqlite import topics as _sqlite_topics
 from leasehold._shared.sqlite import wake as _wake
-from leasehold._shared.sqlite.tx import NETWORK_FILESYSTEMS, SQLiteTables, Wakes, boot_clock
+from leasehold._shared.sqlite.connection import NETWORK_FILESYSTEMS, boot_clock
+from leasehold._shared.sqlite.tx import SQLiteTables, Wakes
 
 DEFAULT_BUSY_TIMEOUT = 10.0
 FALLBACK_POLL = 0.2
