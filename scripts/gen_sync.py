@@ -39,6 +39,7 @@ REPLACEMENTS = {
     "AsyncEvent": "Event",
     "AsyncCall": "Call",
     "AsyncGates": "Gates",
+    "AsyncContext": "Context",
     "AsyncMutex": "Mutex",
     "AsyncBodyGuard": "BodyGuard",
     "AsyncMemoryStore": "MemoryStore",
