@@ -56,7 +56,7 @@ class AsyncClient:
         self.store: AsyncStore = store
         self._identity = identity
         # What the primitives get: they never see the client itself.
-        self._context = AsyncContext(store, self.clock, Holder.for_this_process(identity))
+        self._context = AsyncContext(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
 

@@ -20,12 +20,15 @@ from leasehold._core.stats import Counters
 class AsyncContext:
     """The narrow view of a client that primitives and leases use.
 
+    ``client_id`` is the client's ``id()``, as ``leasehold.events`` uses it.
     ``holder`` and ``gates`` are replaced in a forked child (see the client);
     ``closed`` is set once the client is closing.
     """
 
-    def __init__(self, store: AsyncStore, clock: Clock, holder: Holder) -> None:
+    def __init__(self, store: AsyncStore, clock: Clock, holder: Holder, client_id: int) -> None:
         self.store = store
+        # id() of the client: what leasehold.events tells clients apart by.
+        self.client_id = client_id
         self.clock = clock
         self.holder = holder
         self.counters = Counters()

@@ -58,7 +58,7 @@ class Client:
         self.store: Store = store
         self._identity = identity
         # What the primitives get: they never see the client itself.
-        self._context = Context(store, self.clock, Holder.for_this_process(identity))
+        self._context = Context(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
 
