@@ -96,9 +96,13 @@ class Busy(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimedOut(Event):
-    """``acquire(timeout=...)`` gave up; ``wait`` is how long it waited."""
+    """``acquire(timeout=...)`` gave up; ``wait`` is how long it waited.
+    ``cancelled`` is True when the caller stopped waiting instead (its task was
+    cancelled, an election was stopped): not a timeout anybody set, but the
+    acquire still ends here, so gauges of waiters stay right."""
 
     wait: float
+    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,6 +21,7 @@ from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 
 if TYPE_CHECKING:
     from leasehold._async.client import AsyncClient
+    from leasehold.events import Primitive
 
 logger = logging.getLogger("leasehold")
 
@@ -56,11 +57,15 @@ class AsyncLock:
         on_lost: OnLost | None = None,
         margin: float | None = None,
         owner: str | None = None,
+        primitive: Primitive | None = None,
     ) -> None:
         self._client = client
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
+        # What events and metrics call it: an election's, a once's or a presence
+        # room's lock says so.
+        self._primitive: Primitive = primitive or ("semaphore" if self._limit > 1 else "lock")
         if not isinstance(renew, bool):
             raise InvalidArgument(f"renew must be a bool, got {type(renew).__name__}")
         self._renew = renew
@@ -91,14 +96,33 @@ class AsyncLock:
         """Wait until granted; ``AcquireTimeout`` after ``timeout`` seconds (None:
         forever). Waiters are served in arrival order."""
         checked = validate.timeout(timeout)
-        lease = await self._acquire(checked, queue=checked != 0)
+        started = self._client._observer.acquire_started(self._primitive, self._name, True)
+        lease = await self._observed(started, checked, blocking=True)
         if lease is None:
             raise AcquireTimeout(self._name, checked or 0.0)
         return lease
 
     async def try_acquire(self) -> AsyncLease | None:
         """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
-        return await self._acquire(0.0, queue=False)
+        started = self._client._observer.acquire_started(self._primitive, self._name, False)
+        return await self._observed(started, 0.0, blocking=False)
+
+    async def _observed(
+        self, started: float, timeout: float | None, *, blocking: bool, final: bool = True
+    ) -> AsyncLease | None:
+        """One acquire, reported: exactly one outcome per ``acquire_started``
+        (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
+        observer = self._client._observer
+        try:
+            lease = await self._acquire(timeout, queue=blocking and timeout != 0)
+        except BaseException as exc:
+            observer.acquire_failed(self._primitive, self._name, started, exc)
+            raise
+        if lease is not None:
+            observer.acquired(self._primitive, self._name, lease.fence, started, lease._handed_over)
+        elif final:
+            observer.not_acquired(self._primitive, self._name, started, blocking=blocking)
+        return lease
 
     async def _acquire(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
         if not queue:
@@ -112,17 +136,13 @@ class AsyncLock:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
-                    client._counters.add("timed_out")
-                    client._counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
-            return await self._attempts(remaining, queue=True, started=started)
+            return await self._attempts(remaining, queue=True)
         finally:
             client._gates.leave(key, turn)
 
-    async def _attempts(
-        self, timeout: float | None, *, queue: bool, started: float | None = None
-    ) -> AsyncLease | None:
+    async def _attempts(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
         client = self._client
         store = client.store
         clock = client.clock
@@ -138,8 +158,6 @@ class AsyncLock:
             limit=self._limit,
             queue_ttl=QUEUE_TTL if queue else None,
         )
-        if started is None:
-            started = clock.monotonic()
         deadline = None if timeout is None else clock.monotonic() + timeout
         attempt = 0
         failures = 0
@@ -160,7 +178,7 @@ class AsyncLock:
                     now = clock.monotonic()
                     if deadline is not None and now >= deadline:
                         raise
-                    logger.warning("acquire %r: store error (%s); retrying", self._name, exc)
+                    client._observer.acquire_retry(self._name, exc)
                     pause = STORE_RETRY.delay(failures - 1)
                     if deadline is not None:
                         pause = min(pause, deadline - now)
@@ -169,15 +187,11 @@ class AsyncLock:
                 reached_store = True
                 failures = 0
                 if isinstance(result, Granted):
-                    return self._granted(
-                        token, fence=result.fence, owner=holder.owner, sent=sent, started=started
-                    )
+                    return self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
                 if result.position is not None:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    client._counters.add("timed_out" if queue else "skipped")
-                    client._counters.add("wait_time", now - started)
                     if queue:
                         await shielded(lambda: store.release(self._name, token))
                     return None
@@ -202,7 +216,6 @@ class AsyncLock:
                         fence=woken.fence,
                         owner=holder.owner,
                         sent=queued_at,
-                        started=started,
                         term=term,
                     )
                 attempt += 1
@@ -230,7 +243,6 @@ class AsyncLock:
         fence: int,
         owner: str,
         sent: float,
-        started: float,
         term: float | None = None,
     ) -> AsyncLease:
         client = self._client
@@ -247,10 +259,11 @@ class AsyncLock:
             on_lost=self._on_lost,
             owner=owner,
             term=term,
+            primitive=self._primitive,
+            restarts=client.store.restarts(self._name),
         )
+        lease._handed_over = term is not None  # only a hand-over passes a term
         client._track(lease)
-        client._counters.add("acquired")
-        client._counters.add("wait_time", client.clock.monotonic() - started)
         return lease
 
     @staticmethod

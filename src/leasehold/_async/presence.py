@@ -15,13 +15,16 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from leasehold import events
 from leasehold._async._concurrency import IS_ASYNC, sleep
 from leasehold._async.lease import AsyncLease
+from leasehold._async.lock import AsyncLock
 from leasehold._core import presence as core
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin
-from leasehold._core.presence import Epoch, Member, Snapshot
+from leasehold._core.presence import Epoch, Member, Room, Snapshot
+from leasehold._core.presence_changes import changes
 from leasehold._errors import AcquireTimeout, InvalidArgument
 
 if TYPE_CHECKING:
@@ -67,7 +70,9 @@ class AsyncPresence:
         self._intent_ttl = validate.ttl(intent_ttl, what="intent_ttl")
         self._create_ttl = validate.ttl(create_ttl, what="create_ttl")
         self._key = core.RECORD_PREFIX + self._room
-        self._lock = client.lock(core.CREATE_LOCK_PREFIX + self._room, ttl=self._create_ttl)
+        self._lock = AsyncLock(
+            client, core.CREATE_LOCK_PREFIX + self._room, ttl=self._create_ttl, primitive="presence"
+        )
 
     @property
     def room(self) -> str:
@@ -320,7 +325,8 @@ class AsyncPresence:
         while True:
             sent = clock.monotonic()
             record = await store.read_record(self._key)
-            step = transition(core.decode(self._key, record.value), record.now, record.version)
+            before = core.decode(self._key, record.value)
+            step = transition(before, record.now, record.version)
             if step.write is None:
                 return step.result, (record.version, record.now), sent
             value = core.encode(step.write)
@@ -328,15 +334,36 @@ class AsyncPresence:
                 self._key, record.version, value, core.record_ttl(step.write)
             )
             if version is not None:
+                if events.wanted():
+                    self._report(before, step.write, record.now)
                 return step.result, (version, record.now), sent
             await sleep(CAS_RETRY.delay(attempt))
             attempt += 1
+
+    def _report(self, before: Room | None, after: Room, now: float) -> None:
+        """Events for what a write of ours changed (see presence_changes)."""
+        observer = self._client._observer
+        for change, member in changes(before, after, now):
+            if member is None:
+                kind = events.RoomOpened if change == "opened" else events.RoomClosed
+                observer.emit(kind, "presence", self._room, epoch=after.epoch)
+            else:
+                observer.emit(
+                    _MEMBER_EVENTS[change], "presence", self._room, member=member, epoch=after.epoch
+                )
 
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} {self._room!r} member_ttl={self._member_ttl:g}s "
             f"intent_ttl={self._intent_ttl:g}s>"
         )
+
+
+_MEMBER_EVENTS: dict[str, type[events.Event]] = {
+    "joined": events.MemberJoined,
+    "left": events.MemberLeft,
+    "intent_expired": events.IntentExpired,
+}
 
 
 async def _result_of(made: Any) -> Any:

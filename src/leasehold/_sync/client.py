@@ -21,11 +21,13 @@ from leasehold._sync.store import Store
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import default_url
+from leasehold._core.health import Health, LeaseFacts, assess
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
-from leasehold._core.stats import Counters, Statistics
+from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument
+from leasehold._observe import Observer
 
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 _CLIENTS_GUARD = threading.Lock()
@@ -58,7 +60,9 @@ class Client:
         self.store: Store = store
         self._identity = identity
         self.holder = Holder.for_this_process(identity)
-        self._counters = Counters()
+        # Statistics, events, logs and health facts: every primitive reports here.
+        self._observer = Observer(client_id=id(self), store=store.url.scheme, clock=self.clock)
+        self._counters = self._observer.counters
         self._keeper = Keeper(self)
         self._gates = Gates()
         self._closed = False
@@ -168,7 +172,29 @@ class Client:
         return removed
 
     def statistics(self) -> Statistics:
+        """This client's counters since it was created (see ``Statistics``)."""
         return self._counters.snapshot()
+
+    def health(self) -> Health:
+        """What this client knows about itself right now, without I/O: whether its
+        renewer runs, how long ago the store last confirmed a renewal or answered
+        at all, and which held leases are within one renewal interval of their safe
+        deadline (see ``Health``)."""
+        leases = [
+            LeaseFacts(lease.name, lease.deadline, lease.term, lease.renewing)
+            for lease in self._keeper.tracked()
+            if not lease.released and not lease.lost
+        ]
+        observer = self._observer
+        return assess(
+            self.clock.monotonic(),
+            leases,
+            keeper_running=self._keeper.running(),
+            last_renewal=observer.last_renewal,
+            last_answer=observer.last_answer,
+            last_failure=observer.last_failure,
+            last_error=observer.last_error,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -181,7 +207,8 @@ class Client:
     def _after_fork_in_child(self) -> None:
         self._keeper.after_fork_in_child()
         self._gates = Gates()
-        self._counters.reset_after_fork()
+        self._observer.after_fork_in_child()
+        self._counters = self._observer.counters
         self.holder = Holder.for_this_process(self._identity)
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from leasehold import retry
+from leasehold import events, retry
 from leasehold._sync._concurrency import IS_ASYNC, sleep
 from leasehold._sync.lease import Lease
 from leasehold._sync.lock import Lock
@@ -101,7 +101,7 @@ class Once:
             raise InvalidArgument("serializer must have dumps(obj) -> bytes and loads(bytes)")
         self._serializer: Serializer = JSON if serializer is None else serializer
         self._timeout = validate.timeout(timeout)
-        self._lock = Lock(client, self._name, ttl=ttl, margin=margin)
+        self._lock = Lock(client, self._name, ttl=ttl, margin=margin, primitive="once")
 
     @property
     def key(self) -> str:
@@ -145,6 +145,7 @@ class Once:
         first = store.read_record(self._name)
         entry = decode(first.value)
         if entry.state == "done":
+            self._reused()
             return self._loads(entry.payload)
         if entry.state == "failed" and not self._retry_failed:
             raise entry.failure(self._key)
@@ -172,6 +173,7 @@ class Once:
             record = store.read_record(self._name)
             entry = decode(record.value)
             if entry.state == "done":
+                self._reused()
                 return self._loads(entry.payload)
             if entry.state == "failed" and (
                 not self._retry_failed or record.version != old_failure
@@ -202,12 +204,17 @@ class Once:
         payload = b""
         stored = False
         owner = self._client.holder.owner
+        clock = self._client.clock
+        began = clock.monotonic()
+        ran = 0.0
         try:
             with lease:
                 try:
                     value = _invoke(fn, args, kwargs)
+                    ran = clock.monotonic() - began
                     payload = self._dumps(value)
                 except Exception as exc:
+                    ran = clock.monotonic() - began
                     failure = exc
                     outcome = encode_failed(lease.fence, owner, error_type(exc), str(exc))
                 else:
@@ -223,6 +230,15 @@ class Once:
             if not stored:
                 raise
         if failure is not None:
+            if events.wanted():
+                self._client._observer.emit(
+                    events.OnceFailed,
+                    "once",
+                    self._key,
+                    duration=ran,
+                    error_type=type(failure).__name__,
+                    error=str(failure) or type(failure).__name__,
+                )
             if not stored:
                 logger.warning(
                     "once %r: the failure of fence %d was not recorded (taken over)",
@@ -230,6 +246,8 @@ class Once:
                     lease.fence,
                 )
             raise failure
+        if events.wanted():
+            self._client._observer.emit(events.OnceRan, "once", self._key, duration=ran)
         return self._loads(payload)
 
     def _store_outcome(self, lease: Lease, version: int, outcome: bytes) -> bool:
@@ -265,6 +283,10 @@ class Once:
                 expected = 0
                 continue
             return False
+
+    def _reused(self) -> None:
+        if events.wanted():
+            self._client._observer.emit(events.OnceReused, "once", self._key)
 
     # -- reading -----------------------------------------------------------------
 

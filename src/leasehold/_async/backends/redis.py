@@ -583,6 +583,11 @@ class AsyncRedisStore(AsyncStore):
         self._run_ids: dict[str, str] = {}
         self._generations: dict[str, int] = {}
         self._run_id_guard = threading.Lock()
+        # The last run_id ever read per server (kept when the cache above forgets
+        # it), and how many times it changed: restarts and failovers this store
+        # saw (see restarts()).
+        self._seen_run_ids: dict[str, str] = {}
+        self._restart_counts: dict[str, int] = {}
         # Announcements: PUBLISH on one channel per prefix and database, the topic as
         # the message; subscribers share one SUBSCRIBEd connection per store.
         self.announce_channel = f"{options.prefix}announce:{options.db}"
@@ -804,6 +809,10 @@ class AsyncRedisStore(AsyncStore):
             raise StoreUnavailable(f"redis store {self.url.redacted}: {too_old}")
         with self._run_id_guard:
             self._run_ids[where] = run_id
+            seen = self._seen_run_ids.get(where)
+            if seen is not None and seen != run_id:
+                self._restart_counts[where] = self._restart_counts.get(where, 0) + 1
+            self._seen_run_ids[where] = run_id
             # Read after INFO: the connection INFO may have made does not count as
             # one made during the caller's script.
             return _Stamp(where, run_id, self._generations.get(where, 0))
@@ -1012,14 +1021,53 @@ class AsyncRedisStore(AsyncStore):
             # and the leases kept on the other nodes are renewed meanwhile.
             replies = await self._run_many("renew", calls, partial=self.options.cluster)
         answers: list[bool | None] = [None] * len(items)
-        for reply, positions in zip(replies, batches, strict=True):
+        refused: list[str] = []  # a key of each script call with a refusal
+        stale: list[str] = []  # ... with a grant stamped by an earlier server process
+        for reply, positions, (keys, _args) in zip(replies, batches, calls, strict=True):
             if reply is None:
                 continue
             if not isinstance(reply, list) or len(reply) != len(positions):
                 raise self._malformed("renew", reply)
             for position, answer in zip(positions, reply, strict=True):
                 answers[position] = answer == 1
+            if any(answer != 1 for answer in reply):
+                refused.append(keys[0])
+            if any(answer == 2 for answer in reply):
+                stale.append(keys[0])
+        if refused:
+            await self._notice_restarts(refused, stale)
         return answers
+
+    async def _notice_restarts(self, refused: Sequence[str], stale: Sequence[str]) -> None:
+        """After refused renewals: find out whether their servers restarted, so the
+        holders are told why (``restarts()``). A grant stamped by an earlier server
+        process (renew.lua answered 2) is proof; without persistence the grant is
+        simply gone, and a changed run_id (read again, as every connection to a
+        restarted server is new) tells. Best effort: the refusal stands anyway."""
+        connections = self._connect()
+        for key in stale:
+            where, _target = await self._owner(connections, key)
+            with self._run_id_guard:
+                self._restart_counts[where] = self._restart_counts.get(where, 0) + 1
+        for key in refused:
+            try:
+                with self._translated("INFO server"):
+                    await self._stamp(connections, key)
+            except StoreUnavailable:
+                return
+
+    def restarts(self, name: str) -> int:
+        # Read on every grant: no lock (one dict read is atomic), no I/O.
+        connections = self._connections
+        if connections is None or connections.cluster is None:
+            return self._restart_counts.get("", 0)
+        key = self.keys.for_name(name).state
+        try:
+            where = str(connections.cluster.get_node_from_key(key).name)
+        except redis_errors.RedisClusterException:
+            # The client forgot the slots after an error: any node's restart counts.
+            return sum(list(self._restart_counts.values()))
+        return self._restart_counts.get(where, 0)
 
     def _renew_batches(self, items: Sequence[RenewItem]) -> list[list[int]]:
         """The items of each renew.lua call, as positions in ``items``: chunks of
