@@ -184,9 +184,7 @@ def test_failed_renewals_then_loss_as_unreachable() -> None:
     failures = seen.of(events.RenewalFailed)
     assert failures, seen.kinds()
     assert all(0 <= f.time_left < 0.6 and f.error_type == "StoreUnavailable" for f in failures)
-    assert [f.time_left for f in failures] == sorted(
-        (f.time_left for f in failures), reverse=True
-    )
+    assert [f.time_left for f in failures] == sorted((f.time_left for f in failures), reverse=True)
     [lost] = seen.of(events.Lost)
     assert lost.reason == "unreachable"
     assert f"{len(failures)} renewal attempt(s) failed" in lost.detail
@@ -255,7 +253,11 @@ def test_election_events(client: leasehold.Client, seen: Recorder) -> None:
     [ended] = seen.of(events.ElectionEnded)
     assert (won.term, won.identity) == (lease.fence, "me")
     assert (ended.term, ended.resigned) == (lease.fence, True)
-    assert [(c.leader, c.term) for c in changes] == [(None, None), ("me", lease.fence), (None, None)]
+    assert [(c.leader, c.term) for c in changes] == [
+        (None, None),
+        ("me", lease.fence),
+        (None, None),
+    ]
     assert {e.primitive for e in seen.events} == {"election"}
 
 

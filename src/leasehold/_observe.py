@@ -279,9 +279,9 @@ class Observer:
             )
         else:
             logger.warning(
-                "renewals still failing: %d failed attempt(s) in the last %.1f s, %d since "
-                "the outage began %.1f s ago (last error: %s); the soonest safe deadline "
-                "(%r) is in %.1f s",
+                "renewals still failing: %d more failed attempt(s) in the last %.1f s, %d "
+                "since the failures began %.1f s ago (last error: %s); the soonest safe "
+                "deadline (%r) is in %.1f s",
                 unlogged,
                 window,
                 attempts,

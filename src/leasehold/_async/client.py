@@ -64,6 +64,8 @@ class AsyncClient:
         self._keeper = AsyncKeeper(self)
         self._gates = AsyncGates()
         self._closed = False
+        # Set just before the store closes: announcements after it are skipped.
+        self._store_closed = False
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
 
@@ -219,6 +221,7 @@ class AsyncClient:
         for lease in self._keeper.tracked():
             await lease.release()
         self._keeper.stop()
+        self._store_closed = True
         await self.store.aclose()
 
     async def __aenter__(self) -> AsyncClient:

@@ -309,7 +309,7 @@ class AsyncElection:
             await self._announce_in_store()
 
     async def _announce_in_store(self) -> None:
-        if not self._client._closed:
+        if not self._client._store_closed:
             await announce_change(self._client.store, self._name)
 
     def _leader_changed(self, leader: Leader | None) -> None:
@@ -483,7 +483,12 @@ class _Term:
 
     async def released(self) -> None:
         self._end(self.fence, resigned=True)
-        await self._election._announce()
+        election = self._election
+        CHANGES.announce(election._name)
+        # Awaited, not in the background as after a grant: the release is done
+        # (nothing to lose by waiting), and a client closing right after it (an
+        # ASGI shutdown) must not close the store under the announcement.
+        await election._announce_in_store()
 
 
 class _LocalWake:

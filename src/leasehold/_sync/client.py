@@ -66,6 +66,8 @@ class Client:
         self._keeper = Keeper(self)
         self._gates = Gates()
         self._closed = False
+        # Set just before the store closes: announcements after it are skipped.
+        self._store_closed = False
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
 
@@ -219,6 +221,7 @@ class Client:
         for lease in self._keeper.tracked():
             lease.release()
         self._keeper.stop()
+        self._store_closed = True
         self.store.close()
 
     def __enter__(self) -> Client:

@@ -309,7 +309,7 @@ class Election:
             self._announce_in_store()
 
     def _announce_in_store(self) -> None:
-        if not self._client._closed:
+        if not self._client._store_closed:
             announce_change(self._client.store, self._name)
 
     def _leader_changed(self, leader: Leader | None) -> None:
@@ -479,7 +479,12 @@ class _Term:
 
     def released(self) -> None:
         self._end(self.fence, resigned=True)
-        self._election._announce()
+        election = self._election
+        CHANGES.announce(election._name)
+        # Awaited, not in the background as after a grant: the release is done
+        # (nothing to lose by waiting), and a client closing right after it (an
+        # ASGI shutdown) must not close the store under the announcement.
+        election._announce_in_store()
 
 
 class _LocalWake:
