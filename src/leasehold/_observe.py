@@ -96,6 +96,9 @@ class Observer:
         self._failed_attempts = 0
         self._unlogged = 0
         self._last_logged = 0.0
+        # Acquire retries: errors since the last line, and when it was written.
+        self._acquire_errors = 0
+        self._acquire_logged: float | None = None
 
     def after_fork_in_child(self) -> None:
         self.counters.reset_after_fork()
@@ -178,14 +181,24 @@ class Observer:
             self.emit(events.TimedOut, primitive, name, wait=wait, cancelled=True)
 
     def acquire_retry(self, name: str, exc: BaseException) -> None:
-        """A store error during an acquire that will be retried."""
+        """A store error during an acquire that will be retried: logged at most
+        once per SUMMARY_INTERVAL per client, with how many were not."""
         now = self.clock.monotonic()
         self.last_failure = now
         self.last_error = error_text(exc)
+        with self._guard:
+            self._acquire_errors += 1
+            logged = self._acquire_logged
+            if logged is not None and now - logged < SUMMARY_INTERVAL:
+                return
+            unlogged, self._acquire_errors = self._acquire_errors - 1, 0
+            self._acquire_logged = now
+        more = f" ({unlogged} more acquire error(s) since the last line)" if unlogged else ""
         logger.warning(
-            "acquire %r: store error (%s); retrying",
+            "acquire %r: store error (%s); retrying%s",
             name,
             exc,
+            more,
             extra={
                 "leasehold_event": "acquire_retry",
                 "leasehold_name": name,
