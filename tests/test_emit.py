@@ -431,3 +431,27 @@ def test_redis_break_is_refused_not_restart(redis_server: Any) -> None:
         client.close()
     [lost] = seen.of(events.Lost)
     assert lost.reason == "refused"
+
+
+def test_presence_open_waits_as_one_acquire(client: leasehold.Client, seen: Recorder) -> None:
+    gate = threading.Event()
+
+    def slow(number: int) -> int:
+        assert gate.wait(10)
+        return number
+
+    creator = threading.Thread(target=client.presence("r2").open, args=(slow,))
+    creator.start()
+    wait_until(lambda: seen.of(events.Acquired))
+    got: list[leasehold.Epoch] = []
+    waiter = threading.Thread(target=lambda: got.append(client.presence("r2").open(lambda n: n)))
+    waiter.start()
+    time.sleep(1.5)  # the waiter looks again in several slices meanwhile
+    gate.set()
+    creator.join(10)
+    waiter.join(10)
+    assert got and got[0].number == seen.of(events.Acquired)[0].fence
+    ends = (events.Acquired, events.Busy, events.TimedOut, events.AcquireFailed)
+    assert len(seen.of(events.AcquireStarted)) == 2
+    assert len([e for e in seen.events if isinstance(e, ends)]) == 2
+    assert client.statistics().timed_out == 0

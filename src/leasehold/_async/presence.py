@@ -107,30 +107,47 @@ class AsyncPresence:
         checked = validate.timeout(timeout)
         clock = self._client.clock
         deadline = None if checked is None else clock.monotonic() + checked
+        # The wait for the creation lease, in slices, is one acquire as events and
+        # statistics see it: its start while it is pending between slices.
+        observer = self._client._observer
+        lock = self._lock
+        waiting: float | None = None
         attempt = 0
-        while True:
-            opened = await self.current()
-            if opened is not None:
-                return opened
-            # Wait on the creation lease, but only for a while: when a creator
-            # commits, the lease passes from waiter to waiter one at a time, and a
-            # waiter deep in that queue sees the open epoch sooner by looking again.
-            wait = OPEN_WAIT.delay(attempt)
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - clock.monotonic()))
-            try:
-                lease = await self._lock.acquire(wait)
-            except AcquireTimeout:
-                attempt += 1
-                if deadline is not None and clock.monotonic() >= deadline:
-                    raise AcquireTimeout(self._room, checked or 0.0) from None
-                continue
-            try:
-                opened = await self._create(lease, create)
-            finally:
-                await lease.release()
-            if opened is not None:
-                return opened
+        try:
+            while True:
+                opened = await self.current()
+                if opened is not None:
+                    if waiting is not None:
+                        observer.abandoned("presence", lock.name, waiting)  # not needed
+                    return opened
+                # Wait on the creation lease, but only for a while: when a creator
+                # commits, the lease passes from waiter to waiter one at a time, and a
+                # waiter deep in that queue sees the open epoch sooner by looking again.
+                wait = OPEN_WAIT.delay(attempt)
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - clock.monotonic()))
+                if waiting is None:
+                    waiting = observer.acquire_started("presence", lock.name, True)
+                # The slice reports its own errors: not pending while it runs.
+                started, waiting = waiting, None
+                lease = await lock._observed(started, wait, blocking=True, final=False)
+                if lease is None:
+                    attempt += 1
+                    if deadline is not None and clock.monotonic() >= deadline:
+                        observer.not_acquired("presence", lock.name, started, blocking=True)
+                        raise AcquireTimeout(self._room, checked or 0.0) from None
+                    waiting = started
+                    continue
+                try:
+                    opened = await self._create(lease, create)
+                finally:
+                    await lease.release()
+                if opened is not None:
+                    return opened
+        except BaseException as exc:
+            if waiting is not None:
+                observer.acquire_failed("presence", lock.name, waiting, exc)
+            raise
 
     async def _create(self, lease: AsyncLease, create: Create) -> Epoch | None:
         """Under the creation lease: claim, create, commit. None if superseded."""
