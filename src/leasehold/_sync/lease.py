@@ -211,6 +211,7 @@ class Lease:
         self._client._forget(self)
         if event is not None:
             event.set()
+        held_for = self._held_for()  # the holder let go now, not when the store answers
         try:
             held = shielded(lambda: self._client.store.release(self._name, self._token))
         except StoreUnavailable as exc:
@@ -219,7 +220,7 @@ class Lease:
         else:
             self._client._observer.answered()
         if not was_lost:  # a lost lease was counted (and its hold time ended) at the loss
-            self._client._observer.released(self, self._held_for())
+            self._client._observer.released(self, held_for)
         hook = self._after_release
         if hook is not None:
             hook()
