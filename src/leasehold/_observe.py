@@ -119,7 +119,7 @@ class Observer:
     def acquire_started(self, primitive: events.Primitive, name: str, blocking: bool) -> float:
         """Report the start of an acquire; returns its start time."""
         started = self.clock.monotonic()
-        if events.wanted():
+        if events._subscriptions:  # events.wanted(), inlined on the hot path
             self.emit(events.AcquireStarted, primitive, name, blocking=blocking)
         return started
 
@@ -129,7 +129,7 @@ class Observer:
         now = self.clock.monotonic()
         self.counters.add_timed("acquired", "wait_time", now - started)
         self.last_answer = now
-        if events.wanted():
+        if events._subscriptions:
             self.emit(
                 events.Acquired,
                 primitive,
@@ -339,9 +339,13 @@ class Observer:
                 held=held,
             )
 
-    def released(self, lease: LeaseView, held: float) -> None:
+    def released(self, lease: LeaseView, held: float, answered: float | None) -> None:
+        """Released while held; ``answered``: when the store took the release
+        (None: it failed)."""
         self.counters.add_timed("released", "hold_time", held)
-        if events.wanted():
+        if answered is not None:
+            self.last_answer = answered
+        if events._subscriptions:
             self.emit(events.Released, lease.primitive, lease.name, fence=lease.fence, held=held)
 
     def release_failed(self, lease: LeaseView, exc: BaseException, ttl: float) -> None:

@@ -198,7 +198,8 @@ class Lease:
         """
         if self._forked():
             return False  # never touch the parent's lease from a child
-        if self._lost_reason is None and not self._released and self._now() >= self._deadline:
+        now = self._now()
+        if self._lost_reason is None and not self._released and now >= self._deadline:
             # Past its safe deadline before the keeper noticed: it is lost, and
             # says so (log, on_lost, statistics) before it is released.
             self._deadline_lost()
@@ -211,16 +212,17 @@ class Lease:
         self._client._forget(self)
         if event is not None:
             event.set()
-        held_for = self._held_for()  # the holder let go now, not when the store answers
+        # The holder let go now, not when the store answers.
+        held_for = max(0.0, min(now, self._deadline) - self._granted_at)
+        answered: float | None = now
         try:
             held = shielded(lambda: self._client.store.release(self._name, self._token))
         except StoreUnavailable as exc:
             self._client._observer.release_failed(self, exc, self._ttl)
             held = False
-        else:
-            self._client._observer.answered()
+            answered = None
         if not was_lost:  # a lost lease was counted (and its hold time ended) at the loss
-            self._client._observer.released(self, held_for)
+            self._client._observer.released(self, held_for, answered)
         hook = self._after_release
         if hook is not None:
             hook()

@@ -98,10 +98,18 @@ class Lock:
         """Wait until granted; ``AcquireTimeout`` after ``timeout`` seconds (None:
         forever). Waiters are served in arrival order."""
         checked = validate.timeout(timeout)
-        started = self._client._observer.acquire_started(self._primitive, self._name, True)
-        lease = self._observed(started, checked, blocking=True)
+        # _observed() written out: one call frame less on the hot path.
+        observer = self._client._observer
+        started = observer.acquire_started(self._primitive, self._name, True)
+        try:
+            lease = self._acquire(checked, queue=checked != 0, started=started)
+        except BaseException as exc:
+            observer.acquire_failed(self._primitive, self._name, started, exc)
+            raise
         if lease is None:
+            observer.not_acquired(self._primitive, self._name, started, blocking=True)
             raise AcquireTimeout(self._name, checked or 0.0)
+        observer.acquired(self._primitive, self._name, lease._fence, started, lease._handed_over)
         return lease
 
     def try_acquire(self) -> Lease | None:
@@ -116,22 +124,23 @@ class Lock:
         (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
         observer = self._client._observer
         try:
-            lease = self._acquire(timeout, queue=blocking and timeout != 0)
+            lease = self._acquire(timeout, queue=blocking and timeout != 0, started=started)
         except BaseException as exc:
             observer.acquire_failed(self._primitive, self._name, started, exc)
             raise
         if lease is not None:
-            observer.acquired(self._primitive, self._name, lease.fence, started, lease._handed_over)
+            observer.acquired(
+                self._primitive, self._name, lease._fence, started, lease._handed_over
+            )
         elif final:
             observer.not_acquired(self._primitive, self._name, started, blocking=blocking)
         return lease
 
-    def _acquire(self, timeout: float | None, *, queue: bool) -> Lease | None:
+    def _acquire(self, timeout: float | None, *, queue: bool, started: float) -> Lease | None:
         if not queue:
             return self._attempts(timeout, queue=False)
         client = self._client
         clock = client.clock
-        started = clock.monotonic()
         key = (self._name, self._limit)
         turn = client._gates.join(key)
         try:
