@@ -240,8 +240,8 @@ async def readiness(client: AsyncClient, *, timeout: float = READY_TIMEOUT) -> R
     call itself) and report whether the replica is ready. A store that refuses,
     fails or does not answer in time makes it not ready; so does a closed client."""
     validate.ttl(timeout, what="timeout")
-    observer = client._observer
-    if client._closed:
+    observer = client._context.observer
+    if client._context.closed:
         return Readiness(False, "the leasehold client is closed", client.health())
     call = AsyncCall(client.store.ping)
     reason: str | None = None

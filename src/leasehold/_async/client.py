@@ -8,10 +8,10 @@ import weakref
 from types import TracebackType
 
 from leasehold._async.backends import open_store
+from leasehold._async.context import AsyncContext
 from leasehold._async.election import AsyncElection, announce_change
 from leasehold._async.gate import AsyncGates
-from leasehold._async.keeper import AsyncKeeper
-from leasehold._async.lease import AsyncLease, OnLost
+from leasehold._async.lease import OnLost
 from leasehold._async.lock import AsyncLock
 from leasehold._async.once import DEFAULT_KEEP, AsyncOnce
 from leasehold._async.presence import AsyncPresence
@@ -25,7 +25,6 @@ from leasehold._core.records import Holder, HolderInfo
 from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument
-from leasehold._observe import Observer
 
 _CLIENTS: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 _CLIENTS_GUARD = threading.Lock()
@@ -57,17 +56,15 @@ class AsyncClient:
             raise InvalidArgument("pass either url or store, not both")
         self.store: AsyncStore = store
         self._identity = identity
-        self.holder = Holder.for_this_process(identity)
-        # Statistics, events, logs and health facts: every primitive reports here.
-        self._observer = Observer(client_id=id(self), store=store.url.scheme, clock=self.clock)
-        self._counters = self._observer.counters
-        self._keeper = AsyncKeeper(self)
-        self._gates = AsyncGates()
-        self._closed = False
-        # Set just before the store closes: announcements after it are skipped.
-        self._store_closed = False
+        # What the primitives get: they never see the client itself.
+        self._context = AsyncContext(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
+
+    @property
+    def holder(self) -> Holder:
+        """This client's identity in grants (owner token, host, pid)."""
+        return self._context.holder
 
     @property
     def url(self) -> str:
@@ -86,7 +83,9 @@ class AsyncClient:
         margin: float | None = None,
     ) -> AsyncLock:
         """An exclusive lease handle for ``name``. No I/O until acquired."""
-        return AsyncLock(self, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin)
+        return AsyncLock(
+            self._context, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin
+        )
 
     def semaphore(
         self,
@@ -100,7 +99,7 @@ class AsyncClient:
     ) -> AsyncLock:
         """At most ``limit`` concurrent holders of ``name``; the lock interface."""
         return AsyncLock(
-            self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
+            self._context, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
         )
 
     def election(
@@ -113,7 +112,7 @@ class AsyncClient:
     ) -> AsyncElection:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
-        return AsyncElection(self, name, ttl=ttl, identity=identity, margin=margin)
+        return AsyncElection(self._context, name, ttl=ttl, identity=identity, margin=margin)
 
     def presence(
         self,
@@ -126,7 +125,7 @@ class AsyncClient:
         """The presence room ``room``: members with intents to join, and epochs that
         an idle-room closer can never split in two. No I/O until used."""
         return AsyncPresence(
-            self, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
+            self._context, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
         )
 
     def once(
@@ -144,7 +143,7 @@ class AsyncClient:
         ``fn`` in exactly one caller and gives every caller its stored result, kept
         for ``keep`` seconds. No I/O until used."""
         return AsyncOnce(
-            self,
+            self._context,
             key,
             ttl=ttl,
             keep=keep,
@@ -175,23 +174,24 @@ class AsyncClient:
 
     def statistics(self) -> Statistics:
         """This client's counters since it was created (see ``Statistics``)."""
-        return self._counters.snapshot()
+        return self._context.counters.snapshot()
 
     def health(self) -> Health:
         """What this client knows about itself right now, without I/O: whether its
         renewer runs, how long ago the store last confirmed a renewal or answered
         at all, and which held leases are within one renewal interval of their safe
         deadline (see ``Health``)."""
+        context = self._context
         leases = [
             LeaseFacts(lease.name, lease.deadline, lease.term, lease.renewing)
-            for lease in self._keeper.tracked()
+            for lease in context.keeper.tracked()
             if not lease.released and not lease.lost
         ]
-        observer = self._observer
+        observer = context.observer
         return assess(
             self.clock.monotonic(),
             leases,
-            keeper_running=self._keeper.running(),
+            keeper_running=context.keeper.running(),
             last_renewal=observer.last_renewal,
             last_answer=observer.last_answer,
             last_failure=observer.last_failure,
@@ -200,28 +200,23 @@ class AsyncClient:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def _track(self, lease: AsyncLease) -> None:
-        self._keeper.track(lease)
-
-    def _forget(self, lease: AsyncLease) -> None:
-        self._keeper.forget(lease)
-
     def _after_fork_in_child(self) -> None:
-        self._keeper.after_fork_in_child()
-        self._gates = AsyncGates()
-        self._observer.after_fork_in_child()
-        self._counters = self._observer.counters
-        self.holder = Holder.for_this_process(self._identity)
+        context = self._context
+        context.keeper.after_fork_in_child()
+        context.gates = AsyncGates()
+        context.observer.after_fork_in_child()
+        context.holder = Holder.for_this_process(self._identity)
 
     async def aclose(self) -> None:
         """Release every lease this client still holds, stop renewing, disconnect."""
-        if self._closed:
+        context = self._context
+        if context.closed:
             return
-        self._closed = True
-        for lease in self._keeper.tracked():
+        context.closed = True
+        for lease in context.keeper.tracked():
             await lease.release()
-        self._keeper.stop()
-        self._store_closed = True
+        context.keeper.stop()
+        context.store_closed = True
         await self.store.aclose()
 
     async def __aenter__(self) -> AsyncClient:

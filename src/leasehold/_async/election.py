@@ -41,7 +41,7 @@ from leasehold._core.election import (
 from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
     from leasehold._async.store import AsyncStore, AsyncSubscription
 
 logger = logging.getLogger("leasehold")
@@ -70,14 +70,14 @@ class AsyncElection:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         name: str,
         *,
         ttl: float = 30.0,
         identity: str | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._identity = None if identity is None else validate.name(identity, what="identity")
@@ -103,7 +103,7 @@ class AsyncElection:
     @property
     def identity(self) -> str:
         """The label this candidate campaigns with unless ``campaign()`` overrides it."""
-        return self._identity or self._client.holder.owner
+        return self._identity or self._context.holder.owner
 
     @property
     def lease(self) -> AsyncLease | None:
@@ -125,7 +125,7 @@ class AsyncElection:
 
     async def leader(self) -> Leader | None:
         """Who leads now according to the store (identity, term, since), or None."""
-        info = current_holder(await self._client.store.holders(self._name))
+        info = current_holder(await self._context.store.holders(self._name))
         return None if info is None else leader_from(info, time.time())
 
     async def observe(self) -> AsyncIterator[Leader | None]:
@@ -143,7 +143,7 @@ class AsyncElection:
         error before the first answer is raised (it is a configuration problem
         until proven otherwise); later ones are logged and retried.
         """
-        store = self._client.store
+        store = self._context.store
         # Subscribed before the first read: an announcement after it is never missed.
         async with store.subscribe(topic(self._name)) as subscription:
             local = _LocalWake(subscription)  # stop() and this process's elections
@@ -309,12 +309,12 @@ class AsyncElection:
             await self._announce_in_store()
 
     async def _announce_in_store(self) -> None:
-        if not self._client._store_closed:
-            await announce_change(self._client.store, self._name)
+        if not self._context.store_closed:
+            await announce_change(self._context.store, self._name)
 
     def _leader_changed(self, leader: Leader | None) -> None:
         if events.wanted():
-            self._client._observer.emit(
+            self._context.observer.emit(
                 events.LeaderChanged,
                 "election",
                 self._name,
@@ -349,7 +349,7 @@ class AsyncElection:
         term = _Term(self, owner)
         try:
             lock = AsyncLock(
-                self._client,
+                self._context,
                 self._name,
                 ttl=self._ttl,
                 limit=1,
@@ -375,7 +375,7 @@ class AsyncElection:
         with self._state:
             self._lease = lease
         if events.wanted():
-            self._client._observer.emit(
+            self._context.observer.emit(
                 events.ElectionWon, "election", self._name, term=lease.fence, identity=owner
             )
         await self._announce()
@@ -383,7 +383,7 @@ class AsyncElection:
 
     async def _campaign_until_stopped(self, owner: str) -> AsyncLease | None:
         failures = 0
-        observer = self._client._observer
+        observer = self._context.observer
         started: float | None = None  # the campaign as events and statistics see it
         while not self._stopping():
             phase = _Phase(self, None)
@@ -468,7 +468,7 @@ class _Term:
         self._ended = True
         election = self._election
         if events.wanted():
-            election._client._observer.emit(
+            election._context.observer.emit(
                 events.ElectionEnded,
                 "election",
                 election._name,

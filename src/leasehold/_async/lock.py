@@ -20,7 +20,7 @@ from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
     from leasehold.events import Primitive
 
 logger = logging.getLogger("leasehold")
@@ -48,7 +48,7 @@ class AsyncLock:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         name: str,
         *,
         ttl: float = 30.0,
@@ -59,7 +59,7 @@ class AsyncLock:
         owner: str | None = None,
         primitive: Primitive | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
@@ -97,7 +97,7 @@ class AsyncLock:
         forever). Waiters are served in arrival order."""
         checked = validate.timeout(timeout)
         # _observed() written out: one call frame less on the hot path.
-        observer = self._client._observer
+        observer = self._context.observer
         started = observer.acquire_started(self._primitive, self._name, True)
         try:
             lease = await self._acquire(checked, queue=checked != 0, started=started)
@@ -112,7 +112,7 @@ class AsyncLock:
 
     async def try_acquire(self) -> AsyncLease | None:
         """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
-        started = self._client._observer.acquire_started(self._primitive, self._name, False)
+        started = self._context.observer.acquire_started(self._primitive, self._name, False)
         return await self._observed(started, 0.0, blocking=False)
 
     async def _observed(
@@ -120,7 +120,7 @@ class AsyncLock:
     ) -> AsyncLease | None:
         """One acquire, reported: exactly one outcome per ``acquire_started``
         (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
-        observer = self._client._observer
+        observer = self._context.observer
         try:
             lease = await self._acquire(timeout, queue=blocking and timeout != 0, started=started)
         except BaseException as exc:
@@ -139,10 +139,10 @@ class AsyncLock:
     ) -> AsyncLease | None:
         if not queue:
             return await self._attempts(timeout, queue=False)
-        client = self._client
-        clock = client.clock
+        context = self._context
+        clock = context.clock
         key = (self._name, self._limit)
-        turn = client._gates.join(key)
+        turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
@@ -151,14 +151,14 @@ class AsyncLock:
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
             return await self._attempts(remaining, queue=True)
         finally:
-            client._gates.leave(key, turn)
+            context.gates.leave(key, turn)
 
     async def _attempts(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
-        client = self._client
-        store = client.store
-        clock = client.clock
+        context = self._context
+        store = context.store
+        clock = context.clock
         token = secrets.token_urlsafe(24)
-        holder = client.holder
+        holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
         request = AcquireRequest(
@@ -189,7 +189,7 @@ class AsyncLock:
                     now = clock.monotonic()
                     if deadline is not None and now >= deadline:
                         raise
-                    client._observer.acquire_retry(self._name, exc)
+                    context.observer.acquire_retry(self._name, exc)
                     pause = STORE_RETRY.delay(failures - 1)
                     if deadline is not None:
                         pause = min(pause, deadline - now)
@@ -256,9 +256,9 @@ class AsyncLock:
         sent: float,
         term: float | None = None,
     ) -> AsyncLease:
-        client = self._client
+        context = self._context
         lease = AsyncLease(
-            client=client,
+            context=context,
             name=self._name,
             token=token,
             fence=fence,
@@ -271,10 +271,10 @@ class AsyncLock:
             owner=owner,
             term=term,
             primitive=self._primitive,
-            restarts=client.store.restarts(self._name),
+            restarts=context.store.restarts(self._name),
         )
         lease._handed_over = term is not None  # only a hand-over passes a term
-        client._track(lease)
+        context.track(lease)
         return lease
 
     @staticmethod

@@ -28,7 +28,7 @@ from leasehold._core.presence_changes import changes
 from leasehold._errors import AcquireTimeout, InvalidArgument
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
 
 logger = logging.getLogger("leasehold")
 
@@ -57,21 +57,24 @@ class AsyncPresence:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         room: str,
         *,
         member_ttl: float = 10.0,
         intent_ttl: float = 30.0,
         create_ttl: float = 30.0,
     ) -> None:
-        self._client = client
+        self._context = context
         self._room = core.check_room(room)
         self._member_ttl = validate.ttl(member_ttl, what="member_ttl")
         self._intent_ttl = validate.ttl(intent_ttl, what="intent_ttl")
         self._create_ttl = validate.ttl(create_ttl, what="create_ttl")
         self._key = core.RECORD_PREFIX + self._room
         self._lock = AsyncLock(
-            client, core.CREATE_LOCK_PREFIX + self._room, ttl=self._create_ttl, primitive="presence"
+            context,
+            core.CREATE_LOCK_PREFIX + self._room,
+            ttl=self._create_ttl,
+            primitive="presence",
         )
 
     @property
@@ -90,7 +93,7 @@ class AsyncPresence:
 
     async def current(self) -> Epoch | None:
         """The OPEN epoch, or None (never opened, being created, or closed)."""
-        record = await self._client.store.read_record(self._key)
+        record = await self._context.store.read_record(self._key)
         return core.current_epoch(core.decode(self._key, record.value))
 
     async def open(self, create: Create, *, timeout: float | None = None) -> Epoch:
@@ -105,11 +108,11 @@ class AsyncPresence:
         if not callable(create):
             raise InvalidArgument("create must be a callable taking the epoch number")
         checked = validate.timeout(timeout)
-        clock = self._client.clock
+        clock = self._context.clock
         deadline = None if checked is None else clock.monotonic() + checked
         # The wait for the creation lease, in slices, is one acquire as events and
         # statistics see it: its start while it is pending between slices.
-        observer = self._client._observer
+        observer = self._context.observer
         lock = self._lock
         waiting: float | None = None
         attempt = 0
@@ -168,7 +171,7 @@ class AsyncPresence:
 
     async def _claim(self, number: int) -> Epoch | None:
         """Write CREATING(number); an OPEN epoch found instead is returned."""
-        owner = self._client.holder.owner
+        owner = self._context.holder.owner
         found, _ = await self._apply(
             lambda room, now, version: core.claim(room, now, version, number=number, creator=owner)
         )
@@ -271,7 +274,7 @@ class AsyncPresence:
 
     async def members(self) -> Snapshot:
         """The live members of the OPEN epoch and the record version they were read at."""
-        record = await self._client.store.read_record(self._key)
+        record = await self._context.store.read_record(self._key)
         return core.snapshot(core.decode(self._key, record.value), record.now, record.version)
 
     async def observe(
@@ -315,7 +318,7 @@ class AsyncPresence:
     ) -> Member:
         """Apply a member transition; ``ttl`` is what it granted (None: the ttl of
         the state the member ended in)."""
-        clock = self._client.clock
+        clock = self._context.clock
         entry, _, sent = await self._apply_timed(transition)
         if ttl is None:
             ttl = self._intent_ttl if entry.state == core.INTENT else self._member_ttl
@@ -336,8 +339,8 @@ class AsyncPresence:
         """Read, transition, compare-and-set; retried until it applies to the state it
         read. Returns the result, (version, store time) after the step, and the
         local send time of the read the step was decided on."""
-        store = self._client.store
-        clock = self._client.clock
+        store = self._context.store
+        clock = self._context.clock
         attempt = 0
         while True:
             sent = clock.monotonic()
@@ -359,7 +362,7 @@ class AsyncPresence:
 
     def _report(self, before: Room | None, after: Room, now: float) -> None:
         """Events for what a write of ours changed (see presence_changes)."""
-        observer = self._client._observer
+        observer = self._context.observer
         for change, member in changes(before, after, now):
             if member is None:
                 kind = events.RoomOpened if change == "opened" else events.RoomClosed

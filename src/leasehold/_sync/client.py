@@ -10,10 +10,10 @@ import weakref
 from types import TracebackType
 
 from leasehold._sync.backends import open_store
+from leasehold._sync.context import Context
 from leasehold._sync.election import Election, announce_change
 from leasehold._sync.gate import Gates
-from leasehold._sync.keeper import Keeper
-from leasehold._sync.lease import Lease, OnLost
+from leasehold._sync.lease import OnLost
 from leasehold._sync.lock import Lock
 from leasehold._sync.once import DEFAULT_KEEP, Once
 from leasehold._sync.presence import Presence
@@ -27,7 +27,6 @@ from leasehold._core.records import Holder, HolderInfo
 from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument
-from leasehold._observe import Observer
 
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 _CLIENTS_GUARD = threading.Lock()
@@ -59,17 +58,15 @@ class Client:
             raise InvalidArgument("pass either url or store, not both")
         self.store: Store = store
         self._identity = identity
-        self.holder = Holder.for_this_process(identity)
-        # Statistics, events, logs and health facts: every primitive reports here.
-        self._observer = Observer(client_id=id(self), store=store.url.scheme, clock=self.clock)
-        self._counters = self._observer.counters
-        self._keeper = Keeper(self)
-        self._gates = Gates()
-        self._closed = False
-        # Set just before the store closes: announcements after it are skipped.
-        self._store_closed = False
+        # What the primitives get: they never see the client itself.
+        self._context = Context(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
+
+    @property
+    def holder(self) -> Holder:
+        """This client's identity in grants (owner token, host, pid)."""
+        return self._context.holder
 
     @property
     def url(self) -> str:
@@ -88,7 +85,9 @@ class Client:
         margin: float | None = None,
     ) -> Lock:
         """An exclusive lease handle for ``name``. No I/O until acquired."""
-        return Lock(self, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin)
+        return Lock(
+            self._context, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin
+        )
 
     def semaphore(
         self,
@@ -101,7 +100,9 @@ class Client:
         margin: float | None = None,
     ) -> Lock:
         """At most ``limit`` concurrent holders of ``name``; the lock interface."""
-        return Lock(self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin)
+        return Lock(
+            self._context, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
+        )
 
     def election(
         self,
@@ -113,7 +114,7 @@ class Client:
     ) -> Election:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
-        return Election(self, name, ttl=ttl, identity=identity, margin=margin)
+        return Election(self._context, name, ttl=ttl, identity=identity, margin=margin)
 
     def presence(
         self,
@@ -126,7 +127,7 @@ class Client:
         """The presence room ``room``: members with intents to join, and epochs that
         an idle-room closer can never split in two. No I/O until used."""
         return Presence(
-            self, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
+            self._context, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
         )
 
     def once(
@@ -144,7 +145,7 @@ class Client:
         ``fn`` in exactly one caller and gives every caller its stored result, kept
         for ``keep`` seconds. No I/O until used."""
         return Once(
-            self,
+            self._context,
             key,
             ttl=ttl,
             keep=keep,
@@ -175,23 +176,24 @@ class Client:
 
     def statistics(self) -> Statistics:
         """This client's counters since it was created (see ``Statistics``)."""
-        return self._counters.snapshot()
+        return self._context.counters.snapshot()
 
     def health(self) -> Health:
         """What this client knows about itself right now, without I/O: whether its
         renewer runs, how long ago the store last confirmed a renewal or answered
         at all, and which held leases are within one renewal interval of their safe
         deadline (see ``Health``)."""
+        context = self._context
         leases = [
             LeaseFacts(lease.name, lease.deadline, lease.term, lease.renewing)
-            for lease in self._keeper.tracked()
+            for lease in context.keeper.tracked()
             if not lease.released and not lease.lost
         ]
-        observer = self._observer
+        observer = context.observer
         return assess(
             self.clock.monotonic(),
             leases,
-            keeper_running=self._keeper.running(),
+            keeper_running=context.keeper.running(),
             last_renewal=observer.last_renewal,
             last_answer=observer.last_answer,
             last_failure=observer.last_failure,
@@ -200,28 +202,23 @@ class Client:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def _track(self, lease: Lease) -> None:
-        self._keeper.track(lease)
-
-    def _forget(self, lease: Lease) -> None:
-        self._keeper.forget(lease)
-
     def _after_fork_in_child(self) -> None:
-        self._keeper.after_fork_in_child()
-        self._gates = Gates()
-        self._observer.after_fork_in_child()
-        self._counters = self._observer.counters
-        self.holder = Holder.for_this_process(self._identity)
+        context = self._context
+        context.keeper.after_fork_in_child()
+        context.gates = Gates()
+        context.observer.after_fork_in_child()
+        context.holder = Holder.for_this_process(self._identity)
 
     def close(self) -> None:
         """Release every lease this client still holds, stop renewing, disconnect."""
-        if self._closed:
+        context = self._context
+        if context.closed:
             return
-        self._closed = True
-        for lease in self._keeper.tracked():
+        context.closed = True
+        for lease in context.keeper.tracked():
             lease.release()
-        self._keeper.stop()
-        self._store_closed = True
+        context.keeper.stop()
+        context.store_closed = True
         self.store.close()
 
     def __enter__(self) -> Client:

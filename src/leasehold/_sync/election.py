@@ -43,7 +43,7 @@ from leasehold._core.election import (
 from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
     from leasehold._sync.store import Store, Subscription
 
 logger = logging.getLogger("leasehold")
@@ -72,14 +72,14 @@ class Election:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         name: str,
         *,
         ttl: float = 30.0,
         identity: str | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._identity = None if identity is None else validate.name(identity, what="identity")
@@ -105,7 +105,7 @@ class Election:
     @property
     def identity(self) -> str:
         """The label this candidate campaigns with unless ``campaign()`` overrides it."""
-        return self._identity or self._client.holder.owner
+        return self._identity or self._context.holder.owner
 
     @property
     def lease(self) -> Lease | None:
@@ -127,7 +127,7 @@ class Election:
 
     def leader(self) -> Leader | None:
         """Who leads now according to the store (identity, term, since), or None."""
-        info = current_holder(self._client.store.holders(self._name))
+        info = current_holder(self._context.store.holders(self._name))
         return None if info is None else leader_from(info, time.time())
 
     def observe(self) -> Iterator[Leader | None]:
@@ -145,7 +145,7 @@ class Election:
         error before the first answer is raised (it is a configuration problem
         until proven otherwise); later ones are logged and retried.
         """
-        store = self._client.store
+        store = self._context.store
         # Subscribed before the first read: an announcement after it is never missed.
         with store.subscribe(topic(self._name)) as subscription:
             local = _LocalWake(subscription)  # stop() and this process's elections
@@ -309,12 +309,12 @@ class Election:
             self._announce_in_store()
 
     def _announce_in_store(self) -> None:
-        if not self._client._store_closed:
-            announce_change(self._client.store, self._name)
+        if not self._context.store_closed:
+            announce_change(self._context.store, self._name)
 
     def _leader_changed(self, leader: Leader | None) -> None:
         if events.wanted():
-            self._client._observer.emit(
+            self._context.observer.emit(
                 events.LeaderChanged,
                 "election",
                 self._name,
@@ -347,7 +347,7 @@ class Election:
         term = _Term(self, owner)
         try:
             lock = Lock(
-                self._client,
+                self._context,
                 self._name,
                 ttl=self._ttl,
                 limit=1,
@@ -373,7 +373,7 @@ class Election:
         with self._state:
             self._lease = lease
         if events.wanted():
-            self._client._observer.emit(
+            self._context.observer.emit(
                 events.ElectionWon, "election", self._name, term=lease.fence, identity=owner
             )
         self._announce()
@@ -381,7 +381,7 @@ class Election:
 
     def _campaign_until_stopped(self, owner: str) -> Lease | None:
         failures = 0
-        observer = self._client._observer
+        observer = self._context.observer
         started: float | None = None  # the campaign as events and statistics see it
         while not self._stopping():
             phase = _Phase(self, None)
@@ -464,7 +464,7 @@ class _Term:
         self._ended = True
         election = self._election
         if events.wanted():
-            election._client._observer.emit(
+            election._context.observer.emit(
                 events.ElectionEnded,
                 "election",
                 election._name,

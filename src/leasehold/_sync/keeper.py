@@ -30,8 +30,10 @@ from leasehold._core.policy import decide_renewal, renew_interval
 from leasehold._errors import LeaseholdError
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
     from leasehold._sync.lease import Lease
+    from leasehold._sync.store import Store
+    from leasehold._core.clock import Clock
+    from leasehold._observe import Observer
 
 logger = logging.getLogger("leasehold")
 
@@ -40,8 +42,10 @@ RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 
 
 class Keeper:
-    def __init__(self, client: Client) -> None:
-        self._client = client
+    def __init__(self, store: Store, clock: Clock, observer: Observer) -> None:
+        self._store = store
+        self._clock = clock
+        self._observer = observer
         self._reset()
 
     def _reset(self) -> None:
@@ -112,7 +116,7 @@ class Keeper:
             return alive
 
     def _run(self) -> None:
-        clock = self._client.clock
+        clock = self._clock
         idle_since: float | None = None
         try:
             while True:
@@ -154,7 +158,7 @@ class Keeper:
     def _round(self) -> float:
         """One pass over every tracked lease: detect loss, renew if any is due.
         Returns how long to sleep."""
-        clock = self._client.clock
+        clock = self._clock
         now = clock.monotonic()
         leases = [lease for lease in self.tracked() if not lease.released]
         renewable: list[Lease] = []
@@ -182,12 +186,12 @@ class Keeper:
     def _renew(self, leases: list[Lease]) -> float:
         # Renewing every renewable lease (not only the due ones) keeps them in lock
         # step, so 10,000 leases cost one round trip per interval.
-        clock = self._client.clock
+        clock = self._clock
         pairs = [(lease, lease.renew_item()) for lease in leases]
         items = [item for _, item in pairs]
         sent = clock.monotonic()
-        observer = self._client._observer
-        store = self._client.store
+        observer = self._observer
+        store = self._store
         call = Call(lambda: store.renew(items))
         # Wait for the answer, but never past a safe deadline: a call hanging on a
         # dead network path must not delay the news of loss (L2).
@@ -238,7 +242,7 @@ class Keeper:
         attempt (backing off, never past the soonest of their safe deadlines)."""
         self._failures += 1
         retry = RETRY_BACKOFF.delay(self._failures - 1)
-        soonest = min(lease.deadline for lease in leases) - self._client.clock.monotonic()
+        soonest = min(lease.deadline for lease in leases) - self._clock.monotonic()
         return max(0.0, min(retry, soonest))
 
 

@@ -10,7 +10,7 @@ import random
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from leasehold._sync._concurrency import BodyGuard, Event, shielded
 from leasehold._core import validate
@@ -20,12 +20,34 @@ from leasehold._core.records import RenewItem
 from leasehold._errors import LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.store import Store
+    from leasehold._core.clock import Clock
+    from leasehold._core.records import Holder
+    from leasehold._observe import Observer
     from leasehold.events import LossReason, Primitive
 
 logger = logging.getLogger("leasehold")
 
 OnLost = Callable[["Lease"], Any]
+
+
+class LeaseContext(Protocol):
+    """What a lease uses of its client (an ``AsyncContext``, whose module imports this
+    one: a protocol keeps the dependency one way)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def holder(self) -> Holder: ...
+
+    @property
+    def observer(self) -> Observer: ...
+
+    def forget(self, lease: Lease) -> None: ...
 
 
 class Lease:
@@ -38,7 +60,7 @@ class Lease:
     def __init__(
         self,
         *,
-        client: Client,
+        context: LeaseContext,
         name: str,
         token: str,
         fence: int,
@@ -53,7 +75,7 @@ class Lease:
         primitive: Primitive = "lock",
         restarts: int = 0,
     ) -> None:
-        self._client = client
+        self._context = context
         self._primitive: Primitive = primitive
         # The store's restart count at the grant: a refusal after it grew is a
         # loss to the restart (see AsyncStore.restarts).
@@ -64,7 +86,7 @@ class Lease:
         self._last_error: str | None = None
         # Granted by a release's hand-over (no acquire call of its own).
         self._handed_over = False
-        self._owner = owner or client.holder.owner
+        self._owner = owner or context.holder.owner
         self._name = name
         self._token = token
         self._fence = fence
@@ -124,7 +146,7 @@ class Lease:
         return self._renew
 
     def _now(self) -> float:
-        return self._client.clock.monotonic()
+        return self._context.clock.monotonic()
 
     def _forked(self) -> bool:
         return os.getpid() != self._pid
@@ -176,7 +198,7 @@ class Lease:
         self.check()
         sent = self._now()
         try:
-            answers = self._client.store.renew([RenewItem(self._name, self._token, new_ttl)])
+            answers = self._context.store.renew([RenewItem(self._name, self._token, new_ttl)])
         except StoreUnavailable:
             if self._now() >= self._deadline:
                 self._mark_lost("unreachable", "the store was unreachable until the safe deadline")
@@ -209,20 +231,20 @@ class Lease:
             was_lost = self._lost_reason is not None
             self._released = True
             event = self._lost_event
-        self._client._forget(self)
+        self._context.forget(self)
         if event is not None:
             event.set()
         # The holder let go now, not when the store answers.
         held_for = max(0.0, min(now, self._deadline) - self._granted_at)
         answered: float | None = now
         try:
-            held = shielded(lambda: self._client.store.release(self._name, self._token))
+            held = shielded(lambda: self._context.store.release(self._name, self._token))
         except StoreUnavailable as exc:
-            self._client._observer.release_failed(self, exc, self._ttl)
+            self._context.observer.release_failed(self, exc, self._ttl)
             held = False
             answered = None
         if not was_lost:  # a lost lease was counted (and its hold time ended) at the loss
-            self._client._observer.released(self, held_for, answered)
+            self._context.observer.released(self, held_for, answered)
         hook = self._after_release
         if hook is not None:
             hook()
@@ -282,7 +304,7 @@ class Lease:
         self._mark_lost(*deadline_loss(self._renew, self._failures, self._last_error))
 
     def _refused(self) -> None:
-        restarted = self._client.store.restarts(self._name) > self._restarts
+        restarted = self._context.store.restarts(self._name) > self._restarts
         self._mark_lost(*refusal(restarted))
 
     def _renewed(self, sent_at: float, ttl: float) -> None:
@@ -300,8 +322,8 @@ class Lease:
             self._lost_reason = reason
             bodies = list(self._bodies)
             event = self._lost_event
-        self._client._forget(self)
-        self._client._observer.lost(self, cause, reason, self._held_for())
+        self._context.forget(self)
+        self._context.observer.lost(self, cause, reason, self._held_for())
         if event is not None:
             event.set()
         for body in bodies:

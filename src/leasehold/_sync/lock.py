@@ -22,7 +22,7 @@ from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
     from leasehold.events import Primitive
 
 logger = logging.getLogger("leasehold")
@@ -50,7 +50,7 @@ class Lock:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         name: str,
         *,
         ttl: float = 30.0,
@@ -61,7 +61,7 @@ class Lock:
         owner: str | None = None,
         primitive: Primitive | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
@@ -99,7 +99,7 @@ class Lock:
         forever). Waiters are served in arrival order."""
         checked = validate.timeout(timeout)
         # _observed() written out: one call frame less on the hot path.
-        observer = self._client._observer
+        observer = self._context.observer
         started = observer.acquire_started(self._primitive, self._name, True)
         try:
             lease = self._acquire(checked, queue=checked != 0, started=started)
@@ -114,7 +114,7 @@ class Lock:
 
     def try_acquire(self) -> Lease | None:
         """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
-        started = self._client._observer.acquire_started(self._primitive, self._name, False)
+        started = self._context.observer.acquire_started(self._primitive, self._name, False)
         return self._observed(started, 0.0, blocking=False)
 
     def _observed(
@@ -122,7 +122,7 @@ class Lock:
     ) -> Lease | None:
         """One acquire, reported: exactly one outcome per ``acquire_started``
         (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
-        observer = self._client._observer
+        observer = self._context.observer
         try:
             lease = self._acquire(timeout, queue=blocking and timeout != 0, started=started)
         except BaseException as exc:
@@ -139,10 +139,10 @@ class Lock:
     def _acquire(self, timeout: float | None, *, queue: bool, started: float) -> Lease | None:
         if not queue:
             return self._attempts(timeout, queue=False)
-        client = self._client
-        clock = client.clock
+        context = self._context
+        clock = context.clock
         key = (self._name, self._limit)
-        turn = client._gates.join(key)
+        turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
@@ -151,14 +151,14 @@ class Lock:
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
             return self._attempts(remaining, queue=True)
         finally:
-            client._gates.leave(key, turn)
+            context.gates.leave(key, turn)
 
     def _attempts(self, timeout: float | None, *, queue: bool) -> Lease | None:
-        client = self._client
-        store = client.store
-        clock = client.clock
+        context = self._context
+        store = context.store
+        clock = context.clock
         token = secrets.token_urlsafe(24)
-        holder = client.holder
+        holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
         request = AcquireRequest(
@@ -189,7 +189,7 @@ class Lock:
                     now = clock.monotonic()
                     if deadline is not None and now >= deadline:
                         raise
-                    client._observer.acquire_retry(self._name, exc)
+                    context.observer.acquire_retry(self._name, exc)
                     pause = STORE_RETRY.delay(failures - 1)
                     if deadline is not None:
                         pause = min(pause, deadline - now)
@@ -256,9 +256,9 @@ class Lock:
         sent: float,
         term: float | None = None,
     ) -> Lease:
-        client = self._client
+        context = self._context
         lease = Lease(
-            client=client,
+            context=context,
             name=self._name,
             token=token,
             fence=fence,
@@ -271,10 +271,10 @@ class Lock:
             owner=owner,
             term=term,
             primitive=self._primitive,
-            restarts=client.store.restarts(self._name),
+            restarts=context.store.restarts(self._name),
         )
         lease._handed_over = term is not None  # only a hand-over passes a term
-        client._track(lease)
+        context.track(lease)
         return lease
 
     @staticmethod

@@ -47,7 +47,7 @@ from leasehold._core.records import MAX_RECORD_BYTES
 from leasehold._errors import InvalidArgument, LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
 
 logger = logging.getLogger("leasehold")
 
@@ -75,7 +75,7 @@ class Once:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         key: str,
         *,
         ttl: float = 30.0,
@@ -85,7 +85,7 @@ class Once:
         timeout: float | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._key = validate.name(key, what="key")
         self._name = validate.name(PREFIX + key, what=f"key (with the {PREFIX!r} prefix)")
         self._keep = validate.timeout(keep, what="keep")
@@ -101,7 +101,7 @@ class Once:
             raise InvalidArgument("serializer must have dumps(obj) -> bytes and loads(bytes)")
         self._serializer: Serializer = JSON if serializer is None else serializer
         self._timeout = validate.timeout(timeout)
-        self._lock = Lock(client, self._name, ttl=ttl, margin=margin, primitive="once")
+        self._lock = Lock(context, self._name, ttl=ttl, margin=margin, primitive="once")
 
     @property
     def key(self) -> str:
@@ -141,7 +141,7 @@ class Once:
             raise InvalidArgument("run() needs a callable")
         if not IS_ASYNC and _is_coroutine_function(fn):
             raise InvalidArgument("Once.run() got an async function; use AsyncClient for it")
-        store = self._client.store
+        store = self._context.store
         first = store.read_record(self._name)
         entry = decode(first.value)
         if entry.state == "done":
@@ -167,7 +167,7 @@ class Once:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        store = self._client.store
+        store = self._context.store
         while True:
             lease.check()
             record = store.read_record(self._name)
@@ -185,7 +185,7 @@ class Once:
                 raise LeaseLost(self._name, lease.fence, f"taken over by fence {entry.fence}")
             # Absent, a failure to run again, or "running" left by a runner whose
             # lease has ended (we hold it now): this caller runs.
-            running = encode_running(lease.fence, self._client.holder.owner)
+            running = encode_running(lease.fence, self._context.holder.owner)
             version = store.write_record(self._name, record.version, running, RUNNING_TTL)
             if version is not None:
                 return self._execute(lease, version, fn, args, kwargs)
@@ -203,8 +203,8 @@ class Once:
         failure: Exception | None = None
         payload = b""
         stored = False
-        owner = self._client.holder.owner
-        clock = self._client.clock
+        owner = self._context.holder.owner
+        clock = self._context.clock
         began = clock.monotonic()
         ran = 0.0
         try:
@@ -231,7 +231,7 @@ class Once:
                 raise
         if failure is not None:
             if events.wanted():
-                self._client._observer.emit(
+                self._context.observer.emit(
                     events.OnceFailed,
                     "once",
                     self._key,
@@ -247,13 +247,13 @@ class Once:
                 )
             raise failure
         if events.wanted():
-            self._client._observer.emit(events.OnceRan, "once", self._key, duration=ran)
+            self._context.observer.emit(events.OnceRan, "once", self._key, duration=ran)
         return self._loads(payload)
 
     def _store_outcome(self, lease: Lease, version: int, outcome: bytes) -> bool:
         """Compare-and-set the outcome over our own ``running`` record. True if
         stored; False if another runner has taken over."""
-        store = self._client.store
+        store = self._context.store
         expected = version
         failures = 0
         while True:
@@ -286,7 +286,7 @@ class Once:
 
     def _reused(self) -> None:
         if events.wanted():
-            self._client._observer.emit(events.OnceReused, "once", self._key)
+            self._context.observer.emit(events.OnceReused, "once", self._key)
 
     # -- reading -----------------------------------------------------------------
 
@@ -296,7 +296,7 @@ class Once:
         A ``running`` record whose runner no longer holds the lease (it died) reads
         as ``"absent"``: the next ``run()`` runs ``fn``.
         """
-        store = self._client.store
+        store = self._context.store
         entry = decode((store.read_record(self._name)).value)
         if entry.state == "running":
             holders = store.holders(self._name)
@@ -307,7 +307,7 @@ class Once:
     def result(self) -> Any:
         """The stored result; ``OnceFailed`` for a stored failure; ``NoResult``
         when nothing is stored (not run, running, forgotten or expired)."""
-        entry = decode((self._client.store.read_record(self._name)).value)
+        entry = decode((self._context.store.read_record(self._name)).value)
         if entry.state == "done":
             return self._loads(entry.payload)
         if entry.state == "failed":
@@ -318,7 +318,7 @@ class Once:
         """Delete the stored result or failure, so the next ``run()`` runs ``fn``
         again; True if there was a record. A run in progress still stores its
         result."""
-        store = self._client.store
+        store = self._context.store
         while True:
             record = store.read_record(self._name)
             if record.version == 0:
