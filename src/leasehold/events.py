@@ -199,21 +199,31 @@ class RoomOpened(Event):
     epoch: int
 
 
+# Presence events are reported by the client whose write made the change, so each
+# change is reported once across the fleet.
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberJoined(Event):
+    """This client's write made ``member`` active (``join``, or ``observe``)."""
+
     member: str
     epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberLeft(Event):
+    """This client's write removed ``member`` (``leave``, ``observe``) or dropped it
+    after it expired."""
+
     member: str
     epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IntentExpired(Event):
-    """A join intent lapsed before its member joined (seen by whoever read it)."""
+    """A join intent lapsed before its member joined. Reported by the client whose
+    write dropped it from the room (the next writer), so once across the fleet."""
 
     member: str
     epoch: int
