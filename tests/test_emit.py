@@ -457,3 +457,12 @@ def test_presence_open_waits_as_one_acquire(client: leasehold.Client, seen: Reco
     assert len(seen.of(events.AcquireStarted)) == 2
     assert len([e for e in seen.events if isinstance(e, ends)]) == 2
     assert client.statistics().timed_out == 0
+
+
+def test_extend_is_a_renewal(client: leasehold.Client, seen: Recorder) -> None:
+    lease = client.lock("ext", ttl=30).acquire()
+    lease.extend(60)
+    lease.release()
+    [renewed] = seen.of(events.Renewed)
+    assert renewed.fence == lease.fence and renewed.duration >= 0
+    assert client.statistics().renewed == 1

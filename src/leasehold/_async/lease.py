@@ -210,6 +210,7 @@ class AsyncLease:
         if ttl is not None:
             self._ttl = new_ttl
         self._renewed(sent, new_ttl)
+        self._context.observer.renewed([self], self._now() - sent)
 
     async def release(self) -> bool:
         """Give the lease up. Idempotent; False if it was no longer held.
