@@ -53,6 +53,8 @@ def test_renewal_failures_in_an_outage_are_rate_limited(
         finally:
             client.close()
     lines = renewal_lines(caplog)
+    ours = [r for r in caplog.records if r.name.startswith("leasehold")]
+    assert all(hasattr(r, "leasehold_event") for r in ours), [r.getMessage() for r in ours]
     first, *summaries = lines
     assert failures >= 8, "enough failures for rate limiting to matter"
     assert first.levelno == logging.WARNING and first.leasehold_event == "renewal_failed"  # type: ignore[attr-defined]

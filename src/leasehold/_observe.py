@@ -67,7 +67,22 @@ def lease_fields(lease: LeaseView, event: str, **more: object) -> dict[str, obje
         "leasehold_name": lease.name,
         "leasehold_fence": lease.fence,
         "leasehold_owner": lease.owner,
-        **{f"leasehold_{key}": value for key, value in more.items()},
+        **{f"leasehold_{key}": _plain(value) for key, value in more.items()},
+    }
+
+
+def _plain(value: object) -> object:
+    # JSON formatters serialise what they are given: errors go in as their text.
+    return error_text(value) if isinstance(value, BaseException) else value
+
+
+def log_fields(event: str, primitive: str, name: str, **more: object) -> dict[str, object]:
+    """The ``extra=`` of a log record about ``name`` when there is no lease."""
+    return {
+        "leasehold_event": event,
+        "leasehold_primitive": primitive,
+        "leasehold_name": name,
+        **{f"leasehold_{key}": _plain(value) for key, value in more.items()},
     }
 
 
@@ -361,4 +376,4 @@ class Observer:
         )
 
 
-__all__ = ["SUMMARY_INTERVAL", "LeaseView", "Observer", "lease_fields"]
+__all__ = ["SUMMARY_INTERVAL", "LeaseView", "Observer", "lease_fields", "log_fields"]

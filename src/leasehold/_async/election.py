@@ -39,6 +39,7 @@ from leasehold._core.election import (
     watch_delay,
 )
 from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields, log_fields
 
 if TYPE_CHECKING:
     from leasehold._async.context import AsyncContext
@@ -163,7 +164,12 @@ class AsyncElection:
                         if not reached:
                             raise
                         failures += 1
-                        logger.warning("observing %r: store error (%s); retrying", self._name, exc)
+                        logger.warning(
+                            "observing %r: store error (%s); retrying",
+                            self._name,
+                            exc,
+                            extra=log_fields("observe_retry", "election", self._name, error=exc),
+                        )
                         retry = STORE_RETRY.delay(failures - 1)
                         await subscription.wait(min(retry, self._ttl / 3))
                         continue
@@ -409,6 +415,7 @@ class AsyncElection:
                     self._name,
                     exc,
                     delay,
+                    extra=log_fields("campaign_retry", "election", self._name, error=exc),
                 )
                 await self._stopped.wait(delay)
         if started is not None:
@@ -429,6 +436,7 @@ class AsyncElection:
                     self._name,
                     lease.fence,
                     exc.reason,
+                    extra=lease_fields(lease, "leadership_lost"),
                 )
         finally:
             # `async with lease` released it, and the release announced it.
@@ -448,7 +456,12 @@ async def announce_change(store: AsyncStore, name: str) -> None:
     try:
         await store.announce(topic(name))
     except StoreUnavailable as exc:
-        logger.info("election %r: could not announce a change (%s)", name, exc)
+        logger.info(
+            "election %r: could not announce a change (%s)",
+            name,
+            exc,
+            extra=log_fields("announce_failed", "election", name, error=exc),
+        )
 
 
 class _Term:

@@ -151,7 +151,9 @@ class AsyncKeeper:
                 lease._mark_lost("unreachable", f"the renewer stopped: {exc!r}")
             if not isinstance(exc, Exception):
                 raise
-            logger.exception("leasehold keeper crashed")
+            logger.exception(
+                "leasehold keeper crashed", extra={"leasehold_event": "keeper_crashed"}
+            )
 
     async def _round(self) -> float:
         """One pass over every tracked lease: detect loss, renew if any is due.

@@ -16,6 +16,7 @@ from leasehold._core.loss import deadline_loss, refusal
 from leasehold._core.policy import safe_deadline
 from leasehold._core.records import RenewItem
 from leasehold._errors import LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields
 
 if TYPE_CHECKING:
     from leasehold._async.store import AsyncStore
@@ -331,7 +332,11 @@ class AsyncLease:
             try:
                 self._on_lost(self)
             except Exception:
-                logger.exception("on_lost callback for %r raised", self._name)
+                logger.exception(
+                    "on_lost callback for %r raised",
+                    self._name,
+                    extra=lease_fields(self, "on_lost_raised"),
+                )
 
     # -- context manager ----------------------------------------------------------
 

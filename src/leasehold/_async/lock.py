@@ -18,6 +18,7 @@ from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin
 from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+from leasehold._observe import log_fields
 
 if TYPE_CHECKING:
     from leasehold._async.context import AsyncContext
@@ -244,6 +245,7 @@ class AsyncLock:
                     "expires within %g s",
                     self._name,
                     self._ttl,
+                    extra=log_fields("acquire_interrupted", self._primitive, self._name),
                 )
             raise
 

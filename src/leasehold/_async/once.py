@@ -43,6 +43,7 @@ from leasehold._core.once import (
 )
 from leasehold._core.records import MAX_RECORD_BYTES
 from leasehold._errors import InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields, log_fields
 
 if TYPE_CHECKING:
     from leasehold._async.context import AsyncContext
@@ -242,6 +243,7 @@ class AsyncOnce:
                     "once %r: the failure of fence %d was not recorded (taken over)",
                     self._key,
                     lease.fence,
+                    extra=lease_fields(lease, "once_failure_not_recorded"),
                 )
             raise failure
         if events.wanted():
@@ -265,7 +267,10 @@ class AsyncOnce:
                 if not lease.held:
                     raise
                 logger.warning(
-                    "once %r: store error storing the result (%s); retrying", self._key, exc
+                    "once %r: store error storing the result (%s); retrying",
+                    self._key,
+                    exc,
+                    extra=log_fields("once_store_retry", "once", self._key, error=exc),
                 )
                 await sleep(
                     retry.delay(failures, initial=STORE_RETRY_INITIAL, maximum=STORE_RETRY_MAXIMUM)

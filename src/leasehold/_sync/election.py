@@ -41,6 +41,7 @@ from leasehold._core.election import (
     watch_delay,
 )
 from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields, log_fields
 
 if TYPE_CHECKING:
     from leasehold._sync.context import Context
@@ -165,7 +166,12 @@ class Election:
                         if not reached:
                             raise
                         failures += 1
-                        logger.warning("observing %r: store error (%s); retrying", self._name, exc)
+                        logger.warning(
+                            "observing %r: store error (%s); retrying",
+                            self._name,
+                            exc,
+                            extra=log_fields("observe_retry", "election", self._name, error=exc),
+                        )
                         retry = STORE_RETRY.delay(failures - 1)
                         subscription.wait(min(retry, self._ttl / 3))
                         continue
@@ -405,6 +411,7 @@ class Election:
                     self._name,
                     exc,
                     delay,
+                    extra=log_fields("campaign_retry", "election", self._name, error=exc),
                 )
                 self._stopped.wait(delay)
         if started is not None:
@@ -425,6 +432,7 @@ class Election:
                     self._name,
                     lease.fence,
                     exc.reason,
+                    extra=lease_fields(lease, "leadership_lost"),
                 )
         finally:
             # `async with lease` released it, and the release announced it.
@@ -444,7 +452,12 @@ def announce_change(store: Store, name: str) -> None:
     try:
         store.announce(topic(name))
     except StoreUnavailable as exc:
-        logger.info("election %r: could not announce a change (%s)", name, exc)
+        logger.info(
+            "election %r: could not announce a change (%s)",
+            name,
+            exc,
+            extra=log_fields("announce_failed", "election", name, error=exc),
+        )
 
 
 class _Term:

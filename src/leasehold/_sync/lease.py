@@ -18,6 +18,7 @@ from leasehold._core.loss import deadline_loss, refusal
 from leasehold._core.policy import safe_deadline
 from leasehold._core.records import RenewItem
 from leasehold._errors import LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields
 
 if TYPE_CHECKING:
     from leasehold._sync.store import Store
@@ -333,7 +334,11 @@ class Lease:
             try:
                 self._on_lost(self)
             except Exception:
-                logger.exception("on_lost callback for %r raised", self._name)
+                logger.exception(
+                    "on_lost callback for %r raised",
+                    self._name,
+                    extra=lease_fields(self, "on_lost_raised"),
+                )
 
     # -- context manager ----------------------------------------------------------
 

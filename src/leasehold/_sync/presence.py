@@ -28,6 +28,7 @@ from leasehold._core.policy import default_margin
 from leasehold._core.presence import Epoch, Member, Room, Snapshot
 from leasehold._core.presence_changes import changes
 from leasehold._errors import AcquireTimeout, InvalidArgument
+from leasehold._observe import lease_fields
 
 if TYPE_CHECKING:
     from leasehold._sync.context import Context
@@ -168,6 +169,7 @@ class Presence:
             "is discarded (clean up what create() made for that epoch number)",
             self._room,
             number,
+            extra=lease_fields(lease, "epoch_taken_over"),
         )
         return None
 
