@@ -197,3 +197,11 @@ def test_global_providers_by_default() -> None:
         assert [s.name for s in found.spans.get_finished_spans()] == ["leasehold.acquire"]
     finally:
         instrumentation.close()
+
+
+def test_a_cancelled_acquire_span_says_so(sdk: Sdk) -> None:
+    events.emit(ev(events.AcquireStarted, blocking=True))
+    events.emit(ev(events.TimedOut, wait=0.5, cancelled=True))
+    (span,) = sdk.spans.get_finished_spans()
+    assert span.attributes["leasehold.outcome"] == "cancelled"
+    assert sdk.value("leasehold.acquisitions", outcome="cancelled") == 1

@@ -159,3 +159,15 @@ def test_forked_workers_aggregate_in_one_scrape(tmp_path: Path) -> None:
     assert value(after, "leasehold_acquisitions_total", outcome="granted") == 9
     assert value(after, "leasehold_held") == 0
     assert value(after, "leasehold_leader") == 0
+
+
+def test_a_cancelled_acquire_is_not_a_timeout(registry: CollectorRegistry) -> None:
+    events.emit(ev(events.AcquireStarted, blocking=True))
+    events.emit(ev(events.TimedOut, wait=2.0, cancelled=True))
+    events.emit(ev(events.AcquireStarted, blocking=True))
+    events.emit(ev(events.TimedOut, wait=1.0))
+    got = samples(generate_latest(registry).decode())
+    assert value(got, "leasehold_acquisitions_total", outcome="cancelled") == 1
+    assert value(got, "leasehold_acquisitions_total", outcome="timeout") == 1
+    assert value(got, "leasehold_acquire_wait_seconds_sum", outcome="cancelled") == 2.0
+    assert value(got, "leasehold_waiting") == 0

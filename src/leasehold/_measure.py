@@ -46,8 +46,19 @@ OUTCOMES: dict[type[events.Event], str] = {
 # and one the store refused (the lease is lost: see the losses counter).
 RENEWED, FAILED, REFUSED = "renewed", "failed", "refused"
 
+# A caller that stopped waiting (its task cancelled, an election stopped) did not
+# time out: counted apart, so timeouts alert on contention only.
+CANCELLED = "cancelled"
+
 _GRANTED: Extra = ("outcome", "granted")
-_EXTRAS: dict[str, Extra] = {o: ("outcome", o) for o in OUTCOMES.values()}
+_EXTRAS: dict[str, Extra] = {o: ("outcome", o) for o in (*OUTCOMES.values(), CANCELLED)}
+
+
+def outcome_of(event: events.Event) -> str | None:
+    """The ``outcome`` of an event that ends an acquire, else None."""
+    if isinstance(event, events.TimedOut) and event.cancelled:
+        return CANCELLED
+    return OUTCOMES.get(type(event))
 
 
 class Measurer:
@@ -76,7 +87,9 @@ class Measurer:
         if isinstance(event, events.Released):
             return [("add", "held", -1.0, None), ("observe", "hold", max(0.0, event.held), None)]
         if isinstance(event, events.Busy | events.TimedOut | events.AcquireFailed):
-            extra = _EXTRAS[OUTCOMES[type(event)]]
+            extra = _EXTRAS[
+                CANCELLED if getattr(event, "cancelled", False) else OUTCOMES[type(event)]
+            ]
             return [
                 ("add", "waiting", -1.0, None),
                 ("count", "acquisitions", 1.0, extra),
@@ -114,4 +127,13 @@ class Measurer:
         return []
 
 
-__all__ = ["OUTCOMES", "Common", "Extra", "Instrument", "Measurement", "Measurer"]
+__all__ = [
+    "CANCELLED",
+    "OUTCOMES",
+    "outcome_of",
+    "Common",
+    "Extra",
+    "Instrument",
+    "Measurement",
+    "Measurer",
+]

@@ -14,9 +14,10 @@ where they measure time; see docs/observability.md):
 * histograms ``leasehold.acquire.wait`` (attribute ``leasehold.outcome``),
   ``leasehold.hold``, ``leasehold.renewal.duration``;
 * counters ``leasehold.acquisitions`` (``leasehold.outcome``: granted, busy,
-  timeout, error), ``leasehold.renewals`` (``leasehold.result``: renewed, failed,
-  refused), ``leasehold.losses`` (``leasehold.reason``: refused, restart,
-  unreachable, deadline);
+  timeout, error; cancelled when the caller stopped waiting),
+  ``leasehold.renewals`` (``leasehold.result``: renewed, failed, refused),
+  ``leasehold.losses`` (``leasehold.reason``: refused, restart, unreachable,
+  deadline);
 * up-down counters ``leasehold.held`` and ``leasehold.waiting``;
 * gauge ``leasehold.leader``: 1 while this process leads an election of the group.
 
@@ -41,7 +42,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.util.types import Attributes
 
 from leasehold import __version__, events
-from leasehold._measure import OUTCOMES, Common, Extra, Measurer
+from leasehold._measure import Common, Extra, Measurer, outcome_of
 from leasehold.naming import NameGrouper, resolve
 
 SCOPE = "leasehold"
@@ -146,7 +147,7 @@ class Instrumentation:
             with self._guard:
                 totals = self._totals[instrument]
                 totals[key] = value if kind == "set" else totals.get(key, 0.0) + value
-        outcome = OUTCOMES.get(type(event))
+        outcome = outcome_of(event)
         if outcome is not None:
             self._acquire_span(event, outcome)
         elif isinstance(event, events.Lost):

@@ -12,7 +12,8 @@ docs/observability.md for meanings, PromQL and alerts):
 
 * ``leasehold_acquire_wait_seconds`` histogram (+ ``outcome``), buckets 1 ms to 5 min
 * ``leasehold_hold_seconds`` and ``leasehold_renewal_duration_seconds`` histograms
-* ``leasehold_acquisitions_total`` (``outcome``: granted, busy, timeout, error),
+* ``leasehold_acquisitions_total`` (``outcome``: granted, busy, timeout, error,
+  cancelled),
   ``leasehold_renewals_total`` (``result``: renewed, failed, refused),
   ``leasehold_losses_total`` (``reason``: refused, restart, unreachable, deadline)
 * gauges ``leasehold_held``, ``leasehold_waiting``, ``leasehold_leader``
