@@ -1,0 +1,8 @@
+from django.urls import path
+
+from tests.djproject.audio import views
+
+urlpatterns = [
+    path("naive/<int:text_id>", views.naive_audio),
+    path("once/<int:text_id>", views.once_audio),
+]
