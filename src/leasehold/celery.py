@@ -33,10 +33,12 @@ from typing import Any
 
 from celery import Task  # type: ignore[import-untyped]
 from celery.beat import Scheduler  # type: ignore[import-untyped]
+from celery.utils.dispatch import Signal  # type: ignore[import-untyped]
 
+from leasehold import _celery_singleton as _singleton
 from leasehold import retry as _retry
 from leasehold._core import validate
-from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseholdError, StoreUnavailable
 from leasehold._sync.client import Client
 from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
@@ -45,6 +47,8 @@ __all__ = [
     "LeaderScheduler",
     "OnceTask",
     "SingletonTask",
+    "Skipped",
+    "task_skipped",
     "client_for",
     "current_lease",
     "statistics",
@@ -53,6 +57,28 @@ __all__ = [
 logger = logging.getLogger("leasehold.celery")
 
 BUSY_POLICIES = ("skip", "retry", "wait")
+
+#: Sent by a worker for every skipped run: ``sender`` is the task, with ``task_id``,
+#: ``key`` and ``reason`` (``"busy"``: another run holds the key; ``"period"``: it
+#: already ran in this ``once_per`` period).
+task_skipped = Signal(name="task_skipped")
+
+
+class Skipped(LeaseholdError):
+    """A ``SingletonTask`` run that did not run: its result (state ``FAILURE``, this
+    exception type), never a ``SUCCESS`` with ``None``. ``reason`` is ``"busy"``
+    or ``"period"``. Listed in the task's ``throws``: logged at INFO, not as an
+    error."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        what = "another run holds it" if self.reason == "busy" else "it ran in this period"
+        return f"skipped {self.key!r}: {what}"
+
 
 # -- one client per process --------------------------------------------------------
 
@@ -206,14 +232,56 @@ class SingletonTask(Task):  # type: ignore[misc]
     lock_retry_maximum: float = 60.0
     lock_max_retries: int | None = None
     leasehold_url: str | None = None
+    dedupe: bool = True
+    dedupe_ttl: float = 3600.0
+    once_per: float | None = None
+    throws = (Skipped,)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        policy = _policy(self)
+    def _leasehold_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         template = _key_option(self, "lock_key")
         if template is None:
             template = self.name
-        key = format_key(self, template, args, kwargs, what="lock_key")
+        return format_key(self, template, args, kwargs, what="lock_key")
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Publish, unless a run of the same key is queued or running: then that
+        run's ``AsyncResult`` (``dedupe = False`` turns this off)."""
+        retrying = task_id is not None and task_id == self.request.id
+        if not self.dedupe or retrying or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        key = self._leasehold_key(tuple(args or ()), dict(kwargs or {}))
         client = client_for(_store_url(self))
+
+        def publish(new_id: str) -> Any:
+            return super(SingletonTask, self).apply_async(args, kwargs, task_id=new_id, **options)
+
+        def existing(found: str) -> Any:
+            _count("deduped")
+            logger.info("task %s: %r is already queued or running as %s", self.name, key, found)
+            return self.AsyncResult(found)
+
+        return _singleton.enqueue(client, key, task_id, self.dedupe_ttl, publish, existing)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        policy = _policy(self)
+        key = self._leasehold_key(args, kwargs)
+        client = client_for(_store_url(self))
+        task_id = self.request.id
+        try:
+            return self._leasehold_run(client, key, policy, args, kwargs)
+        finally:
+            if task_id and self.dedupe:
+                # This run is over (ran, skipped, failed or retrying): a retry
+                # re-registers itself when it is published again.
+                _singleton.forget(client, key, task_id)
+
+    def _leasehold_run(self, client: Client, key: str, policy: str, args: Any, kwargs: Any) -> Any:
         lock = client.lock(key, ttl=self.lock_ttl, on_lost=self._leasehold_lost)
         if policy == "wait":
             lease = lock.acquire(timeout=self.lock_wait_timeout)
@@ -223,23 +291,48 @@ class SingletonTask(Task):  # type: ignore[misc]
             if maybe is None:
                 return self._leasehold_busy(client, key, policy)
             lease = maybe
-        _count("ran")
         token = _current.set(lease)
         try:
             with lease:
-                return super().__call__(*args, **kwargs)
+                if self.request.id and self.dedupe:
+                    _singleton.mark_running(client, key, self.request.id, self.dedupe_ttl)
+                if self.once_per is None:
+                    _count("ran")
+                    return super().__call__(*args, **kwargs)
+                done, bucket, version = _singleton.period_done(client, key, self.once_per)
+                if done:
+                    self._leasehold_skip(client, key, "period")
+                _count("ran")
+                result = super().__call__(*args, **kwargs)
+                _singleton.mark_period_done(client, key, self.once_per, bucket, version)
+                return result
         finally:
             _current.reset(token)
 
-    def _leasehold_busy(self, client: Client, key: str, policy: str) -> Any:
-        owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
+    def _leasehold_skip(self, client: Client, key: str, reason: str) -> None:
+        _count("skipped")
         task_id = self.request.id
-        if policy == "skip":
-            _count("skipped")
+        if reason == "busy":
+            owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
             logger.info(
                 "task %s[%s] skipped: %r is busy (held by %s)", self.name, task_id, key, owners
             )
-            return None
+        else:
+            logger.info(
+                "task %s[%s] skipped: %r already ran in this %g s period",
+                self.name,
+                task_id,
+                key,
+                self.once_per,
+            )
+        task_skipped.send(sender=self, task_id=task_id, key=key, reason=reason)
+        raise Skipped(key, reason)
+
+    def _leasehold_busy(self, client: Client, key: str, policy: str) -> Any:
+        if policy == "skip":
+            self._leasehold_skip(client, key, "busy")
+        owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
+        task_id = self.request.id
         retries = int(self.request.retries or 0)
         countdown = _retry.delay(
             min(retries, 64), initial=self.lock_retry_initial, maximum=self.lock_retry_maximum

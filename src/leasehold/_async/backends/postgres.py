@@ -17,6 +17,7 @@ available; otherwise waiters poll, and their next acquire confirms the grant.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -38,7 +39,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from leasehold._async import _concurrency
-from leasehold._async._concurrency import AsyncEvent, AsyncMutex
+from leasehold._async._concurrency import IS_ASYNC, AsyncEvent, AsyncMutex
 from leasehold._async.backends._postgres_io import NotifyListener
 from leasehold._async.store import (
     AsyncStore,
@@ -140,7 +141,7 @@ class PostgresOptions:
     schema: str = "leasehold"
     pooler: str = "none"
     pool_min_size: int = 1
-    pool_max_size: int = 10
+    pool_max_size: int = 1
     create_schema: bool = True
     statement_timeout: float = _STATEMENT_TIMEOUT_DEFAULT
     connect_timeout: float = 5.0
@@ -218,7 +219,9 @@ def parse_options(url: StoreURL) -> PostgresOptions:
     if create not in _TRUE + _FALSE:
         raise InvalidArgument(f"?create_schema= must be true or false, got {create!r}")
     pool_min = _count("pool_min_size", own.get("pool_min_size", "1"), 0)
-    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(10, pool_min))), 1)
+    # One operation connection by default: every call is one short round trip, so
+    # threads queue for it briefly (?pool_max_size= for heavily threaded processes).
+    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(1, pool_min))), 1)
     if pool_max < pool_min:
         raise InvalidArgument(
             f"?pool_max_size={pool_max} is smaller than ?pool_min_size={pool_min}"
@@ -413,6 +416,11 @@ class AsyncPostgresStore(AsyncStore):
         # this clock; every lease decision is made by the server's clock.
         self._clock = clock or SYSTEM_CLOCK
         self._pid = os.getpid()
+        self._users = 1  # clients sharing this store (see from_url)
+        # Pooled connections in use by calls: all of them busy means "wait for one";
+        # fewer means the pool is failing to connect, and a call connects itself.
+        self._checked_out = 0
+        self._share_key: tuple[Any, ...] | None = None
         self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
         self._connections: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
         self._schema_ready = False
@@ -456,6 +464,7 @@ class AsyncPostgresStore(AsyncStore):
         self._pool = None
         self._listener = None
         self._connections = weakref.WeakSet()
+        self._checked_out = 0
         # Locks may have been held by threads that do not exist in the child.
         self._mutex = AsyncMutex()
         self._listener_mutex = AsyncMutex()
@@ -511,7 +520,7 @@ class AsyncPostgresStore(AsyncStore):
             except PoolTimeout:
                 if waited:
                     raise
-                if pool.get_stats().get("pool_size", 0) >= self._opts.pool_max_size:
+                if self._checked_out >= self._opts.pool_max_size:
                     waited = True  # full and busy: wait for a connection like anyone
                     continue
                 # The pool is failing to connect. Its reconnection backoff doubles
@@ -520,6 +529,7 @@ class AsyncPostgresStore(AsyncStore):
                 # cause (refused, authentication, DNS) instead of "timeout".
                 return await self._connect(), False
             if not _looks_dead(conn):
+                self._checked_out += 1
                 return conn, True
             await conn.close()  # the pool discards closed connections it gets back
             await pool.putconn(conn)
@@ -532,6 +542,7 @@ class AsyncPostgresStore(AsyncStore):
         pooled: bool,
     ) -> None:
         if pooled:
+            self._checked_out -= 1
             await pool.putconn(conn)
         else:
             await conn.close()
@@ -690,8 +701,12 @@ class AsyncPostgresStore(AsyncStore):
             if listener is not None:
                 self._listener = None
                 await listener.aclose()
+            # One LISTEN connection per store for wake-ups and announcements alike.
             listener = NotifyListener(
-                self._opts.conninfo, self._channel, self._on_notify, self._on_listener_lost
+                self._opts.conninfo,
+                (self._channel, self._announce_channel),
+                self._dispatch,
+                self._on_listener_lost,
             )
             try:
                 await listener.start()
@@ -709,6 +724,12 @@ class AsyncPostgresStore(AsyncStore):
             self._listener = listener
             self._listener_error = None
             return self._channel
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == self._channel:
+            self._on_notify(payload)
+        else:
+            self._topics.wake(payload)
 
     def _on_notify(self, payload: str) -> None:
         key, _, fence = payload.partition(" ")
@@ -734,6 +755,7 @@ class AsyncPostgresStore(AsyncStore):
                     events.append(entry.event)
         for event in events:
             event.set()
+        self._topics.wake_all()
 
     def _arm(self, key: str, queue_ttl: float) -> None:
         """Register (or re-arm) a waiter *before* the acquire that queues it is sent."""
@@ -913,6 +935,12 @@ class AsyncPostgresStore(AsyncStore):
         return float(rows[0][0])
 
     async def aclose(self) -> None:
+        with _SHARED_GUARD:
+            self._users -= 1
+            if self._users > 0:
+                return  # other clients of this process still use it
+            if self._share_key is not None and _SHARED.get(self._share_key) is self:
+                del _SHARED[self._share_key]
         self._closed = True
         if os.getpid() != self._pid:
             self._after_fork()  # a child never closes what its parent still uses
@@ -943,13 +971,7 @@ class AsyncPostgresStore(AsyncStore):
         return HubSubscription(topic, self._topics, self._announcements)
 
     def _announce_listener(self) -> _AnnounceListener:
-        listener = NotifyListener(
-            self._opts.conninfo,
-            self._announce_channel,
-            self._topics.wake,
-            self._topics.wake_all,
-        )
-        return _AnnounceListener(listener, repr(self), self._opts.secrets)
+        return _AnnounceListener(self)
 
     def warnings(self) -> list[str]:
         found: list[str] = []
@@ -986,31 +1008,29 @@ class AsyncPostgresStore(AsyncStore):
 
 
 class _AnnounceListener:
-    """The ``NotifyListener`` on a schema's announcement channel, as the
-    ``Listener`` a ``ListenerSlot`` keeps: its failures are StoreUnavailable,
-    password removed."""
+    """The store's one LISTEN connection, as the ``Listener`` a ``ListenerSlot``
+    keeps for announcements: starting it starts (or reuses) the store's listener,
+    which LISTENs on the announcement channel too; closing it is the store's job."""
 
-    def __init__(self, listener: NotifyListener, what: str, hidden: Sequence[str]) -> None:
-        self._listener = listener
-        self._what = what
-        self._hidden = hidden
+    def __init__(self, store: AsyncPostgresStore) -> None:
+        self._store = store
 
     @property
     def alive(self) -> bool:
-        return self._listener.alive
+        listener = self._store._listener
+        return listener is not None and listener.alive
 
     def fileno(self) -> int | None:
-        return self._listener.fileno()
+        listener = self._store._listener
+        return None if listener is None else listener.fileno()
 
     async def start(self) -> None:
-        try:
-            await self._listener.start()
-        except (psycopg.Error, OSError) as exc:
-            message = f"{self._what}: LISTEN failed: {str(exc).strip() or type(exc).__name__}"
-            raise StoreUnavailable(_scrub(message, self._hidden)) from None
+        if await self._store._listening_channel() is None:
+            error = self._store._listener_error or "retrying shortly"
+            raise StoreUnavailable(f"{self._store!r}: LISTEN failed: {error}")
 
     async def aclose(self) -> None:
-        await self._listener.aclose()
+        pass  # the store closes its listener
 
 
 class AsyncPooledPostgresStore(AsyncPostgresStore):
@@ -1033,6 +1053,43 @@ class AsyncPooledPostgresStore(AsyncPostgresStore):
     )
 
 
+# Stores shared by the clients of one process: same URL, clock and (asyncio) event
+# loop give the same store, so a process holds one operation connection and one
+# LISTEN connection per database however many clients it makes. Counted: the
+# store closes when its last client does.
+_SHARED: dict[tuple[Any, ...], AsyncPostgresStore] = {}
+_SHARED_GUARD = threading.Lock()
+
+
+def _share_key(url: StoreURL, clock: Clock) -> tuple[Any, ...] | None:
+    loop: object = None
+    if IS_ASYNC:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # no loop yet to bind a pool to: a store of its own
+    return (os.getpid(), url.raw, id(clock), loop)
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED_GUARD
+    _SHARED_GUARD = threading.Lock()  # may have been held at fork time
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def from_url(url: StoreURL, clock: Clock) -> AsyncPostgresStore:
-    """Validate the URL and build the store; connects lazily on first use."""
-    return AsyncPostgresStore(url, clock)
+    """Validate the URL and build the store (or share this process's); connects
+    lazily on first use."""
+    key = _share_key(url, clock)
+    if key is None:
+        return AsyncPostgresStore(url, clock)
+    with _SHARED_GUARD:
+        store = _SHARED.get(key)
+        if store is not None and not store._closed:
+            store._users += 1
+            return store
+        store = _SHARED[key] = AsyncPostgresStore(url, clock)
+        store._share_key = key
+        return store

@@ -19,6 +19,7 @@ available; otherwise waiters poll, and their next acquire confirms the grant.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -40,7 +41,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from leasehold._sync import _concurrency
-from leasehold._sync._concurrency import Event, Mutex
+from leasehold._sync._concurrency import IS_ASYNC, Event, Mutex
 from leasehold._sync.backends._postgres_io import NotifyListener
 from leasehold._sync.store import (
     Store,
@@ -142,7 +143,7 @@ class PostgresOptions:
     schema: str = "leasehold"
     pooler: str = "none"
     pool_min_size: int = 1
-    pool_max_size: int = 10
+    pool_max_size: int = 1
     create_schema: bool = True
     statement_timeout: float = _STATEMENT_TIMEOUT_DEFAULT
     connect_timeout: float = 5.0
@@ -220,7 +221,9 @@ def parse_options(url: StoreURL) -> PostgresOptions:
     if create not in _TRUE + _FALSE:
         raise InvalidArgument(f"?create_schema= must be true or false, got {create!r}")
     pool_min = _count("pool_min_size", own.get("pool_min_size", "1"), 0)
-    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(10, pool_min))), 1)
+    # One operation connection by default: every call is one short round trip, so
+    # threads queue for it briefly (?pool_max_size= for heavily threaded processes).
+    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(1, pool_min))), 1)
     if pool_max < pool_min:
         raise InvalidArgument(
             f"?pool_max_size={pool_max} is smaller than ?pool_min_size={pool_min}"
@@ -415,6 +418,11 @@ class PostgresStore(Store):
         # this clock; every lease decision is made by the server's clock.
         self._clock = clock or SYSTEM_CLOCK
         self._pid = os.getpid()
+        self._users = 1  # clients sharing this store (see from_url)
+        # Pooled connections in use by calls: all of them busy means "wait for one";
+        # fewer means the pool is failing to connect, and a call connects itself.
+        self._checked_out = 0
+        self._share_key: tuple[Any, ...] | None = None
         self._pool: ConnectionPool[Connection[tuple[Any, ...]]] | None = None
         self._connections: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
         self._schema_ready = False
@@ -458,6 +466,7 @@ class PostgresStore(Store):
         self._pool = None
         self._listener = None
         self._connections = weakref.WeakSet()
+        self._checked_out = 0
         # Locks may have been held by threads that do not exist in the child.
         self._mutex = Mutex()
         self._listener_mutex = Mutex()
@@ -511,7 +520,7 @@ class PostgresStore(Store):
             except PoolTimeout:
                 if waited:
                     raise
-                if pool.get_stats().get("pool_size", 0) >= self._opts.pool_max_size:
+                if self._checked_out >= self._opts.pool_max_size:
                     waited = True  # full and busy: wait for a connection like anyone
                     continue
                 # The pool is failing to connect. Its reconnection backoff doubles
@@ -520,6 +529,7 @@ class PostgresStore(Store):
                 # cause (refused, authentication, DNS) instead of "timeout".
                 return self._connect(), False
             if not _looks_dead(conn):
+                self._checked_out += 1
                 return conn, True
             conn.close()  # the pool discards closed connections it gets back
             pool.putconn(conn)
@@ -532,6 +542,7 @@ class PostgresStore(Store):
         pooled: bool,
     ) -> None:
         if pooled:
+            self._checked_out -= 1
             pool.putconn(conn)
         else:
             conn.close()
@@ -688,8 +699,12 @@ class PostgresStore(Store):
             if listener is not None:
                 self._listener = None
                 listener.close()
+            # One LISTEN connection per store for wake-ups and announcements alike.
             listener = NotifyListener(
-                self._opts.conninfo, self._channel, self._on_notify, self._on_listener_lost
+                self._opts.conninfo,
+                (self._channel, self._announce_channel),
+                self._dispatch,
+                self._on_listener_lost,
             )
             try:
                 listener.start()
@@ -707,6 +722,12 @@ class PostgresStore(Store):
             self._listener = listener
             self._listener_error = None
             return self._channel
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == self._channel:
+            self._on_notify(payload)
+        else:
+            self._topics.wake(payload)
 
     def _on_notify(self, payload: str) -> None:
         key, _, fence = payload.partition(" ")
@@ -732,6 +753,7 @@ class PostgresStore(Store):
                     events.append(entry.event)
         for event in events:
             event.set()
+        self._topics.wake_all()
 
     def _arm(self, key: str, queue_ttl: float) -> None:
         """Register (or re-arm) a waiter *before* the acquire that queues it is sent."""
@@ -911,6 +933,12 @@ class PostgresStore(Store):
         return float(rows[0][0])
 
     def close(self) -> None:
+        with _SHARED_GUARD:
+            self._users -= 1
+            if self._users > 0:
+                return  # other clients of this process still use it
+            if self._share_key is not None and _SHARED.get(self._share_key) is self:
+                del _SHARED[self._share_key]
         self._closed = True
         if os.getpid() != self._pid:
             self._after_fork()  # a child never closes what its parent still uses
@@ -941,13 +969,7 @@ class PostgresStore(Store):
         return HubSubscription(topic, self._topics, self._announcements)
 
     def _announce_listener(self) -> _AnnounceListener:
-        listener = NotifyListener(
-            self._opts.conninfo,
-            self._announce_channel,
-            self._topics.wake,
-            self._topics.wake_all,
-        )
-        return _AnnounceListener(listener, repr(self), self._opts.secrets)
+        return _AnnounceListener(self)
 
     def warnings(self) -> list[str]:
         found: list[str] = []
@@ -984,31 +1006,29 @@ class PostgresStore(Store):
 
 
 class _AnnounceListener:
-    """The ``NotifyListener`` on a schema's announcement channel, as the
-    ``Listener`` a ``ListenerSlot`` keeps: its failures are StoreUnavailable,
-    password removed."""
+    """The store's one LISTEN connection, as the ``Listener`` a ``ListenerSlot``
+    keeps for announcements: starting it starts (or reuses) the store's listener,
+    which LISTENs on the announcement channel too; closing it is the store's job."""
 
-    def __init__(self, listener: NotifyListener, what: str, hidden: Sequence[str]) -> None:
-        self._listener = listener
-        self._what = what
-        self._hidden = hidden
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
 
     @property
     def alive(self) -> bool:
-        return self._listener.alive
+        listener = self._store._listener
+        return listener is not None and listener.alive
 
     def fileno(self) -> int | None:
-        return self._listener.fileno()
+        listener = self._store._listener
+        return None if listener is None else listener.fileno()
 
     def start(self) -> None:
-        try:
-            self._listener.start()
-        except (psycopg.Error, OSError) as exc:
-            message = f"{self._what}: LISTEN failed: {str(exc).strip() or type(exc).__name__}"
-            raise StoreUnavailable(_scrub(message, self._hidden)) from None
+        if self._store._listening_channel() is None:
+            error = self._store._listener_error or "retrying shortly"
+            raise StoreUnavailable(f"{self._store!r}: LISTEN failed: {error}")
 
     def close(self) -> None:
-        self._listener.close()
+        pass  # the store closes its listener
 
 
 class PooledPostgresStore(PostgresStore):
@@ -1031,6 +1051,43 @@ class PooledPostgresStore(PostgresStore):
     )
 
 
+# Stores shared by the clients of one process: same URL, clock and (asyncio) event
+# loop give the same store, so a process holds one operation connection and one
+# LISTEN connection per database however many clients it makes. Counted: the
+# store closes when its last client does.
+_SHARED: dict[tuple[Any, ...], PostgresStore] = {}
+_SHARED_GUARD = threading.Lock()
+
+
+def _share_key(url: StoreURL, clock: Clock) -> tuple[Any, ...] | None:
+    loop: object = None
+    if IS_ASYNC:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # no loop yet to bind a pool to: a store of its own
+    return (os.getpid(), url.raw, id(clock), loop)
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED_GUARD
+    _SHARED_GUARD = threading.Lock()  # may have been held at fork time
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def from_url(url: StoreURL, clock: Clock) -> PostgresStore:
-    """Validate the URL and build the store; connects lazily on first use."""
-    return PostgresStore(url, clock)
+    """Validate the URL and build the store (or share this process's); connects
+    lazily on first use."""
+    key = _share_key(url, clock)
+    if key is None:
+        return PostgresStore(url, clock)
+    with _SHARED_GUARD:
+        store = _SHARED.get(key)
+        if store is not None and not store._closed:
+            store._users += 1
+            return store
+        store = _SHARED[key] = PostgresStore(url, clock)
+        store._share_key = key
+        return store
