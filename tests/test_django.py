@@ -46,7 +46,7 @@ def django(server: Any, *args: str, timeout: float = 150) -> subprocess.Complete
 
 
 @pytest.mark.parametrize(
-    "case", ["SettingsTests", "LockTests", "OnceTests", "FenceTests", "RaceTests"]
+    "case", ["SettingsTests", "LockTests", "OnceTests", "FenceTests", "RaceTests", "AdminTests"]
 )
 def test_django_suite(postgres_server: Any, case: str) -> None:
     done = django(

@@ -290,3 +290,57 @@ class RaceTests(TransactionTestCase):
         self.assertEqual(len(ids), 2)
         self.assertEqual(len(set(ids)), 1)
         self.assertEqual(AudioFile.objects.filter(text_id=2).count(), 1)
+
+
+class AdminTests(TransactionTestCase):
+    def _user(self, username: str, *perms: str) -> Any:
+        from django.contrib.auth.models import Permission, User
+
+        user = User.objects.create_user(username, password="pw", is_staff=True)
+        for perm in perms:
+            user.user_permissions.add(Permission.objects.get(codename=perm))
+        web = HttpClient()
+        web.force_login(user)
+        return web
+
+    def test_staff_without_permission_is_refused(self) -> None:
+        web = self._user("nobody")
+        self.assertEqual(web.get("/admin/leasehold/lease/").status_code, 403)
+
+    def test_view_permission_lists_live_leases_without_break(self) -> None:
+        name = unique("admin")
+        web = self._user("viewer", "view_lease")
+        with client().lock(name) as lease:
+            page = web.get("/admin/leasehold/lease/")
+            self.assertEqual(page.status_code, 200)
+            body = page.content.decode()
+            self.assertIn(name, body)
+            self.assertIn(f"<td>{lease.fence}</td>", body)
+            self.assertNotIn("Break", body)
+            refused = web.post("/admin/leasehold/lease/break/", {"name": name, "confirm": "yes"})
+            self.assertEqual(refused.status_code, 403)
+            self.assertTrue(lease.held)
+
+    def test_break_permission_breaks_after_confirmation(self) -> None:
+        name = unique("admin")
+        web = self._user("breaker", "view_lease", "break_lease")
+        lease = client().lock(name).acquire()
+        self.assertIn("Break", web.get("/admin/leasehold/lease/").content.decode())
+        confirm = web.get("/admin/leasehold/lease/break/", {"name": name})
+        self.assertEqual(confirm.status_code, 200)
+        self.assertIn("Yes, break it", confirm.content.decode())
+        self.assertTrue(held(name))  # asking changes nothing
+        done = web.post("/admin/leasehold/lease/break/", {"name": name, "confirm": "yes"})
+        self.assertEqual(done.status_code, 302)
+        self.assertFalse(held(name))
+        with client().lock(name) as successor:
+            self.assertGreater(successor.fence, lease.fence)
+        lease.release()
+
+    def test_index_lists_the_leases_page(self) -> None:
+        from django.contrib.auth.models import User
+
+        User.objects.create_superuser("root", password="pw")
+        web = HttpClient()
+        web.force_login(User.objects.get(username="root"))
+        self.assertIn("/admin/leasehold/lease/", web.get("/admin/").content.decode())

@@ -13,8 +13,11 @@ ALLOWED_HOSTS = ["*"]
 ROOT_URLCONF = "tests.djproject.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 INSTALLED_APPS = [
+    "django.contrib.admin",
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
     "leasehold.django",
     "tests.djproject.audio",
 ]
@@ -41,3 +44,22 @@ LOGGING = {
     "loggers": {"leasehold": {"handlers": ["console"], "level": "WARNING"}},
 }
 TEST_RUNNER = "leasehold.django.testing.DiscoverRunner"
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]

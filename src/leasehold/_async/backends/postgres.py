@@ -393,7 +393,7 @@ class AsyncPostgresStore(AsyncStore):
             "expiry on the server's clock (clock_timestamp())",
             "fences from one WAL-logged sequence: never reused, even after a crash",
             "a release hands the place to the first waiter in the same transaction; "
-            "LISTEN/NOTIFY tells it its fence, on a dedicated connection per store",
+            "LISTEN/NOTIFY tells it its fence, on one connection per process and database",
             "correct behind transaction-mode poolers with ?pooler=transaction (polling)",
             "fences survive failover only with synchronous replication",
         ),
