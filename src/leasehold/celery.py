@@ -12,7 +12,8 @@
   leader carries on where the old one stopped.
 
 The store is ``app.conf.leasehold_url`` (or the task's ``leasehold_url``
-attribute, else ``$LEASEHOLD_URL``). One sync client per worker process is
+attribute; in a Django project, else ``settings.LEASEHOLD``; else
+``$LEASEHOLD_URL``). One sync client per worker process is
 created on first use, after the pool has forked. See docs/celery.md.
 """
 
@@ -24,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -138,7 +140,23 @@ def _store_url(task: Any) -> str | None:
     url = getattr(task, "leasehold_url", None)
     if url is None:
         url = task.app.conf.get("leasehold_url")
+    if url is None:
+        url = _django_store_url()
     return None if url is None else str(url)
+
+
+def _django_store_url() -> str | None:
+    """In a worker of a Django project (settings configured, ``LEASEHOLD`` set):
+    the store ``settings.LEASEHOLD`` names, as ``leasehold.django`` uses it."""
+    if "django.conf" not in sys.modules:
+        return None
+    from django.conf import settings
+
+    if not settings.configured or getattr(settings, "LEASEHOLD", None) is None:
+        return None
+    from leasehold.django import store_url
+
+    return store_url()
 
 
 def _fields(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

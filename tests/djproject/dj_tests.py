@@ -41,6 +41,28 @@ class SettingsTests(TransactionTestCase):
     def test_one_client_per_process(self) -> None:
         self.assertIs(client(), client())
 
+    def test_a_forked_child_builds_its_own_client(self) -> None:
+        parent = client()
+        with parent.lock(unique("parent")) as held_by_parent:
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report, then leave without running finalizers
+                try:
+                    child = client()
+                    with child.lock(unique("child")) as lease:
+                        answer = f"{child is not parent} {lease.fence > 0}"
+                except BaseException as exc:
+                    answer = f"error {exc!r}"
+                os.write(write, answer.encode())
+                os._exit(0)
+            os.close(write)
+            _, status = os.waitpid(pid, 0)
+            answer = os.read(read, 1000).decode()
+            os.close(read)
+            self.assertEqual((status, answer), (0, "True True"))
+            self.assertTrue(held_by_parent.held)  # the child never touched it
+        self.assertIs(client(), parent)
+
     def test_settings_change_builds_a_new_client(self) -> None:
         first = client()
         with override_settings(LEASEHOLD={"URL": f"memory://{uuid.uuid4().hex}"}):

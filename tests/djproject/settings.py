@@ -27,7 +27,7 @@ DATABASES = {
         "HOST": "127.0.0.1",
         "PORT": os.environ.get("LH_DJ_PG_PORT", "5432"),
         "USER": "postgres",
-        "NAME": "postgres",
+        "NAME": os.environ.get("LH_DJ_PG_NAME", "postgres"),
         "TEST": {"NAME": "lh_django_test"},
     },
     "other": {
