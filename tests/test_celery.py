@@ -515,3 +515,46 @@ def test_once_per_period_runs_each_item_once_across_workers(cluster: Cluster, wo
     skipped = [o for o in outcomes if isinstance(o, Skipped)]
     assert len(skipped) == 40 and {s.reason for s in skipped} <= {"busy", "period"}
     assert sorted(o for o in outcomes if isinstance(o, int)) == meetings
+
+
+@pytest.mark.slow
+def test_a_killed_run_stops_deduplicating_when_its_lease_expires(
+    cluster: Cluster, worker: Any, store: leasehold.Client, lc: Any
+) -> None:
+    cluster.producer.conf.leasehold_url = cluster.store_url
+
+    def hog(name: str) -> None:
+        raise AssertionError("runs in the worker only")
+
+    task = cluster.producer.task(
+        name="tests._celery_app.hog", base=lc.SingletonTask, lock_key="hog:{name}", shared=False
+    )(hog)
+    name = unique("hog-dedupe")
+    running = task.delay(name=name)
+    event = wait_until(
+        lambda: next((e for e in cluster.events("hog") if e["name"] == name), None),
+        30,
+        "the task to start",
+    )
+    assert task.delay(name=name).id == running.id  # deduped while it runs
+    os.kill(event["pid"], signal.SIGKILL)  # a pool process of the worker we started
+    killed = time.monotonic()
+
+    # The enqueue record says "running", but the run's lease (TTL 1 s) expires:
+    # from then on an enqueue publishes a new run. Never an eternal key.
+    def new_run() -> Any:
+        result = task.delay(name=name)
+        return result if result.id != running.id else None
+
+    fresh = wait_until(
+        new_run,
+        1.0 + BOUND + 5,
+        "an enqueue after the lease expired",
+    )
+    assert time.monotonic() - killed < 1.0 + BOUND + 1
+    wait_until(
+        lambda: len([e for e in cluster.events("hog") if e["name"] == name]) == 2,
+        30,
+        "the new run to start",
+    )
+    cluster.producer.control.revoke(fresh.id, terminate=True)

@@ -77,8 +77,21 @@ def test_management_command_ls_and_break(postgres_server: Any) -> None:
         assert broken.returncode == 0, broken.stderr
         assert client.holders(name) == []
         assert not lease.held or lease.remaining() >= 0
+        lease = client.lock(name, ttl=60).acquire()
         doctor = django(postgres_server, "leasehold", "doctor")
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        ran = django(
+            postgres_server, "leasehold", "run", name + "-run", "--",
+            sys.executable, "-c", "print('under the lease')",
+        )  # fmt: skip
+        assert ran.returncode == 0 and "under the lease" in ran.stdout, ran.stderr
+        led = django(
+            postgres_server, "leasehold", "leader", name + "-leader", "--",
+            sys.executable, "-c", "import os; print('term', os.environ['LEASEHOLD_FENCE'])",
+        )  # fmt: skip
+        assert led.returncode == 0 and "term " in led.stdout, led.stderr
+        busy = django(postgres_server, "leasehold", "run", name, "--no-wait", "--", "true")
+        assert busy.returncode == 75, busy.stderr  # EX_TEMPFAIL: the lease is held
         unknown = django(postgres_server, "leasehold", "frobnicate")
         assert unknown.returncode == 2 and "unknown subcommand" in unknown.stderr
 
