@@ -55,7 +55,16 @@ def django(
 
 
 @pytest.mark.parametrize(
-    "case", ["SettingsTests", "LockTests", "OnceTests", "FenceTests", "RaceTests", "AdminTests"]
+    "case",
+    [
+        "SettingsTests",
+        "LockTests",
+        "OnceTests",
+        "FenceTests",
+        "RaceTests",
+        "AdminTests",
+        "AsyncAndLossTests",
+    ],
 )
 def test_django_suite(postgres_server: Any, case: str) -> None:
     done = django(

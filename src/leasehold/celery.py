@@ -121,7 +121,8 @@ def client_for(url: str | None = None) -> Client:
 
 def statistics() -> dict[str, int]:
     """This process's counters: ``ran``, ``skipped``, ``busy_retries``, ``waited``,
-    ``lost``, ``once_runs``."""
+    ``lost``, ``once_runs``, and in producers ``deduped`` (enqueues answered with
+    the result of a queued or running run)."""
     with _stats_guard:
         return dict(_stats)
 

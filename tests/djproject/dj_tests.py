@@ -183,6 +183,50 @@ class LockTests(TransactionTestCase):
         self.assertEqual(result.return_value, "skipped")
 
 
+class AsyncAndLossTests(TransactionTestCase):
+    def test_async_function_under_lock_and_once(self) -> None:
+        import asyncio
+
+        prefix = unique("async")
+        seen: list[str] = []
+        runs: list[int] = []
+
+        @lock(prefix + ":{n}", when_busy="skip", on_skip="skipped")
+        async def job(n: int) -> str:
+            seen.append(client().holders(f"{prefix}:{n}")[0].name)
+            await asyncio.sleep(0.01)
+            return f"done {n}"
+
+        @once(prefix + ":once:{n}")
+        async def build(n: int) -> int:
+            runs.append(n)
+            await asyncio.sleep(0.3)
+            return n * 10
+
+        async def main() -> tuple[Any, ...]:
+            first = await job(1)
+            with client().lock(f"{prefix}:2"):
+                busy = await job(2)
+            both = await asyncio.gather(build(3), build(3))
+            return first, busy, both
+
+        first, busy, both = asyncio.run(main())
+        self.assertEqual((first, busy, list(both)), ("done 1", "skipped", [30, 30]))
+        self.assertEqual((seen, runs), ([f"{prefix}:1"], [3]))
+
+    def test_a_lease_lost_during_the_block_raises_lease_lost(self) -> None:
+        import time
+
+        name = unique("lost")
+        with self.assertRaises(leasehold.LeaseLost), lock(name, ttl=1.0) as lease:
+            assert lease is not None
+            client().break_lease(name)
+            deadline = time.monotonic() + 10
+            while lease.held and time.monotonic() < deadline:
+                time.sleep(0.05)  # the next renewal finds it broken
+        self.assertFalse(held(name))
+
+
 class OnceTests(TransactionTestCase):
     def test_result_published_on_commit(self) -> None:
         key = unique("report")

@@ -4,6 +4,9 @@ Both are decorators and context managers. As decorators, the lease name (or
 once key) may be a template over the call's arguments, ``"meeting:{meeting_id}"``,
 or a callable taking them.
 
+Coroutine functions work too: the lease calls run in a worker thread, the coroutine
+on its own event loop (no on-commit deferral: ``atomic()`` does not span awaits).
+
 Inside ``transaction.atomic()`` (the ``using`` database's), a lock is released and
 a once result published only when that transaction commits -- at once when it
 rolls back -- so the next holder always sees the writes the lease guarded
@@ -39,12 +42,34 @@ def _defer(on_commit: bool | None, using: str | None) -> bool:
     return on_commit and _tx.in_atomic_block(using)
 
 
-def _sync_only(fn: Callable[..., Any], what: str) -> None:
-    if inspect.iscoroutinefunction(fn):
-        raise InvalidArgument(
-            f"leasehold.django.{what}() decorates synchronous functions; for async code "
-            "use leasehold.AsyncClient directly"
-        )
+def _sync_body(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What the sync wrapper calls: ``fn``, or for a coroutine function the same
+    run on its event loop (asgiref's ``async_to_sync``, which Django ships)."""
+    if not inspect.iscoroutinefunction(fn):
+        return fn
+    from asgiref.sync import async_to_sync
+
+    return async_to_sync(fn)
+
+
+def _same_kind(fn: Callable[..., Any], wrapper: Callable[..., Any]) -> Any:
+    """``wrapper`` for a sync ``fn``; for a coroutine function, an async wrapper that
+    runs it in a worker thread (the lease calls block), so the event loop is free
+    while it waits for a lease, and the body runs back on the loop."""
+    if not inspect.iscoroutinefunction(fn):
+        return wrapper
+    from asgiref.sync import sync_to_async
+
+    in_thread = sync_to_async(wrapper, thread_sensitive=False)
+
+    @functools.wraps(fn)
+    async def run_async(*args: Any, **kwargs: Any) -> Any:
+        result = await in_thread(*args, **kwargs)
+        if inspect.isawaitable(result):  # an async on_skip
+            result = await result
+        return result
+
+    return run_async
 
 
 class lock:  # used like a function: @lock("name") / with lock("name")
@@ -94,15 +119,18 @@ class lock:  # used like a function: @lock("name") / with lock("name")
 
     def _end(self, lease: Lease, failed: bool) -> None:
         """Release now, or when the transaction ends; a lost lease raises LeaseLost."""
-        if failed or not _defer(self.on_commit, self.using):
+        if failed:
             lease.release()
             return
         try:
-            lease.check()  # lost while the body ran: its writes must not commit
+            lease.check()  # lost while the body ran: say so (its writes must not commit)
         except BaseException:
             lease.release()
             raise
-        _tx.after_transaction(lambda committed: _release_quietly(lease), self.using)
+        if _defer(self.on_commit, self.using):
+            _tx.after_transaction(lambda committed: _release_quietly(lease), self.using)
+        else:
+            lease.release()
 
     def _skipped(self, name: str, sender: object) -> None:
         from leasehold.django.signals import lease_skipped
@@ -142,7 +170,7 @@ class lock:  # used like a function: @lock("name") / with lock("name")
     # -- decorator ------------------------------------------------------------------
 
     def __call__(self, fn: F) -> F:
-        _sync_only(fn, "lock")
+        body = _sync_body(fn)
 
         @functools.wraps(fn)
         def locked(*args: Any, **kwargs: Any) -> Any:
@@ -150,9 +178,9 @@ class lock:  # used like a function: @lock("name") / with lock("name")
             with self._block(name, fn) as lease:
                 if lease is None:
                     return self.on_skip(*args, **kwargs) if callable(self.on_skip) else self.on_skip
-                return fn(*args, **kwargs)
+                return body(*args, **kwargs)
 
-        return cast(F, locked)
+        return cast(F, _same_kind(fn, locked))
 
 
 def _release_quietly(lease: Lease) -> None:
@@ -194,14 +222,14 @@ class once:  # used like a function
         self.using = using
 
     def __call__(self, fn: F) -> F:
-        _sync_only(fn, "once")
+        body = _sync_body(fn)
 
         @functools.wraps(fn)
         def run_once(*args: Any, **kwargs: Any) -> Any:
             key = render(self.key, fn, args, kwargs, what="once key")
-            return self.run(key, fn, *args, **kwargs)
+            return self.run(key, body, *args, **kwargs)
 
-        return cast(F, run_once)
+        return cast(F, _same_kind(fn, run_once))
 
     def run(self, key: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` once for ``key``; the stored result otherwise."""
