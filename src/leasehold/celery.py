@@ -461,7 +461,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self.lease_ttl = validate.ttl(
             float(conf.get("leasehold_beat_ttl") or 30.0), what="leasehold_beat_ttl"
         )
-        url = conf.get("leasehold_url")
+        url = conf.get("leasehold_url") or _django_store_url()
         self._url = None if url is None else str(url)
         self._client: Client | None = None
         self._election: Election | None = None
