@@ -558,3 +558,38 @@ def test_a_killed_run_stops_deduplicating_when_its_lease_expires(
         "the new run to start",
     )
     cluster.producer.control.revoke(fresh.id, terminate=True)
+
+
+@pytest.mark.slow
+def test_a_retrying_singleton_stays_the_one_queued(
+    cluster: Cluster, worker: Any, store: leasehold.Client, lc: Any
+) -> None:
+    cluster.producer.conf.leasehold_url = cluster.store_url
+
+    def process_item(item: str, hold: float = 1.0, tag: str = "") -> None:
+        raise AssertionError("runs in the worker only")
+
+    task = cluster.producer.task(
+        name="tests._celery_app.process_item",
+        base=lc.SingletonTask,
+        lock_key="item:{item}",
+        when_busy="retry",
+        shared=False,
+    )(process_item)
+    item = unique("retrying")
+    with store.lock(f"item:{item}", ttl=30):
+        first = task.delay(item=item, hold=0.1, tag="a")
+        wait_until(lambda: _retries_seen(cluster, first.id), 30, "the first retry")
+        assert task.delay(item=item, hold=0.1, tag="b").id == first.id  # still joins it
+    outcome = first.get(timeout=60)
+    assert outcome["tag"] == "a" and outcome["retries"] >= 1
+    starts = [e for e in cluster.events("process_item") if e["item"] == item]
+    assert [e["tag"] for e in starts if e["edge"] == "start"] == ["a"]
+
+
+def _retries_seen(cluster: Cluster, task_id: str) -> bool:
+    """The worker has handled a retry of ``task_id`` (Celery logs ``retry: Retry
+    in`` after the task's Retry unwound, so leasehold's bookkeeping is done)."""
+    log = cluster.tmp / "worker.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return any(task_id in line and "retry: Retry in" in line for line in lines)

@@ -84,6 +84,21 @@ def mark_running(client: Client, key: str, task_id: str, ttl: float) -> None:
             return
 
 
+def requeue(client: Client, key: str, task_id: str, ttl: float) -> None:
+    """``task_id`` was published again (a retry): queued as it, unless the record
+    already points to another task."""
+    name = QUEUED + key
+    store = client.store
+    for _ in range(_CAS_ATTEMPTS):
+        record = store.read_record(name)
+        entry = _entry(record.value)
+        if entry is not None and entry["id"] != task_id:
+            return
+        value = json.dumps({"id": task_id, "state": "queued"}).encode()
+        if store.write_record(name, record.version, value, ttl) is not None:
+            return
+
+
 def forget(client: Client, key: str, task_id: str) -> None:
     """Remove the record if it still points to ``task_id``."""
     name = QUEUED + key

@@ -35,6 +35,7 @@ from typing import Any
 
 from celery import Task  # type: ignore[import-untyped]
 from celery.beat import Scheduler  # type: ignore[import-untyped]
+from celery.exceptions import Retry  # type: ignore[import-untyped]
 from celery.utils.dispatch import Signal  # type: ignore[import-untyped]
 
 from leasehold import _celery_singleton as _singleton
@@ -292,13 +293,20 @@ class SingletonTask(Task):  # type: ignore[misc]
         key = self._leasehold_key(args, kwargs)
         client = client_for(_store_url(self))
         task_id = self.request.id
-        try:
+        if not (task_id and self.dedupe):
             return self._leasehold_run(client, key, policy, args, kwargs)
-        finally:
-            if task_id and self.dedupe:
-                # This run is over (ran, skipped, failed or retrying): a retry
-                # re-registers itself when it is published again.
-                _singleton.forget(client, key, task_id)
+        try:
+            result = self._leasehold_run(client, key, policy, args, kwargs)
+        except Retry:
+            # Published again under the same id (self.retry() publishes, then
+            # raises): the key stays queued as that task, so enqueues still join it.
+            _singleton.requeue(client, key, task_id, self.dedupe_ttl)
+            raise
+        except BaseException:
+            _singleton.forget(client, key, task_id)
+            raise
+        _singleton.forget(client, key, task_id)  # this run is over
+        return result
 
     def _leasehold_run(self, client: Client, key: str, policy: str, args: Any, kwargs: Any) -> Any:
         lock = client.lock(key, ttl=self.lock_ttl, on_lost=self._leasehold_lost)
