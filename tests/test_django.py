@@ -139,7 +139,11 @@ def test_celery_worker_uses_the_django_store_and_fences_orm_writes(
     producer.conf.broker_connection_retry_on_startup = True
     try:
         first = producer.send_task("tests.djproject.celery_app.close_meeting", args=(5, 2.0))
-        time.sleep(0.5)
+        events = tmp_path / "events.jsonl"
+        deadline = time.monotonic() + 90  # the worker may still be starting
+        while not (events.exists() and events.read_text().strip()):
+            assert time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.05)
         second = producer.send_task("tests.djproject.celery_app.close_meeting", args=(5, 0.1))
         fence = first.get(timeout=90)
         skipped = second.get(timeout=90, propagate=False)

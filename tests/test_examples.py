@@ -91,6 +91,19 @@ def at_once(calls: int, fn: Any) -> list[Any]:
     return results
 
 
+def wait_all_closed(db_url: str, timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(db_url) as conn:
+            rows = conn.execute(
+                "SELECT id, status, runs, fence FROM meetings ORDER BY id"
+            ).fetchall()
+        if all(status == "closed" for _, status, _, _ in rows):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+
+
 def test_django_audio_example(postgres_server: Any, tmp_path: Path) -> None:
     project = EXAMPLES / "django_audio"
     env = dict(
@@ -176,9 +189,13 @@ def test_celery_meetings_example(postgres_server: Any, redis_server: Any, tmp_pa
         for sweep in sweeps:
             _, err = sweep.communicate(timeout=120)
             assert sweep.returncode == 0, err
+        rows = wait_all_closed(db_url, 90)
+        assert [runs for _, _, runs, _ in rows] == [1] * meetings, rows  # three sweeps
         # A duplicate that bypasses the enqueue dedupe (sent by name) while a run
         # holds the meeting: skipped, visibly.
         from celery import Celery
+
+        import leasehold
 
         producer = Celery("p", broker=env["BROKER_URL"], backend=env["BROKER_URL"])
         producer.conf.broker_connection_retry_on_startup = True
@@ -186,29 +203,23 @@ def test_celery_meetings_example(postgres_server: Any, redis_server: Any, tmp_pa
             with psycopg.connect(db_url, autocommit=True) as conn:
                 conn.execute("UPDATE meetings SET status = 'open' WHERE id = 1")
             first = producer.send_task("meetings.process_meeting", args=(1,))
-            time.sleep(1.0)
+            with leasehold.Client(db_url) as watcher:
+                deadline = time.monotonic() + 60
+                while not watcher.holders("meeting:1"):  # the first run has started
+                    assert time.monotonic() < deadline, "the run did not start"
+                    time.sleep(0.05)
             second = producer.send_task("meetings.process_meeting", args=(1,))
             outcome = second.get(timeout=60, propagate=False)
             assert type(outcome).__name__ == "Skipped", outcome
             assert isinstance(first.get(timeout=60), int)
         finally:
             producer.close()
-        deadline = time.monotonic() + 90
-        while True:
-            with psycopg.connect(db_url) as conn:
-                rows = conn.execute(
-                    "SELECT id, status, runs, fence FROM meetings ORDER BY id"
-                ).fetchall()
-            if all(status == "closed" for _, status, _, _ in rows):
-                break
-            assert time.monotonic() < deadline, rows
-            time.sleep(0.2)
-    # Three sweeps: each meeting processed once (meeting 1 once more, reopened).
+        rows = wait_all_closed(db_url, 90)
+    # Meeting 1 once more (reopened), the others once.
     assert [runs for _, _, runs, _ in rows] == [2] + [1] * (meetings - 1), rows
     text = log.read_text()
     assert "skipped" in text and "is busy" in text
     # Every write was fenced: a write with an older fence is refused by the database.
-    import leasehold
     import leasehold.fence
 
     with psycopg.connect(db_url) as conn:

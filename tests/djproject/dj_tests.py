@@ -263,6 +263,19 @@ class OnceTests(TransactionTestCase):
 
 
 class FenceTests(TransactionTestCase):
+    databases = {"default", "other"}  # noqa: RUF012 -- Django's own attribute
+
+    def test_django_sqlite_connection(self) -> None:
+        name = unique("sqlite")
+        other = connections["other"]
+        with transaction.atomic(using="other"):
+            self.assertEqual(leasehold.fence.check(other, name, 4), 4)
+        with self.assertRaises(leasehold.StaleFence), transaction.atomic(using="other"):
+            leasehold.fence.check(other, name, 3)
+        with self.assertRaises(leasehold.InvalidArgument) as caught:
+            leasehold.fence.check(other, name, 5)  # autocommit: outside atomic()
+        self.assertIn("transaction.atomic()", str(caught.exception))
+
     def test_django_connections_inside_atomic(self) -> None:
         name = unique("fence")
         with transaction.atomic():
