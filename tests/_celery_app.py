@@ -115,12 +115,12 @@ def render(doc_id: int) -> dict[str, Any]:
 @app.task(
     base=SingletonTask,
     lock_key="sweep:{meeting_id}",
-    once_per=60.0,
+    once_per=600.0,
     dedupe=False,
     lock_ttl=5,
 )
 def sweep_meeting(meeting_id: int, sweep: str = "") -> int:
-    """Each meeting once per 60 s period across all workers, however many
+    """Each meeting once per 600 s period across all workers, however many
     sweeps ask for it."""
     report("sweep_meeting", meeting_id=meeting_id, sweep=sweep)
     time.sleep(0.05)
