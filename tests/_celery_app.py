@@ -120,7 +120,7 @@ def render(doc_id: int) -> dict[str, Any]:
     lock_ttl=5,
 )
 def sweep_meeting(meeting_id: int, sweep: str = "") -> int:
-    """Each meeting once per 600 s period across all workers, however many
+    """Each meeting once per 600 s across all workers, however many
     sweeps ask for it."""
     report("sweep_meeting", meeting_id=meeting_id, sweep=sweep)
     time.sleep(0.05)

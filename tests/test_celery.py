@@ -497,16 +497,9 @@ def test_enqueue_of_a_queued_or_running_singleton_returns_its_result(
 
 
 @pytest.mark.slow
-def test_once_per_period_runs_each_item_once_across_workers(
-    cluster: Cluster, worker: Any, store: leasehold.Client
-) -> None:
+def test_once_per_period_runs_each_item_once_across_workers(cluster: Cluster, worker: Any) -> None:
     # Three sweeps (as from three schedulers or workers) over the same 20 meetings,
     # all at once: every meeting runs once; every other request is a visible skip.
-    # Not across a period boundary (600 s buckets of the store's clock): a run
-    # in the next period is the next sweep's, rightly, but not this test's.
-    now = store.store.read_record("probe").now
-    if now % 600 > 570:
-        time.sleep(600 - now % 600 + 0.5)
     base = int(uuid.uuid4().int % 10**8) * 100
     meetings = [base + i for i in range(20)]
     sent = [
@@ -600,3 +593,25 @@ def _retries_seen(cluster: Cluster, task_id: str) -> bool:
     log = cluster.tmp / "worker.log"
     lines = log.read_text().splitlines() if log.exists() else []
     return any(task_id in line and "retry: Retry in" in line for line in lines)
+
+
+def test_once_per_skips_within_the_period_and_runs_after(eager_app: Any, lc: Any) -> None:
+    runs: list[int] = []
+    failing = [True]
+
+    @eager_app.task(base=lc.SingletonTask, lock_key="tick:{n}", once_per=1.0)
+    def tick(n: int) -> int:
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("a failed run does not count")
+        runs.append(n)
+        return n
+
+    assert isinstance(tick.apply(args=(1,)).result, RuntimeError)
+    assert tick.apply(args=(1,)).get() == 1  # the failure did not use the period
+    skipped = tick.apply(args=(1,))
+    assert isinstance(skipped.result, lc.Skipped) and skipped.result.reason == "period"
+    assert tick.apply(args=(2,)).get() == 2  # per key
+    time.sleep(1.2)
+    assert tick.apply(args=(1,)).get() == 1  # a new period
+    assert runs == [1, 2, 1]

@@ -7,8 +7,8 @@ publish one task, and a record left by a killed producer or worker ends by
 itself. A "running" record counts only while the task's lease (``<key>``) is
 held: a killed worker's run stops deduplicating when its lease expires.
 
-Period record ``celery-done:<key>``: the period bucket (store clock) of the last
-successful run.
+Period record ``celery-done:<key>``: when (store clock) the last successful run
+started, kept for the period.
 """
 
 from __future__ import annotations
@@ -112,14 +112,18 @@ def forget(client: Client, key: str, task_id: str) -> None:
             return
 
 
-def period_done(client: Client, key: str, period: float) -> tuple[bool, int, int]:
-    """(ran already in this period, the bucket, the record version). The bucket
-    comes from the store's clock, the same for every worker."""
+def period_done(client: Client, key: str, period: float) -> tuple[bool, float, int]:
+    """(a run of ``key`` started less than ``period`` seconds ago, now, the record
+    version). Both times are the store's clock, the same for every worker."""
     record = client.store.read_record(DONE + key)
-    bucket = int(record.now // period)
-    done = record.value is not None and record.value == str(bucket).encode()
-    return done, bucket, record.version
+    try:
+        last = float(record.value) if record.value is not None else None
+    except ValueError:
+        last = None
+    done = last is not None and 0 <= record.now - last < period
+    return done, record.now, record.version
 
 
-def mark_period_done(client: Client, key: str, period: float, bucket: int, version: int) -> None:
-    client.store.write_record(DONE + key, version, str(bucket).encode(), 2 * period)
+def mark_period_done(client: Client, key: str, period: float, started: float, version: int) -> None:
+    """Remember the start (store clock) of a successful run for ``period`` seconds."""
+    client.store.write_record(DONE + key, version, repr(started).encode(), period)

@@ -62,8 +62,8 @@ logger = logging.getLogger("leasehold.celery")
 BUSY_POLICIES = ("skip", "retry", "wait")
 
 #: Sent by a worker for every skipped run: ``sender`` is the task, with ``task_id``,
-#: ``key`` and ``reason`` (``"busy"``: another run holds the key; ``"period"``: it
-#: already ran in this ``once_per`` period).
+#: ``key`` and ``reason`` (``"busy"``: another run holds the key; ``"period"``: a
+#: run started less than ``once_per`` seconds ago).
 task_skipped = Signal(name="task_skipped")
 
 
@@ -79,7 +79,7 @@ class Skipped(LeaseholdError):
         self.reason = reason
 
     def __str__(self) -> str:
-        what = "another run holds it" if self.reason == "busy" else "it ran in this period"
+        what = "another run holds it" if self.reason == "busy" else "it ran within once_per"
         return f"skipped {self.key!r}: {what}"
 
 
@@ -229,12 +229,21 @@ class SingletonTask(Task):  # type: ignore[misc]
     name (one run at a time, whatever the arguments). The key is the lease name,
     so other code can take the same lock (``client.lock("meeting:7")``).
     ``lock_ttl``: lease TTL; the lease is renewed in the background while the
-    task runs. ``when_busy``: ``"skip"`` (return None at once; counted and
-    logged), ``"retry"`` (``self.retry`` with a full-jitter countdown between
+    task runs. ``when_busy``: ``"skip"`` (end at once with ``Skipped``; counted
+    and logged), ``"retry"`` (``self.retry`` with a full-jitter countdown between
     ``lock_retry_initial`` and ``lock_retry_maximum`` seconds, at most
     ``lock_max_retries`` times -- None: the task's ``max_retries``) or ``"wait"``
     (block the worker slot until free, at most ``lock_wait_timeout`` seconds --
     None: forever -- then fail with ``AcquireTimeout``).
+
+    ``dedupe`` (default True): ``apply_async``/``delay`` of a key already queued or
+    running returns that run's ``AsyncResult`` (a record in the store, kept
+    ``dedupe_ttl`` seconds at most, and counted as running only while the run's
+    lease is held). ``once_per``: seconds; a key runs at most once per that long
+    (store clock), later runs are skipped with reason ``"period"``.
+
+    A skipped run ends with ``Skipped`` (never ``SUCCESS`` with ``None``), an INFO
+    line and the ``task_skipped`` signal.
 
     The lease is released when the run ends: success, failure, ``self.retry()``,
     and ``revoke(terminate=True)`` (the pool child unwinds on SIGTERM). A killed
@@ -326,12 +335,12 @@ class SingletonTask(Task):  # type: ignore[misc]
                 if self.once_per is None:
                     _count("ran")
                     return super().__call__(*args, **kwargs)
-                done, bucket, version = _singleton.period_done(client, key, self.once_per)
+                done, started, version = _singleton.period_done(client, key, self.once_per)
                 if done:
                     self._leasehold_skip(client, key, "period")
                 _count("ran")
                 result = super().__call__(*args, **kwargs)
-                _singleton.mark_period_done(client, key, self.once_per, bucket, version)
+                _singleton.mark_period_done(client, key, self.once_per, started, version)
                 return result
         finally:
             _current.reset(token)
@@ -346,7 +355,7 @@ class SingletonTask(Task):  # type: ignore[misc]
             )
         else:
             logger.info(
-                "task %s[%s] skipped: %r already ran in this %g s period",
+                "task %s[%s] skipped: %r already ran in the last %g s",
                 self.name,
                 task_id,
                 key,
