@@ -140,6 +140,29 @@ class LockTests(TransactionTestCase):
         with lock(name) as lease:
             self.assertIsNotNone(lease)
 
+    def test_one_lock_object_entered_by_several_threads(self) -> None:
+        shared = lock(unique("shared"), when_busy="wait", timeout=30)
+        inside: list[int] = []
+        errors: list[BaseException] = []
+
+        def enter(i: int) -> None:
+            try:
+                with shared as lease:
+                    assert lease is not None
+                    inside.append(i)
+                    self.assertEqual(len(client().holders(lease.name)), 1)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                connections.close_all()
+
+        threads = [threading.Thread(target=enter, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual((errors, sorted(inside)), ([], [0, 1, 2, 3]))
+
     def test_release_waits_for_the_commit(self) -> None:
         name = unique("tx")
         with transaction.atomic():

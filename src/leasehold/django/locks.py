@@ -16,11 +16,12 @@ whole project).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar, cast
 
 from leasehold._core.once import PREFIX, decode, encode_done, encode_running
@@ -105,6 +106,9 @@ class lock:  # used like a function: @lock("name") / with lock("name")
         self.on_skip = on_skip
         self.on_commit = on_commit
         self.using = using
+        self._blocks: contextvars.ContextVar[tuple[AbstractContextManager[Lease | None], ...]] = (
+            contextvars.ContextVar("leasehold_django_lock_blocks", default=())
+        )
 
     # -- the lease itself -----------------------------------------------------------
 
@@ -161,11 +165,18 @@ class lock:  # used like a function: @lock("name") / with lock("name")
     def __enter__(self) -> Lease | None:
         if callable(self.name) or "{" in self.name:
             raise InvalidArgument("a lease name template needs a call: use lock() as a decorator")
-        self._cm = self._block(self.name, self.name)
-        return self._cm.__enter__()
+        block = self._block(self.name, self.name)
+        lease = block.__enter__()
+        # One object may be entered by several threads or tasks at once (a module
+        # level `LOCK = lock("x")`): each exit must close its own entry.
+        stack = self._blocks.get()
+        self._blocks.set((*stack, block))
+        return lease
 
     def __exit__(self, *exc_info: Any) -> bool | None:
-        return self._cm.__exit__(*exc_info)
+        stack = self._blocks.get()
+        self._blocks.set(stack[:-1])
+        return stack[-1].__exit__(*exc_info)
 
     # -- decorator ------------------------------------------------------------------
 
