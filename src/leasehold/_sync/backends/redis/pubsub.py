@@ -1,6 +1,6 @@
 """The hand-written sync half of the Redis announcement listener.
 
-Its twin is ``_async/backends/_redis_pubsub.py`` (which explains the design). Here a
+Its twin is ``_async/backends/redis/pubsub.py`` (which explains the design). Here a
 thread reads the pub/sub connection in slices; ``close()`` shuts the connection
 down, which wakes the thread at once, and joins it.
 """

@@ -1,4 +1,4 @@
-"""The async half of the Redis backend's tiny shim (its twin: _sync/backends/_redis_io.py).
+"""The async half of the Redis backend's tiny shim (its twin: _sync/backends/redis/io.py).
 
 Two things differ between redis-py's asyncio and sync clients and live here.
 
