@@ -1,0 +1,380 @@
+"""Talking to etcd's v3 JSON gateway over httpx: endpoints, failover, auth, errors.
+
+Every call is one HTTP POST to ``/v3/...`` on the current endpoint. A connection
+that cannot be made moves to the next endpoint at once (the request never left);
+any other transport failure moves too but is raised as ``StoreUnavailable``, since
+the request may have been applied: callers retry, and every write the store makes
+is conditional, so a retry is harmless. Each request keeps the URL's ``timeout``.
+
+With a user and password, a token from ``/v3/auth/authenticate`` goes in the
+``Authorization`` header; etcd forgets idle tokens, so an "invalid auth token"
+answer fetches a new one and retries once. Neither the password nor the token ever
+reaches an exception, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import json
+import os
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from leasehold._async._concurrency import AsyncMutex
+from leasehold._core.clock import Clock
+from leasehold._core.etcd import EtcdOptions
+from leasehold._errors import StoreUnavailable
+
+# gRPC status codes etcd answers with (in the gateway's JSON "code").
+INVALID_ARGUMENT = 3
+NOT_FOUND = 5
+PERMISSION_DENIED = 7
+FAILED_PRECONDITION = 9
+UNAVAILABLE = 14
+UNAUTHENTICATED = 16
+
+
+class EtcdError(StoreUnavailable):
+    """etcd answered a request with an error (its gRPC code and message)."""
+
+    def __init__(self, endpoint: str, code: int, message: str) -> None:
+        super().__init__(f"etcd {endpoint}: {message} (code {code})")
+        self.code = code
+        self.message = message
+
+    @property
+    def lease_not_found(self) -> bool:
+        return self.code == NOT_FOUND and "lease not found" in self.message
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def revision(response: dict[str, Any]) -> int:
+    return int(response.get("header", {}).get("revision", 0))
+
+
+class AsyncEtcdHTTP:
+    """One store's connections to one etcd cluster (re-made after fork)."""
+
+    def __init__(self, options: EtcdOptions, clock: Clock) -> None:
+        self._options = options
+        self._clock = clock
+        self._current = 0
+        self._client: httpx.AsyncClient | None = None
+        self._pid = os.getpid()
+        self._inherited: list[httpx.AsyncClient] = []  # the parent's, never touched
+        self._token: str | None = None
+        self._auth_mutex = AsyncMutex()
+        # The server's wall clock (HTTP Date, whole seconds) at the latest answer.
+        self.server_seconds: float | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self._options.endpoints[self._current % len(self._options.endpoints)]
+
+    def _rotate(self, failed: str) -> None:
+        if self.endpoint == failed:
+            self._current += 1
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        options = self._options
+        if not options.endpoints[0].startswith("https"):
+            return False
+        context = ssl.create_default_context(cafile=options.ca_cert)
+        if options.client_cert is not None:
+            context.load_cert_chain(options.client_cert, options.client_key)
+        return context
+
+    def http(self) -> httpx.AsyncClient:
+        if self._pid != os.getpid():
+            # A forked child must not share the parent's sockets or token.
+            if self._client is not None:
+                self._inherited.append(self._client)
+            self._client = None
+            self._token = None
+            self._auth_mutex = AsyncMutex()
+            self._pid = os.getpid()
+        if self._client is None:
+            try:
+                verify = self._verify()
+            except (OSError, ssl.SSLError) as exc:
+                raise StoreUnavailable(f"etcd TLS files cannot be loaded: {exc}") from None
+            self._client = httpx.AsyncClient(
+                verify=verify,
+                timeout=httpx.Timeout(self._options.timeout, connect=self._options.connect_timeout),
+                limits=httpx.Limits(max_keepalive_connections=16),
+            )
+        return self._client
+
+    def _note_date(self, response: httpx.Response) -> None:
+        date = response.headers.get("date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError):
+                self.server_seconds = email.utils.parsedate_to_datetime(date).timestamp()
+
+    async def _headers(self, *, refresh: bool = False) -> dict[str, str]:
+        options = self._options
+        if options.user is None:
+            return {}
+        async with self._auth_mutex:
+            if refresh:
+                self._token = None
+            if self._token is None:
+                data = await self._post(
+                    "auth/authenticate",
+                    {"name": options.user, "password": options.password},
+                    {},
+                )
+                token = data.get("token")
+                if not isinstance(token, str):
+                    raise StoreUnavailable(f"etcd {self.endpoint}: authentication gave no token")
+                self._token = token
+            return {"Authorization": self._token}
+
+    def _error(self, endpoint: str, response: httpx.Response) -> EtcdError:
+        try:
+            data = json.loads(response.content)
+            code, message = int(data.get("code", 2)), str(data.get("message") or data["error"])
+        except (ValueError, KeyError, TypeError):
+            code, message = 2, f"HTTP {response.status_code}"
+        if code == INVALID_ARGUMENT and "authentication failed" in message:
+            message = "authentication failed: etcd rejected the user name or password"
+        return EtcdError(endpoint, code, message)
+
+    async def _post(
+        self, path: str, body: dict[str, Any] | bytes, headers: dict[str, str]
+    ) -> dict[str, Any]:
+        """One request, moving to the next endpoint when a connection cannot be made."""
+        client = self.http()
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        tried = 0
+        while True:
+            endpoint = self.endpoint
+            try:
+                response = await client.post(
+                    f"{endpoint}/v3/{path}", content=content, headers=headers
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self._rotate(endpoint)
+                tried += 1
+                if tried < len(self._options.endpoints):
+                    continue
+                raise StoreUnavailable(
+                    f"etcd: no endpoint reachable (last {endpoint}: {type(exc).__name__})"
+                ) from None
+            except httpx.HTTPError as exc:
+                self._rotate(endpoint)
+                raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
+            self._note_date(response)
+            if response.status_code != 200:
+                error = self._error(endpoint, response)
+                if error.code == UNAVAILABLE:
+                    self._rotate(endpoint)  # no leader here, or shutting down
+                raise error
+            if path == "lease/keepalive":
+                return {"lines": response.content}
+            try:
+                data: dict[str, Any] = json.loads(response.content)
+            except ValueError:
+                raise StoreUnavailable(f"etcd {endpoint}: an answer that is not JSON") from None
+            return data
+
+    async def call(self, path: str, body: dict[str, Any] | bytes) -> dict[str, Any]:
+        """POST ``/v3/<path>``; etcd's errors as ``EtcdError``, transport errors as
+        ``StoreUnavailable``."""
+        headers = await self._headers()
+        try:
+            return await self._post(path, body, headers)
+        except EtcdError as exc:
+            if exc.code != UNAUTHENTICATED or not headers:
+                raise
+        # The token expired (etcd drops idle ones): once more with a new one.
+        return await self._post(path, body, await self._headers(refresh=True))
+
+    # -- operations -----------------------------------------------------------------
+
+    async def txn(
+        self,
+        compare: Sequence[dict[str, Any]],
+        success: Sequence[dict[str, Any]],
+        failure: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        return await self.call(
+            "kv/txn",
+            {"compare": list(compare), "success": list(success), "failure": list(failure)},
+        )
+
+    async def range(
+        self, key: bytes, range_end: bytes | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": b64(key), **extra}
+        if range_end is not None:
+            body["range_end"] = b64(range_end)
+        return await self.call("kv/range", body)
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        """A new etcd lease: (id, ttl etcd granted, which may be longer)."""
+        data = await self.call("lease/grant", {"TTL": ttl})
+        return int(data["ID"]), int(data["TTL"])
+
+    async def revoke(self, lease: int) -> bool:
+        try:
+            await self.call("lease/revoke", {"ID": lease})
+        except EtcdError as exc:
+            if exc.lease_not_found:
+                return False
+            raise
+        return True
+
+    async def keepalive(self, leases: Sequence[int]) -> dict[int, int]:
+        """Refresh every lease in one request (the gateway streams one answer per
+        message): {lease: remaining ttl}, 0 for a lease that is gone."""
+        unique = list(dict.fromkeys(leases))
+        body = b"".join(json.dumps({"ID": lease}).encode() for lease in unique)
+        data = await self.call("lease/keepalive", body)
+        answers = dict.fromkeys(unique, 0)
+        for line in bytes(data["lines"]).splitlines():
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                raise StoreUnavailable(f"etcd {self.endpoint}: a garbled keepalive") from None
+            result = message.get("result")
+            if result is None:
+                error = message.get("error", {})
+                raise EtcdError(
+                    self.endpoint, int(error.get("code", 2)), str(error.get("message", ""))
+                )
+            answers[int(result["ID"])] = int(result.get("TTL", 0))
+        return answers
+
+    async def time_to_live(self, lease: int) -> int:
+        data = await self.call("lease/timetolive", {"ID": lease})
+        return max(0, int(data.get("TTL", 0)))
+
+    async def watch_once(
+        self,
+        key: bytes,
+        range_end: bytes | None,
+        start_revision: int,
+        timeout: float,
+        filters: Sequence[str],
+    ) -> bool:
+        """Watch from ``start_revision`` (so nothing since is missed) until the first
+        event: True. False when ``timeout`` passes first. A cancelled or compacted
+        watch answers True: the caller looks again, which is always safe."""
+        deadline = self._clock.monotonic() + timeout
+        create: dict[str, Any] = {
+            "key": b64(key),
+            "start_revision": start_revision,
+            "filters": list(filters),
+        }
+        if range_end is not None:
+            create["range_end"] = b64(range_end)
+        content = json.dumps({"create_request": create}).encode()
+        headers = await self._headers()
+        endpoint = self.endpoint
+        client = self.http()
+        request = client.build_request(
+            "POST",
+            f"{endpoint}/v3/watch",
+            content=content,
+            headers=headers,
+            # Nothing arrives between "created" and the event: the read timeout
+            # is the wait's bound.
+            timeout=httpx.Timeout(
+                self._options.timeout,
+                connect=self._options.connect_timeout,
+                read=max(0.001, timeout),
+            ),
+        )
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TimeoutException:
+            return False
+        except httpx.HTTPError as exc:
+            self._rotate(endpoint)
+            raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                raise self._error(endpoint, response)
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                result = message.get("result")
+                if result is None:
+                    if headers and message.get("error", {}).get("code") == UNAUTHENTICATED:
+                        self._token = None
+                    return True
+                if result.get("events") or result.get("canceled"):
+                    return True
+                if result.get("compact_revision"):
+                    return True
+                if self._clock.monotonic() >= deadline:
+                    return False
+            return True  # the stream ended: look again
+        except httpx.TimeoutException:
+            return False
+        except httpx.HTTPError as exc:
+            self._rotate(endpoint)
+            raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
+        except ValueError:
+            raise StoreUnavailable(f"etcd {endpoint}: a garbled watch answer") from None
+        finally:
+            await response.aclose()
+
+    async def open_watch(
+        self, key: bytes, range_end: bytes, start_revision: int, filters: Sequence[str]
+    ) -> httpx.Response:
+        """A watch stream, returned once etcd confirmed it (so nothing committed
+        after ``start_revision`` is missed). The caller reads it and closes it."""
+        create = {
+            "key": b64(key),
+            "range_end": b64(range_end),
+            "start_revision": start_revision,
+            "filters": list(filters),
+        }
+        headers = await self._headers()
+        endpoint = self.endpoint
+        client = self.http()
+        request = client.build_request(
+            "POST",
+            f"{endpoint}/v3/watch",
+            content=json.dumps({"create_request": create}).encode(),
+            headers=headers,
+            # An idle watch sends nothing; a listener that reads nothing for this
+            # long starts again (and its subscribers look again once).
+            timeout=httpx.Timeout(
+                self._options.timeout, connect=self._options.connect_timeout, read=30.0
+            ),
+        )
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            self._rotate(endpoint)
+            raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
+        return response
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.endpoint}>"
