@@ -263,8 +263,9 @@ class AsyncEtcdHTTP:
         return answers
 
     async def time_to_live(self, lease: int) -> int:
+        """Whole seconds the lease has left (etcd truncates), -1 if it has ended."""
         data = await self.call("lease/timetolive", {"ID": lease})
-        return max(0, int(data.get("TTL", 0)))
+        return int(data.get("TTL", -1))
 
     async def watch_once(
         self,

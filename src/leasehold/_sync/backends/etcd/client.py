@@ -261,8 +261,9 @@ class EtcdHTTP:
         return answers
 
     def time_to_live(self, lease: int) -> int:
+        """Whole seconds the lease has left (etcd truncates), -1 if it has ended."""
         data = self.call("lease/timetolive", {"ID": lease})
-        return max(0, int(data.get("TTL", 0)))
+        return int(data.get("TTL", -1))
 
     def watch_once(
         self,

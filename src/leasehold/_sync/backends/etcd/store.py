@@ -466,7 +466,7 @@ class EtcdStore(Store):
                 continue
             entry = self._entries([kv])[0]
             expires_in = self._http.time_to_live(entry.lease) if entry.lease else 0
-            if entry.lease and expires_in <= 0:
+            if expires_in < 0:
                 continue  # ended since the read
             infos.append(holder_info(parts[0], entry, epoch, now, float(expires_in)))
         return infos
