@@ -11,6 +11,7 @@ process of the host, so the windows of different processes can be compared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -77,10 +78,8 @@ def ledger_worker(url: str, name: str, ledger: str, log: str, stop_at: float, tt
                 else:
                     rejected += 1
                 time.sleep(0.03)
-            try:
-                lease.release()
-            except leasehold.StoreUnavailable:
-                pass  # it expires by itself
+            with contextlib.suppress(leasehold.StoreUnavailable):
+                lease.release()  # else it expires by itself
             record = {
                 "pid": os.getpid(),
                 "fence": lease.fence,

@@ -13,6 +13,7 @@ The partition is done with SIGSTOP because the TCP fault proxy is not on main ye
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import sqlite3
@@ -59,7 +60,7 @@ def check_history(records: list[dict[str, Any]], writes: list[tuple[int, int]]) 
     accepted (fence, pid) in commit order."""
     violations = []
     by_start = sorted(records, key=lambda r: r["start"])
-    for earlier, later in zip(by_start, by_start[1:], strict=False):
+    for earlier, later in itertools.pairwise(by_start):
         if later["fence"] <= earlier["fence"]:
             violations.append(
                 f"fence {later['fence']} granted after {earlier['fence']}: not increasing"
@@ -105,9 +106,7 @@ def _run_trial(cluster: Any, tmp_path: Path, trial: str, fault: str) -> dict[str
     stop_at = time.time() + RUN_SECONDS
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(
-            target=_etcd_workers.ledger_worker, args=(url, name, ledger, log, stop_at, TTL)
-        )
+        ctx.Process(target=_etcd_workers.ledger_worker, args=(url, name, ledger, log, stop_at, TTL))
         for _ in range(WORKERS)
     ]
     for proc in procs:
@@ -152,9 +151,7 @@ def _run_trial(cluster: Any, tmp_path: Path, trial: str, fault: str) -> dict[str
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop"])
-def test_leader_fault_keeps_mutual_exclusion(
-    etcd_cluster: Any, tmp_path: Path, fault: str
-) -> None:
+def test_leader_fault_keeps_mutual_exclusion(etcd_cluster: Any, tmp_path: Path, fault: str) -> None:
     trials = 2
     summary = []
     for trial in range(trials):

@@ -69,10 +69,8 @@ def parse_options(raw: str) -> EtcdOptions:
     ``etcds://`` for TLS. Raises InvalidArgument (without the password)."""
     scheme, _, rest = raw.partition("://")
     tls = scheme.lower() == "etcds"
-    netloc, _, tail = rest.partition("/")
-    netloc, _, query_in_netloc = netloc.partition("?")
-    path, _, query = tail.partition("?")
-    query = query or query_in_netloc
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
     if path.strip("/"):
         raise InvalidArgument("an etcd url has no path; use ?prefix= to choose a key prefix")
     user = password = None
@@ -154,6 +152,9 @@ class Keys:
 
     def holders(self, name: str) -> bytes:
         return self.name(name) + b"h"
+
+    def waiters(self, name: str) -> bytes:
+        return self.name(name) + b"q"
 
     def waiter(self, name: str, tid: bytes) -> bytes:
         return self.name(name) + b"q" + tid

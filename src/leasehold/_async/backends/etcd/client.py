@@ -20,6 +20,7 @@ import email.utils
 import json
 import os
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ import httpx
 from leasehold._async._concurrency import AsyncMutex
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
+from leasehold._core.server_clock import ServerClock
 from leasehold._errors import StoreUnavailable
 
 # gRPC status codes etcd answers with (in the gateway's JSON "code").
@@ -76,8 +78,9 @@ class AsyncEtcdHTTP:
         self._inherited: list[httpx.AsyncClient] = []  # the parent's, never touched
         self._token: str | None = None
         self._auth_mutex = AsyncMutex()
-        # The server's wall clock (HTTP Date, whole seconds) at the latest answer.
-        self.server_seconds: float | None = None
+        self._make_guard = threading.Lock()
+        # The server's wall clock, estimated from the Date headers of its answers.
+        self.server_clock = ServerClock()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -99,6 +102,15 @@ class AsyncEtcdHTTP:
         return context
 
     def http(self) -> httpx.AsyncClient:
+        client = self._client
+        if client is not None and self._pid == os.getpid():
+            return client
+        # Threads share a sync store: one of them makes the client (a client made
+        # twice would leave the loser's connections unclosed).
+        with self._make_guard:
+            return self._make_client()
+
+    def _make_client(self) -> httpx.AsyncClient:
         if self._pid != os.getpid():
             # A forked child must not share the parent's sockets or token.
             if self._client is not None:
@@ -106,6 +118,7 @@ class AsyncEtcdHTTP:
             self._client = None
             self._token = None
             self._auth_mutex = AsyncMutex()
+            self._make_guard = threading.Lock()
             self._pid = os.getpid()
         if self._client is None:
             try:
@@ -119,11 +132,17 @@ class AsyncEtcdHTTP:
             )
         return self._client
 
-    def _note_date(self, response: httpx.Response) -> None:
+    def _note_date(self, response: httpx.Response, sent: float) -> None:
         date = response.headers.get("date")
         if date:
             with contextlib.suppress(TypeError, ValueError):
-                self.server_seconds = email.utils.parsedate_to_datetime(date).timestamp()
+                seconds = email.utils.parsedate_to_datetime(date).timestamp()
+                self.server_clock.observe(sent, self._clock.monotonic(), seconds)
+
+    @property
+    def server_seconds(self) -> float | None:
+        """The server's wall clock now (Unix seconds), None before any answer."""
+        return self.server_clock.read(self._clock.monotonic())
 
     async def _headers(self, *, refresh: bool = False) -> dict[str, str]:
         options = self._options
@@ -163,6 +182,7 @@ class AsyncEtcdHTTP:
         tried = 0
         while True:
             endpoint = self.endpoint
+            sent = self._clock.monotonic()
             try:
                 response = await client.post(
                     f"{endpoint}/v3/{path}", content=content, headers=headers
@@ -178,7 +198,7 @@ class AsyncEtcdHTTP:
             except httpx.HTTPError as exc:
                 self._rotate(endpoint)
                 raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
-            self._note_date(response)
+            self._note_date(response, sent)
             if response.status_code != 200:
                 error = self._error(endpoint, response)
                 if error.code == UNAVAILABLE:
@@ -265,7 +285,7 @@ class AsyncEtcdHTTP:
     async def time_to_live(self, lease: int) -> int:
         """Whole seconds the lease has left (etcd truncates), -1 if it has ended."""
         data = await self.call("lease/timetolive", {"ID": lease})
-        return int(data.get("TTL", -1))
+        return int(data.get("TTL", 0))  # proto3 JSON omits a zero; an ended lease is -1
 
     async def watch_once(
         self,

@@ -22,6 +22,7 @@ import email.utils
 import json
 import os
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ import httpx
 from leasehold._sync._concurrency import Mutex
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
+from leasehold._core.server_clock import ServerClock
 from leasehold._errors import StoreUnavailable
 
 # gRPC status codes etcd answers with (in the gateway's JSON "code").
@@ -78,8 +80,9 @@ class EtcdHTTP:
         self._inherited: list[httpx.Client] = []  # the parent's, never touched
         self._token: str | None = None
         self._auth_mutex = Mutex()
-        # The server's wall clock (HTTP Date, whole seconds) at the latest answer.
-        self.server_seconds: float | None = None
+        self._make_guard = threading.Lock()
+        # The server's wall clock, estimated from the Date headers of its answers.
+        self.server_clock = ServerClock()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -101,6 +104,15 @@ class EtcdHTTP:
         return context
 
     def http(self) -> httpx.Client:
+        client = self._client
+        if client is not None and self._pid == os.getpid():
+            return client
+        # Threads share a sync store: one of them makes the client (a client made
+        # twice would leave the loser's connections unclosed).
+        with self._make_guard:
+            return self._make_client()
+
+    def _make_client(self) -> httpx.Client:
         if self._pid != os.getpid():
             # A forked child must not share the parent's sockets or token.
             if self._client is not None:
@@ -108,6 +120,7 @@ class EtcdHTTP:
             self._client = None
             self._token = None
             self._auth_mutex = Mutex()
+            self._make_guard = threading.Lock()
             self._pid = os.getpid()
         if self._client is None:
             try:
@@ -121,11 +134,17 @@ class EtcdHTTP:
             )
         return self._client
 
-    def _note_date(self, response: httpx.Response) -> None:
+    def _note_date(self, response: httpx.Response, sent: float) -> None:
         date = response.headers.get("date")
         if date:
             with contextlib.suppress(TypeError, ValueError):
-                self.server_seconds = email.utils.parsedate_to_datetime(date).timestamp()
+                seconds = email.utils.parsedate_to_datetime(date).timestamp()
+                self.server_clock.observe(sent, self._clock.monotonic(), seconds)
+
+    @property
+    def server_seconds(self) -> float | None:
+        """The server's wall clock now (Unix seconds), None before any answer."""
+        return self.server_clock.read(self._clock.monotonic())
 
     def _headers(self, *, refresh: bool = False) -> dict[str, str]:
         options = self._options
@@ -165,6 +184,7 @@ class EtcdHTTP:
         tried = 0
         while True:
             endpoint = self.endpoint
+            sent = self._clock.monotonic()
             try:
                 response = client.post(f"{endpoint}/v3/{path}", content=content, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -178,7 +198,7 @@ class EtcdHTTP:
             except httpx.HTTPError as exc:
                 self._rotate(endpoint)
                 raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
-            self._note_date(response)
+            self._note_date(response, sent)
             if response.status_code != 200:
                 error = self._error(endpoint, response)
                 if error.code == UNAVAILABLE:
@@ -263,7 +283,7 @@ class EtcdHTTP:
     def time_to_live(self, lease: int) -> int:
         """Whole seconds the lease has left (etcd truncates), -1 if it has ended."""
         data = self.call("lease/timetolive", {"ID": lease})
-        return int(data.get("TTL", -1))
+        return int(data.get("TTL", 0))  # proto3 JSON omits a zero; an ended lease is -1
 
     def watch_once(
         self,

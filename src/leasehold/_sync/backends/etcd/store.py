@@ -80,6 +80,10 @@ from leasehold._errors import StoreUnavailable
 # another client changed the name meanwhile, so this bounds nothing but bad luck).
 ACQUIRE_ATTEMPTS = 32
 ANNOUNCE_LEASE_TTL = 60
+# Records carry the server's clock (``Record.now``); etcd tells it in whole seconds.
+CLOCK_PRECISION = 0.02
+CLOCK_PROBE_INTERVAL = 0.01
+CLOCK_PROBES = 150
 
 
 def _put(key: bytes, value: bytes, lease: int = 0, **extra: Any) -> dict[str, Any]:
@@ -286,11 +290,22 @@ class EtcdStore(Store):
                     lease = None if result < 0 else result
                     return Granted(epoch + decision.mine.create_revision)
                 if decision.grant:
+                    # Nothing granted since the read; and, for a token not yet
+                    # queued, nobody queued either (a waiter queued meanwhile would
+                    # be ahead of it). Waiters queueing behind a queued token cannot
+                    # change its turn, so they do not make its grant retry.
+                    holders_key = keys.holders(name)
+                    guards = [
+                        self._epoch_guard(epoch),
+                        _compare("MOD", holders_key, "LESS", seen + 1, prefix_end(holders_key)),
+                    ]
+                    if decision.queued is None:
+                        queue_key = keys.waiters(name)
+                        guards.append(
+                            _compare("MOD", queue_key, "LESS", seen + 1, prefix_end(queue_key))
+                        )
                     response = self._http.txn(
-                        [
-                            self._epoch_guard(epoch),
-                            _compare("MOD", name_key, "LESS", seen + 1, name_end),
-                        ],
+                        guards,
                         [_put(holder_key, value, lease), _delete(waiter_key)],
                         failure,
                     )
@@ -507,9 +522,20 @@ class EtcdStore(Store):
 
     # -- records ----------------------------------------------------------------------
 
+    def _calibrate(self) -> None:
+        """Ask until the server clock estimate is good to CLOCK_PRECISION: at most
+        once a store's life takes up to a second (waiting for a Date header to
+        change its second), later answers keep it narrow."""
+        for _attempt in range(CLOCK_PROBES):
+            if not self._http.server_clock.calibrating(self._clock.monotonic(), CLOCK_PRECISION):
+                return
+            self._http.range(self._keys.epoch, count_only=True)
+            sleep(CLOCK_PROBE_INTERVAL)
+
     def read_record(self, key: str) -> Record:
         self._after_fork()
         epoch = self._get_epoch()
+        self._calibrate()
         kvs = (self._http.range(self._keys.record(key))).get("kvs", [])
         now = self._http.server_seconds or 0.0
         if not kvs:
@@ -557,6 +583,7 @@ class EtcdStore(Store):
         self._get_epoch()
 
     def server_time(self) -> float | None:
+        self._calibrate()
         self._http.range(self._keys.epoch, count_only=True)
         return self._http.server_seconds
 
