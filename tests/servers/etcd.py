@@ -14,12 +14,15 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 import weakref
 from pathlib import Path
+
+from tests.servers.redis import TLSFiles, make_tls_files
 
 
 def etcd_binary() -> str | None:
@@ -36,13 +39,23 @@ def _free_port() -> int:
 
 
 class EtcdCluster:
-    def __init__(self, members: int = 1, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        members: int = 1,
+        *,
+        extra_args: tuple[str, ...] = (),
+        tls: bool = False,
+        client_cert_auth: bool = False,
+    ) -> None:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError("etcd is not installed")
         self._binary = binary
         self.size = members
         self.extra_args = extra_args
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
+        self.tls_files: TLSFiles | None = None
         self.directory = Path(tempfile.mkdtemp(prefix="leasehold-etcd-"))
         weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
         self.names = [f"m{i}" for i in range(members)]
@@ -57,11 +70,38 @@ class EtcdCluster:
         return f"127.0.0.1:{self.client_ports[index]}"
 
     @property
+    def scheme(self) -> str:
+        return "etcds" if self.tls else "etcd"
+
+    @property
     def url(self) -> str:
-        return "etcd://" + ",".join(self.endpoint(i) for i in range(self.size))
+        return f"{self.scheme}://" + ",".join(self.endpoint(i) for i in range(self.size))
 
     def member_url(self, index: int) -> str:
-        return f"etcd://{self.endpoint(index)}"
+        return f"{self.scheme}://{self.endpoint(index)}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls_files is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_files.ca_cert))
+        context.load_cert_chain(str(self.tls_files.cert), str(self.tls_files.key))
+        return context
+
+    def post(
+        self, index: int, path: str, body: dict[str, object], timeout: float = 5.0
+    ) -> dict[str, object]:
+        """A raw gateway call for test set-up (users, roles, auth enable)."""
+        scheme = "https" if self.tls else "http"
+        request = urllib.request.Request(
+            f"{scheme}://{self.endpoint(index)}/v3/{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(
+            request, timeout=timeout, context=self._ssl_context()
+        ) as response:
+            answer: dict[str, object] = json.loads(response.read())
+            return answer
 
     def pid(self, index: int) -> int | None:
         process = self._processes.get(self.names[index])
@@ -74,7 +114,8 @@ class EtcdCluster:
         cluster = ",".join(
             f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, self.peer_ports, strict=True)
         )
-        client = f"http://127.0.0.1:{self.client_ports[index]}"
+        scheme = "https" if self.tls else "http"
+        client = f"{scheme}://127.0.0.1:{self.client_ports[index]}"
         peer = f"http://127.0.0.1:{self.peer_ports[index]}"
         return [
             self._binary,
@@ -91,8 +132,20 @@ class EtcdCluster:
             "--election-timeout", "250",
             "--logger", "zap",
             "--log-outputs", str(self.directory / f"{name}.log"),
+            *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        if self.tls_files is None:
+            self.tls_files = make_tls_files(self.directory / "tls", "etcd")
+        files = self.tls_files
+        args = ["--cert-file", str(files.cert), "--key-file", str(files.key)]
+        if self.client_cert_auth:
+            args += ["--client-cert-auth", "--trusted-ca-file", str(files.ca_cert)]
+        return args
 
     def _spawn(self, index: int, state: str = "new") -> None:
         self._processes[self.names[index]] = subprocess.Popen(
@@ -116,13 +169,8 @@ class EtcdCluster:
         raise RuntimeError(f"etcd did not start; log:\n{self.log(0)}")
 
     def _status(self, index: int) -> dict[str, object] | None:
-        request = urllib.request.Request(
-            f"http://{self.endpoint(index)}/v3/maintenance/status", data=b"{}", method="POST"
-        )
         try:
-            with urllib.request.urlopen(request, timeout=1) as response:
-                status: dict[str, object] = json.loads(response.read())
-                return status
+            return self.post(index, "maintenance/status", {}, timeout=1.0)
         except (OSError, ValueError):
             return None
 
