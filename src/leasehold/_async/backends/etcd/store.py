@@ -145,6 +145,7 @@ class AsyncEtcdStore(AsyncStore):
             "stepped back across it",
         ),
         announcements=True,
+        failover_safe=True,
     )
 
     def __init__(self, url: StoreURL, options: EtcdOptions, clock: Clock) -> None:

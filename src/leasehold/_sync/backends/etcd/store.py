@@ -147,6 +147,7 @@ class EtcdStore(Store):
             "stepped back across it",
         ),
         announcements=True,
+        failover_safe=True,
     )
 
     def __init__(self, url: StoreURL, options: EtcdOptions, clock: Clock) -> None:
