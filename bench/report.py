@@ -6,14 +6,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-GROUPS = {"redis": "Redis", "postgres": "PostgreSQL", "local": "One host (files, SQLite, memory)"}
-SHORT = {"redis": "Redis", "postgres": "PostgreSQL", "local": "local"}
+GROUPS = {
+    "redis": "Redis",
+    "postgres": "PostgreSQL",
+    "etcd": "etcd",
+    "local": "One host (files, SQLite, memory)",
+}
+SHORT = {"redis": "Redis", "postgres": "PostgreSQL", "etcd": "etcd", "local": "local"}
 # The floor each (group, mode) is compared with: the cheapest safe lock on that store.
 FLOORS = {
     ("redis", "sync"): "redis-setnx",
     ("redis", "async"): "redis-ping-async",
     ("postgres", "sync"): "pg-advisory",
     ("postgres", "async"): "pg-advisory-async",
+    ("etcd", "sync"): "etcd-putdel",
+    ("etcd", "async"): "etcd-putdel-async",
     ("local", "sync"): "flock",
     ("local", "async"): "flock",
 }
@@ -347,7 +354,7 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
     colors = {"floor": "#9e9e9e", "competitor": "#4c72b0", "leasehold": "#dd8452"}
     s1 = data["results"].get("uncontended", {}).get("summary", {})
     if s1:
-        fig, axes = plt.subplots(3, 1, figsize=(9, 12))
+        fig, axes = plt.subplots(len(GROUPS), 1, figsize=(9, 4 * len(GROUPS)))
         for ax, group in zip(axes, GROUPS, strict=True):
             keys = [
                 k
@@ -374,7 +381,7 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         made.append("latency.png")
     s2 = data["results"].get("contention", {}).get("summary", {})
     if s2:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        fig, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 4.5))
         for ax, (group, title) in zip(axes, GROUPS.items(), strict=True):
             for cell, entry in s2.items():
                 key, procs = cell.split("@")
@@ -399,7 +406,7 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         made.append("handoff_cdf.png")
 
         procs_list = sorted({int(c.split("@")[1]) for c in s2})
-        fig, axes = plt.subplots(3, 1, figsize=(10.5, 11))
+        fig, axes = plt.subplots(len(GROUPS), 1, figsize=(10.5, 3.7 * len(GROUPS)))
         for ax, (group, title) in zip(axes, GROUPS.items(), strict=True):
             keys = list(dict.fromkeys(
                 c.split("@")[0] for c in s2 if data["subjects"][c.split("@")[0]]["group"] == group

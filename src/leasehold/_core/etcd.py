@@ -235,7 +235,8 @@ class Decision:
     mine: Entry | None  # the token's holder entry, when it already holds
     queued: Entry | None  # the token's waiter entry, when it is queued
     position: int
-    watch: tuple[bytes, bytes | None] | None
+    # (key, range end or None, the keys seen there that must be gone to wake)
+    watch: tuple[bytes, bytes | None, tuple[bytes, ...]] | None
 
 
 def decide(keys: Keys, name: str, entries: list[Entry], tid: bytes, limit: int) -> Decision:
@@ -251,9 +252,11 @@ def decide(keys: Keys, name: str, entries: list[Entry], tid: bytes, limit: int) 
         return Decision(True, None, queued, ahead, None)
     if ahead == 0:
         start = keys.holders(name)
-        watch: tuple[bytes, bytes | None] = (start, prefix_end(start))
+        seen = tuple(keys.holder(name, e.tid) for e in holders)
+        watch: tuple[bytes, bytes | None, tuple[bytes, ...]] = (start, prefix_end(start), seen)
     else:
-        watch = (keys.waiter(name, queue[ahead - 1].tid), None)
+        predecessor = keys.waiter(name, queue[ahead - 1].tid)
+        watch = (predecessor, None, (predecessor,))
     return Decision(False, None, queued, ahead, watch)
 
 

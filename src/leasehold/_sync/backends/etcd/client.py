@@ -289,19 +289,22 @@ class EtcdHTTP:
         self,
         key: bytes,
         range_end: bytes | None,
-        start_revision: int,
         timeout: float,
         filters: Sequence[str],
+        expected: Sequence[bytes],
     ) -> bool:
-        """Watch from ``start_revision`` (so nothing since is missed) until the first
-        event: True. False when ``timeout`` passes first. A cancelled or compacted
-        watch answers True: the caller looks again, which is always safe."""
+        """Watch ``key`` (or the range) from now until the first event: True. False
+        when ``timeout`` passes first. Once the watch is in place, a read checks that
+        every key in ``expected`` still exists; one that was deleted before the
+        watch started answers True at once, so nothing since the caller's own read
+        is missed. A cancelled or compacted watch answers True: the caller looks
+        again, which is always safe.
+
+        Why not a watch from the caller's read revision: etcd serves a watch that
+        starts in the past from a catch-up loop that runs every 100 ms, which would
+        add up to 100 ms to every hand-off."""
         deadline = self._clock.monotonic() + timeout
-        create: dict[str, Any] = {
-            "key": b64(key),
-            "start_revision": start_revision,
-            "filters": list(filters),
-        }
+        create: dict[str, Any] = {"key": b64(key), "filters": list(filters)}
         if range_end is not None:
             create["range_end"] = b64(range_end)
         content = json.dumps({"create_request": create}).encode()
@@ -345,6 +348,8 @@ class EtcdHTTP:
                     return True
                 if result.get("compact_revision"):
                     return True
+                if result.get("created") and expected and not self._all_exist(expected):
+                    return True
                 if self._clock.monotonic() >= deadline:
                     return False
             return True  # the stream ended: look again
@@ -357,6 +362,14 @@ class EtcdHTTP:
             raise StoreUnavailable(f"etcd {endpoint}: a garbled watch answer") from None
         finally:
             response.close()
+
+    def _all_exist(self, keys: Sequence[bytes]) -> bool:
+        body = {
+            "compare": [],
+            "success": [{"request_range": {"key": b64(k), "keys_only": True}} for k in keys],
+        }
+        data = self.call("kv/txn", body)
+        return all(r.get("response_range", {}).get("kvs") for r in data.get("responses", []))
 
     def open_watch(
         self, key: bytes, range_end: bytes, start_revision: int, filters: Sequence[str]

@@ -160,8 +160,9 @@ class EtcdStore(Store):
         self._epoch: int | None = None
         # (name, token) -> (lease, create revision, lease seconds) of our grants.
         self._held: dict[tuple[str, str], tuple[int, int, int]] = {}
-        # (name, token) -> (key, range end, start revision) a queued waiter watches.
-        self._waits: dict[tuple[str, str], tuple[bytes, bytes | None, int]] = {}
+        # (name, token) -> what a queued waiter watches: a key or range, and the
+        # keys in it whose deletion (seen or missed) lets the waiter look again.
+        self._waits: dict[tuple[str, str], tuple[bytes, bytes | None, tuple[bytes, ...]]] = {}
         self._announce_lease = 0
         self._topics = TopicHub()
         self._slot = ListenerSlot(
@@ -331,8 +332,8 @@ class EtcdStore(Store):
                         continue
                     position = decision.position
                     if decision.watch is not None:
-                        watch_key, watch_end = decision.watch
-                        self._waits[(name, token)] = (watch_key, watch_end, seen + 1)
+                        watch_key, watch_end, expected = decision.watch
+                        self._waits[(name, token)] = (watch_key, watch_end, expected)
                 return Busy(retry_after=None, position=position)
             raise StoreUnavailable(
                 f"etcd: acquire {name!r} lost {ACQUIRE_ATTEMPTS} races in a row; try again"
@@ -510,9 +511,9 @@ class EtcdStore(Store):
         if watch is None:
             sleep(timeout)
             return False
-        key, range_end, start = watch
+        key, range_end, expected = watch
         try:
-            woken = self._http.watch_once(key, range_end, start, timeout, ["NOPUT"])
+            woken = self._http.watch_once(key, range_end, timeout, ["NOPUT"], expected)
         except StoreUnavailable:
             # The caller's next acquire meets the outage and retries it with backoff.
             sleep(min(timeout, 0.05))
