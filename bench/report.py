@@ -354,8 +354,10 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
     colors = {"floor": "#9e9e9e", "competitor": "#4c72b0", "leasehold": "#dd8452"}
     s1 = data["results"].get("uncontended", {}).get("summary", {})
     if s1:
-        fig, axes = plt.subplots(len(GROUPS), 1, figsize=(9, 4 * len(GROUPS)))
-        for ax, group in zip(axes, GROUPS, strict=True):
+        # Only the groups measured in this run (python -m bench --groups ...).
+        shown = [g for g in GROUPS if any(data["subjects"][k]["group"] == g for k in s1)]
+        fig, grid = plt.subplots(len(shown), 1, figsize=(9, 4 * len(shown)), squeeze=False)
+        for ax, group in zip(grid[:, 0], shown, strict=True):
             keys = [
                 k
                 for k, s in data["subjects"].items()
@@ -381,8 +383,10 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         made.append("latency.png")
     s2 = data["results"].get("contention", {}).get("summary", {})
     if s2:
-        fig, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 4.5))
-        for ax, (group, title) in zip(axes, GROUPS.items(), strict=True):
+        present = {data["subjects"][c.split("@")[0]]["group"] for c in s2}
+        groups = {g: t for g, t in GROUPS.items() if g in present}
+        fig, grid = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+        for ax, (group, title) in zip(grid[0], groups.items(), strict=True):
             for cell, entry in s2.items():
                 key, procs = cell.split("@")
                 if procs != "8" or data["subjects"][key]["group"] != group or "error" in entry:
@@ -406,8 +410,8 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         made.append("handoff_cdf.png")
 
         procs_list = sorted({int(c.split("@")[1]) for c in s2})
-        fig, axes = plt.subplots(len(GROUPS), 1, figsize=(10.5, 3.7 * len(GROUPS)))
-        for ax, (group, title) in zip(axes, GROUPS.items(), strict=True):
+        fig, grid = plt.subplots(len(groups), 1, figsize=(10.5, 3.7 * len(groups)), squeeze=False)
+        for ax, (group, title) in zip(grid[:, 0], groups.items(), strict=True):
             keys = list(dict.fromkeys(
                 c.split("@")[0] for c in s2 if data["subjects"][c.split("@")[0]]["group"] == group
             ))  # fmt: skip
