@@ -260,12 +260,29 @@ class AsyncEtcdHTTP:
         return True
 
     async def keepalive(self, leases: Sequence[int]) -> dict[int, int]:
-        """Refresh every lease in one request (the gateway streams one answer per
-        message): {lease: remaining ttl}, 0 for a lease that is gone."""
-        unique = list(dict.fromkeys(leases))
-        body = b"".join(json.dumps({"ID": lease}).encode() for lease in unique)
+        """Refresh every lease: {lease: remaining ttl}, 0 for a lease that is gone.
+
+        One request carries every lease (the gateway streams one answer per
+        message). But the gateway stops reading a request body once it has started
+        answering (Go's HTTP/1 server closes it), so a long batch comes back with
+        only its first leases answered (about 15-20 measured); the rest go again in
+        a new request. Every round answers at least one lease, or fails."""
+        pending = list(dict.fromkeys(leases))
+        answers: dict[int, int] = {}
+        for _round in range(len(pending)):
+            answered = await self._keepalive_once(pending)
+            if not answered:
+                raise StoreUnavailable(f"etcd {self.endpoint}: a keepalive answered nothing")
+            answers.update(answered)
+            pending = [lease for lease in pending if lease not in answered]
+            if not pending:
+                break
+        return answers
+
+    async def _keepalive_once(self, leases: Sequence[int]) -> dict[int, int]:
+        body = b"".join(json.dumps({"ID": lease}).encode() for lease in leases)
         data = await self.call("lease/keepalive", body)
-        answers = dict.fromkeys(unique, 0)
+        answers: dict[int, int] = {}
         for line in bytes(data["lines"]).splitlines():
             if not line.strip():
                 continue

@@ -138,8 +138,8 @@ class AsyncEtcdStore(AsyncStore):
         hand_over=False,
         notes=(
             "fences are etcd revisions: never reused, through leader changes and failover",
-            "renewal is one keepalive request per batch; expiry by etcd leases "
-            "(whole seconds, rounded up)",
+            "renewal is one keepalive request per batch of up to about 15 leases; expiry "
+            "by etcd leases (whole seconds, rounded up)",
             "a release wakes the head waiter by a watch on its predecessor",
             "fences stay increasing after etcd loses its data unless the server clock "
             "stepped back across it",
@@ -161,6 +161,8 @@ class AsyncEtcdStore(AsyncStore):
         # (name, token) -> what a queued waiter watches: a key or range, and the
         # keys in it whose deletion (seen or missed) lets the waiter look again.
         self._waits: dict[tuple[str, str], tuple[bytes, bytes | None, tuple[bytes, ...]]] = {}
+        # (name, token) -> create revision of our waiter key, while queued.
+        self._queued: dict[tuple[str, str], int] = {}
         self._announce_lease = 0
         self._topics = TopicHub()
         self._slot = ListenerSlot(
@@ -176,6 +178,7 @@ class AsyncEtcdStore(AsyncStore):
         # The parent's grants stay the parent's: a child never renews or releases them.
         self._held = {}
         self._waits = {}
+        self._queued = {}
         self._announce_lease = 0
         self._topics.after_fork_in_child()
         self._pid = os.getpid()
@@ -262,13 +265,11 @@ class AsyncEtcdStore(AsyncStore):
                 )
                 failure = [_range(name_key, name_end), _range(keys.epoch)]
                 if state is None:
-                    # An idle name (no holder, no waiter) is granted in one step.
+                    # An idle name (no holder, no waiter) is granted in one step; so
+                    # is an exclusive lock to the head of its queue when nobody holds.
                     response = await self._http.txn(
-                        [
-                            self._epoch_guard(epoch),
-                            _compare("CREATE", name_key, "LESS", 1, name_end),
-                        ],
-                        [_put(holder_key, value, lease)],
+                        self._fast_guards(request, epoch),
+                        [_put(holder_key, value, lease), _delete(waiter_key)],
                         failure,
                     )
                     if response.get("succeeded"):
@@ -322,12 +323,14 @@ class AsyncEtcdStore(AsyncStore):
                     continue
                 position: int | None = None
                 if request.queue_ttl is not None:
-                    queued = await self._queue(
+                    queued_at = await self._queue(
                         waiter_key, value, decision.queued, request.queue_ttl, epoch
                     )
-                    if not queued:
+                    if queued_at is None:
+                        self._queued.pop((name, token), None)
                         state = None
                         continue
+                    self._queued[(name, token)] = queued_at
                     position = decision.position
                     if decision.watch is not None:
                         watch_key, watch_end, expected = decision.watch
@@ -340,6 +343,25 @@ class AsyncEtcdStore(AsyncStore):
             if lease is not None:
                 self._pool.give_back(seconds, lease)
 
+    def _fast_guards(self, request: AcquireRequest, epoch: int) -> list[dict[str, Any]]:
+        keys, name = self._keys, request.name
+        queued_at = self._queued.get((name, request.token))
+        if queued_at is None or request.limit != 1:
+            start = keys.name(name)
+            return [
+                self._epoch_guard(epoch),
+                _compare("CREATE", start, "LESS", 1, prefix_end(start)),
+            ]
+        holders, waiters = keys.holders(name), keys.waiters(name)
+        own = keys.waiter(name, token_id(request.token))
+        return [
+            self._epoch_guard(epoch),
+            _compare("CREATE", holders, "LESS", 1, prefix_end(holders)),  # nobody holds
+            _compare("CREATE", own, "EQUAL", queued_at),  # still queued, at our place
+            # and nobody queued before us: every waiter's create revision >= ours
+            _compare("CREATE", waiters, "GREATER", queued_at - 1, prefix_end(waiters)),
+        ]
+
     def _granted(
         self,
         name: str,
@@ -351,6 +373,7 @@ class AsyncEtcdStore(AsyncStore):
         """Remember a grant; its create revision (the txn's revision)."""
         created = revision(response)
         self._held[(name, token)] = (lease, created, seconds)
+        self._queued.pop((name, token), None)
         return created
 
     async def _refresh(
@@ -381,13 +404,14 @@ class AsyncEtcdStore(AsyncStore):
 
     async def _queue(
         self, key: bytes, value: bytes, queued: Entry | None, queue_ttl: float, epoch: int
-    ) -> bool:
-        """Keep our place (refreshing its expiry) or take one at the end. False if
-        our place ended meanwhile or the epoch changed: the caller looks again."""
+    ) -> int | None:
+        """Keep our place (refreshing its expiry) or take one at the end; our waiter
+        key's create revision. None if our place ended meanwhile or the epoch
+        changed: the caller looks again."""
         seconds = lease_seconds(queue_ttl)
         if queued is not None:
             remaining = (await self._http.keepalive([queued.lease])).get(queued.lease, 0)
-            return remaining > 0
+            return queued.create_revision if remaining > 0 else None
         lease = await self._pool.take(seconds)
         response = await self._http.txn(
             [self._epoch_guard(epoch), _compare("CREATE", key, "EQUAL", 0)],
@@ -395,10 +419,10 @@ class AsyncEtcdStore(AsyncStore):
             [_range(self._keys.epoch)],
         )
         if response.get("succeeded"):
-            return True
+            return revision(response)
         self._pool.give_back(seconds, lease)
         self._epoch_lost(epoch, _kvs(response, 0))
-        return False
+        return None
 
     # -- renew, release, break ----------------------------------------------------
 
@@ -448,6 +472,7 @@ class AsyncEtcdStore(AsyncStore):
         tid = token_id(token)
         held = self._held.pop((name, token), None)
         self._waits.pop((name, token), None)
+        self._queued.pop((name, token), None)
         response = await self._http.txn(
             [], [_delete(self._keys.holder(name, tid)), _delete(self._keys.waiter(name, tid))]
         )
