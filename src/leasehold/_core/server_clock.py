@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# How fast two clocks may drift apart: 500 ppm, far beyond any working oscillator.
-DRIFT = 5e-4
+# How fast two clocks may drift apart: 200 ppm, well beyond any working oscillator.
+DRIFT = 2e-4
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ServerClock:
     low_at: float = 0.0
     high: float | None = None
     high_at: float = 0.0
+    narrowed: bool = False  # once good to the precision asked for
 
     def observe(self, sent: float, received: float, date: float) -> None:
         low, high = date - received, date + 1.0 - sent
@@ -37,6 +38,7 @@ class ServerClock:
         if low > current_high or high < current_low:
             # Contradiction: the server's clock stepped, or another member answered.
             self.low, self.low_at, self.high, self.high_at = low, received, high, received
+            self.narrowed = False
             return
         if low > current_low:
             self.low, self.low_at = low, received
@@ -49,7 +51,13 @@ class ServerClock:
         return (self.high + DRIFT * (now - self.high_at)) - (self.low - DRIFT * (now - self.low_at))
 
     def calibrating(self, now: float, precision: float) -> bool:
-        return self.width(now) > precision
+        """True until the estimate has once been as narrow as ``precision``. Bounds
+        widen again while nothing refreshes them (by DRIFT), but a later answer
+        near a change of second narrows them again; an idle client is not made to
+        wait a second time."""
+        if self.width(now) <= precision:
+            self.narrowed = True
+        return not self.narrowed
 
     def read(self, now: float) -> float | None:
         """The server's clock at local monotonic ``now`` (mid-estimate), None

@@ -66,6 +66,17 @@ def revision(response: dict[str, Any]) -> int:
     return int(response.get("header", {}).get("revision", 0))
 
 
+_CLOCKS: dict[tuple[str, ...], ServerClock] = {}
+_CLOCKS_GUARD = threading.Lock()
+
+
+def shared_clock(endpoints: tuple[str, ...]) -> ServerClock:
+    # Local monotonic time is one clock for the whole host, so the estimate stays
+    # valid in forked children too.
+    with _CLOCKS_GUARD:
+        return _CLOCKS.setdefault(endpoints, ServerClock())
+
+
 class AsyncEtcdHTTP:
     """One store's connections to one etcd cluster (re-made after fork)."""
 
@@ -79,8 +90,10 @@ class AsyncEtcdHTTP:
         self._token: str | None = None
         self._auth_mutex = AsyncMutex()
         self._make_guard = threading.Lock()
-        # The server's wall clock, estimated from the Date headers of its answers.
-        self.server_clock = ServerClock()
+        # The server's wall clock, estimated from the Date headers of its answers;
+        # shared by every store of this process on the same endpoints, so that only
+        # the first one waits for the estimate to narrow.
+        self.server_clock = shared_clock(options.endpoints)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -137,12 +150,19 @@ class AsyncEtcdHTTP:
         if date:
             with contextlib.suppress(TypeError, ValueError):
                 seconds = email.utils.parsedate_to_datetime(date).timestamp()
-                self.server_clock.observe(sent, self._clock.monotonic(), seconds)
+                received = self._clock.monotonic()
+                with _CLOCKS_GUARD:
+                    self.server_clock.observe(sent, received, seconds)
 
     @property
     def server_seconds(self) -> float | None:
         """The server's wall clock now (Unix seconds), None before any answer."""
-        return self.server_clock.read(self._clock.monotonic())
+        with _CLOCKS_GUARD:
+            return self.server_clock.read(self._clock.monotonic())
+
+    def clock_calibrating(self, precision: float) -> bool:
+        with _CLOCKS_GUARD:
+            return self.server_clock.calibrating(self._clock.monotonic(), precision)
 
     async def _headers(self, *, refresh: bool = False) -> dict[str, str]:
         options = self._options

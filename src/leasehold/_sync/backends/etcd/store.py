@@ -554,7 +554,7 @@ class EtcdStore(Store):
         once a store's life takes up to a second (waiting for a Date header to
         change its second), later answers keep it narrow."""
         for _attempt in range(CLOCK_PROBES):
-            if not self._http.server_clock.calibrating(self._clock.monotonic(), CLOCK_PRECISION):
+            if not self._http.clock_calibrating(CLOCK_PRECISION):
                 return
             self._http.range(self._keys.epoch, count_only=True)
             sleep(CLOCK_PROBE_INTERVAL)
