@@ -608,6 +608,7 @@ class AsyncEtcdStore(AsyncStore):
 
     async def ping(self) -> None:
         await self._get_epoch()
+        await self._http.range(self._keys.epoch, count_only=True)
 
     async def server_time(self) -> float | None:
         await self._calibrate()

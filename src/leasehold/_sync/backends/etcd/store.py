@@ -608,6 +608,7 @@ class EtcdStore(Store):
 
     def ping(self) -> None:
         self._get_epoch()
+        self._http.range(self._keys.epoch, count_only=True)
 
     def server_time(self) -> float | None:
         self._calibrate()
