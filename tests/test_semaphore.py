@@ -280,7 +280,9 @@ def test_threads_never_exceed_the_limit(lh_backend: BackendHarness) -> None:
                     inside += 1
                     peak = max(peak, inside)
                 store_peak = max(store_peak, len(client.holders(name)))
-                time.sleep(random.uniform(0.001, 0.01))
+                # Held longer than a hand-off takes on the slowest store (etcd: a few
+                # round trips), so that the limit is surely reached.
+                time.sleep(random.uniform(0.005, 0.03))
                 with guard:
                     inside -= 1
 
