@@ -164,3 +164,66 @@ def test_leader_fault_keeps_mutual_exclusion(etcd_cluster: Any, tmp_path: Path, 
             f"{result['lost']} lost, {result['rejected']} stale writes rejected"
         )
     print(f"\netcd leader {fault}: {trials} trials, 0 violations; " + "; ".join(summary))
+
+
+@pytest.mark.parametrize("leader", [False, True])
+def test_a_partitioned_members_clients_lose_before_others_are_granted(
+    etcd_cluster: Any, leader: bool
+) -> None:
+    """A client that reaches only one member, frozen by SIGSTOP (a partition of that
+    member: the TCP fault proxy is not on main yet): the client is told its lease is
+    lost (at its safe deadline) before a client on the other members is granted."""
+    import threading
+
+    import leasehold
+
+    deadline = time.monotonic() + 10
+    current = None
+    while current is None:
+        current = etcd_cluster.leader()
+        assert time.monotonic() < deadline, "the cluster has no leader"
+    victim = current if leader else (current + 1) % 3
+    others = [i for i in range(3) if i != victim]
+    query = "?timeout=0.5&connect_timeout=0.5&prefix=partition/"
+    isolated = leasehold.Client(etcd_cluster.member_url(victim) + query)
+    rest = leasehold.Client("etcd://" + ",".join(etcd_cluster.endpoint(i) for i in others) + query)
+    name = f"partition:{leader}:{time.monotonic_ns()}"
+    lost_at: list[float] = []
+    lease = isolated.lock(name, ttl=TTL, on_lost=lambda _: lost_at.append(time.monotonic()))
+    held = lease.acquire(timeout=5)
+    granted: list[tuple[float, int]] = []
+
+    def contend() -> None:
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:
+            try:
+                # A first call that meets the election is raised, not retried.
+                got = rest.lock(name, ttl=TTL).acquire(timeout=give_up - time.monotonic())
+            except leasehold.StoreUnavailable:
+                time.sleep(0.05)
+                continue
+            granted.append((time.monotonic(), got.fence))
+            got.release()
+            return
+
+    etcd_cluster.pause(victim)
+    paused_at = time.monotonic()
+    try:
+        thread = threading.Thread(target=contend)
+        thread.start()
+        thread.join(40)
+    finally:
+        etcd_cluster.resume(victim)
+    assert granted, "the other members never granted the lock"
+    assert lost_at, "the isolated holder was never told"
+    assert lost_at[0] < granted[0][0], (lost_at[0] - paused_at, granted[0][0] - paused_at)
+    assert granted[0][1] > held.fence
+    assert granted[0][0] - paused_at < TAKEOVER_BOUND
+    print(
+        f"\npartitioned {'leader' if leader else 'follower'}: holder told lost after "
+        f"{lost_at[0] - paused_at:.3f} s, other client granted after "
+        f"{granted[0][0] - paused_at:.3f} s"
+    )
+    isolated.close()
+    rest.close()
+    assert etcd_cluster.wait_ready(30)

@@ -222,7 +222,13 @@ class EtcdHTTP:
             if response.status_code != 200:
                 error = self._error(endpoint, response)
                 if error.code == UNAVAILABLE:
-                    self._rotate(endpoint)  # no leader here, or shutting down
+                    # No leader here, the leader changed, or shutting down: another
+                    # member may answer. Every write of ours is conditional, so
+                    # sending it again is harmless even if this one was applied.
+                    self._rotate(endpoint)
+                    tried += 1
+                    if tried < len(self._options.endpoints):
+                        continue
                 raise error
             if path == "lease/keepalive":
                 return {"lines": response.content}
