@@ -273,6 +273,20 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     fair = s2m("leasehold-postgres", "fairness")
     add("PostgreSQL: 8 processes, fairness ≥ 0.9", fair, 0.9, at_most=False, shown=num(fair, 2))
     add(
+        "etcd: uncontended sync p50 ≤ 2x put + delete floor",
+        ratio(p50("leasehold-etcd"), p50("etcd-putdel")),
+        2.0,
+        at_most=True,
+    )
+    add(
+        "etcd: 8 processes, throughput ≥ 0.5x etcd v3lock",
+        ratio(s2m("leasehold-etcd", "throughput"), s2m("etcd-v3lock", "throughput")),
+        0.5,
+        at_most=False,
+    )
+    fair = s2m("leasehold-etcd", "fairness")
+    add("etcd: 8 processes, fairness ≥ 0.8", fair, 0.8, at_most=False, shown=num(fair, 2))
+    add(
         "SQLite: uncontended ≤ 1.0x filelock",
         ratio(p50("leasehold-sqlite"), p50("filelock")),
         1.0,
