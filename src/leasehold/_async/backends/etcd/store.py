@@ -339,6 +339,14 @@ class AsyncEtcdStore(AsyncStore):
             raise StoreUnavailable(
                 f"etcd: acquire {name!r} lost {ACQUIRE_ATTEMPTS} races in a row; try again"
             )
+        except BaseException:
+            # A transaction whose answer was lost may have attached our key to the
+            # lease: it must never be handed to another key (a later break_lease
+            # revoking it would end both). It expires by itself, or holds our key.
+            # Which lease holds our key is unknown now: renew looks it up.
+            lease = None
+            self._held.pop((name, token), None)
+            raise
         finally:
             if lease is not None:
                 self._pool.give_back(seconds, lease)
@@ -458,7 +466,14 @@ class AsyncEtcdStore(AsyncStore):
                 # A longer TTL than the lease has: move the key to a new lease.
                 spare = await self._pool.take(wanted)
                 key = keys.holder(item.name, token_id(item.token))
-                if not await self._move(key, created, spare):
+                try:
+                    moved = await self._move(key, created, spare)
+                except BaseException:
+                    # Its answer lost, the move may have happened: look the lease up
+                    # next time rather than keep the old one alive for nothing.
+                    self._held.pop((item.name, item.token), None)
+                    raise
+                if not moved:
                     self._pool.give_back(wanted, spare)
                     self._held.pop((item.name, item.token), None)
                     answers.append(False)
