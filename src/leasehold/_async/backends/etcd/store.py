@@ -610,7 +610,10 @@ class AsyncEtcdStore(AsyncStore):
                 lease = await self._pool.take(lease_seconds(ttl))
             operation = _put(record_key, value, lease)
         response = await self._http.txn(
-            [self._epoch_guard(epoch), compare], [operation], [_range(self._keys.epoch)]
+            [self._epoch_guard(epoch), compare],
+            [operation],
+            [_range(self._keys.epoch)],
+            again=False,  # a second sending would fail on our own write
         )
         if not response.get("succeeded"):
             if lease:

@@ -196,9 +196,19 @@ class EtcdHTTP:
         return EtcdError(endpoint, code, message)
 
     def _post(
-        self, path: str, body: dict[str, Any] | bytes, headers: dict[str, str]
+        self,
+        path: str,
+        body: dict[str, Any] | bytes,
+        headers: dict[str, str],
+        *,
+        again: bool = True,
     ) -> dict[str, Any]:
-        """One request, moving to the next endpoint when a connection cannot be made."""
+        """One request, moving to the next endpoint when a connection cannot be made.
+
+        ``again``: the request may be sent twice (every call but a record's
+        compare-and-set, whose second sending would answer "changed" for its own
+        write). Then a connection that breaks mid-request (the member died) sends it
+        to the next endpoint at once; a timeout does not, its time is spent."""
         client = self.http()
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         tried = 0
@@ -215,8 +225,14 @@ class EtcdHTTP:
                 raise StoreUnavailable(
                     f"etcd: no endpoint reachable (last {endpoint}: {type(exc).__name__})"
                 ) from None
+            except httpx.TimeoutException as exc:
+                self._rotate(endpoint)
+                raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
             except httpx.HTTPError as exc:
                 self._rotate(endpoint)
+                tried += 1
+                if again and tried < len(self._options.endpoints):
+                    continue
                 raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
             self._note_date(response, sent)
             if response.status_code != 200:
@@ -227,7 +243,7 @@ class EtcdHTTP:
                     # sending it again is harmless even if this one was applied.
                     self._rotate(endpoint)
                     tried += 1
-                    if tried < len(self._options.endpoints):
+                    if again and tried < len(self._options.endpoints):
                         continue
                 raise error
             if path == "lease/keepalive":
@@ -238,17 +254,20 @@ class EtcdHTTP:
                 raise StoreUnavailable(f"etcd {endpoint}: an answer that is not JSON") from None
             return data
 
-    def call(self, path: str, body: dict[str, Any] | bytes) -> dict[str, Any]:
+    def call(
+        self, path: str, body: dict[str, Any] | bytes, *, again: bool = True
+    ) -> dict[str, Any]:
         """POST ``/v3/<path>``; etcd's errors as ``EtcdError``, transport errors as
-        ``StoreUnavailable``."""
+        ``StoreUnavailable``. ``again``: see ``_post``."""
         headers = self._headers()
         try:
-            return self._post(path, body, headers)
+            return self._post(path, body, headers, again=again)
         except EtcdError as exc:
             if exc.code != UNAUTHENTICATED or not headers:
                 raise
-        # The token expired (etcd drops idle ones): once more with a new one.
-        return self._post(path, body, self._headers(refresh=True))
+        # The token expired (etcd drops idle ones): once more with a new one (etcd
+        # refused the first sending, so this is not a second one).
+        return self._post(path, body, self._headers(refresh=True), again=again)
 
     # -- operations -----------------------------------------------------------------
 
@@ -257,10 +276,13 @@ class EtcdHTTP:
         compare: Sequence[dict[str, Any]],
         success: Sequence[dict[str, Any]],
         failure: Sequence[dict[str, Any]] = (),
+        *,
+        again: bool = True,
     ) -> dict[str, Any]:
         return self.call(
             "kv/txn",
             {"compare": list(compare), "success": list(success), "failure": list(failure)},
+            again=again,
         )
 
     def range(self, key: bytes, range_end: bytes | None = None, **extra: Any) -> dict[str, Any]:
