@@ -260,3 +260,42 @@ def test_tls(client_cert_auth: bool) -> None:
         untrusted.close()
     finally:
         cluster.cleanup()
+
+
+def test_a_forked_child_makes_its_own_connections(etcd_server: Any) -> None:
+    import os
+
+    client = leasehold.Client(f"{etcd_server.url}?prefix=fork/")
+    held = client.lock(_unique("parent")).acquire(timeout=5)
+    parent_http = client.store._http.http()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own connections, none of the parent's grants
+        code = 1
+        try:
+            store = client.store
+            lease = client.lock(_unique("child")).acquire(timeout=5)
+            lease.release()
+            fresh = store._http.http() is not parent_http
+            forgot = all(name != held.name for name, _token in store._held)
+            code = 0 if fresh and forgot else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    status = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert status == bytes([0])
+    assert held.held and client.store._http.http() is parent_http
+    held.release()
+    client.close()
+
+
+def test_the_password_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="leasehold")
+    client = leasehold.Client("etcd://bob:Pa55-word@127.0.0.1:1?timeout=0.2&connect_timeout=0.2")
+    with pytest.raises(StoreUnavailable):
+        client.lock(_unique("log")).acquire(timeout=0.5)
+    client.close()
+    assert "Pa55-word" not in caplog.text
