@@ -27,16 +27,20 @@ class AsyncLeasePool:
             self._spare = {}  # the parent's: it may be using them right now
             self._pid = os.getpid()
 
-    async def take(self, seconds: int) -> int:
-        """A lease with at least ``seconds`` to live from now, without keys."""
+    async def take(self, seconds: int) -> tuple[int, int | None]:
+        """A lease with at least ``seconds`` to live from now, without keys, and
+        the Raft term its keepalive was answered in (None for a new grant, which
+        goes through Raft itself): a caller that attaches a key compares it with
+        its transaction's term (see ``AsyncEtcdHTTP.confirmed_keepalive``)."""
         self._after_fork()
         spare = self._spare.pop(seconds, None)
         if spare is not None:
-            remaining = (await self._http.keepalive([spare])).get(spare, 0)
+            terms: set[int] = set()
+            remaining = (await self._http.keepalive([spare], terms)).get(spare, 0)
             if remaining >= seconds:
-                return spare
+                return spare, max(terms, default=0)
         lease, _granted = await self._http.grant(seconds)
-        return lease
+        return lease, None
 
     def give_back(self, seconds: int, lease: int) -> None:
         """Keep ``lease`` (whose keys are gone) for the next ``take(seconds)``; a

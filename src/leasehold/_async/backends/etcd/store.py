@@ -9,7 +9,8 @@ How each operation maps onto etcd (key layout: ``leasehold._core.etcd``):
   holder key's create revision is the fence: strictly increasing across the whole
   cluster, never reused, through leader changes.
 * **renew**: one keepalive request for every lease of the batch (the gateway
-  streams one answer per lease). A holder key is removed only by its lease ending
+  streams one answer per lease), trusted once a read answers in the same Raft term
+  (``confirmed_keepalive``). A holder key is removed only by its lease ending
   (expiry, ``break_lease`` revokes it) or by its own release, so a lease that is
   still alive proves its key still holds.
 * **release**: one transaction deletes the token's holder and waiter keys; the
@@ -138,8 +139,8 @@ class AsyncEtcdStore(AsyncStore):
         hand_over=False,
         notes=(
             "fences are etcd revisions: never reused, through leader changes and failover",
-            "renewal is one keepalive request per batch of up to about 15 leases; expiry "
-            "by etcd leases (whole seconds, rounded up)",
+            "renewal is one keepalive request per batch of up to about 15 leases and a read "
+            "that confirms the leader's term; expiry by etcd leases (whole seconds, rounded up)",
             "a release wakes the head waiter by a watch on its predecessor",
             "fences stay increasing after etcd loses its data unless the server clock "
             "stepped back across it",
@@ -254,12 +255,13 @@ class AsyncEtcdStore(AsyncStore):
         holder_key = keys.holder(name, tid)
         waiter_key = keys.waiter(name, tid)
         lease: int | None = None
+        lease_term: int | None = None
         try:
             state: dict[str, Any] | None = None
             for _attempt in range(ACQUIRE_ATTEMPTS):
                 epoch = await self._get_epoch()
                 if lease is None:
-                    lease = await self._pool.take(seconds)
+                    lease, lease_term = await self._pool.take(seconds)
                 value = holder_value(
                     request.holder, request.limit, request.ttl, self._http.server_seconds or 0.0
                 )
@@ -274,7 +276,8 @@ class AsyncEtcdStore(AsyncStore):
                     )
                     if response.get("succeeded"):
                         granted = self._granted(name, token, lease, seconds, response)
-                        lease = None  # it holds our key now
+                        held_lease, lease = lease, None  # it holds our key now
+                        await self._confirm(held_lease, lease_term, response)
                         return Granted(epoch + granted)
                     state = response
                 if self._epoch_lost(epoch, _kvs(state, 1)):
@@ -317,7 +320,8 @@ class AsyncEtcdStore(AsyncStore):
                             )
                         self._waits.pop((name, token), None)
                         granted = self._granted(name, token, lease, seconds, response)
-                        lease = None
+                        held_lease, lease = lease, None
+                        await self._confirm(held_lease, lease_term, response)
                         return Granted(epoch + granted)
                     state = response
                     continue
@@ -350,6 +354,17 @@ class AsyncEtcdStore(AsyncStore):
         finally:
             if lease is not None:
                 self._pool.give_back(seconds, lease)
+
+    async def _confirm(self, lease: int, term: int | None, response: dict[str, Any]) -> None:
+        """A spare lease refreshed by a keepalive in another Raft term than the grant
+        may have been renewed by a stale leader only: renew it again, confirmed.
+        StoreUnavailable (the lock retries; our grant is found and refreshed) if
+        that fails."""
+        if term is None or term == int(response.get("header", {}).get("raft_term", 0)):
+            return
+        remaining = await self._http.confirmed_keepalive([lease], self._keys.epoch)
+        if remaining.get(lease, 0) <= 0:
+            raise StoreUnavailable("etcd: a grant's lease ended during a leader change")
 
     def _fast_guards(self, request: AcquireRequest, epoch: int) -> list[dict[str, Any]]:
         keys, name = self._keys, request.name
@@ -389,7 +404,8 @@ class AsyncEtcdStore(AsyncStore):
     ) -> int | None:
         """The token already holds: renew its lease to the requested TTL. Returns
         the spare lease left unused (-1 if it was used), None if the key is gone."""
-        remaining = (await self._http.keepalive([mine.lease])).get(mine.lease, 0)
+        confirmed = await self._http.confirmed_keepalive([mine.lease], self._keys.epoch)
+        remaining = confirmed.get(mine.lease, 0)
         if remaining <= 0:
             self._held.pop((name, token), None)
             return None
@@ -403,12 +419,17 @@ class AsyncEtcdStore(AsyncStore):
         return -1
 
     async def _move(self, key: bytes, created: int, lease: int) -> bool:
-        """Attach our holder key to another (longer) lease; its fence stays."""
+        """Attach our holder key to another (longer) lease; its fence stays. The
+        lease is renewed again, confirmed (``confirmed_keepalive``), once it holds
+        the key: its refresh by ``take`` may have been a stale leader's."""
         response = await self._http.txn(
             [_compare("CREATE", key, "EQUAL", created)],
             [_put(key, b"", lease, ignore_value=True)],
         )
-        return bool(response.get("succeeded"))
+        if not response.get("succeeded"):
+            return False
+        confirmed = await self._http.confirmed_keepalive([lease], self._keys.epoch)
+        return confirmed.get(lease, 0) > 0
 
     async def _queue(
         self, key: bytes, value: bytes, queued: Entry | None, queue_ttl: float, epoch: int
@@ -420,7 +441,7 @@ class AsyncEtcdStore(AsyncStore):
         if queued is not None:
             remaining = (await self._http.keepalive([queued.lease])).get(queued.lease, 0)
             return queued.create_revision if remaining > 0 else None
-        lease = await self._pool.take(seconds)
+        lease, _term = await self._pool.take(seconds)  # a queue place: not a grant
         response = await self._http.txn(
             [self._epoch_guard(epoch), _compare("CREATE", key, "EQUAL", 0)],
             [_put(key, value, lease)],
@@ -453,7 +474,7 @@ class AsyncEtcdStore(AsyncStore):
                     )
         known = [self._held.get((i.name, i.token)) for i in items]
         leases = [entry[0] for entry in known if entry is not None]
-        remaining = await self._http.keepalive(leases) if leases else {}
+        remaining = await self._http.confirmed_keepalive(leases, keys.epoch) if leases else {}
         answers: list[bool] = []
         for item, entry in zip(items, known, strict=True):
             if entry is None or remaining.get(entry[0], 0) <= 0:
@@ -464,7 +485,7 @@ class AsyncEtcdStore(AsyncStore):
             wanted = lease_seconds(item.ttl)
             if remaining[lease] < wanted:
                 # A longer TTL than the lease has: move the key to a new lease.
-                spare = await self._pool.take(wanted)
+                spare, _term = await self._pool.take(wanted)
                 key = keys.holder(item.name, token_id(item.token))
                 try:
                     moved = await self._move(key, created, spare)
@@ -607,7 +628,7 @@ class AsyncEtcdStore(AsyncStore):
             operation = _delete(record_key)
         else:
             if ttl is not None:
-                lease = await self._pool.take(lease_seconds(ttl))
+                lease, _term = await self._pool.take(lease_seconds(ttl))
             operation = _put(record_key, value, lease)
         response = await self._http.txn(
             [self._epoch_guard(epoch), compare],

@@ -305,7 +305,27 @@ class EtcdHTTP:
             raise
         return True
 
-    def keepalive(self, leases: Sequence[int]) -> dict[int, int]:
+    def confirmed_keepalive(self, leases: Sequence[int], probe: bytes) -> dict[int, int]:
+        """``keepalive``, trusted only if a linearizable read made after it answers
+        in the same Raft term: then the leader that renewed was the real one.
+
+        etcd before 3.4.26 / 3.5.9 lets a leader that has lost its quorum (cut off,
+        or frozen and not yet told) renew leases in its own memory only, and answer
+        success; the real leader expires them on its own schedule. A read must be
+        confirmed by a quorum, so a stale leader cannot answer it in its old term.
+        Raises StoreUnavailable when the terms differ: the caller retries."""
+        terms: set[int] = set()
+        answers = self.keepalive(leases, terms)
+        read = self.range(probe, count_only=True)
+        term = int(read.get("header", {}).get("raft_term", 0))
+        if terms - {term}:
+            raise StoreUnavailable(
+                f"etcd {self.endpoint}: a renewal answered in another Raft term than the "
+                "read after it (a leader change): not trusted, retrying"
+            )
+        return answers
+
+    def keepalive(self, leases: Sequence[int], terms: set[int] | None = None) -> dict[int, int]:
         """Refresh every lease: {lease: remaining ttl}, 0 for a lease that is gone.
 
         One request carries every lease (the gateway streams one answer per
@@ -316,7 +336,7 @@ class EtcdHTTP:
         pending = list(dict.fromkeys(leases))
         answers: dict[int, int] = {}
         for _round in range(len(pending)):
-            answered = self._keepalive_once(pending)
+            answered = self._keepalive_once(pending, terms)
             if not answered:
                 raise StoreUnavailable(f"etcd {self.endpoint}: a keepalive answered nothing")
             answers.update(answered)
@@ -325,7 +345,7 @@ class EtcdHTTP:
                 break
         return answers
 
-    def _keepalive_once(self, leases: Sequence[int]) -> dict[int, int]:
+    def _keepalive_once(self, leases: Sequence[int], terms: set[int] | None) -> dict[int, int]:
         body = b"".join(json.dumps({"ID": lease}).encode() for lease in leases)
         data = self.call("lease/keepalive", body)
         answers: dict[int, int] = {}
@@ -343,6 +363,8 @@ class EtcdHTTP:
                     self.endpoint, int(error.get("code", 2)), str(error.get("message", ""))
                 )
             answers[int(result["ID"])] = int(result.get("TTL", 0))
+            if terms is not None:
+                terms.add(int(result.get("header", {}).get("raft_term", 0)))
         return answers
 
     def time_to_live(self, lease: int) -> int:
