@@ -101,6 +101,7 @@ def test_fences_and_versions_increase_across_a_wipe(own_etcd: Any) -> None:
         before.extend()
     after = client.lock(name, ttl=30).acquire(timeout=10)
     assert after.fence > before.fence
+    assert client.store.restarts(name) == 1  # the changed epoch was noticed
     newer = client.store.write_record("k", 0, b"w")
     assert newer is not None and newer > version
     fresh = leasehold.Client(own_etcd.url)  # a client that never saw the old epoch

@@ -167,6 +167,7 @@ class EtcdStore(Store):
         # (name, token) -> create revision of our waiter key, while queued.
         self._queued: dict[tuple[str, str], int] = {}
         self._announce_lease = 0
+        self._data_losses = 0  # epochs seen to change: etcd lost its data
         self._topics = TopicHub()
         self._slot = ListenerSlot(
             lambda: AnnouncementListener(self._http, self._keys, self._topics),
@@ -222,6 +223,7 @@ class EtcdStore(Store):
         failed transaction is not ours: etcd lost its data, or was reset."""
         if kvs and kvs[0].get("value") == b64(str(epoch).encode()):
             return False
+        self._data_losses += 1
         self._epoch = None
         self._held.clear()
         self._pool.forget()
@@ -673,6 +675,13 @@ class EtcdStore(Store):
 
     def subscribe(self, topic: str) -> Subscription:
         return HubSubscription(validate.topic(topic), self._topics, self._slot)
+
+    def restarts(self, name: str) -> int:
+        """Times this store saw etcd's epoch change (etcd lost its data): a lease
+        granted before then and refused after was lost to it. A leader change is
+        not a restart: grants survive it."""
+        del name
+        return self._data_losses
 
     def close(self) -> None:
         self._slot.close()
