@@ -29,7 +29,7 @@ COLUMNS = [
     ("notifications", "notified waiting"),
     ("fence_survives_data_loss", "fences survive data loss"),
     ("announcements", "notified observe"),
-    ("failover_safe", "exclusion across failover"),
+    ("failover_safe", "grants survive failover"),
 ]
 
 
