@@ -93,7 +93,7 @@ def test_fences_strictly_increase(lh_backend: BackendHarness) -> None:
         lease.release()
     lease = lock.acquire(timeout=5)  # expiry
     fences.append(lease.fence)
-    lh_backend.advance(lh_backend.short_ttl + 0.3)
+    lh_backend.advance_past(lh_backend.short_ttl)
     lease = lock.acquire(timeout=5)
     fences.append(lease.fence)
     client.break_lease(name)  # forced release
@@ -109,7 +109,7 @@ def test_expiry_by_store_clock(lh_backend: BackendHarness) -> None:
     ttl = lh_backend.short_ttl
     first = a.lock(name, ttl=ttl, renew=False).acquire(timeout=5)
     assert b.lock(name, ttl=ttl).try_acquire() is None
-    lh_backend.advance(ttl + 0.3)
+    lh_backend.advance_past(ttl)
     assert first.lost
     with pytest.raises(LeaseLost):
         first.check()
@@ -338,9 +338,10 @@ def test_waiters_report_the_queue(lh_backend: BackendHarness) -> None:
     # A place whose queue expiry passed is not listed, on the store's clock.
     brief = secrets.token_urlsafe(24)
     assert isinstance(store.acquire(_request(first, holder)), Granted)
-    assert isinstance(store.acquire(_request(first, brief, queue_ttl=0.3)), Busy)
+    brief_ttl = lh_backend.short_ttl
+    assert isinstance(store.acquire(_request(first, brief, queue_ttl=brief_ttl)), Busy)
     assert [i.name for i in store.waiters(prefix) or []] == [first]
-    lh_backend.advance(0.6)
+    lh_backend.advance_past(brief_ttl)
     assert store.waiters(prefix) == []
     store.release(first, holder)
 
@@ -520,7 +521,7 @@ def test_record_expiry_and_clock(lh_backend: BackendHarness) -> None:
     version = store.write_record(key, 0, b"short-lived", ttl=ttl)
     assert version is not None
     assert store.read_record(key).value == b"short-lived"
-    lh_backend.advance(ttl + 0.3)
+    lh_backend.advance_past(ttl)
     after = store.read_record(key)
     assert (after.value, after.version) == (None, 0)
     assert after.now - before >= ttl  # the store's clock moved with time
