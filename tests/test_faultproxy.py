@@ -271,3 +271,27 @@ def test_in_front_of_a_real_redis(redis_server: object) -> None:
             assert client.ping()  # redis-py reconnects after the reset
         finally:
             client.close()
+
+
+def test_retarget_moves_new_connections_and_resets_open_ones(echo: EchoServer) -> None:
+    second = EchoServer()
+    try:
+        with FaultProxy("127.0.0.1", echo.port) as proxy:
+            conn = socket.create_connection(proxy.address, timeout=5)
+            try:
+                conn.sendall(b"1")
+                assert conn.recv(1) == b"1"
+                with pytest.raises(ValueError, match="loopback"):
+                    proxy.retarget("10.1.1.1", second.port)
+                proxy.retarget("127.0.0.1", second.port)
+                with pytest.raises(ConnectionResetError):
+                    got = conn.recv(1)
+                    if got == b"":
+                        raise ConnectionResetError("closed")
+            finally:
+                conn.close()
+            before = second.received
+            assert roundtrip(proxy.port, b"moved")[0] == b"moved"
+            assert second.received == before + 5
+    finally:
+        second.close()

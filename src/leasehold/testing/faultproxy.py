@@ -26,6 +26,8 @@ already open and for new ones:
 - ``refuse()``: stop listening; new connections get ECONNREFUSED. Open ones go on.
 - ``reset()``: abort every open connection on both sides with a TCP RST (a one-off
   action; the mode is unchanged).
+- ``retarget(host, port)``: new connections go to another loopback upstream and open
+  ones are reset (a failover, as clients behind a service address see it).
 
 Only loopback is allowed on both ends: the proxy listens on 127.0.0.1 and refuses an
 upstream that is not a loopback address. It is a test tool, not a network tool.
@@ -265,6 +267,18 @@ class FaultProxy:
     def reset(self) -> None:
         """Abort every open connection with a TCP RST on both sides."""
         self._call(self._abort_all)
+
+    def retarget(self, upstream_host: str, upstream_port: int) -> None:
+        """Send new connections to another loopback upstream and reset the open ones:
+        a failover, as clients see it when the service address moves to a new primary."""
+        if not _is_loopback(upstream_host):
+            raise ValueError(f"FaultProxy forwards to loopback only, not {upstream_host!r}")
+
+        def move() -> None:
+            self.upstream = (upstream_host, upstream_port)
+            self._abort_all()
+
+        self._call(move)
 
     def _set(self, mode: ProxyMode) -> None:
         self._call(lambda: self._apply(mode))
