@@ -246,6 +246,14 @@ class Actor:
         )
         return value
 
+    async def warm_up(self, lock_name: str, ttl: float) -> None:
+        """Acquire, renew and release a throwaway name before the fault, as a client
+        that has been running would have: connections open, scripts loaded."""
+        lease = await self.acquire(f"{lock_name}-warm", ttl, timeout=5.0, record=False, track=False)
+        if lease is not None:
+            await self.timed("extend", self.op_bound, lease.extend, record=False)
+            await self.release(lease, record=False)
+
     def held(self, lease: Any) -> bool:
         return bool(lease is not None and lease.held)
 

@@ -13,7 +13,6 @@ subset (short TTL, one trial) and the full run (more trials, both APIs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -129,10 +128,14 @@ async def small_delays(run: Run) -> None:
     ttl = run.ttl
     route_a = run.target.new_path()
     route_b = run.target.new_path() if run.target.isolated else route_a
-    for route in {id(route_a): route_a, id(route_b): route_b}.values():
-        route.delay(up=0.1 * ttl, down=0.1 * ttl)
     a = run.actor("A", route_a.url)
     b = run.actor("B", route_b.url)
+    # Steady state, not start-up: a new connection's handshake costs several round
+    # trips, each delayed too.
+    await a.warm_up(run.name, ttl)
+    await b.warm_up(run.name, ttl)
+    for route in {id(route_a): route_a, id(route_b): route_b}.values():
+        route.delay(up=0.1 * ttl, down=0.1 * ttl)
     lease = await a.acquire(run.name, ttl, timeout=5.0)
     if lease is None:
         run.history.violation("setup", "A could not acquire under small delays")
@@ -162,6 +165,7 @@ async def late_grant(run: Run) -> None:
     ttl = run.ttl
     route = run.target.new_path()
     a = run.actor("A", route.url)
+    await a.warm_up(run.name, ttl)
     route.delay(down=1.5 * ttl)
     run.history.fault()
     timeout = 2.5 * ttl
@@ -176,18 +180,32 @@ async def late_grant(run: Run) -> None:
     if a.api == "async":
 
         async def body() -> None:
-            with contextlib.suppress(leasehold.LeaseLost):
-                async with lock as held_lease:
-                    history.entry("A", held_lease.held, held_lease.fence)
-                    a._track(held_lease)
+            # Retried on StoreUnavailable, as a worker loop would, until it ran once.
+            for _attempt in range(20):
+                try:
+                    async with lock as held_lease:
+                        history.entry("A", held_lease.held, held_lease.fence)
+                        a._track(held_lease)
+                    return
+                except leasehold.LeaseLost:
+                    return
+                except leasehold.StoreUnavailable:
+                    await asyncio.sleep(0.1)
 
         task: asyncio.Future[Any] = asyncio.ensure_future(body())
     else:
 
         def sync_body() -> None:
-            with contextlib.suppress(leasehold.LeaseLost), lock as held_lease:
-                history.entry("A", held_lease.held, held_lease.fence)
-                a._track(held_lease)
+            for _attempt in range(20):
+                try:
+                    with lock as held_lease:
+                        history.entry("A", held_lease.held, held_lease.fence)
+                        a._track(held_lease)
+                    return
+                except leasehold.LeaseLost:
+                    return
+                except leasehold.StoreUnavailable:
+                    time.sleep(0.1)
 
         task = in_thread(sync_body)
     done, _ = await asyncio.wait({task}, timeout=2 * ttl)
