@@ -98,7 +98,9 @@ def _span(values: list[float]) -> str:
     if not values:
         return "-"
     low, high = min(values), max(values)
-    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
+    if round(low) == round(high):
+        return f"{low:.0f}"
+    return f"{low:.0f} to {high:.0f}" if low < 0 else f"{low:.0f}-{high:.0f}"
 
 
 def _bounds(trials: list[dict[str, Any]]) -> str:

@@ -247,9 +247,10 @@ class Actor:
         return value
 
     async def warm_up(self, lock_name: str, ttl: float) -> None:
-        """Acquire, renew and release a throwaway name before the fault, as a client
-        that has been running would have: connections open, scripts loaded."""
-        lease = await self.acquire(f"{lock_name}-warm", ttl, timeout=5.0, record=False, track=False)
+        """Acquire, renew and release the name before the fault, as a client that has
+        been running would have: connections open (on a cluster, to the name's node),
+        scripts loaded. Not part of the history."""
+        lease = await self.acquire(lock_name, ttl, timeout=5.0, record=False, track=False)
         if lease is not None:
             await self.timed("extend", self.op_bound, lease.extend, record=False)
             await self.release(lease, record=False)

@@ -86,7 +86,7 @@ def test_the_real_ledger_refuses_a_lower_fence(tmp_path: Path) -> None:
 
 def test_broken_bounds_dead_leases_and_dead_bodies_are_found() -> None:
     history = History("s", "b", "sync")
-    history.bound(Bound("A", "acquire", 1.5, 1.6))
+    history.bound(Bound("A", "acquire", 1.5, 1.7))
     history.bound(Bound("A", "release", 2.5, None))
     history.hold(hold("A", 1, 2.0, 1.5))  # returned after its own deadline
     history.entry("A", False, 1)
