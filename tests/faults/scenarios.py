@@ -301,11 +301,18 @@ async def stalled_store(run: Run) -> None:
     run.history.fault()
     # All at once, as the calls of a busy process would be; each has its own bound.
     cap = a.op_bound + 6.0
+    client = a.client
+    election = client.election(f"{run.name}-election", ttl)
     await asyncio.gather(
         a.acquire(run.name, ttl, timeout=1.0, cap=cap),
         a.timed("try_acquire", a.op_bound, a.lock(run.name, ttl).try_acquire, cap=cap),
         a.timed("extend", a.op_bound, lease.extend, cap=cap),
-        a.timed("holders", a.op_bound, lambda: a.client.holders(run.name), cap=cap),
+        a.timed("holders", a.op_bound, lambda: client.holders(run.name), cap=cap),
+        a.timed("leases", a.op_bound, lambda: client.leases(run.name), cap=cap),
+        a.timed("campaign", call_bound(1.0), lambda: election.campaign(timeout=1.0), cap=cap),
+        a.timed("leader", a.op_bound, election.leader, cap=cap),
+        a.timed("members", a.op_bound, client.presence(run.name).members, cap=cap),
+        a.timed("once.state", a.op_bound, client.once(run.name).state, cap=cap),
     )
     await a.timed("release", a.op_bound, lease.release, cap=cap)
     a.finish(lease)
