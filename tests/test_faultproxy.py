@@ -295,3 +295,23 @@ def test_retarget_moves_new_connections_and_resets_open_ones(echo: EchoServer) -
             assert second.received == before + 5
     finally:
         second.close()
+
+
+def test_the_documented_example_a_silent_store_loses_the_lease_at_its_deadline(
+    redis_server: object,
+) -> None:
+    import leasehold
+
+    port = redis_server.port  # type: ignore[attr-defined]
+    with FaultProxy("127.0.0.1", port) as proxy:
+        client = leasehold.Client(proxy.rewrite_url(f"redis://127.0.0.1:{port}/0"))
+        try:
+            lease = client.lock("faultproxy-doc-example", ttl=1).acquire(timeout=5)
+            deadline = lease.deadline
+            proxy.stall()
+            assert lease.wait_lost(timeout=3)
+            assert time.monotonic() >= deadline
+            assert not lease.held
+            proxy.pass_through()
+        finally:
+            client.close()

@@ -281,7 +281,12 @@ class FaultProxy:
         self._call(move)
 
     def _set(self, mode: ProxyMode) -> None:
-        self._call(lambda: self._apply(mode))
+        loop = self._loop
+        if loop is None or self._thread is None:
+            raise RuntimeError("the proxy is not running (use start() or `with`)")
+        # Returns once the mode is in force, listening socket included.
+        future = asyncio.run_coroutine_threadsafe(self._apply(mode), loop)
+        future.result(_CONTROL_TIMEOUT)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -377,7 +382,7 @@ class FaultProxy:
         )
         self._listen_port = self._server.sockets[0].getsockname()[1]
 
-    def _apply(self, mode: ProxyMode) -> None:
+    async def _apply(self, mode: ProxyMode) -> None:
         before, self._mode = self._mode, mode
         if before.stall_up or before.stall_down:
             for pipe in list(self._pipes):
@@ -387,8 +392,7 @@ class FaultProxy:
             self._server.close()
             self._server = None
         elif not mode.refusing and self._server is None:
-            assert self._loop is not None
-            self._loop.create_task(self._listen())
+            await self._listen()
 
     def _abort_all(self) -> None:
         for pipe in list(self._pipes):
