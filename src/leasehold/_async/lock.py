@@ -20,7 +20,7 @@ from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
 
 logger = logging.getLogger("leasehold")
 
@@ -47,7 +47,7 @@ class AsyncLock:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         name: str,
         *,
         ttl: float = 30.0,
@@ -57,7 +57,7 @@ class AsyncLock:
         margin: float | None = None,
         owner: str | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
@@ -103,31 +103,31 @@ class AsyncLock:
     async def _acquire(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
         if not queue:
             return await self._attempts(timeout, queue=False)
-        client = self._client
-        clock = client.clock
+        context = self._context
+        clock = context.clock
         started = clock.monotonic()
         key = (self._name, self._limit)
-        turn = client._gates.join(key)
+        turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
-                    client._counters.add("timed_out")
-                    client._counters.add("wait_time", clock.monotonic() - started)
+                    context.counters.add("timed_out")
+                    context.counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
             return await self._attempts(remaining, queue=True, started=started)
         finally:
-            client._gates.leave(key, turn)
+            context.gates.leave(key, turn)
 
     async def _attempts(
         self, timeout: float | None, *, queue: bool, started: float | None = None
     ) -> AsyncLease | None:
-        client = self._client
-        store = client.store
-        clock = client.clock
+        context = self._context
+        store = context.store
+        clock = context.clock
         token = secrets.token_urlsafe(24)
-        holder = client.holder
+        holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
         request = AcquireRequest(
@@ -176,8 +176,8 @@ class AsyncLock:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    client._counters.add("timed_out" if queue else "skipped")
-                    client._counters.add("wait_time", now - started)
+                    context.counters.add("timed_out" if queue else "skipped")
+                    context.counters.add("wait_time", now - started)
                     if queue:
                         await shielded(lambda: store.release(self._name, token))
                     return None
@@ -233,9 +233,9 @@ class AsyncLock:
         started: float,
         term: float | None = None,
     ) -> AsyncLease:
-        client = self._client
+        context = self._context
         lease = AsyncLease(
-            client=client,
+            context=context,
             name=self._name,
             token=token,
             fence=fence,
@@ -248,9 +248,9 @@ class AsyncLock:
             owner=owner,
             term=term,
         )
-        client._track(lease)
-        client._counters.add("acquired")
-        client._counters.add("wait_time", client.clock.monotonic() - started)
+        context.track(lease)
+        context.counters.add("acquired")
+        context.counters.add("wait_time", context.clock.monotonic() - started)
         return lease
 
     @staticmethod

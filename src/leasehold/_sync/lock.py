@@ -22,7 +22,7 @@ from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
 
 logger = logging.getLogger("leasehold")
 
@@ -49,7 +49,7 @@ class Lock:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         name: str,
         *,
         ttl: float = 30.0,
@@ -59,7 +59,7 @@ class Lock:
         margin: float | None = None,
         owner: str | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
@@ -105,31 +105,31 @@ class Lock:
     def _acquire(self, timeout: float | None, *, queue: bool) -> Lease | None:
         if not queue:
             return self._attempts(timeout, queue=False)
-        client = self._client
-        clock = client.clock
+        context = self._context
+        clock = context.clock
         started = clock.monotonic()
         key = (self._name, self._limit)
-        turn = client._gates.join(key)
+        turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not turn.wait(wait):
-                    client._counters.add("timed_out")
-                    client._counters.add("wait_time", clock.monotonic() - started)
+                    context.counters.add("timed_out")
+                    context.counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
             return self._attempts(remaining, queue=True, started=started)
         finally:
-            client._gates.leave(key, turn)
+            context.gates.leave(key, turn)
 
     def _attempts(
         self, timeout: float | None, *, queue: bool, started: float | None = None
     ) -> Lease | None:
-        client = self._client
-        store = client.store
-        clock = client.clock
+        context = self._context
+        store = context.store
+        clock = context.clock
         token = secrets.token_urlsafe(24)
-        holder = client.holder
+        holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
         request = AcquireRequest(
@@ -178,8 +178,8 @@ class Lock:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    client._counters.add("timed_out" if queue else "skipped")
-                    client._counters.add("wait_time", now - started)
+                    context.counters.add("timed_out" if queue else "skipped")
+                    context.counters.add("wait_time", now - started)
                     if queue:
                         shielded(lambda: store.release(self._name, token))
                     return None
@@ -235,9 +235,9 @@ class Lock:
         started: float,
         term: float | None = None,
     ) -> Lease:
-        client = self._client
+        context = self._context
         lease = Lease(
-            client=client,
+            context=context,
             name=self._name,
             token=token,
             fence=fence,
@@ -250,9 +250,9 @@ class Lock:
             owner=owner,
             term=term,
         )
-        client._track(lease)
-        client._counters.add("acquired")
-        client._counters.add("wait_time", client.clock.monotonic() - started)
+        context.track(lease)
+        context.counters.add("acquired")
+        context.counters.add("wait_time", context.clock.monotonic() - started)
         return lease
 
     @staticmethod
