@@ -23,7 +23,7 @@ from typing import Any
 import leasehold
 from tests.faults.actors import HUNG, Actor, Ledger, call_bound, in_thread
 from tests.faults.history import History
-from tests.faults.targets import Target
+from tests.faults.targets import Route, Target
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Run:
     operation_timeout: float = 2.0
     actor_cls: type[Actor] = Actor
     actors: list[Actor] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
     name: str = field(default_factory=lambda: f"fault-{uuid.uuid4().hex[:10]}")
 
     def actor(self, label: str, url: str) -> Actor:
@@ -45,6 +46,12 @@ class Run:
         self.actors.append(actor)
         return actor
 
+    def route(self) -> Route:
+        """A new client's route to the store, healed or closed when the trial ends."""
+        route = self.target.new_path()
+        self.routes.append(route)
+        return route
+
     async def admin(self) -> Any:
         """A direct asyncio client (no proxy) for looking at the store."""
         return leasehold.AsyncClient(self.target.direct_url, identity="admin")
@@ -53,6 +60,9 @@ class Run:
         actors, self.actors = self.actors, []
         for actor in actors:
             await actor.close()
+        routes, self.routes = self.routes, []
+        for route in routes:
+            route.close()
 
 
 Scenario = Callable[[Run], Awaitable[None]]
@@ -74,8 +84,8 @@ async def _handover(run: Run, fault: Callable[[Any], None], heal: Callable[[Any]
     """A holds; ``fault`` cuts A off (or slows it) for 3 TTL while B waits for the
     name; A must report the loss before B is granted; A's release must stay bounded."""
     ttl = run.ttl
-    route_a = run.target.new_path()
-    route_b = run.target.new_path() if run.target.isolated else route_a
+    route_a = run.route()
+    route_b = run.route() if run.target.isolated else route_a
     a = run.actor("A", route_a.url)
     b = run.actor("B", route_b.url)
     lease = await a.acquire(run.name, ttl, timeout=5.0)
@@ -128,8 +138,8 @@ async def small_delays(run: Run) -> None:
     doubled here: the slack between renewals (0.45 TTL) must also absorb a loaded
     machine's scheduling pauses, which do not scale with the TTL."""
     ttl = 2 * run.ttl
-    route_a = run.target.new_path()
-    route_b = run.target.new_path() if run.target.isolated else route_a
+    route_a = run.route()
+    route_b = run.route() if run.target.isolated else route_a
     a = run.actor("A", route_a.url)
     b = run.actor("B", route_b.url)
     # Steady state, not start-up: a new connection's handshake costs several round
@@ -165,7 +175,7 @@ async def late_grant(run: Run) -> None:
     """Replies delayed 1.5 TTL from the start: every grant arrives after its safe
     deadline. acquire() must not return such a lease and no body may run under it."""
     ttl = run.ttl
-    route = run.target.new_path()
+    route = run.route()
     a = run.actor("A", route.url)
     await a.warm_up(run.name, ttl)
     route.delay(down=1.5 * ttl)
@@ -226,7 +236,7 @@ async def lost_reply(run: Run) -> None:
     """The acquire commits, its reply is lost and the connection reset: the caller
     must get the grant made for it (same fence), or the grant must be released."""
     ttl_long = max(5.0, 5 * run.ttl)
-    route = run.target.new_path()
+    route = run.route()
     a = run.actor("A", route.url)
     admin = await run.admin()
     try:
@@ -292,7 +302,7 @@ async def lost_reply(run: Run) -> None:
 async def stalled_store(run: Run) -> None:
     """The store goes silent (the kernel still ACKs): every call keeps its bound."""
     ttl = run.ttl
-    route = run.target.new_path()
+    route = run.route()
     a = run.actor("A", route.url)
     other = f"{run.name}-held"
     lease = await a.acquire(other, 2 * ttl, timeout=5.0)
@@ -327,8 +337,8 @@ async def stalled_store(run: Run) -> None:
 async def reset_renewal(run: Run) -> None:
     """The holder's connections are reset every 0.3 TTL for 3 TTL, renewals included."""
     ttl = run.ttl
-    route_a = run.target.new_path()
-    route_b = run.target.new_path() if run.target.isolated else route_a
+    route_a = run.route()
+    route_b = run.route() if run.target.isolated else route_a
     a = run.actor("A", route_a.url)
     b = run.actor("B", route_b.url)
     lease = await a.acquire(run.name, ttl, timeout=5.0)
@@ -363,8 +373,8 @@ async def clock_forward(run: Run) -> None:
     writes only until B's first write. (The documented exception to "no overlap".)"""
     assert run.target.clock_step is not None
     ttl = run.ttl
-    route_a = run.target.new_path()
-    route_b = run.target.new_path()
+    route_a = run.route()
+    route_b = run.route()
     a = run.actor("A", route_a.url)
     b = run.actor("B", route_b.url)
     lease = await a.acquire(run.name, ttl, timeout=5.0)
@@ -420,7 +430,7 @@ async def clock_backward(run: Run) -> None:
     grant outlives the TTL by the step); fences still increase."""
     assert run.target.clock_step is not None
     ttl = run.ttl
-    route_a, route_c, route_d = (run.target.new_path() for _ in range(3))
+    route_a, route_c, route_d = (run.route() for _ in range(3))
     a = run.actor("A", route_a.url)
     c = run.actor("C", route_c.url)
     d = run.actor("D", route_d.url)

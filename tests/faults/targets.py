@@ -35,6 +35,15 @@ class Route:
 
     url: str
     proxies: list[FaultProxy]
+    owned: bool = True  # made for one client of one trial; False: shared (a cluster's)
+
+    def close(self) -> None:
+        """End of the trial: close proxies of its own, heal shared ones."""
+        for proxy in self.proxies:
+            if self.owned:
+                proxy.close()
+            else:
+                proxy.pass_through()
 
     def pass_through(self) -> None:
         for proxy in self.proxies:
@@ -117,7 +126,7 @@ def cluster_target(cluster: Any, pool: ProxyPool) -> Target:
             raise RuntimeError(f"cluster nodes still announce {seen}, not {wanted}")
         time.sleep(0.1)
     url = f"redis+cluster://127.0.0.1:{proxies[0].port}"
-    shared = Route(url, proxies)
+    shared = Route(url, proxies, owned=False)
 
     def restore() -> None:
         for node in cluster.nodes:
