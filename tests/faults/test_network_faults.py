@@ -45,7 +45,10 @@ def cases() -> list[object]:
             ):
                 continue
             for api in ("async", "sync"):
-                if api == "sync" and not FULL and scenario not in SYNC_TOO:
+                # The full run keeps the cluster's sync rows to the two that differ
+                # by API, so that it stays under 10 minutes on 2 loaded cores.
+                sync_all = FULL and backend != "redis-cluster"
+                if api == "sync" and not sync_all and scenario not in SYNC_TOO:
                     continue
                 out.append(pytest.param(scenario, backend, api, id=f"{scenario}-{backend}-{api}"))
     for scenario in CLOCK_SCENARIOS:
