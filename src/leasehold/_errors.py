@@ -11,6 +11,7 @@ __all__ = [
     "OnceFailed",
     "StaleEpoch",
     "StaleFence",
+    "StoreMisconfigured",
     "StoreUnavailable",
 ]
 
@@ -59,6 +60,17 @@ class StoreUnavailable(LeaseholdError, ConnectionError):
     """The store could not be reached or answered with an error.
 
     Messages never contain credentials.
+    """
+
+
+class StoreMisconfigured(StoreUnavailable):
+    """The store answered, and its answer means the configuration is wrong:
+    authentication, a missing permission, an unknown database, a failed TLS
+    verification, a missing schema with ``create_schema=false``, a read-only replica.
+
+    Raised at once and never retried: waiting does not fix it. A subclass of
+    ``StoreUnavailable`` so that code catching that sees it too. Messages never
+    contain credentials.
     """
 
 

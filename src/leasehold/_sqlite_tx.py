@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from leasehold import _deadline
 from leasehold._core.backoff import Backoff
 from leasehold._core.records import (
     AcquireRequest,
@@ -177,7 +178,7 @@ class SQLiteTables:
         # Switching a brand-new file to WAL needs an exclusive lock and does not wait
         # on the busy handler, so processes opening the store at the same instant
         # retry the set-up (with jitter) until the busy timeout.
-        give_up = time.monotonic() + self.busy_timeout
+        give_up = time.monotonic() + _deadline.remaining(self.busy_timeout)
         attempt = 0
         while True:
             try:
@@ -290,10 +291,12 @@ class SQLiteTables:
                 raise
             if not self._waits:
                 raise WouldWait from None
-        give_up = time.monotonic() + self.busy_timeout
+        # Within a store operation, never past its deadline (a process stopped
+        # while holding the write lock stalls SQLite like a silent server).
+        give_up = time.monotonic() + _deadline.remaining(self.busy_timeout)
         tries = 0
         while True:
-            time.sleep(BUSY_RETRY.delay(tries))
+            time.sleep(min(BUSY_RETRY.delay(tries), max(0.0, give_up - time.monotonic())))
             tries += 1
             try:
                 return attempt()

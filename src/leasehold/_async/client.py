@@ -18,11 +18,12 @@ from leasehold._async.presence import AsyncPresence
 from leasehold._async.store import AsyncStore
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
-from leasehold._core.defaults import default_url
+from leasehold._core.defaults import url_for_library
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
 from leasehold._core.stats import Counters, Statistics
 from leasehold._core.url import parse
+from leasehold._deadline import validate_operation_timeout
 from leasehold._errors import InvalidArgument
 
 _CLIENTS: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
@@ -33,7 +34,10 @@ class AsyncClient:
     """Coordination primitives on one store.
 
     ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``;
-    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory.
+    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory
+    (local to this host: a WARNING says so, once).
+    ``operation_timeout`` bounds every store call in seconds (default: the URL's
+    ``?operation_timeout=``, else 5); ``acquire(timeout=...)`` keeps its own timeout.
     ``clock`` drives every local time decision (tests pass a FakeClock).
     ``identity`` is a readable label stored with grants (default host:pid).
     """
@@ -45,14 +49,18 @@ class AsyncClient:
         store: AsyncStore | None = None,
         clock: Clock | None = None,
         identity: str | None = None,
+        operation_timeout: float | None = None,
     ) -> None:
         if identity is not None:
             validate.name(identity, what="identity")
+        bound = None if operation_timeout is None else validate_operation_timeout(operation_timeout)
         self.clock: Clock = clock or SYSTEM_CLOCK
         if store is None:
-            store = open_store(parse(default_url() if url is None else url), self.clock)
+            store = open_store(parse(url_for_library(url)), self.clock, operation_timeout=bound)
         elif url is not None:
             raise InvalidArgument("pass either url or store, not both")
+        elif bound is not None:
+            store.operation_timeout = bound
         self.store: AsyncStore = store
         self._identity = identity
         self.holder = Holder.for_this_process(identity)
@@ -62,6 +70,11 @@ class AsyncClient:
         self._closed = False
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
+
+    @property
+    def operation_timeout(self) -> float:
+        """Seconds any one store call may take (``acquire(timeout=...)``: that timeout)."""
+        return self.store.operation_timeout
 
     @property
     def url(self) -> str:

@@ -37,9 +37,10 @@ from psycopg import AsyncConnection, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from leasehold import _deadline
 from leasehold._async import _concurrency
 from leasehold._async._concurrency import AsyncEvent, AsyncMutex
-from leasehold._async.backends._postgres_io import NotifyListener
+from leasehold._async.backends._postgres_io import NotifyListener, connect_within
 from leasehold._async.store import (
     AsyncStore,
     AsyncSubscription,
@@ -62,7 +63,7 @@ from leasehold._core.records import (
     WaitResult,
 )
 from leasehold._core.url import StoreURL
-from leasehold._errors import InvalidArgument, StoreUnavailable
+from leasehold._errors import InvalidArgument, StoreMisconfigured, StoreUnavailable
 
 __all__ = ["AsyncPooledPostgresStore", "AsyncPostgresStore", "from_url"]
 
@@ -370,6 +371,32 @@ def _disown(fd: int | None) -> None:
         os.close(devnull)
 
 
+# Answers that waiting cannot change (StoreMisconfigured, never retried): invalid
+# authorization (28...), insufficient privilege, unknown database, a read-only
+# server (a hot standby), an undefined schema.
+_MISCONFIGURED_SQLSTATES = ("28", "42501", "3D000", "25006", "3F000")
+# The same at connect time, where libpq gives text only.
+_MISCONFIGURED_TEXT = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "password is required",
+    "no password supplied",
+    "does not exist",  # database "x" / role "x" does not exist
+    "permission denied",
+    "certificate verify failed",
+    "root certificate file",
+    "server does not support SSL",
+    "read-only transaction",
+)
+
+
+def _misconfigured(sqlstate: str | None, detail: str) -> bool:
+    if sqlstate is not None:
+        return sqlstate.startswith(_MISCONFIGURED_SQLSTATES)
+    return any(text in detail for text in _MISCONFIGURED_TEXT)
+
+
 class _Retry(Exception):
     """A call failed because its connection died; safe to repeat once if idempotent."""
 
@@ -505,8 +532,13 @@ class AsyncPostgresStore(AsyncStore):
         waited = False
         for _ in range(self._opts.pool_max_size + 1):
             try:
+                # Never past the operation's deadline (a pool that cannot connect
+                # to a stalled server would otherwise keep the caller waiting).
                 conn = await pool.getconn(
-                    timeout=self._opts.connect_timeout if waited else _POOL_WAIT
+                    timeout=max(
+                        0.001,
+                        _deadline.remaining(self._opts.connect_timeout if waited else _POOL_WAIT),
+                    )
                 )
             except PoolTimeout:
                 if waited:
@@ -537,7 +569,13 @@ class AsyncPostgresStore(AsyncStore):
             await conn.close()
 
     async def _connect(self) -> AsyncConnection[tuple[Any, ...]]:
-        return await AsyncConnection.connect(self._opts.conninfo, **self._connect_kwargs())
+        # libpq's connect_timeout (2 s at least) bounds a connect on its own; within
+        # an operation, its deadline bounds it too.
+        return await connect_within(
+            self._opts.conninfo,
+            self._connect_kwargs(),
+            _deadline.remaining(self._opts.connect_timeout),
+        )
 
     def _connect_kwargs(self) -> dict[str, Any]:
         return {
@@ -550,6 +588,8 @@ class AsyncPostgresStore(AsyncStore):
     async def _install(self, pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]) -> None:
         """Create or upgrade the schema once per store; cheap when it is current."""
         conn, pooled = await self._getconn(pool)
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             installed = 0
             try:
@@ -566,7 +606,7 @@ class AsyncPostgresStore(AsyncStore):
                     if installed == 0
                     else f"holds leasehold schema version {installed}"
                 )
-                raise StoreUnavailable(
+                raise StoreMisconfigured(
                     f"{self!r}: schema {self._opts.schema!r} {found} "
                     f"(version {SCHEMA_VERSION} needed) and ?create_schema=false; apply "
                     "leasehold/_scripts/postgres/schema.sql as a migration"
@@ -608,11 +648,18 @@ class AsyncPostgresStore(AsyncStore):
                 await conn.execute("SELECT set_config('search_path', %s, true)", (path,))
                 await conn.execute(_schema_sql().encode())
         finally:
+            _deadline.detach(fd)
             await self._putconn(pool, conn, pooled)
 
     async def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         pool = await self._ready_pool()
         conn, pooled = await self._getconn(pool)
+        # A server that stops answering is noticed by the operation's deadline,
+        # which shuts this socket down: the call fails, the pool drops the
+        # connection (libpq would wait forever; statement_timeout needs a server
+        # that still runs).
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             cur = await conn.execute(query, params)
             return list(await cur.fetchall())
@@ -621,6 +668,7 @@ class AsyncPostgresStore(AsyncStore):
                 raise _Retry(exc) from exc
             raise
         finally:
+            _deadline.detach(fd)
             await self._putconn(pool, conn, pooled)
 
     async def _call(
@@ -644,7 +692,8 @@ class AsyncPostgresStore(AsyncStore):
                 return await self._run(query, params)
             except _Retry as exc:
                 quick = self._clock.monotonic() - started < _QUICK_FAILURE
-                if attempt + 1 >= attempts or not quick:
+                expired = (limit := _deadline.current()) is not None and limit.expired
+                if attempt + 1 >= attempts or not quick or expired:
                     raise self._unavailable(what, exc.cause) from None
             except StoreUnavailable:
                 raise
@@ -669,7 +718,8 @@ class AsyncPostgresStore(AsyncStore):
         ):
             # What a transaction-mode pooler does to session state.
             message += " (behind a transaction-mode pooler? add ?pooler=transaction)"
-        return StoreUnavailable(_scrub(message, self._opts.secrets))
+        error = StoreMisconfigured if _misconfigured(sqlstate, detail) else StoreUnavailable
+        return error(_scrub(message, self._opts.secrets))
 
     # -- wake-ups -----------------------------------------------------------------
 
