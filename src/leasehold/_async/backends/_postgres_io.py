@@ -16,6 +16,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from leasehold import _deadline
+
+# Outside any operation, libpq's connect_timeout alone bounds a connect.
+_UNBOUNDED_CONNECT = 3600.0
+
 
 class NotifyListener:
     """One dedicated connection that LISTENs on ``channel``.
@@ -58,12 +63,19 @@ class NotifyListener:
 
     async def start(self) -> None:
         """Connect and LISTEN; when this returns, no notification can be missed."""
-        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        # Within a store operation (a queued acquire), never past its deadline.
+        conn = await connect_within(
+            self._conninfo, {"autocommit": True}, _deadline.remaining(_UNBOUNDED_CONNECT)
+        )
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         except BaseException:
             await conn.close()
             raise
+        finally:
+            _deadline.detach(fd)
         self._conn = conn
         self._task = asyncio.get_running_loop().create_task(
             self._read(conn), name=f"leasehold-listen-{self._channel}"

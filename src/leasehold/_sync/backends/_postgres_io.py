@@ -22,6 +22,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from leasehold import _deadline
+
+# Outside any operation, libpq's connect_timeout alone bounds a connect.
+_UNBOUNDED_CONNECT = 3600.0
+
 
 class NotifyListener:
     """One dedicated connection that LISTENs on ``channel``.
@@ -65,13 +70,20 @@ class NotifyListener:
 
     def start(self) -> None:
         """Connect and LISTEN; when this returns, no notification can be missed."""
-        conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
+        # Within a store operation (a queued acquire), never past its deadline.
+        conn = connect_within(
+            self._conninfo, {"autocommit": True}, _deadline.remaining(_UNBOUNDED_CONNECT)
+        )
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
             self._wakeup = socket.socketpair()
         except BaseException:
             conn.close()
             raise
+        finally:
+            _deadline.detach(fd)
         self._conn = conn
         self._thread = threading.Thread(
             target=self._read, args=(conn,), name=f"leasehold-listen-{self._channel}", daemon=True
