@@ -566,3 +566,23 @@ def test_operation_timeout_option() -> None:
     with pytest.raises(leasehold.InvalidArgument, match="operation_timeout"):
         Client("memory://ot", operation_timeout=0)
     assert issubclass(StoreMisconfigured, StoreUnavailable)
+
+
+def test_leasehold_leader_fails_fast_on_misconfiguration(postgres_server: Any) -> None:
+    import subprocess
+    import sys
+
+    base = str(postgres_server.url).rpartition("/")[0]
+    started = time.monotonic()
+    command = [sys.executable, "-m", "leasehold", "--url", f"{base}/no_such_database_here"]
+    command += ["leader", "bound-leader", "--", sys.executable, "-c", "pass"]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 69, done.stderr
+    assert "misconfigured" in done.stderr
+    assert time.monotonic() - started < 15  # at once (process start-up included)
