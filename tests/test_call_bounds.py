@@ -586,3 +586,118 @@ def test_leasehold_leader_fails_fast_on_misconfiguration(postgres_server: Any) -
     assert done.returncode == 69, done.stderr
     assert "misconfigured" in done.stderr
     assert time.monotonic() - started < 15  # at once (process start-up included)
+
+
+# -- stalls by SIGSTOP: Redis Cluster, pgbouncer ----------------------------------------
+
+
+@contextlib.contextmanager
+def _stopped(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP the given processes (which this test started) for the block."""
+    import os
+    import signal
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_cluster_calls_keep_their_bounds_when_every_node_stops(
+    redis_cluster: Any, request: pytest.FixtureRequest
+) -> None:
+    name = _name(request)
+    pids = [node.pid for node in redis_cluster.nodes]
+    assert all(pids)
+    with Client(_with(redis_cluster.url, "operation_timeout=0.5")) as client:
+        lease = client.lock(name, ttl=30).acquire(timeout=10)
+        with _stopped(pids):
+            for call in (
+                lambda: client.lock(name + ":2").acquire(timeout=0.5),
+                lambda: client.lock(name + ":3").try_acquire(),
+                lambda: client.holders(name),
+            ):
+                took, result = _elapsed(call)
+                assert isinstance(result, StoreUnavailable | AcquireTimeout), result
+                assert took < 0.5 + 0.5 + LOADED, took
+        lease.release()
+        redis_cluster.wait_ok()
+        again = client.lock(name + ":4").acquire(timeout=15)
+        assert again.held
+        again.release()
+
+
+def test_pooler_mode_calls_keep_their_bounds_when_pgbouncer_stops(
+    postgres_server: Any, request: pytest.FixtureRequest
+) -> None:
+    from tests.servers.postgres import PgBouncer, pgbouncer_binary
+
+    if pgbouncer_binary() is None:
+        pytest.skip("pgbouncer is not installed (optional: apt-get install pgbouncer)")
+    name = _name(request)
+    with PgBouncer(postgres_server, pool_mode="transaction", pool_size=2) as bouncer:
+        url = bouncer.url + "?pooler=transaction&schema=bounds_bounced&operation_timeout=1"
+        proc = bouncer._proc
+        assert proc is not None
+        with Client(url) as client:
+            lease = client.lock(name, ttl=30).acquire(timeout=10)
+
+            async def async_calls() -> list[float]:
+                async with AsyncClient(url) as aclient:
+                    await aclient.holders(name)
+                    took = []
+                    with _stopped([proc.pid]):
+                        for call in (
+                            lambda: aclient.lock(name + ":a").acquire(timeout=1),
+                            lambda: aclient.holders(name),
+                        ):
+                            started = time.monotonic()
+                            with contextlib.suppress(StoreUnavailable, AcquireTimeout):
+                                await call()
+                            took.append(time.monotonic() - started)
+                    return took
+
+            with _stopped([proc.pid]):
+                for call in (
+                    lambda: client.lock(name + ":2").acquire(timeout=1),
+                    lambda: client.lock(name + ":3").try_acquire(),
+                    lambda: client.holders(name),
+                    lease.extend,
+                ):
+                    took, result = _elapsed(call)
+                    assert isinstance(result, StoreUnavailable | AcquireTimeout), result
+                    assert took < 1 + 0.5 + LOADED, took
+            for took in asyncio.run(async_calls()):
+                assert took < 1 + 0.5 + LOADED, took
+            lease.release()
+            again = client.lock(name + ":4").acquire(timeout=15)
+            assert again.held
+            again.release()
+
+
+def test_primitives_keep_the_operation_timeout_when_the_store_stalls(
+    served: tuple[str, _Forwarder], request: pytest.FixtureRequest
+) -> None:
+    url, forwarder = served
+    name = _name(request)
+    with Client(url, operation_timeout=1.0) as client:
+        room = client.presence(name)
+        election = client.election(name + ":e")
+        once = client.once(name + ":o", timeout=1.0)
+        room.members()
+        forwarder.stall.set()
+        try:
+            for call in (
+                room.members,
+                lambda: once.run(lambda: 1),
+                lambda: election.campaign(timeout=1.0),
+                election.leader,
+            ):
+                took, result = _elapsed(call)
+                assert isinstance(result, StoreUnavailable | AcquireTimeout), result
+                assert took < 1.0 + 0.5 + LOADED, (call, took)
+        finally:
+            forwarder.stall.clear()

@@ -17,7 +17,14 @@ from leasehold._async.lease import AsyncLease, OnLost
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin, safe_deadline
-from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver, Holder
+from leasehold._core.records import (
+    AcquireRequest,
+    Busy,
+    Granted,
+    HandedOver,
+    Holder,
+    WaitResult,
+)
 from leasehold._errors import (
     AcquireTimeout,
     InvalidArgument,
@@ -186,13 +193,20 @@ class AsyncLock:
             while True:
                 sent = clock.monotonic()
                 try:
-                    with _deadline.bounded(bound()):
+                    with _deadline.bounded(bound()) as call:
                         result = await store.acquire(request)
                 except StoreMisconfigured:
                     raise  # waiting does not fix it
                 except StoreUnavailable as exc:
                     failures += 1
                     now = clock.monotonic()
+                    if call.expired and deadline is not None and timeout:
+                        # The caller's own time ran out while the store was slow
+                        # or silent: a timeout like any other (the grant it may
+                        # have made is released).
+                        logger.info("acquire %r: %s", self._name, exc)
+                        await self._timed_out(token, queue, started, slack, undo=True)
+                        return None
                     limit = give_up_at()
                     if limit is not None and now >= limit:
                         raise
@@ -200,8 +214,9 @@ class AsyncLock:
                     pause = STORE_RETRY.delay(failures - 1)
                     if limit is not None:
                         pause = min(pause, limit - now)
-                    with _deadline.bounded(bound()):
-                        await store.wait(self._name, token, pause)
+                    if await self._wait(token, pause, bound(), deadline) is None:
+                        await self._timed_out(token, queue, started, slack, undo=True)
+                        return None
                     continue
                 reached_store = True
                 failures = 0
@@ -223,16 +238,15 @@ class AsyncLock:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    client._counters.add("timed_out" if queue else "skipped")
-                    client._counters.add("wait_time", now - started)
-                    if queue:
-                        await self._let_go(token, slack / 2)
+                    await self._timed_out(token, queue, started, slack, undo=queue)
                     return None
                 pause = self._pause(result, attempt, store.capabilities.notifications)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
-                with _deadline.bounded(bound()):
-                    woken = await store.wait(self._name, token, pause)
+                woken = await self._wait(token, pause, bound(), deadline)
+                if woken is None:
+                    await self._timed_out(token, queue, started, slack, undo=queue)
+                    return None
                 term = min(self._ttl, QUEUE_TTL)
                 if (
                     isinstance(woken, HandedOver)
@@ -269,6 +283,30 @@ class AsyncLock:
                     self._ttl,
                 )
             raise
+
+    async def _wait(
+        self, token: str, pause: float, bound: float | None, deadline: float | None
+    ) -> WaitResult | None:
+        """``store.wait`` within the attempt's bound; None if it failed after the
+        caller's deadline (the caller has timed out), else its error."""
+        try:
+            with _deadline.bounded(bound):
+                return await self._client.store.wait(self._name, token, pause)
+        except StoreMisconfigured:
+            raise
+        except StoreUnavailable:
+            if deadline is not None and self._client.clock.monotonic() >= deadline:
+                return None
+            raise
+
+    async def _timed_out(
+        self, token: str, queue: bool, started: float, slack: float, *, undo: bool
+    ) -> None:
+        client = self._client
+        client._counters.add("timed_out" if queue else "skipped")
+        client._counters.add("wait_time", client.clock.monotonic() - started)
+        if undo:
+            await self._let_go(token, slack / 2)
 
     async def _let_go(self, token: str, seconds: float, *, quiet: bool = False) -> bool:
         """Release ``token``'s grant or queue place, waiting at most ``seconds``;
