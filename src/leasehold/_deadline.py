@@ -35,8 +35,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 # The per-client bound of every store call but acquire(timeout=...), which keeps the
 # caller's own timeout: Client(operation_timeout=...) and ?operation_timeout= change it.
@@ -44,21 +43,26 @@ DEFAULT_OPERATION_TIMEOUT = 5.0
 MIN_OPERATION_TIMEOUT = 0.05
 MAX_OPERATION_TIMEOUT = 3600.0
 
+# How late the watchdog may act on a deadline (seconds).
+_GRANULARITY = 0.02
+
 _current: ContextVar[Deadline | None] = ContextVar("leasehold_deadline", default=None)
 
 
 class Deadline:
     """The end of one store operation (and of every operation nested in it)."""
 
-    __slots__ = ("_armed", "_done", "_expired", "_fds", "_guard", "at", "seconds")
+    __slots__ = ("_done", "_expired", "_fds", "_guard", "at", "seconds")
 
     def __init__(self, at: float, seconds: float) -> None:
         self.at = at
         # What the operation was given, for messages ("no answer within 5 s").
         self.seconds = seconds
-        self._guard = threading.Lock()
+        # Made by the first attach (which arms the deadline): most operations of
+        # socket-less stores never need one. Only then can another thread (the
+        # watchdog) touch this object.
+        self._guard: threading.Lock | None = None
         self._fds: list[int] = []
-        self._armed = False
         self._done = False
         self._expired = False
 
@@ -72,27 +76,30 @@ class Deadline:
 
     def attach(self, fd: int) -> None:
         """Shut ``fd``'s socket down when the deadline passes (at once if it has)."""
-        if fd < 0:
+        if fd < 0 or self._done:
             return
+        arm = self._guard is None
+        if arm:
+            self._guard = threading.Lock()
+        assert self._guard is not None
         with self._guard:
-            if self._done:
-                return
             if self._expired or time.monotonic() >= self.at:
                 self._expired = True
                 _shutdown(fd)
                 return
             self._fds.append(fd)
-            arm = not self._armed
-            self._armed = True
-        if arm:
+        if arm and self.at != float("inf"):
             _WATCHDOG.add(self)
 
     def detach(self, fd: int) -> None:
         """The operation is done with ``fd`` (it went back to a pool)."""
+        if self._guard is None:
+            return
         with self._guard, contextlib.suppress(ValueError):
             self._fds.remove(fd)
 
     def _expire(self) -> None:
+        assert self._guard is not None  # only armed deadlines reach the watchdog
         with self._guard:
             if self._done:
                 return
@@ -104,7 +111,11 @@ class Deadline:
                 _shutdown(fd)
 
     def close(self) -> None:
-        with self._guard:
+        guard = self._guard
+        if guard is None:
+            self._done = True
+            return
+        with guard:
             self._done = True
             self._fds = []
 
@@ -135,24 +146,34 @@ def detach(fd: int | None) -> None:
         deadline.detach(fd)
 
 
-@contextlib.contextmanager
-def bounded(seconds: float | None) -> Iterator[Deadline]:
+class bounded:
     """A deadline ``seconds`` from now (None: only the enclosing one's) for the
-    code inside; never later than an enclosing deadline."""
-    parent = _current.get()
-    now = time.monotonic()
-    at = float("inf") if seconds is None else now + max(0.0, seconds)
-    given = float("inf") if seconds is None else seconds
-    if parent is not None and parent.at < at:
-        at = parent.at
-        given = parent.seconds
-    deadline = Deadline(at, given)
-    token = _current.set(deadline)
-    try:
-        yield deadline
-    finally:
-        _current.reset(token)
-        deadline.close()
+    code inside; never later than an enclosing deadline. (A class, not a
+    generator-based context manager: it runs around every store call.)"""
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, seconds: float | None) -> None:
+        parent = _current.get()
+        if seconds is None:
+            at = given = float("inf")
+        else:
+            at = time.monotonic() + max(0.0, seconds)
+            given = seconds
+        if parent is not None and parent.at < at:
+            at = parent.at
+            given = parent.seconds
+        self._deadline = Deadline(at, given)
+        self._token: Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline:
+        self._token = _current.set(self._deadline)
+        return self._deadline
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+        self._deadline.close()
 
 
 def _shutdown(fd: int) -> None:
@@ -200,8 +221,12 @@ class _Watchdog:
                     due.append(heapq.heappop(self._heap)[2])
                 self._wake_at = self._heap[0][0] if self._heap else float("inf")
                 if not due:
-                    # Bounded sleeps: a lost notify costs at most a second.
-                    self._condition.wait(min(1.0, max(0.0, self._wake_at - now)))
+                    # Bounded sleeps: a lost notify costs at most a second. At
+                    # least _GRANULARITY: deadlines that fall due together (one
+                    # per store call, most of them long finished) are handled in
+                    # one pass, for a delay no caller notices.
+                    pause = min(1.0, max(_GRANULARITY, self._wake_at - now))
+                    self._condition.wait(pause)
                     continue
             for deadline in due:
                 deadline._expire()
