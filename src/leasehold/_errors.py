@@ -74,6 +74,12 @@ class StoreMisconfigured(StoreUnavailable):
     """
 
 
+class NoAnswer(StoreUnavailable):
+    """A store call ended by its deadline (the operation timeout, or the caller's
+    own shorter one): the store did not answer in time and the connection was
+    dropped. Not exported: catch ``StoreUnavailable``."""
+
+
 class StaleFence(LeaseholdError):
     """A fenced write carried a fence lower than one the resource has already seen."""
 

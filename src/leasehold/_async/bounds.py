@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from leasehold import _deadline
-from leasehold._errors import StoreMisconfigured, StoreUnavailable
+from leasehold._errors import NoAnswer, StoreMisconfigured, StoreUnavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,7 +59,7 @@ def bounded_operation(name: str, fn: F) -> F:
             except StoreUnavailable as exc:
                 if not deadline.expired:
                     raise
-                raise StoreUnavailable(
+                raise NoAnswer(
                     f"{self.url.redacted}: {name} got no answer within "
                     f"{deadline.seconds:g} s; its connection was dropped"
                 ) from exc

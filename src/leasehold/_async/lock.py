@@ -28,6 +28,7 @@ from leasehold._core.records import (
 from leasehold._errors import (
     AcquireTimeout,
     InvalidArgument,
+    NoAnswer,
     StoreMisconfigured,
     StoreUnavailable,
 )
@@ -48,6 +49,9 @@ POLL_HEAD = 0.002
 POLL_STEP = 0.01
 POLL_MAX = 0.5
 STORE_RETRY = Backoff(initial=0.05, maximum=2.0)
+# The share of an acquire's slack (see call_slack) that its last store call may
+# use past the deadline, and the share its clean-up may use after that.
+SLACK_SHARE = 0.4
 # How often ``with lock:`` asks again for a lease that expired before its body began.
 ENTER_ATTEMPTS = 3
 
@@ -182,12 +186,13 @@ class AsyncLock:
             return None
 
         def bound() -> float | None:
-            # Each store call ends by the time the caller gives up, plus half the
-            # slack its bound allows (the other half is for the clean-up).
+            # Each store call ends by the time the caller gives up, plus a share
+            # of the slack its bound allows (another share is for the clean-up,
+            # the rest for the machine's own delays).
             limit = give_up_at()
             if limit is None:
                 return None
-            return max(0.0, limit - clock.monotonic()) + slack / 2
+            return max(0.0, limit - clock.monotonic()) + slack * SLACK_SHARE
 
         try:
             while True:
@@ -200,7 +205,8 @@ class AsyncLock:
                 except StoreUnavailable as exc:
                     failures += 1
                     now = clock.monotonic()
-                    if call.expired and deadline is not None and timeout:
+                    out_of_time = call.expired or isinstance(exc, NoAnswer)
+                    if out_of_time and deadline is not None and timeout and now >= deadline:
                         # The caller's own time ran out while the store was slow
                         # or silent: a timeout like any other (the grant it may
                         # have made is released).
@@ -273,8 +279,8 @@ class AsyncLock:
         except BaseException:
             # Cancelled, timed out or failed mid-call: the store may have granted or
             # queued us without our hearing the answer. Undo both: shielded, for
-            # at most half the slack, then in the background.
-            undone = await self._let_go(token, slack / 2, quiet=not reached_store)
+            # at most a share of the slack, then in the background.
+            undone = await self._let_go(token, slack * SLACK_SHARE, quiet=not reached_store)
             if not undone and reached_store:
                 logger.warning(
                     "acquire %r interrupted and the store did not confirm the clean-up; "
@@ -306,7 +312,7 @@ class AsyncLock:
         client._counters.add("timed_out" if queue else "skipped")
         client._counters.add("wait_time", client.clock.monotonic() - started)
         if undo:
-            await self._let_go(token, slack / 2)
+            await self._let_go(token, slack * SLACK_SHARE)
 
     async def _let_go(self, token: str, seconds: float, *, quiet: bool = False) -> bool:
         """Release ``token``'s grant or queue place, waiting at most ``seconds``;

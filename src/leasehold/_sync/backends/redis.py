@@ -50,6 +50,7 @@ from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
+from leasehold import _deadline
 from leasehold._sync._concurrency import sleep
 from leasehold._sync.backends._redis_io import (
     cancellations,
@@ -909,7 +910,8 @@ class RedisStore(Store):
             raise exc
         now = time.monotonic()
         if deadline is None:
-            return now + self.options.socket_timeout
+            # Never past the operation's deadline.
+            return now + _deadline.remaining(self.options.socket_timeout)
         if now >= deadline:
             raise exc
         return deadline
