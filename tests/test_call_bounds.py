@@ -701,3 +701,61 @@ def test_primitives_keep_the_operation_timeout_when_the_store_stalls(
                 assert took < 1.0 + 0.5 + LOADED, (call, took)
         finally:
             forwarder.stall.clear()
+
+
+def test_a_failed_tls_verification_is_misconfiguration(redis_server: Any, tmp_path: Path) -> None:
+    del redis_server  # only to skip (or fail) like the others without redis-server
+    from tests.servers.redis import RedisServer, make_tls_files, openssl_binary
+
+    if openssl_binary() is None:
+        pytest.skip("openssl is not installed")
+    other_ca = make_tls_files(tmp_path / "other", name="other").ca_cert
+    with RedisServer(tls=True) as server:
+        url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={other_ca}"
+        with Client(url) as client:
+            took, result = _elapsed(lambda: client.lock("x").acquire(timeout=10))
+    assert isinstance(result, StoreMisconfigured), result
+    assert "TLS" in str(result)
+    assert took < 2.0 + LOADED, took
+
+
+def test_a_read_only_redis_replica_is_misconfiguration(redis_server: Any) -> None:
+    from tests.servers.redis import RedisServer
+
+    # A replica of a primary that is not there: it answers, and refuses writes.
+    primary_port = _port_of(str(redis_server.url))
+    with RedisServer(extra_config=[f"replicaof 127.0.0.1 {primary_port}"]) as replica:
+        with Client(f"redis://127.0.0.1:{replica.port}/0") as client:
+            took, result = _elapsed(lambda: client.lock("x").acquire(timeout=10))
+    assert isinstance(result, StoreMisconfigured), result
+    assert "read-only" in str(result)
+    assert took < 2.0 + LOADED, took
+
+
+def test_a_read_only_postgres_session_is_misconfiguration(postgres_server: Any) -> None:
+    # As on a hot standby: every write is refused with SQLSTATE 25006.
+    read_only = "options=-c%20default_transaction_read_only%3Don&schema=lh_read_only"
+    with Client(_with(str(postgres_server.url), read_only)) as client:
+        took, result = _elapsed(lambda: client.lock("x").acquire(timeout=10))
+    assert isinstance(result, StoreMisconfigured), result
+    assert took < 2.0 + LOADED, took
+
+
+def test_the_cli_keeps_its_default_silently(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != defaults.ENV_URL}
+    env["XDG_STATE_HOME"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "leasehold", "ls"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "local to this host" not in done.stderr
+    assert (tmp_path / "leasehold" / "leasehold.db").exists()
