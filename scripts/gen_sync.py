@@ -24,9 +24,9 @@ SYNC_DIR = ROOT / "src" / "leasehold" / "_sync"
 
 HANDWRITTEN = {
     "_concurrency.py",
-    "backends/_redis_io.py",
-    "backends/_redis_pubsub.py",
-    "backends/_postgres_io.py",
+    "backends/redis/io.py",
+    "backends/redis/pubsub.py",
+    "backends/postgres/listener.py",
 }
 
 REPLACEMENTS = {
@@ -39,6 +39,7 @@ REPLACEMENTS = {
     "AsyncEvent": "Event",
     "AsyncCall": "Call",
     "AsyncGates": "Gates",
+    "AsyncContext": "Context",
     "AsyncMutex": "Mutex",
     "AsyncBodyGuard": "BodyGuard",
     "AsyncMemoryStore": "MemoryStore",

@@ -963,7 +963,7 @@ def test_redis_cluster_keys_must_share_a_slot() -> None:
 def _raw_script(client: Any, keys: list[Any], args: list[Any]) -> Any:
     source = (
         resources.files("leasehold")
-        .joinpath("_scripts", "redis", "fenced_write.lua")
+        .joinpath("_shared", "redis", "fenced_write.lua")
         .read_text(encoding="utf-8")
     )
     return client.eval(source, len(keys), *keys, *args)
@@ -1006,7 +1006,7 @@ def test_redis_failing_command_keeps_earlier_ones_applied(redis_client: Any) -> 
 def test_redis_script_header_and_allow_list_match_python() -> None:
     source = (
         resources.files("leasehold")
-        .joinpath("_scripts", "redis", "fenced_write.lua")
+        .joinpath("_shared", "redis", "fenced_write.lua")
         .read_text(encoding="utf-8")
     )
     header = source.split("\n\n", 1)[0]

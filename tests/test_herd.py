@@ -30,7 +30,7 @@ def test_thread_herd_costs_constant_store_calls_per_handoff(lh_backend: BackendH
     for i, thread in enumerate(threads):
         thread.start()
         deadline = time.monotonic() + 10
-        while client._gates.waiting((name, 1)) < i + 1:  # arrive in a known order
+        while client._context.gates.waiting((name, 1)) < i + 1:  # arrive in a known order
             assert time.monotonic() < deadline
             time.sleep(0.001)
     time.sleep(0.2)  # the head is queued in the store

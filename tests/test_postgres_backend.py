@@ -27,7 +27,11 @@ psycopg = pytest.importorskip("psycopg")
 pytest.importorskip("psycopg_pool")
 
 from leasehold import Client  # noqa: E402
-from leasehold._async.backends import postgres as apg  # noqa: E402
+from leasehold._async.backends.postgres import connection as pg_connection  # noqa: E402
+from leasehold._async.backends.postgres import options as pg_options  # noqa: E402
+from leasehold._async.backends.postgres import schema as pg_schema  # noqa: E402
+from leasehold._async.backends.postgres import store as apg  # noqa: E402
+from leasehold._async.backends.postgres import waiting as pg_waiting  # noqa: E402
 from leasehold._core.clock import SYSTEM_CLOCK  # noqa: E402
 from leasehold._core.records import (  # noqa: E402
     AcquireRequest,
@@ -39,7 +43,7 @@ from leasehold._core.records import (  # noqa: E402
 )
 from leasehold._core.url import parse  # noqa: E402
 from leasehold._errors import InvalidArgument, StoreUnavailable  # noqa: E402
-from leasehold._sync.backends import postgres as spg  # noqa: E402
+from leasehold._sync.backends.postgres import store as spg  # noqa: E402
 from tests.servers.postgres import (  # noqa: E402
     PgBouncer,
     PostgresServer,
@@ -181,7 +185,7 @@ def test_construction_does_no_io() -> None:
 
 
 def test_options_are_stripped_and_defaults_added() -> None:
-    opts = apg.parse_options(
+    opts = pg_options.parse_options(
         parse(
             "postgres://u:pw@h:5433/db?schema=s1&pooler=transaction&sslmode=require"
             "&pool_max_size=3&keepalives_idle=30"
@@ -192,9 +196,9 @@ def test_options_are_stripped_and_defaults_added() -> None:
     assert "schema" not in settings and "pooler" not in settings
     assert settings["sslmode"] == "require"
     assert settings["keepalives_idle"] == "30"  # the URL wins over our defaults
-    assert settings["tcp_user_timeout"] == apg.LIBPQ_DEFAULTS["tcp_user_timeout"][0]
+    assert settings["tcp_user_timeout"] == pg_options.LIBPQ_DEFAULTS["tcp_user_timeout"][0]
     assert "options" not in settings  # no startup options behind a transaction pooler
-    direct = apg.parse_options(parse("postgresql://u@h/db?statement_timeout=2.5"))
+    direct = pg_options.parse_options(parse("postgresql://u@h/db?statement_timeout=2.5"))
     assert "statement_timeout=2500" in psycopg.conninfo.conninfo_to_dict(direct.conninfo)["options"]
     assert "pw" not in repr(opts)
 
@@ -903,7 +907,7 @@ def test_create_schema_false_needs_the_migration(pg: PostgresServer) -> None:
             store.ping()
         # Apply the shipped file the way a migration tool would: one transaction,
         # with the schema name replaced in the two marked lines only.
-        text = apg.resources.files("leasehold._scripts").joinpath("postgres/schema.sql").read_text()
+        text = resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
         marked = [line for line in text.splitlines() if line.rstrip().endswith("-- (*)")]
         assert len(marked) == 2
         for line in marked:
@@ -920,6 +924,7 @@ def test_create_schema_false_needs_the_migration(pg: PostgresServer) -> None:
 
 # Version 1 of schema.sql, as first shipped: the starting point of upgrade tests.
 V1_SCHEMA_COMMIT = "b9b8456fa3bd04470b93a5044c6d5cc62eb1ab48"
+# Where schema.sql lived in those commits (it moved to leasehold/_shared/ later).
 SCHEMA_FILE = "src/leasehold/_scripts/postgres/schema.sql"
 
 
@@ -946,7 +951,7 @@ def _schema_sql_at(commit: str, version_marker: str) -> str:
 
 
 def _current_schema_sql() -> str:
-    return resources.files("leasehold._scripts").joinpath("postgres/schema.sql").read_text()
+    return resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
 
 
 def _for_schema(text: str, schema: str) -> bytes:
@@ -985,7 +990,7 @@ def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
     strict = sstore(_url(pg, schema=schema, create_schema="false"))
     try:
         with pytest.raises(
-            StoreUnavailable, match=rf"version 1 \(version {apg.SCHEMA_VERSION} needed\)"
+            StoreUnavailable, match=rf"version 1 \(version {pg_schema.SCHEMA_VERSION} needed\)"
         ):
             strict.read_record("k")
     finally:
@@ -996,7 +1001,7 @@ def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
         key = unique("rec")
         version = store.write_record(key, 0, b"after upgrade")
         assert version is not None and version > old_fence  # the same sequence
-        assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
         # The old grant survived the upgrade and is served by the new functions.
         (info,) = store.holders(name)
         assert (info.fence, info.owner) == (old_fence, "old")
@@ -1017,7 +1022,7 @@ def test_upgrade_from_schema_version_1_keeps_leases(pg: PostgresServer) -> None:
     # Running the file again by hand (a migration tool) is harmless too.
     with psycopg.connect(pg.url) as conn:
         conn.execute(_for_schema(_current_schema_sql(), schema))
-    assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
 
 
 # Version 2 of schema.sql (records added): the starting point of the version 3 upgrade.
@@ -1047,7 +1052,7 @@ def test_upgrade_from_schema_version_2_adds_indexes_and_keeps_leases(pg: Postgre
     store = sstore(_url(pg, schema=schema))
     try:
         assert store.renew([RenewItem(name, token, 60)]) == [True]
-        assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
         assert {"holders_expires_at", "waiters_expires_at", "records_expires_at"} <= indexes()
         assert pg.execute("SELECT to_regprocedure(%s)", (f"{schema}.lock_name(text)",)) == [(None,)]
         (info,) = store.holders(name)
@@ -1061,7 +1066,7 @@ def test_upgrade_from_schema_version_2_adds_indexes_and_keeps_leases(pg: Postgre
     # Idempotent: running the file again changes nothing and fails nothing.
     with psycopg.connect(pg.url) as conn:
         conn.execute(_for_schema(_current_schema_sql(), schema))
-    assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
 
 
 # Version 3 of schema.sql (expires_at indexes): the starting point of the version 4
@@ -1087,7 +1092,7 @@ def test_upgrade_from_schema_version_3_hands_over_to_old_queue_entries(
     store = sstore(_url(pg, schema=schema))
     try:
         assert store.renew([RenewItem(name, holder, 60)]) == [True]  # installs version 4
-        assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
         columns = pg.execute(
             "SELECT column_name FROM information_schema.columns "
             "WHERE table_schema = %s AND table_name = 'waiters'",
@@ -1111,7 +1116,7 @@ def test_upgrade_from_schema_version_3_hands_over_to_old_queue_entries(
     # Idempotent: running the file again changes nothing and fails nothing.
     with psycopg.connect(pg.url) as conn:
         conn.execute(_for_schema(_current_schema_sql(), schema))
-    assert pg.execute(f"SELECT {schema}.schema_version()") == [(apg.SCHEMA_VERSION,)]
+    assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
 
 
 def test_concurrent_upgrade_rechecks_under_the_install_lock(pg: PostgresServer) -> None:
@@ -1162,7 +1167,7 @@ def test_concurrent_upgrade_rechecks_under_the_install_lock(pg: PostgresServer) 
 
 def test_a_newer_schema_is_never_replaced(pg: PostgresServer) -> None:
     schema = "newer_" + uuid.uuid4().hex[:8]
-    newer_version = apg.SCHEMA_VERSION + 1
+    newer_version = pg_schema.SCHEMA_VERSION + 1
     store = sstore(_url(pg, schema=schema))
     try:
         store.ping()
@@ -1384,14 +1389,14 @@ def test_write_record_is_not_retried_on_a_dead_connection(own_pg: PostgresServer
             assert version is not None
             own_pg.terminate_backends()
             await asyncio.sleep(0.1)
-            original = apg._looks_dead
+            original = pg_connection._looks_dead
             calls: list[object] = []
 
             def first_check_misses(conn: Any) -> bool:
                 calls.append(conn)
                 return False if len(calls) == 1 else original(conn)
 
-            apg._looks_dead = first_check_misses
+            pg_connection._looks_dead = first_check_misses
             try:
                 # Its answer would be wrong if repeated after a lost commit, so the
                 # failure is reported (as StoreUnavailable), not retried...
@@ -1403,7 +1408,7 @@ def test_write_record_is_not_retried_on_a_dead_connection(own_pg: PostgresServer
                 await asyncio.sleep(0.1)
                 record = await store.read_record(key)
             finally:
-                apg._looks_dead = original
+                pg_connection._looks_dead = original
             assert (record.value, record.version) == (b"v", version)
             assert await store.write_record(key, version, b"w") is not None
         finally:
@@ -1517,7 +1522,7 @@ def test_terminated_connections_reconnect_on_next_renew(own_pg: PostgresServer) 
             # A connection that dies while in use is retried once as well.
             own_pg.terminate_backends()
             await asyncio.sleep(0.1)
-            original = apg._looks_dead
+            original = pg_connection._looks_dead
             calls: list[object] = []
 
             def first_check_misses(conn: Any) -> bool:
@@ -1525,11 +1530,11 @@ def test_terminated_connections_reconnect_on_next_renew(own_pg: PostgresServer) 
                 calls.append(conn)
                 return False if len(calls) == 1 else original(conn)
 
-            apg._looks_dead = first_check_misses
+            pg_connection._looks_dead = first_check_misses
             try:
                 assert await store.renew([RenewItem(name, a, 30)]) == [True]
             finally:
-                apg._looks_dead = original
+                pg_connection._looks_dead = original
         finally:
             await store.aclose()
 
@@ -1589,7 +1594,7 @@ def test_lost_announcement_listener_wakes_subscribers_and_listens_again(
 
 
 def test_announcements_stay_in_their_schema(pg: PostgresServer) -> None:
-    assert apg.announce_channel("leasehold") != apg.announce_channel("other")
+    assert pg_waiting.announce_channel("leasehold") != pg_waiting.announce_channel("other")
 
     async def main() -> None:
         mine, theirs = astore(pg.url), astore(_url(pg, schema="lh_announce_other"))

@@ -209,7 +209,7 @@ def test_intend_join_heartbeat_leave(lh_backend: BackendHarness) -> None:
     room = new_room(lh_backend)
     member_ttl, intent_ttl = room.member_ttl, room.intent_ttl
     n = room.open(Counter()).number
-    clock = room._client.clock
+    clock = room._context.clock
     before = clock.monotonic()
     ack = room.intend("alice", epoch=n)
     assert (ack.id, ack.state, ack.data) == ("alice", "intent", None)

@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 import pytest
 from redis.crc import key_slot
 
-from leasehold._async.backends import redis as async_redis
+from leasehold._async.backends.redis import layout as redis_layout
+from leasehold._async.backends.redis import options as redis_options
+from leasehold._async.backends.redis import store as async_redis
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import (
     MAX_RECORD_BYTES,
@@ -35,7 +37,7 @@ from leasehold._core.records import (
 )
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument, StoreUnavailable
-from leasehold._sync.backends import redis as sync_redis
+from leasehold._sync.backends.redis import store as sync_redis
 from tests.conftest import unavailable
 from tests.servers.redis import RedisServer, make_tls_files, openssl_binary, redis_server_binary
 
@@ -119,8 +121,8 @@ def evalsha_calls(admin: Any) -> int:
 # ----------------------------------------------------------------- URL and options
 
 
-def options(url: str) -> async_redis.RedisOptions:
-    return async_redis.parse_options(parse(url))
+def options(url: str) -> redis_options.RedisOptions:
+    return redis_options.parse_options(parse(url))
 
 
 def test_url_forms() -> None:
@@ -211,7 +213,7 @@ def test_closed_store_refuses_calls() -> None:
 
 
 def test_key_layout_keeps_a_name_in_one_slot() -> None:
-    layout = async_redis.KeyLayout("leasehold:")
+    layout = redis_layout.KeyLayout("leasehold:")
     for lease in ["jobs/nightly", "a{b}c", "{", "}", "{}", "x:y:z", "ünïcödé", "a" * 512]:
         keys = layout.for_name(lease)
         everything = [*keys.script_keys(), keys.signal("tok:en")]
@@ -224,18 +226,18 @@ def test_key_layout_keeps_a_name_in_one_slot() -> None:
 
 
 def test_key_layout_is_stable_and_spread() -> None:
-    layout = async_redis.KeyLayout("p:")
+    layout = redis_layout.KeyLayout("p:")
     # Stable across processes and versions: pinned values (CRC-32 of the UTF-8 name).
     assert layout.for_name("jobs/nightly").state == "p:{891}:n:jobs/nightly"
     assert layout.bucket("a{b}c") == layout.bucket("a{b}c")
     buckets = {layout.bucket(f"name-{i}") for i in range(5000)}
-    assert len(buckets) > 0.95 * async_redis.BUCKETS
-    assert len(layout.indexes()) == async_redis.BUCKETS
+    assert len(buckets) > 0.95 * redis_layout.BUCKETS
+    assert len(layout.indexes()) == redis_layout.BUCKETS
     assert len({key_slot(index.encode()) for index in layout.indexes()}) > 900
 
 
 def test_signal_keys_are_unambiguous() -> None:
-    layout = async_redis.KeyLayout()
+    layout = redis_layout.KeyLayout()
     one = layout.for_name("a:b").signal("c")
     two = layout.for_name("a").signal("b:c")
     assert one != two
@@ -244,7 +246,7 @@ def test_signal_keys_are_unambiguous() -> None:
 def test_scripts_start_with_a_contract() -> None:
     from importlib import resources
 
-    folder = resources.files("leasehold") / "_scripts" / "redis"
+    folder = resources.files("leasehold") / "_shared" / "redis"
     for script_name in ("acquire", "renew", "release", "holders", "leases", "break"):
         text = (folder / f"{script_name}.lua").read_text(encoding="utf-8")
         header = text.split("\n\n", 1)[0]
@@ -285,7 +287,7 @@ def test_grant_busy_and_fences(server: RedisServer) -> None:
 
 def test_fence_floor_wins_over_a_clock_that_stepped_back(server: RedisServer) -> None:
     lease = name()
-    keys = async_redis.KeyLayout().for_name(lease)
+    keys = redis_layout.KeyLayout().for_name(lease)
     future = (int(time.time()) + 10 * 365 * 86400) * 1_000_000
     admin = server.client()
     try:
@@ -345,7 +347,7 @@ def test_limit_and_fifo_queue(server: RedisServer) -> None:
 
 def test_release_wakes_the_head_waiter_only(server: RedisServer) -> None:
     lease = name("lock")
-    keys = async_redis.KeyLayout().for_name(lease)
+    keys = redis_layout.KeyLayout().for_name(lease)
     admin = server.client()
 
     async def scenario(store: async_redis.AsyncRedisStore) -> None:
@@ -433,7 +435,7 @@ def test_expired_waiter_does_not_block_the_queue(server: RedisServer) -> None:
 
 def test_semaphore_release_wakes_as_many_as_places(server: RedisServer) -> None:
     lease = name("sem")
-    keys = async_redis.KeyLayout().for_name(lease)
+    keys = redis_layout.KeyLayout().for_name(lease)
     admin = server.client()
 
     async def scenario(store: async_redis.AsyncRedisStore) -> None:
@@ -605,16 +607,16 @@ def test_memory_does_not_grow_with_distinct_names(private: Callable[..., RedisSe
         total, per_name = leftover()
         assert per_name == []
         # What stays is one fence floor per bucket: bounded, whatever the names.
-        assert total <= async_redis.BUCKETS
+        assert total <= redis_layout.BUCKETS
         with_store(instance.url, lambda store: churn(store, "second", release=True))
-        assert leftover()[0] <= async_redis.BUCKETS
+        assert leftover()[0] <= redis_layout.BUCKETS
         # Holders and waiters that vanish without releasing expire with their keys.
         with_store(instance.url, lambda store: churn(store, "crashed", release=False))
         deadline = time.monotonic() + 10
         while leftover()[1] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert leftover()[1] == []
-        assert leftover()[0] <= async_redis.BUCKETS
+        assert leftover()[0] <= redis_layout.BUCKETS
     finally:
         admin.close()
 
@@ -966,7 +968,7 @@ def test_database_number_is_used(private: Callable[..., RedisServer]) -> None:
     try:
         url = f"redis://127.0.0.1:{instance.port}/3?prefix=app:"
         fence_of(with_store(url, lambda store: store.acquire(req("db-test", "t"))))
-        assert admin.exists(async_redis.KeyLayout("app:").for_name("db-test").state) == 1
+        assert admin.exists(redis_layout.KeyLayout("app:").for_name("db-test").state) == 1
     finally:
         admin.close()
 

@@ -22,20 +22,23 @@ from typing import TypeVar
 import pytest
 
 import leasehold
-from leasehold._async.backends import redis as async_redis
+from leasehold._async.backends.redis import layout as redis_layout
+from leasehold._async.backends.redis import options as redis_options
+from leasehold._async.backends.redis import scripts as redis_scripts
+from leasehold._async.backends.redis import store as async_redis
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.election import CHANGES
 from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver, Holder, RenewItem
 from leasehold._core.url import parse
 from leasehold._errors import InvalidArgument, StoreUnavailable
-from leasehold._sync.backends import redis as sync_redis
+from leasehold._sync.backends.redis import store as sync_redis
 from tests.servers.redis import RedisServer
 from tests.servers.redis_cluster import RedisClusterServers
 from tests.test_redis_backend import need_redis, with_store
 
 T = TypeVar("T")
 HOLDER = Holder(owner="cluster-tester", host="test-host", pid=4242)
-LAYOUT = async_redis.KeyLayout()
+LAYOUT = redis_layout.KeyLayout()
 # docs/backends.md (A dedicated ACL user), with the two rules a cluster adds.
 ACL_RULES = (
     "on >secret resetkeys ~leasehold:* resetchannels -@all +evalsha +script|load "
@@ -98,17 +101,17 @@ def evalsha_calls(node: RedisServer) -> int:
 
 
 def test_cluster_urls_are_parsed_and_checked_before_io() -> None:
-    plain = async_redis.parse_options(parse("redis+cluster://seed.internal:7000"))
+    plain = redis_options.parse_options(parse("redis+cluster://seed.internal:7000"))
     assert (plain.cluster, plain.tls, plain.host, plain.port) == (
         True,
         False,
         "seed.internal",
         7000,
     )
-    tls = async_redis.parse_options(parse("rediss+cluster://u:pw@seed:7000?ssl_ca_certs=/ca"))
+    tls = redis_options.parse_options(parse("rediss+cluster://u:pw@seed:7000?ssl_ca_certs=/ca"))
     assert tls.cluster and tls.tls and tls.ssl_ca_certs == "/ca" and tls.username == "u"
     assert "pw" not in repr(tls) and "cluster=True" in repr(tls)
-    assert not async_redis.parse_options(parse("redis://h")).cluster
+    assert not redis_options.parse_options(parse("redis://h")).cluster
     bad = {
         "redis+cluster://h/1": "only database 0",
         "redis+cluster://h?db=2": "only database 0",
@@ -206,7 +209,7 @@ def test_renewal_batch_spans_every_node_in_one_call(cluster: RedisClusterServers
             # One renew.lua per slot touched on that node (names of one node may
             # still share a slot).
             slots = {
-                async_redis._bucket_slot(LAYOUT.bucket(lease)) for lease in per_node[node.port]
+                redis_layout._bucket_slot(LAYOUT.bucket(lease)) for lease in per_node[node.port]
             }
             assert evalsha_calls(node) - before[node.port] == len(slots)
         # Renewed to the new ttl on every node, not left at the 2 s of the grant.
@@ -507,7 +510,7 @@ def test_restart_of_one_master_loses_its_leases_only(
         admin = restarted.client()
         try:
             for script in SCRIPTS:
-                admin.script_load(async_redis._script(script).source)
+                admin.script_load(redis_scripts._script(script).source)
         finally:
             admin.close()
         answers = await _retrying(
@@ -539,8 +542,8 @@ def test_a_moved_slot_is_followed_and_stamped_by_its_new_owner(
         (warm,) = names_on(cluster, source, 1, "warm")
         await store.acquire(req(warm, "t"))
         assert await store.release(warm, "t")
-        slot = async_redis._bucket_slot(LAYOUT.bucket(lease))
-        if slot == async_redis._bucket_slot(LAYOUT.bucket(warm)):
+        slot = redis_layout._bucket_slot(LAYOUT.bucket(lease))
+        if slot == redis_layout._bucket_slot(LAYOUT.bucket(warm)):
             pytest.skip("both names share a slot; the moved slot would not be empty")
         admin = target.client()
         try:

@@ -18,7 +18,7 @@ from leasehold._async.backends.sqlite import AsyncSQLiteStore, from_url
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import AcquireRequest, Granted, Holder
 from leasehold._core.url import parse
-from leasehold._sqlite_tx import CHECKPOINT_EVERY
+from leasehold._shared.sqlite.connection import CHECKPOINT_EVERY
 
 HOLDER = Holder(owner="inline", host="test-host", pid=1)
 

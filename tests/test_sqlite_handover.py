@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from leasehold import _wake
 from leasehold._core.clock import FakeClock
 from leasehold._core.records import (
     AcquireRequest,
@@ -28,8 +27,10 @@ from leasehold._core.records import (
 )
 from leasehold._core.url import parse
 from leasehold._errors import StoreUnavailable
-from leasehold._sqlite_tx import SQLiteTables, boot_id
-from leasehold._sync.backends.sqlite import SQLiteStore, _heard, from_url
+from leasehold._shared.sqlite import wake as _wake
+from leasehold._shared.sqlite.connection import boot_id
+from leasehold._shared.sqlite.tx import SQLiteTables
+from leasehold._sync.backends.sqlite.store import SQLiteStore, _heard, from_url
 
 HOLDER = Holder(owner="holder", host="h", pid=1)
 WAITER = Holder(owner="waiter", host="w", pid=2)

@@ -5,7 +5,7 @@ SQLite default, in memory, on Redis and on PostgreSQL. ``Client`` is the sync AP
 ``AsyncClient`` the asyncio one; both have the same methods.
 """
 
-from leasehold import retry  # the public module leasehold.retry
+from leasehold import events, retry  # the public modules leasehold.events, .retry
 from leasehold._async.client import AsyncClient
 from leasehold._async.election import AsyncElection
 from leasehold._async.lease import AsyncLease
@@ -95,5 +95,6 @@ __all__ = [
     "Subscription",
     "SystemClock",
     "__version__",
+    "events",
     "retry",
 ]

@@ -8,10 +8,10 @@ import weakref
 from types import TracebackType
 
 from leasehold._async.backends import open_store
+from leasehold._async.context import AsyncContext
 from leasehold._async.election import AsyncElection, announce_change
 from leasehold._async.gate import AsyncGates
-from leasehold._async.keeper import AsyncKeeper
-from leasehold._async.lease import AsyncLease, OnLost
+from leasehold._async.lease import OnLost
 from leasehold._async.lock import AsyncLock
 from leasehold._async.once import DEFAULT_KEEP, AsyncOnce
 from leasehold._async.presence import AsyncPresence
@@ -21,7 +21,7 @@ from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import url_for_library
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
-from leasehold._core.stats import Counters, Statistics
+from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
 from leasehold._deadline import validate_operation_timeout
 from leasehold._errors import InvalidArgument
@@ -63,11 +63,8 @@ class AsyncClient:
             store.operation_timeout = bound
         self.store: AsyncStore = store
         self._identity = identity
-        self.holder = Holder.for_this_process(identity)
-        self._counters = Counters()
-        self._keeper = AsyncKeeper(self)
-        self._gates = AsyncGates()
-        self._closed = False
+        # What the primitives get: they never see the client itself.
+        self._context = AsyncContext(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
 
@@ -75,6 +72,11 @@ class AsyncClient:
     def operation_timeout(self) -> float:
         """Seconds any one store call may take (``acquire(timeout=...)``: that timeout)."""
         return self.store.operation_timeout
+
+    @property
+    def holder(self) -> Holder:
+        """This client's identity in grants (owner token, host, pid)."""
+        return self._context.holder
 
     @property
     def url(self) -> str:
@@ -93,7 +95,9 @@ class AsyncClient:
         margin: float | None = None,
     ) -> AsyncLock:
         """An exclusive lease handle for ``name``. No I/O until acquired."""
-        return AsyncLock(self, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin)
+        return AsyncLock(
+            self._context, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin
+        )
 
     def semaphore(
         self,
@@ -107,7 +111,7 @@ class AsyncClient:
     ) -> AsyncLock:
         """At most ``limit`` concurrent holders of ``name``; the lock interface."""
         return AsyncLock(
-            self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
+            self._context, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
         )
 
     def election(
@@ -120,7 +124,7 @@ class AsyncClient:
     ) -> AsyncElection:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
-        return AsyncElection(self, name, ttl=ttl, identity=identity, margin=margin)
+        return AsyncElection(self._context, name, ttl=ttl, identity=identity, margin=margin)
 
     def presence(
         self,
@@ -133,7 +137,7 @@ class AsyncClient:
         """The presence room ``room``: members with intents to join, and epochs that
         an idle-room closer can never split in two. No I/O until used."""
         return AsyncPresence(
-            self, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
+            self._context, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
         )
 
     def once(
@@ -151,7 +155,7 @@ class AsyncClient:
         ``fn`` in exactly one caller and gives every caller its stored result, kept
         for ``keep`` seconds. No I/O until used."""
         return AsyncOnce(
-            self,
+            self._context,
             key,
             ttl=ttl,
             keep=keep,
@@ -181,30 +185,26 @@ class AsyncClient:
         return removed
 
     def statistics(self) -> Statistics:
-        return self._counters.snapshot()
+        return self._context.counters.snapshot()
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def _track(self, lease: AsyncLease) -> None:
-        self._keeper.track(lease)
-
-    def _forget(self, lease: AsyncLease) -> None:
-        self._keeper.forget(lease)
-
     def _after_fork_in_child(self) -> None:
-        self._keeper.after_fork_in_child()
-        self._gates = AsyncGates()
-        self._counters.reset_after_fork()
-        self.holder = Holder.for_this_process(self._identity)
+        context = self._context
+        context.keeper.after_fork_in_child()
+        context.gates = AsyncGates()
+        context.counters.reset_after_fork()
+        context.holder = Holder.for_this_process(self._identity)
 
     async def aclose(self) -> None:
         """Release every lease this client still holds, stop renewing, disconnect."""
-        if self._closed:
+        context = self._context
+        if context.closed:
             return
-        self._closed = True
-        for lease in self._keeper.tracked():
+        context.closed = True
+        for lease in context.keeper.tracked():
             await lease.release()
-        self._keeper.stop()
+        context.keeper.stop()
         await self.store.aclose()
 
     async def __aenter__(self) -> AsyncClient:

@@ -46,7 +46,7 @@ from leasehold._errors import (
 )
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
     from leasehold._async.store import AsyncStore, AsyncSubscription
 
 logger = logging.getLogger("leasehold")
@@ -75,14 +75,14 @@ class AsyncElection:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         name: str,
         *,
         ttl: float = 30.0,
         identity: str | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._identity = None if identity is None else validate.name(identity, what="identity")
@@ -108,7 +108,7 @@ class AsyncElection:
     @property
     def identity(self) -> str:
         """The label this candidate campaigns with unless ``campaign()`` overrides it."""
-        return self._identity or self._client.holder.owner
+        return self._identity or self._context.holder.owner
 
     @property
     def lease(self) -> AsyncLease | None:
@@ -130,7 +130,7 @@ class AsyncElection:
 
     async def leader(self) -> Leader | None:
         """Who leads now according to the store (identity, term, since), or None."""
-        info = current_holder(await self._client.store.holders(self._name))
+        info = current_holder(await self._context.store.holders(self._name))
         return None if info is None else leader_from(info, time.time())
 
     async def observe(self) -> AsyncIterator[Leader | None]:
@@ -148,7 +148,7 @@ class AsyncElection:
         error before the first answer is raised (it is a configuration problem
         until proven otherwise); later ones are logged and retried.
         """
-        store = self._client.store
+        store = self._context.store
         # Subscribed before the first read: an announcement after it is never missed.
         async with store.subscribe(topic(self._name)) as subscription:
             local = _LocalWake(subscription)  # stop() and this process's elections
@@ -311,8 +311,8 @@ class AsyncElection:
             await self._announce_in_store()
 
     async def _announce_in_store(self) -> None:
-        if not self._client._closed:
-            await announce_change(self._client.store, self._name)
+        if not self._context.closed:
+            await announce_change(self._context.store, self._name)
 
     def _announce_loss(self, lease: AsyncLease) -> None:
         # An on_lost callback: it runs in the keeper, which must not wait for the
@@ -336,7 +336,7 @@ class AsyncElection:
             self._campaigning = True
         try:
             lock = AsyncLock(
-                self._client,
+                self._context,
                 self._name,
                 ttl=self._ttl,
                 limit=1,
@@ -366,7 +366,7 @@ class AsyncElection:
             except AcquireTimeout:
                 # The end of a slice, not a timeout anybody asked for: keep
                 # statistics().timed_out honest.
-                self._client._counters.add("timed_out", -1)
+                self._context.counters.add("timed_out", -1)
                 continue
             except StoreMisconfigured:
                 raise  # waiting does not fix it

@@ -8,7 +8,7 @@ import random
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from leasehold import _deadline
 from leasehold._async._concurrency import AsyncBodyGuard, AsyncEvent, in_background, shielded
@@ -18,11 +18,33 @@ from leasehold._core.records import RenewItem
 from leasehold._errors import LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.store import AsyncStore
+    from leasehold._core.clock import Clock
+    from leasehold._core.records import Holder
+    from leasehold._core.stats import Counters
 
 logger = logging.getLogger("leasehold")
 
 OnLost = Callable[["AsyncLease"], Any]
+
+
+class LeaseContext(Protocol):
+    """What a lease uses of its client (an ``AsyncContext``, whose module imports this
+    one: a protocol keeps the dependency one way)."""
+
+    @property
+    def store(self) -> AsyncStore: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def holder(self) -> Holder: ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+    def forget(self, lease: AsyncLease) -> None: ...
 
 
 class AsyncLease:
@@ -35,7 +57,7 @@ class AsyncLease:
     def __init__(
         self,
         *,
-        client: AsyncClient,
+        context: LeaseContext,
         name: str,
         token: str,
         fence: int,
@@ -48,8 +70,8 @@ class AsyncLease:
         owner: str | None = None,
         term: float | None = None,
     ) -> None:
-        self._client = client
-        self._owner = owner or client.holder.owner
+        self._context = context
+        self._owner = owner or context.holder.owner
         self._name = name
         self._token = token
         self._fence = fence
@@ -104,7 +126,7 @@ class AsyncLease:
         return self._renew
 
     def _now(self) -> float:
-        return self._client.clock.monotonic()
+        return self._context.clock.monotonic()
 
     def _forked(self) -> bool:
         return os.getpid() != self._pid
@@ -158,7 +180,7 @@ class AsyncLease:
         try:
             # Never waits past the safe deadline: by then the answer cannot help.
             with _deadline.bounded(max(0.0, self._deadline - sent)):
-                answers = await self._client.store.renew(
+                answers = await self._context.store.renew(
                     [RenewItem(self._name, self._token, new_ttl)]
                 )
         except StoreUnavailable:
@@ -188,10 +210,10 @@ class AsyncLease:
             was_lost = self._lost_reason is not None
             self._released = True
             event = self._lost_event
-        self._client._forget(self)
+        self._context.forget(self)
         if event is not None:
             event.set()
-        store = self._client.store
+        store = self._context.store
         if was_lost:
             # Only a courtesy now (the store may still list us, say after a lost
             # renewal answer): never worth making the caller wait for a store that
@@ -200,8 +222,8 @@ class AsyncLease:
             held = False
         else:
             held = await self._release_in_store()
-        self._client._counters.add("released")
-        self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        self._context.counters.add("released")
+        self._context.counters.add("hold_time", max(0.0, self._now() - self._granted_at))
         hook = self._after_release
         if hook is not None:
             await hook()
@@ -209,7 +231,7 @@ class AsyncLease:
 
     async def _release_in_store(self) -> bool:
         try:
-            return await shielded(lambda: self._client.store.release(self._name, self._token))
+            return await shielded(lambda: self._context.store.release(self._name, self._token))
         except StoreUnavailable as exc:
             logger.warning(
                 "could not release %r (fence %d): %s; it expires by itself within %g s",
@@ -275,9 +297,9 @@ class AsyncLease:
             self._lost_reason = reason
             bodies = list(self._bodies)
             event = self._lost_event
-        self._client._forget(self)
-        self._client._counters.add("lost")
-        self._client._counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        self._context.forget(self)
+        self._context.counters.add("lost")
+        self._context.counters.add("hold_time", max(0.0, self._now() - self._granted_at))
         logger.warning("lease %r (fence %d) lost: %s", self._name, self._fence, reason)
         if event is not None:
             event.set()

@@ -34,7 +34,7 @@ from leasehold._errors import (
 )
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
 
 logger = logging.getLogger("leasehold")
 
@@ -71,7 +71,7 @@ class AsyncLock:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         name: str,
         *,
         ttl: float = 30.0,
@@ -81,7 +81,7 @@ class AsyncLock:
         margin: float | None = None,
         owner: str | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
@@ -127,22 +127,22 @@ class AsyncLock:
     async def _acquire(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
         if not queue:
             return await self._attempts(timeout, queue=False)
-        client = self._client
-        clock = client.clock
+        context = self._context
+        clock = context.clock
         started = clock.monotonic()
         key = (self._name, self._limit)
-        turn = client._gates.join(key)
+        turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
-                    client._counters.add("timed_out")
-                    client._counters.add("wait_time", clock.monotonic() - started)
+                    context.counters.add("timed_out")
+                    context.counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
             return await self._attempts(remaining, queue=True, started=started)
         finally:
-            client._gates.leave(key, turn)
+            context.gates.leave(key, turn)
 
     def _request(self, token: str, holder: Holder, *, queue: bool) -> AcquireRequest:
         return AcquireRequest(
@@ -157,10 +157,10 @@ class AsyncLock:
     async def _attempts(
         self, timeout: float | None, *, queue: bool, started: float | None = None
     ) -> AsyncLease | None:
-        client = self._client
-        store = client.store
-        clock = client.clock
-        holder = client.holder
+        context = self._context
+        store = context.store
+        clock = context.clock
+        holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
         token = secrets.token_urlsafe(24)
@@ -297,20 +297,20 @@ class AsyncLock:
         caller's deadline (the caller has timed out), else its error."""
         try:
             with _deadline.bounded(bound):
-                return await self._client.store.wait(self._name, token, pause)
+                return await self._context.store.wait(self._name, token, pause)
         except StoreMisconfigured:
             raise
         except StoreUnavailable:
-            if deadline is not None and self._client.clock.monotonic() >= deadline:
+            if deadline is not None and self._context.clock.monotonic() >= deadline:
                 return None
             raise
 
     async def _timed_out(
         self, token: str, queue: bool, started: float, slack: float, *, undo: bool
     ) -> None:
-        client = self._client
-        client._counters.add("timed_out" if queue else "skipped")
-        client._counters.add("wait_time", client.clock.monotonic() - started)
+        context = self._context
+        context.counters.add("timed_out" if queue else "skipped")
+        context.counters.add("wait_time", context.clock.monotonic() - started)
         if undo:
             await self._let_go(token, slack * SLACK_SHARE)
 
@@ -318,7 +318,7 @@ class AsyncLock:
         """Release ``token``'s grant or queue place, waiting at most ``seconds``;
         if the store does not confirm by then, try again in the background. True
         if the store confirmed."""
-        store = self._client.store
+        store = self._context.store
         try:
             with _deadline.bounded(seconds):
                 await shielded(lambda: store.release(self._name, token))
@@ -337,7 +337,7 @@ class AsyncLock:
         return True
 
     def _let_go_later(self, token: str) -> None:
-        store = self._client.store
+        store = self._context.store
         in_background(lambda: store.release(self._name, token))
 
     def _granted(
@@ -353,8 +353,8 @@ class AsyncLock:
         """The lease for a grant; None if its answer came at or after the grant's
         safe deadline (a reply delayed past the ttl): no dead lease reaches the
         caller."""
-        client = self._client
-        now = client.clock.monotonic()
+        context = self._context
+        now = context.clock.monotonic()
         if now >= safe_deadline(sent, self._ttl if term is None else term, self._margin):
             logger.warning(
                 "acquire %r: the grant (fence %d) was answered %.3f s after it was asked "
@@ -365,7 +365,7 @@ class AsyncLock:
             )
             return None
         lease = AsyncLease(
-            client=client,
+            context=context,
             name=self._name,
             token=token,
             fence=fence,
@@ -378,9 +378,9 @@ class AsyncLock:
             owner=owner,
             term=term,
         )
-        client._track(lease)
-        client._counters.add("acquired")
-        client._counters.add("wait_time", now - started)
+        context.track(lease)
+        context.counters.add("acquired")
+        context.counters.add("wait_time", now - started)
         return lease
 
     @staticmethod

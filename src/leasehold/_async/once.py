@@ -45,7 +45,7 @@ from leasehold._core.records import MAX_RECORD_BYTES
 from leasehold._errors import InvalidArgument, LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._async.client import AsyncClient
+    from leasehold._async.context import AsyncContext
 
 logger = logging.getLogger("leasehold")
 
@@ -73,7 +73,7 @@ class AsyncOnce:
 
     def __init__(
         self,
-        client: AsyncClient,
+        context: AsyncContext,
         key: str,
         *,
         ttl: float = 30.0,
@@ -83,7 +83,7 @@ class AsyncOnce:
         timeout: float | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._key = validate.name(key, what="key")
         self._name = validate.name(PREFIX + key, what=f"key (with the {PREFIX!r} prefix)")
         self._keep = validate.timeout(keep, what="keep")
@@ -99,7 +99,7 @@ class AsyncOnce:
             raise InvalidArgument("serializer must have dumps(obj) -> bytes and loads(bytes)")
         self._serializer: Serializer = JSON if serializer is None else serializer
         self._timeout = validate.timeout(timeout)
-        self._lock = AsyncLock(client, self._name, ttl=ttl, margin=margin)
+        self._lock = AsyncLock(context, self._name, ttl=ttl, margin=margin)
 
     @property
     def key(self) -> str:
@@ -139,7 +139,7 @@ class AsyncOnce:
             raise InvalidArgument("run() needs a callable")
         if not IS_ASYNC and _is_coroutine_function(fn):
             raise InvalidArgument("Once.run() got an async function; use AsyncClient for it")
-        store = self._client.store
+        store = self._context.store
         first = await store.read_record(self._name)
         entry = decode(first.value)
         if entry.state == "done":
@@ -164,7 +164,7 @@ class AsyncOnce:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        store = self._client.store
+        store = self._context.store
         while True:
             lease.check()
             record = await store.read_record(self._name)
@@ -181,7 +181,7 @@ class AsyncOnce:
                 raise LeaseLost(self._name, lease.fence, f"taken over by fence {entry.fence}")
             # Absent, a failure to run again, or "running" left by a runner whose
             # lease has ended (we hold it now): this caller runs.
-            running = encode_running(lease.fence, self._client.holder.owner)
+            running = encode_running(lease.fence, self._context.holder.owner)
             version = await store.write_record(self._name, record.version, running, RUNNING_TTL)
             if version is not None:
                 return await self._execute(lease, version, fn, args, kwargs)
@@ -199,7 +199,7 @@ class AsyncOnce:
         failure: Exception | None = None
         payload = b""
         stored = False
-        owner = self._client.holder.owner
+        owner = self._context.holder.owner
         try:
             async with lease:
                 try:
@@ -233,7 +233,7 @@ class AsyncOnce:
     async def _store_outcome(self, lease: AsyncLease, version: int, outcome: bytes) -> bool:
         """Compare-and-set the outcome over our own ``running`` record. True if
         stored; False if another runner has taken over."""
-        store = self._client.store
+        store = self._context.store
         expected = version
         failures = 0
         while True:
@@ -272,7 +272,7 @@ class AsyncOnce:
         A ``running`` record whose runner no longer holds the lease (it died) reads
         as ``"absent"``: the next ``run()`` runs ``fn``.
         """
-        store = self._client.store
+        store = self._context.store
         entry = decode((await store.read_record(self._name)).value)
         if entry.state == "running":
             holders = await store.holders(self._name)
@@ -283,7 +283,7 @@ class AsyncOnce:
     async def result(self) -> Any:
         """The stored result; ``OnceFailed`` for a stored failure; ``NoResult``
         when nothing is stored (not run, running, forgotten or expired)."""
-        entry = decode((await self._client.store.read_record(self._name)).value)
+        entry = decode((await self._context.store.read_record(self._name)).value)
         if entry.state == "done":
             return self._loads(entry.payload)
         if entry.state == "failed":
@@ -294,7 +294,7 @@ class AsyncOnce:
         """Delete the stored result or failure, so the next ``run()`` runs ``fn``
         again; True if there was a record. A run in progress still stores its
         result."""
-        store = self._client.store
+        store = self._context.store
         while True:
             record = await store.read_record(self._name)
             if record.version == 0:

@@ -10,10 +10,10 @@ import weakref
 from types import TracebackType
 
 from leasehold._sync.backends import open_store
+from leasehold._sync.context import Context
 from leasehold._sync.election import Election, announce_change
 from leasehold._sync.gate import Gates
-from leasehold._sync.keeper import Keeper
-from leasehold._sync.lease import Lease, OnLost
+from leasehold._sync.lease import OnLost
 from leasehold._sync.lock import Lock
 from leasehold._sync.once import DEFAULT_KEEP, Once
 from leasehold._sync.presence import Presence
@@ -23,7 +23,7 @@ from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import url_for_library
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
-from leasehold._core.stats import Counters, Statistics
+from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
 from leasehold._deadline import validate_operation_timeout
 from leasehold._errors import InvalidArgument
@@ -65,11 +65,8 @@ class Client:
             store.operation_timeout = bound
         self.store: Store = store
         self._identity = identity
-        self.holder = Holder.for_this_process(identity)
-        self._counters = Counters()
-        self._keeper = Keeper(self)
-        self._gates = Gates()
-        self._closed = False
+        # What the primitives get: they never see the client itself.
+        self._context = Context(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
 
@@ -77,6 +74,11 @@ class Client:
     def operation_timeout(self) -> float:
         """Seconds any one store call may take (``acquire(timeout=...)``: that timeout)."""
         return self.store.operation_timeout
+
+    @property
+    def holder(self) -> Holder:
+        """This client's identity in grants (owner token, host, pid)."""
+        return self._context.holder
 
     @property
     def url(self) -> str:
@@ -95,7 +97,9 @@ class Client:
         margin: float | None = None,
     ) -> Lock:
         """An exclusive lease handle for ``name``. No I/O until acquired."""
-        return Lock(self, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin)
+        return Lock(
+            self._context, name, ttl=ttl, limit=1, renew=renew, on_lost=on_lost, margin=margin
+        )
 
     def semaphore(
         self,
@@ -108,7 +112,9 @@ class Client:
         margin: float | None = None,
     ) -> Lock:
         """At most ``limit`` concurrent holders of ``name``; the lock interface."""
-        return Lock(self, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin)
+        return Lock(
+            self._context, name, ttl=ttl, limit=limit, renew=renew, on_lost=on_lost, margin=margin
+        )
 
     def election(
         self,
@@ -120,7 +126,7 @@ class Client:
     ) -> Election:
         """A candidate in the leader election ``name`` (a lock with limit 1 whose
         fence is the term). ``identity`` labels this candidate when it leads."""
-        return Election(self, name, ttl=ttl, identity=identity, margin=margin)
+        return Election(self._context, name, ttl=ttl, identity=identity, margin=margin)
 
     def presence(
         self,
@@ -133,7 +139,7 @@ class Client:
         """The presence room ``room``: members with intents to join, and epochs that
         an idle-room closer can never split in two. No I/O until used."""
         return Presence(
-            self, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
+            self._context, room, member_ttl=member_ttl, intent_ttl=intent_ttl, create_ttl=create_ttl
         )
 
     def once(
@@ -151,7 +157,7 @@ class Client:
         ``fn`` in exactly one caller and gives every caller its stored result, kept
         for ``keep`` seconds. No I/O until used."""
         return Once(
-            self,
+            self._context,
             key,
             ttl=ttl,
             keep=keep,
@@ -181,30 +187,26 @@ class Client:
         return removed
 
     def statistics(self) -> Statistics:
-        return self._counters.snapshot()
+        return self._context.counters.snapshot()
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def _track(self, lease: Lease) -> None:
-        self._keeper.track(lease)
-
-    def _forget(self, lease: Lease) -> None:
-        self._keeper.forget(lease)
-
     def _after_fork_in_child(self) -> None:
-        self._keeper.after_fork_in_child()
-        self._gates = Gates()
-        self._counters.reset_after_fork()
-        self.holder = Holder.for_this_process(self._identity)
+        context = self._context
+        context.keeper.after_fork_in_child()
+        context.gates = Gates()
+        context.counters.reset_after_fork()
+        context.holder = Holder.for_this_process(self._identity)
 
     def close(self) -> None:
         """Release every lease this client still holds, stop renewing, disconnect."""
-        if self._closed:
+        context = self._context
+        if context.closed:
             return
-        self._closed = True
-        for lease in self._keeper.tracked():
+        context.closed = True
+        for lease in context.keeper.tracked():
             lease.release()
-        self._keeper.stop()
+        context.keeper.stop()
         self.store.close()
 
     def __enter__(self) -> Client:

@@ -48,7 +48,7 @@ from leasehold._errors import (
 )
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
     from leasehold._sync.store import Store, Subscription
 
 logger = logging.getLogger("leasehold")
@@ -77,14 +77,14 @@ class Election:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         name: str,
         *,
         ttl: float = 30.0,
         identity: str | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._identity = None if identity is None else validate.name(identity, what="identity")
@@ -110,7 +110,7 @@ class Election:
     @property
     def identity(self) -> str:
         """The label this candidate campaigns with unless ``campaign()`` overrides it."""
-        return self._identity or self._client.holder.owner
+        return self._identity or self._context.holder.owner
 
     @property
     def lease(self) -> Lease | None:
@@ -132,7 +132,7 @@ class Election:
 
     def leader(self) -> Leader | None:
         """Who leads now according to the store (identity, term, since), or None."""
-        info = current_holder(self._client.store.holders(self._name))
+        info = current_holder(self._context.store.holders(self._name))
         return None if info is None else leader_from(info, time.time())
 
     def observe(self) -> Iterator[Leader | None]:
@@ -150,7 +150,7 @@ class Election:
         error before the first answer is raised (it is a configuration problem
         until proven otherwise); later ones are logged and retried.
         """
-        store = self._client.store
+        store = self._context.store
         # Subscribed before the first read: an announcement after it is never missed.
         with store.subscribe(topic(self._name)) as subscription:
             local = _LocalWake(subscription)  # stop() and this process's elections
@@ -311,8 +311,8 @@ class Election:
             self._announce_in_store()
 
     def _announce_in_store(self) -> None:
-        if not self._client._closed:
-            announce_change(self._client.store, self._name)
+        if not self._context.closed:
+            announce_change(self._context.store, self._name)
 
     def _announce_loss(self, lease: Lease) -> None:
         # An on_lost callback: it runs in the keeper, which must not wait for the
@@ -336,7 +336,7 @@ class Election:
             self._campaigning = True
         try:
             lock = Lock(
-                self._client,
+                self._context,
                 self._name,
                 ttl=self._ttl,
                 limit=1,
@@ -366,7 +366,7 @@ class Election:
             except AcquireTimeout:
                 # The end of a slice, not a timeout anybody asked for: keep
                 # statistics().timed_out honest.
-                self._client._counters.add("timed_out", -1)
+                self._context.counters.add("timed_out", -1)
                 continue
             except StoreMisconfigured:
                 raise  # waiting does not fix it

@@ -29,8 +29,10 @@ from leasehold._core.policy import decide_renewal, renew_interval
 from leasehold._errors import LeaseholdError
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
     from leasehold._sync.lease import Lease
+    from leasehold._sync.store import Store
+    from leasehold._core.clock import Clock
+    from leasehold._core.stats import Counters
 
 logger = logging.getLogger("leasehold")
 
@@ -39,8 +41,10 @@ RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 
 
 class Keeper:
-    def __init__(self, client: Client) -> None:
-        self._client = client
+    def __init__(self, store: Store, clock: Clock, counters: Counters) -> None:
+        self._store = store
+        self._clock = clock
+        self._counters = counters
         self._reset()
 
     def _reset(self) -> None:
@@ -105,7 +109,7 @@ class Keeper:
             return alive
 
     def _run(self) -> None:
-        clock = self._client.clock
+        clock = self._clock
         idle_since: float | None = None
         try:
             while True:
@@ -147,7 +151,7 @@ class Keeper:
     def _round(self) -> float:
         """One pass over every tracked lease: detect loss, renew if any is due.
         Returns how long to sleep."""
-        clock = self._client.clock
+        clock = self._clock
         now = clock.monotonic()
         leases = [lease for lease in self.tracked() if not lease.released]
         renewable: list[Lease] = []
@@ -175,12 +179,12 @@ class Keeper:
     def _renew(self, leases: list[Lease]) -> float:
         # Renewing every renewable lease (not only the due ones) keeps them in lock
         # step, so 10,000 leases cost one round trip per interval.
-        clock = self._client.clock
+        clock = self._clock
         pairs = [(lease, lease.renew_item()) for lease in leases]
         items = [item for _, item in pairs]
         sent = clock.monotonic()
-        counters = self._client._counters
-        store = self._client.store
+        counters = self._counters
+        store = self._store
         call = Call(lambda: store.renew(items))
         # Wait for the answer, but never past a safe deadline: a call hanging on a
         # dead network path must not delay the news of loss (L2).
@@ -229,9 +233,9 @@ class Keeper:
         """Count a failed renewal of ``leases``; how long to wait before the next
         attempt (backing off, never past the soonest of their safe deadlines)."""
         self._failures += 1
-        self._client._counters.add("renewal_failures")
+        self._counters.add("renewal_failures")
         retry = RETRY_BACKOFF.delay(self._failures - 1)
-        soonest = min(lease.deadline for lease in leases) - self._client.clock.monotonic()
+        soonest = min(lease.deadline for lease in leases) - self._clock.monotonic()
         return max(0.0, min(retry, soonest))
 
 

@@ -36,7 +36,7 @@ from leasehold._errors import (
 )
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
 
 logger = logging.getLogger("leasehold")
 
@@ -73,7 +73,7 @@ class Lock:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         name: str,
         *,
         ttl: float = 30.0,
@@ -83,7 +83,7 @@ class Lock:
         margin: float | None = None,
         owner: str | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
@@ -129,22 +129,22 @@ class Lock:
     def _acquire(self, timeout: float | None, *, queue: bool) -> Lease | None:
         if not queue:
             return self._attempts(timeout, queue=False)
-        client = self._client
-        clock = client.clock
+        context = self._context
+        clock = context.clock
         started = clock.monotonic()
         key = (self._name, self._limit)
-        turn = client._gates.join(key)
+        turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not turn.wait(wait):
-                    client._counters.add("timed_out")
-                    client._counters.add("wait_time", clock.monotonic() - started)
+                    context.counters.add("timed_out")
+                    context.counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
             return self._attempts(remaining, queue=True, started=started)
         finally:
-            client._gates.leave(key, turn)
+            context.gates.leave(key, turn)
 
     def _request(self, token: str, holder: Holder, *, queue: bool) -> AcquireRequest:
         return AcquireRequest(
@@ -159,10 +159,10 @@ class Lock:
     def _attempts(
         self, timeout: float | None, *, queue: bool, started: float | None = None
     ) -> Lease | None:
-        client = self._client
-        store = client.store
-        clock = client.clock
-        holder = client.holder
+        context = self._context
+        store = context.store
+        clock = context.clock
+        holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
         token = secrets.token_urlsafe(24)
@@ -299,20 +299,20 @@ class Lock:
         caller's deadline (the caller has timed out), else its error."""
         try:
             with _deadline.bounded(bound):
-                return self._client.store.wait(self._name, token, pause)
+                return self._context.store.wait(self._name, token, pause)
         except StoreMisconfigured:
             raise
         except StoreUnavailable:
-            if deadline is not None and self._client.clock.monotonic() >= deadline:
+            if deadline is not None and self._context.clock.monotonic() >= deadline:
                 return None
             raise
 
     def _timed_out(
         self, token: str, queue: bool, started: float, slack: float, *, undo: bool
     ) -> None:
-        client = self._client
-        client._counters.add("timed_out" if queue else "skipped")
-        client._counters.add("wait_time", client.clock.monotonic() - started)
+        context = self._context
+        context.counters.add("timed_out" if queue else "skipped")
+        context.counters.add("wait_time", context.clock.monotonic() - started)
         if undo:
             self._let_go(token, slack * SLACK_SHARE)
 
@@ -320,7 +320,7 @@ class Lock:
         """Release ``token``'s grant or queue place, waiting at most ``seconds``;
         if the store does not confirm by then, try again in the background. True
         if the store confirmed."""
-        store = self._client.store
+        store = self._context.store
         try:
             with _deadline.bounded(seconds):
                 shielded(lambda: store.release(self._name, token))
@@ -339,7 +339,7 @@ class Lock:
         return True
 
     def _let_go_later(self, token: str) -> None:
-        store = self._client.store
+        store = self._context.store
         in_background(lambda: store.release(self._name, token))
 
     def _granted(
@@ -355,8 +355,8 @@ class Lock:
         """The lease for a grant; None if its answer came at or after the grant's
         safe deadline (a reply delayed past the ttl): no dead lease reaches the
         caller."""
-        client = self._client
-        now = client.clock.monotonic()
+        context = self._context
+        now = context.clock.monotonic()
         if now >= safe_deadline(sent, self._ttl if term is None else term, self._margin):
             logger.warning(
                 "acquire %r: the grant (fence %d) was answered %.3f s after it was asked "
@@ -367,7 +367,7 @@ class Lock:
             )
             return None
         lease = Lease(
-            client=client,
+            context=context,
             name=self._name,
             token=token,
             fence=fence,
@@ -380,9 +380,9 @@ class Lock:
             owner=owner,
             term=term,
         )
-        client._track(lease)
-        client._counters.add("acquired")
-        client._counters.add("wait_time", now - started)
+        context.track(lease)
+        context.counters.add("acquired")
+        context.counters.add("wait_time", now - started)
         return lease
 
     @staticmethod

@@ -47,7 +47,7 @@ from leasehold._core.records import MAX_RECORD_BYTES
 from leasehold._errors import InvalidArgument, LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
 
 logger = logging.getLogger("leasehold")
 
@@ -75,7 +75,7 @@ class Once:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         key: str,
         *,
         ttl: float = 30.0,
@@ -85,7 +85,7 @@ class Once:
         timeout: float | None = None,
         margin: float | None = None,
     ) -> None:
-        self._client = client
+        self._context = context
         self._key = validate.name(key, what="key")
         self._name = validate.name(PREFIX + key, what=f"key (with the {PREFIX!r} prefix)")
         self._keep = validate.timeout(keep, what="keep")
@@ -101,7 +101,7 @@ class Once:
             raise InvalidArgument("serializer must have dumps(obj) -> bytes and loads(bytes)")
         self._serializer: Serializer = JSON if serializer is None else serializer
         self._timeout = validate.timeout(timeout)
-        self._lock = Lock(client, self._name, ttl=ttl, margin=margin)
+        self._lock = Lock(context, self._name, ttl=ttl, margin=margin)
 
     @property
     def key(self) -> str:
@@ -141,7 +141,7 @@ class Once:
             raise InvalidArgument("run() needs a callable")
         if not IS_ASYNC and _is_coroutine_function(fn):
             raise InvalidArgument("Once.run() got an async function; use AsyncClient for it")
-        store = self._client.store
+        store = self._context.store
         first = store.read_record(self._name)
         entry = decode(first.value)
         if entry.state == "done":
@@ -166,7 +166,7 @@ class Once:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        store = self._client.store
+        store = self._context.store
         while True:
             lease.check()
             record = store.read_record(self._name)
@@ -183,7 +183,7 @@ class Once:
                 raise LeaseLost(self._name, lease.fence, f"taken over by fence {entry.fence}")
             # Absent, a failure to run again, or "running" left by a runner whose
             # lease has ended (we hold it now): this caller runs.
-            running = encode_running(lease.fence, self._client.holder.owner)
+            running = encode_running(lease.fence, self._context.holder.owner)
             version = store.write_record(self._name, record.version, running, RUNNING_TTL)
             if version is not None:
                 return self._execute(lease, version, fn, args, kwargs)
@@ -201,7 +201,7 @@ class Once:
         failure: Exception | None = None
         payload = b""
         stored = False
-        owner = self._client.holder.owner
+        owner = self._context.holder.owner
         try:
             with lease:
                 try:
@@ -235,7 +235,7 @@ class Once:
     def _store_outcome(self, lease: Lease, version: int, outcome: bytes) -> bool:
         """Compare-and-set the outcome over our own ``running`` record. True if
         stored; False if another runner has taken over."""
-        store = self._client.store
+        store = self._context.store
         expected = version
         failures = 0
         while True:
@@ -274,7 +274,7 @@ class Once:
         A ``running`` record whose runner no longer holds the lease (it died) reads
         as ``"absent"``: the next ``run()`` runs ``fn``.
         """
-        store = self._client.store
+        store = self._context.store
         entry = decode((store.read_record(self._name)).value)
         if entry.state == "running":
             holders = store.holders(self._name)
@@ -285,7 +285,7 @@ class Once:
     def result(self) -> Any:
         """The stored result; ``OnceFailed`` for a stored failure; ``NoResult``
         when nothing is stored (not run, running, forgotten or expired)."""
-        entry = decode((self._client.store.read_record(self._name)).value)
+        entry = decode((self._context.store.read_record(self._name)).value)
         if entry.state == "done":
             return self._loads(entry.payload)
         if entry.state == "failed":
@@ -296,7 +296,7 @@ class Once:
         """Delete the stored result or failure, so the next ``run()`` runs ``fn``
         again; True if there was a record. A run in progress still stores its
         result."""
-        store = self._client.store
+        store = self._context.store
         while True:
             record = store.read_record(self._name)
             if record.version == 0:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from leasehold._sync._concurrency import IS_ASYNC, sleep
 from leasehold._sync.lease import Lease
+from leasehold._sync.lock import Lock
 from leasehold._core import presence as core
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
@@ -27,7 +28,7 @@ from leasehold._core.presence import Epoch, Member, Snapshot
 from leasehold._errors import AcquireTimeout, InvalidArgument
 
 if TYPE_CHECKING:
-    from leasehold._sync.client import Client
+    from leasehold._sync.context import Context
 
 logger = logging.getLogger("leasehold")
 
@@ -56,20 +57,20 @@ class Presence:
 
     def __init__(
         self,
-        client: Client,
+        context: Context,
         room: str,
         *,
         member_ttl: float = 10.0,
         intent_ttl: float = 30.0,
         create_ttl: float = 30.0,
     ) -> None:
-        self._client = client
+        self._context = context
         self._room = core.check_room(room)
         self._member_ttl = validate.ttl(member_ttl, what="member_ttl")
         self._intent_ttl = validate.ttl(intent_ttl, what="intent_ttl")
         self._create_ttl = validate.ttl(create_ttl, what="create_ttl")
         self._key = core.RECORD_PREFIX + self._room
-        self._lock = client.lock(core.CREATE_LOCK_PREFIX + self._room, ttl=self._create_ttl)
+        self._lock = Lock(context, core.CREATE_LOCK_PREFIX + self._room, ttl=self._create_ttl)
 
     @property
     def room(self) -> str:
@@ -87,7 +88,7 @@ class Presence:
 
     def current(self) -> Epoch | None:
         """The OPEN epoch, or None (never opened, being created, or closed)."""
-        record = self._client.store.read_record(self._key)
+        record = self._context.store.read_record(self._key)
         return core.current_epoch(core.decode(self._key, record.value))
 
     def open(self, create: Create, *, timeout: float | None = None) -> Epoch:
@@ -102,7 +103,7 @@ class Presence:
         if not callable(create):
             raise InvalidArgument("create must be a callable taking the epoch number")
         checked = validate.timeout(timeout)
-        clock = self._client.clock
+        clock = self._context.clock
         deadline = None if checked is None else clock.monotonic() + checked
         attempt = 0
         while True:
@@ -148,7 +149,7 @@ class Presence:
 
     def _claim(self, number: int) -> Epoch | None:
         """Write CREATING(number); an OPEN epoch found instead is returned."""
-        owner = self._client.holder.owner
+        owner = self._context.holder.owner
         found, _ = self._apply(
             lambda room, now, version: core.claim(room, now, version, number=number, creator=owner)
         )
@@ -251,7 +252,7 @@ class Presence:
 
     def members(self) -> Snapshot:
         """The live members of the OPEN epoch and the record version they were read at."""
-        record = self._client.store.read_record(self._key)
+        record = self._context.store.read_record(self._key)
         return core.snapshot(core.decode(self._key, record.value), record.now, record.version)
 
     def observe(
@@ -295,7 +296,7 @@ class Presence:
     ) -> Member:
         """Apply a member transition; ``ttl`` is what it granted (None: the ttl of
         the state the member ended in)."""
-        clock = self._client.clock
+        clock = self._context.clock
         entry, _, sent = self._apply_timed(transition)
         if ttl is None:
             ttl = self._intent_ttl if entry.state == core.INTENT else self._member_ttl
@@ -314,8 +315,8 @@ class Presence:
         """Read, transition, compare-and-set; retried until it applies to the state it
         read. Returns the result, (version, store time) after the step, and the
         local send time of the read the step was decided on."""
-        store = self._client.store
-        clock = self._client.clock
+        store = self._context.store
+        clock = self._context.clock
         attempt = 0
         while True:
             sent = clock.monotonic()

@@ -1,6 +1,6 @@
 """Fenced writes for Redis: one Lua script checks the fence and applies the writes.
 
-The script (``_scripts/redis/fenced_write.lua``) states its KEYS/ARGV contract.
+The script (``leasehold/_shared/redis/fenced_write.lua``) states its KEYS/ARGV contract.
 Keys travel as KEYS and values as ARGV; nothing the caller passes is ever spliced
 into the script text, and only the allow-listed commands below can run.
 """
@@ -83,7 +83,7 @@ ALLOWED_COMMANDS = frozenset(_COMMANDS)
 @cache
 def _script() -> tuple[str, str]:
     """The script's source and SHA1, read once from the package data."""
-    path = resources.files("leasehold").joinpath("_scripts", "redis", "fenced_write.lua")
+    path = resources.files("leasehold").joinpath("_shared", "redis", "fenced_write.lua")
     source = path.read_text(encoding="utf-8")
     return source, hashlib.sha1(source.encode()).hexdigest()
 

@@ -1,6 +1,6 @@
 """The hand-written sync half of the Redis announcement listener.
 
-Its twin is ``_async/backends/_redis_pubsub.py`` (which explains the design). Here a
+Its twin is ``_async/backends/redis/pubsub.py`` (which explains the design). Here a
 thread reads the pub/sub connection in slices; ``close()`` shuts the connection
 down, which wakes the thread at once, and joins it.
 """
@@ -62,7 +62,7 @@ class PubSubListener:
         """Connect and SUBSCRIBE; when this returns, Redis has subscribed us, so no
         announcement published after it can be missed."""
         self._pool = redis.ConnectionPool(max_connections=1, **self._kwargs)
-        self._pubsub = redis.Redis(connection_pool=self._pool).pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = redis.Redis(connection_pool=self._pool).pubsub()  # type: ignore[no-untyped-call,unused-ignore]
         try:
             self._pubsub.subscribe(self._channel)
             deadline = time.monotonic() + self._confirm_timeout

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from leasehold import _deadline, _sqlite_topics, _wake
+from leasehold import _deadline
 from leasehold._async._concurrency import IS_ASYNC, run_blocking, sleep, wait_readable
 from leasehold._async.store import AsyncStore, AsyncSubscription
 from leasehold._core import validate
@@ -38,7 +38,10 @@ from leasehold._core.records import (
 )
 from leasehold._core.url import StoreURL, query_options
 from leasehold._errors import InvalidArgument, StoreUnavailable
-from leasehold._sqlite_tx import NETWORK_FILESYSTEMS, SQLiteTables, Wakes, boot_clock
+from leasehold._shared.sqlite import topics as _sqlite_topics
+from leasehold._shared.sqlite import wake as _wake
+from leasehold._shared.sqlite.connection import NETWORK_FILESYSTEMS, boot_clock
+from leasehold._shared.sqlite.tx import SQLiteTables, Wakes
 
 DEFAULT_BUSY_TIMEOUT = 10.0
 FALLBACK_POLL = 0.2

@@ -1,4 +1,4 @@
-"""The async half of the Redis backend's tiny shim (its twin: _sync/backends/_redis_io.py).
+"""The async half of the Redis backend's tiny shim (its twin: _sync/backends/redis/io.py).
 
 Two things differ between redis-py's asyncio and sync clients and live here.
 
@@ -93,7 +93,7 @@ async def close_cluster(client: Any) -> None:
 
 # redis-py 5.0 and newer; without hiredis (or the class) the stock classes are used.
 _HIREDIS_SERIALIZER: Any = (
-    redis.connection.HiredisRespSerializer()
+    redis.connection.HiredisRespSerializer()  # type: ignore[no-untyped-call,unused-ignore]
     if HIREDIS_AVAILABLE and hasattr(redis.connection, "HiredisRespSerializer")
     else None
 )

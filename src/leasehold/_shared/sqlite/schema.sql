@@ -9,7 +9,7 @@
 --            same-host wake-up socket address (NULL: it polls); ttl, lim, owner,
 --            host, pid are its latest acquire request, which a release uses to make
 --            it a holder (hand-over). Older stores get these columns by ALTER TABLE
---            (see WAITER_COLUMNS in _sqlite_tx.py); their rows lack them (NULL) and
+--            (see WAITER_COLUMNS in leasehold/_shared/sqlite/tx.py); their rows lack them (NULL) and
 --            are only woken.
 CREATE TABLE IF NOT EXISTS lh_seq (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO lh_seq (id, value) VALUES (1, 0);

@@ -1,6 +1,6 @@
 """The hand-written sync half of the PostgreSQL notification listener.
 
-Its twin is ``_async/backends/_postgres_io.py``. A thread waits until the
+Its twin is ``_async/backends/postgres/listener.py``. A thread waits until the
 connection's socket or a wake-up socket pair is readable: notifications are read
 with libpq's non-blocking calls, and ``close()`` writes to the socket pair, so it
 never waits for a timeout to expire (psycopg's blocking ``notifies()`` cannot be

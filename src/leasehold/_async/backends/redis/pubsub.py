@@ -1,6 +1,6 @@
 """The hand-written async half of the Redis announcement listener.
 
-Its twin is ``_sync/backends/_redis_pubsub.py``. Like the PostgreSQL listener, this
+Its twin is ``_sync/backends/redis/pubsub.py``. Like the PostgreSQL listener, this
 is where asyncio and threads differ: here a task reads the pub/sub connection and
 is cancelled on close; the sync twin runs a thread, which close() wakes by shutting
 the connection down.

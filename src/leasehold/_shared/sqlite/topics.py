@@ -6,7 +6,7 @@ address of the topic. Rows are removed when the subscription closes, and by an
 announcer that finds nobody bound to an address any more (a subscriber that
 crashed, or one from before a reboot), so no row outlives its owner for long.
 
-Blocking functions over the store's one connection, like ``_sqlite_tx``; the table
+Blocking functions over the store's one connection, like ``leasehold._shared.sqlite.tx``; the table
 is created by the first subscriber (an announcer that finds no table has nobody
 to wake).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 
 from leasehold._errors import StoreUnavailable
-from leasehold._sqlite_tx import SQLiteTables
+from leasehold._shared.sqlite.tx import SQLiteTables
 
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS lh_subscriber ("

@@ -1,7 +1,8 @@
 """The hand-written async half of the PostgreSQL notification listener.
 
-Its twin is ``_sync/backends/_postgres_io.py``. Connecting under a deadline differs
-too (``connect_within``): a task can be cancelled, a thread cannot. Reading notifications is the one
+Its twin is ``_sync/backends/postgres/listener.py``. Connecting under a deadline
+differs too (``connect_within``): a task can be cancelled, a thread cannot. Reading
+notifications is the one
 place where asyncio and threads genuinely differ for this backend: here a task
 awaits ``notifies()`` and is cancelled on close; the sync twin runs a thread that
 polls the socket and a wake-up socket pair, so closing never waits for a timeout.

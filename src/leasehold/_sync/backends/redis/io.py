@@ -1,4 +1,4 @@
-"""The sync half of the Redis backend's tiny shim (its twin: _async/backends/_redis_io.py).
+"""The sync half of the Redis backend's tiny shim (its twin: _async/backends/redis/io.py).
 
 Threads cannot be cancelled, so there is no swallowed cancellation to raise again.
 The sync ``RedisCluster`` runs a ``redis_connect_func`` after its own handshake, and

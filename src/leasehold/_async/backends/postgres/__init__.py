@@ -1,0 +1,22 @@
+"""The PostgreSQL backend.
+
+``options`` (the URL), ``schema`` (schema.sql and its queries), ``waiting`` (wake-up
+keys, waiters, the announcement listener), ``connection`` (pool, fork safety,
+installation, calls), ``store`` (the store operations), ``listener`` (LISTEN,
+hand-written per flavour).
+"""
+
+from leasehold._async.backends.postgres.options import PostgresOptions, parse_options
+from leasehold._async.backends.postgres.store import (
+    AsyncPooledPostgresStore,
+    AsyncPostgresStore,
+    from_url,
+)
+
+__all__ = [
+    "AsyncPooledPostgresStore",
+    "AsyncPostgresStore",
+    "PostgresOptions",
+    "from_url",
+    "parse_options",
+]

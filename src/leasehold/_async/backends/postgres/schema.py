@@ -1,0 +1,42 @@
+"""The schema (leasehold/_shared/postgres/schema.sql): its version, its body and the
+queries that call its functions. Installing and migrating it is PostgresConnection._install.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+# What schema_version() in schema.sql returns. Bump both together whenever the file
+# changes; a store that finds an older version re-runs the (idempotent) file.
+SCHEMA_VERSION = 5
+
+# The functions of schema.sql the store calls, and how many arguments each takes.
+_FUNCTIONS = {
+    "acquire": 10,
+    "renew": 3,
+    "release": 2,
+    "holders_of": 1,
+    "leases": 1,
+    "break_lease": 1,
+    "read_record": 1,
+    "write_record": 4,
+}
+
+
+def _schema_sql() -> str:
+    """The body of schema.sql: everything between its markers (the file's first
+    statements pick the schema; the store does that itself for ``?schema=``)."""
+    text = resources.files("leasehold._shared").joinpath("postgres/schema.sql").read_text()
+    start = text.index("-- leasehold:body")
+    end = text.index("-- leasehold:end")
+    return text[text.index("\n", start) + 1 : end]
+
+
+def _function_queries(schema: str) -> dict[str, bytes]:
+    """``SELECT * FROM "schema".function(%s, ...)`` for every function, built once per
+    store: the per-call path only looks one up. ``schema`` matched ``_SCHEMA_RE``
+    (letters, digits, underscores), so double quotes make it a safe identifier."""
+    return {
+        function: (f'SELECT * FROM "{schema}".{function}({", ".join(["%s"] * arity)})').encode()
+        for function, arity in _FUNCTIONS.items()
+    }

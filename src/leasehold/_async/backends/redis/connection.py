@@ -1,0 +1,562 @@
+"""Connections of one Redis store: pools or the cluster client, run_id stamps, error
+translation, script calls and the announcement listener. The store operations
+(store.py) subclass it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple, Protocol
+
+import redis.asyncio
+import redis.asyncio.connection
+import redis.asyncio.retry
+from redis import exceptions as redis_errors
+from redis.backoff import NoBackoff
+
+from leasehold import _deadline
+from leasehold._async._concurrency import sleep
+from leasehold._async.backends.redis.io import (
+    cancellations,
+    cluster_client,
+    cluster_ready,
+    connection_classes,
+    raise_if_cancelled_since,
+)
+from leasehold._async.backends.redis.layout import KeyLayout, _bucket_slot, _node_name
+from leasehold._async.backends.redis.options import RedisOptions
+from leasehold._async.backends.redis.pubsub import PubSubListener
+from leasehold._async.backends.redis.scripts import _Script, _script
+from leasehold._async.store import (
+    AsyncStore,
+    ListenerSlot,
+    TopicHub,
+)
+from leasehold._core.url import StoreURL
+from leasehold._errors import StoreMisconfigured, StoreUnavailable
+
+# PEXPIRE ... GT/NX in the scripts.
+MIN_REDIS_VERSION: Final = (7, 0)
+# The announcement listener's connection PINGs after this many idle seconds, and a
+# listener that could not subscribe is tried again after _ANNOUNCE_RETRY.
+_ANNOUNCE_HEALTH_CHECK: Final = 15
+_ANNOUNCE_RETRY: Final = 5.0
+# In a cluster, a command finding every connection to its node busy polls for a free
+# one this often, for up to socket_timeout (redis-py's cluster client fails at once
+# where the standalone store's pool waits).
+_POOL_POLL: Final = 0.005
+
+# For standalone servers (the cluster client picks its own): see redis/io.py.
+_TCP_CONNECTION, _TLS_CONNECTION, _UNIX_CONNECTION = connection_classes()
+
+# Errors of redis-py, of its cluster client (some of which are no RedisError) and of
+# sockets: each becomes StoreUnavailable in _translated.
+_DRIVER_ERRORS: Final = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
+
+
+# ------------------------------------------------------------------------- store
+
+
+class _Commands(Protocol):
+    """The redis-py methods the store calls (redis-py leaves them unannotated)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any: ...
+
+
+class _Pool(Protocol):
+    async def disconnect(self, inuse_connections: bool = True) -> None: ...
+
+
+@dataclass(slots=True)
+class _Connections:
+    pid: int
+    commands: _Commands
+    blocking: _Commands
+    # Standalone: the two connection pools. Cluster: no pools of ours; ``cluster``
+    # is the commands client (slots, nodes), ``clusters`` both clients, to close.
+    pools: tuple[_Pool, ...] = ()
+    cluster: Any = None
+    clusters: tuple[Any, ...] = ()
+
+
+class _Stamp(NamedTuple):
+    """Where a run_id was read (a node's "host:port"; "" standalone), the run_id,
+    and the generation of that node's cache entry when it was read."""
+
+    where: str
+    run_id: str
+    generation: int
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """Whether redis-py refused to open another connection (nothing was sent).
+    redis-py 6+ raises MaxConnectionsError (without a message from the asyncio
+    cluster client), older versions a ConnectionError saying so."""
+    exhausted = getattr(redis_errors, "MaxConnectionsError", None)
+    return (exhausted is not None and isinstance(exc, exhausted)) or (
+        "Too many connections" in str(exc)
+    )
+
+
+class RedisConnection(AsyncStore):
+    """What every Redis store operation stands on (see the module docstring)."""
+
+    def __init__(self, url: StoreURL, options: RedisOptions) -> None:
+        self.url = url
+        self.options = options
+        self.keys = KeyLayout(options.prefix)
+        # The KEYS of each leases.lua call: every bucket's index in one call
+        # standalone; one call per slot in a cluster (slot order, buckets ascending).
+        self._index_groups = self._group_indexes()
+        self._guard = threading.Lock()
+        self._connections: _Connections | None = None
+        # Connections inherited over fork(): never used or closed in the child (their
+        # sockets belong to the parent), only kept from the garbage collector.
+        self._inherited: list[_Connections] = []
+        self._closed = False
+        # INFO of each server ("" standalone; each primary's "host:port" in a cluster).
+        self._server_facts: dict[str, dict[str, Any]] = {}
+        # wait() blocks in slices of this, so a silent server is noticed.
+        self._block_slice = options.socket_timeout
+        # Each server's run_id as read by INFO on one of our connections, by where
+        # it was read (see _Stamp). Every new connection to a server (a restart or
+        # failover breaks them all) forgets that server's entry and bumps its
+        # generation (see _stamp). A lock of its own: the sync cluster client makes
+        # connections while _guard is held (its constructor discovers the cluster).
+        self._run_ids: dict[str, str] = {}
+        self._generations: dict[str, int] = {}
+        self._run_id_guard = threading.Lock()
+        # Announcements: PUBLISH on one channel per prefix and database, the topic as
+        # the message; subscribers share one SUBSCRIBEd connection per store.
+        self.announce_channel = f"{options.prefix}announce:{options.db}"
+        self._topics = TopicHub()
+        self._announcements = ListenerSlot(
+            self._announce_listener, retry=_ANNOUNCE_RETRY, what=repr(self)
+        )
+
+    def _group_indexes(self) -> list[list[str]]:
+        indexes = self.keys.indexes()
+        if not self.options.cluster:
+            return [indexes]
+        by_slot: dict[int, list[str]] = {}
+        for bucket, index in enumerate(indexes):
+            by_slot.setdefault(_bucket_slot(bucket), []).append(index)
+        return [by_slot[slot] for slot in sorted(by_slot)]
+
+    # -- connections ---------------------------------------------------------
+
+    def _connection_kwargs(self, socket_timeout: float) -> dict[str, Any]:
+        options = self.options
+        kwargs: dict[str, Any] = {
+            "db": options.db,
+            "username": options.username,
+            "password": options.password,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": options.socket_connect_timeout,
+            "client_name": options.client_name,
+            # Replies are text except record values, which may be any bytes:
+            # surrogateescape decodes those losslessly (see _value_bytes).
+            "decode_responses": True,
+            "encoding_errors": "surrogateescape",
+            # RESP2 on purpose: every server and proxy speaks it, replies keep one
+            # shape across redis-py versions, and with RESP3 redis-py 8 turns on
+            # maintenance notifications, which skip its check that a pooled
+            # connection is still alive (after a server restart every pooled
+            # connection would then fail once).
+            "protocol": 2,
+            # No automatic retries. A command whose connection broke may have run
+            # (a repeated compare-and-set would then report a conflict with its own
+            # write), and a timed-out one must not spend the caller's safe deadline
+            # twice; callers retry what is safe to retry. Pooled sockets that died
+            # with a server restart are noticed and replaced when checked out.
+            # (For a cluster client this is its retry of whole commands after a
+            # connection error; MOVED, ASK and TRYAGAIN are still followed, as the
+            # command did not run.)
+            "retry": redis.asyncio.retry.Retry(NoBackoff(), 0),
+            # Replaces redis-py's handshake (which it calls) to notice new connections.
+            "redis_connect_func": self._on_connect,
+        }
+        if options.unix_path is not None:
+            kwargs["connection_class"] = _UNIX_CONNECTION
+            kwargs["path"] = options.unix_path
+            return kwargs
+        kwargs["host"] = options.host
+        kwargs["port"] = options.port
+        kwargs["socket_keepalive"] = True
+        if options.tls:
+            kwargs["connection_class"] = _TLS_CONNECTION
+            kwargs["ssl_ca_certs"] = options.ssl_ca_certs
+            kwargs["ssl_certfile"] = options.ssl_certfile
+            kwargs["ssl_keyfile"] = options.ssl_keyfile
+            kwargs["ssl_cert_reqs"] = options.ssl_cert_reqs
+            kwargs["ssl_check_hostname"] = options.ssl_check_hostname
+        else:
+            kwargs["connection_class"] = _TCP_CONNECTION
+        return kwargs
+
+    def _cluster_kwargs(self, socket_timeout: float, max_connections: int) -> dict[str, Any]:
+        """redis-py ``RedisCluster`` arguments: the same connections, to any node."""
+        kwargs = self._connection_kwargs(socket_timeout)
+        # The cluster client has only database 0; cluster_client installs the
+        # connect hook and the connection class (for ssl= too).
+        for key in ("db", "connection_class", "redis_connect_func"):
+            del kwargs[key]
+        kwargs["ssl"] = self.options.tls
+        # Per node.
+        kwargs["max_connections"] = max_connections
+        # Names on the nodes that are up keep working while another node's slots
+        # have no master (the servers decide whether to serve meanwhile:
+        # cluster-require-full-coverage).
+        kwargs["require_full_coverage"] = False
+        return kwargs
+
+    def _connect(self) -> _Connections:
+        """The connections of this process, created on first use (no I/O here,
+        except that redis-py's sync cluster client discovers the cluster when built)."""
+        if self._closed:
+            raise StoreUnavailable(f"redis store {self.url.redacted}: the store is closed")
+        with self._guard:
+            current = self._connections
+            pid = os.getpid()
+            if current is not None and current.pid == pid:
+                return current
+            if current is not None:
+                self._inherited.append(current)
+                self._connections = None
+            if self.options.cluster:
+                current = self._new_cluster_connections(pid)
+            else:
+                current = self._new_connections(pid)
+            self._connections = current
+            return current
+
+    def _new_connections(self, pid: int) -> _Connections:
+        # Commands wait for a free connection (up to socket_timeout) instead of
+        # failing when all are busy.
+        # (Any: redis-py leaves the sync BlockingConnectionPool unannotated.)
+        blocking_pool_class: Any = redis.asyncio.BlockingConnectionPool
+        command_pool = blocking_pool_class(
+            max_connections=self.options.max_connections,
+            timeout=self.options.socket_timeout,
+            **self._connection_kwargs(self.options.socket_timeout),
+        )
+        # BLPOP holds its connection for the whole wait, so waiters get their own
+        # pool and never starve commands (renewals above all). Its read timeout
+        # covers one blocking slice plus the usual reply time.
+        blocking_pool = redis.asyncio.ConnectionPool(
+            max_connections=self.options.max_blocking_connections,
+            **self._connection_kwargs(self._block_slice + self.options.socket_timeout),
+        )
+        return _Connections(
+            pid=pid,
+            commands=redis.asyncio.Redis(connection_pool=command_pool),
+            blocking=redis.asyncio.Redis(connection_pool=blocking_pool),
+            pools=(command_pool, blocking_pool),
+        )
+
+    def _new_cluster_connections(self, pid: int) -> _Connections:
+        # As standalone: waiters (BLPOP) get clients of their own, here a second
+        # cluster client with its own connections to each node.
+        with self._translated("connect"):
+            commands = cluster_client(
+                self._cluster_kwargs(self.options.socket_timeout, self.options.max_connections),
+                self._on_cluster_connect,
+            )
+            blocking = cluster_client(
+                self._cluster_kwargs(
+                    self._block_slice + self.options.socket_timeout,
+                    self.options.max_blocking_connections,
+                ),
+                self._on_cluster_connect,
+            )
+        return _Connections(
+            pid=pid,
+            commands=commands,
+            blocking=blocking,
+            cluster=commands,
+            clusters=(commands, blocking),
+        )
+
+    async def _on_connect(self, connection: Any) -> None:
+        await connection.on_connect()
+        self._forget_run_id("")
+
+    def _on_cluster_connect(self, connection: Any) -> None:
+        self._forget_run_id(_node_name(connection))
+
+    def _forget_run_id(self, where: str) -> None:
+        with self._run_id_guard:
+            self._run_ids.pop(where, None)
+            self._generations[where] = self._generations.get(where, 0) + 1
+
+    async def _owner(self, connections: _Connections, key: str) -> tuple[str, dict[str, Any]]:
+        """Where ``key`` lives: ("", {}) standalone; in a cluster, the name of the
+        primary that owns its slot and the ``target_nodes`` argument that reaches it."""
+        cluster = connections.cluster
+        if cluster is None:
+            return "", {}
+        await cluster_ready(cluster)
+        node = cluster.get_node_from_key(key)
+        return str(node.name), {"target_nodes": node}
+
+    def _still_owner(self, connections: _Connections, key: str, where: str) -> bool:
+        """Whether ``where`` (see _owner) still owns ``key``, as far as the client
+        knows: a MOVED during a call updates what it knows."""
+        cluster = connections.cluster
+        if cluster is None:
+            return True
+        try:
+            return bool(cluster.get_node_from_key(key).name == where)
+        except redis_errors.RedisClusterException:
+            return False  # the client forgot the slots after an error
+
+    async def _stamp(self, connections: _Connections, key: str) -> _Stamp:
+        """The run_id of the server that owns ``key``, read with ``INFO server``
+        once per server and cached.
+
+        Grants are stamped with it so that renew.lua can tell a grant of an earlier
+        server process (restart, failover). Reading it inside every acquire script
+        cost ~18 µs of server time per grant; now acquire passes it in ARGV. In a
+        cluster each node has its own run_id and renew.lua compares a grant's stamp
+        with the run_id of the node it runs on, so the stamp must come from the
+        node that owns the name's slot: the cache is per node, and a name whose slot
+        moves (MOVED: failover, resharding) is looked up on its new owner. An entry
+        is forgotten whenever a connection to its server is (re)established — a
+        restart or failover breaks every connection, so a new server is always met
+        on a new connection — and on NOSCRIPT. Soundness does not rest on the
+        cache: renew.lua still compares each stamp with INFO's run_id (once per
+        script, not per grant), so a stale stamp can only make a renewal fail (the
+        holder is told its lease is lost), never let a grant from before a restart
+        renew. And acquire re-stamps a grant when a connection to its server was
+        made, or its slot moved, during its call (see ``acquire``), so even that
+        false alarm needs a proxy that hides restarts.
+        """
+        where, target = await self._owner(connections, key)
+        with self._run_id_guard:
+            cached = self._run_ids.get(where)
+            if cached is not None:
+                return _Stamp(where, cached, self._generations.get(where, 0))
+        info = await self._execute(connections.commands, "INFO", "server", **target)
+        if not isinstance(info, dict) or "run_id" not in info:
+            raise self._malformed("INFO server", info)
+        raw = info["run_id"]
+        # redis-py turns an all-digit id into an int; ids are 40 hex digits.
+        run_id = f"{raw:040d}" if isinstance(raw, int) else str(raw)
+        too_old = _too_old(info)
+        if too_old is not None:
+            raise StoreMisconfigured(f"redis store {self.url.redacted}: {too_old}")
+        with self._run_id_guard:
+            self._run_ids[where] = run_id
+            # Read after INFO: the connection INFO may have made does not count as
+            # one made during the caller's script.
+            return _Stamp(where, run_id, self._generations.get(where, 0))
+
+    def _stamp_is_current(self, connections: _Connections, key: str, stamp: _Stamp) -> bool:
+        with self._run_id_guard:
+            fresh = self._generations.get(stamp.where, 0) == stamp.generation
+        return fresh and self._still_owner(connections, key, stamp.where)
+
+    # -- errors --------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        password = self.options.password
+        if password:
+            for secret in {password, urllib.parse.quote(password, safe="")}:
+                text = text.replace(secret, "***")
+        return text
+
+    def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
+        """The one place a redis-py (or socket/TLS) error becomes a leasehold error."""
+        detail = str(exc) or type(exc).__name__
+        # Answers that waiting cannot change: StoreMisconfigured, never retried.
+        misconfigured = True
+        if isinstance(exc, redis_errors.AuthenticationError) or "WRONGPASS" in detail:
+            detail = (
+                f"authentication failed: check the user name and password in the URL ({detail})"
+            )
+        elif isinstance(exc, redis_errors.NoPermissionError) or "can't run this command" in detail:
+            detail = f"the Redis user lacks a permission (see the ACL in the docs): {detail}"
+        elif "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+            detail = f"TLS certificate verification failed (check ssl_ca_certs): {detail}"
+        elif isinstance(exc, redis_errors.ReadOnlyError):
+            detail = f"connected to a read-only replica: {detail}"
+        elif "DB index is out of range" in detail or "invalid DB index" in detail:
+            detail = f"the database number in the URL does not exist on the server: {detail}"
+        elif "Cluster mode is not enabled" in detail:
+            # redis-py says so both for a standalone server and for an ACL user
+            # that may not read the slot map.
+            detail = (
+                "the seed node is not a cluster node (use redis:// for a standalone "
+                "server), or the Redis user lacks +cluster|slots and +command: "
+                f"{detail}"
+            )
+        else:
+            misconfigured = False
+        if misconfigured:
+            pass  # explained above
+        elif isinstance(exc, redis_errors.TimeoutError):
+            detail = f"no reply within {self.options.socket_timeout:g} s: {detail}"
+        elif isinstance(exc, redis_errors.OutOfMemoryError):
+            detail = f"Redis is out of memory (maxmemory): {detail}"
+        elif isinstance(exc, redis_errors.BusyLoadingError):
+            detail = f"Redis is still loading its data set: {detail}"
+        elif isinstance(exc, redis_errors.ClusterDownError | redis_errors.SlotNotCoveredError):
+            detail = f"the Redis Cluster is down or a slot has no master: {detail}"
+        # Only the driver's text is scrubbed: the URL is redacted already, and a short
+        # password would otherwise also be blotted out of the user name.
+        kind = StoreMisconfigured if misconfigured else StoreUnavailable
+        return kind(f"redis store {self.url.redacted}: {doing} failed: {self._scrub(detail)}")
+
+    @contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except _DRIVER_ERRORS as exc:
+            # `from None`: the driver's exception may carry connection details; what
+            # matters is already in the message.
+            raise self._unavailable(doing, exc) from None
+
+    async def _execute(
+        self,
+        client: _Commands,
+        *args: str | int | bytes,
+        wait_for_connection: bool = True,
+        **options: Any,
+    ) -> Any:
+        """One command; ``options`` go to redis-py (``target_nodes`` in a cluster).
+        In a cluster, a command that finds every connection to its node busy waits
+        for one up to socket_timeout, as the standalone command pool does, unless
+        ``wait_for_connection`` is false."""
+        before = cancellations()
+        deadline: float | None = None
+        while True:
+            try:
+                reply = await client.execute_command(*args, **options)
+                break
+            except redis_errors.ConnectionError as exc:
+                deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
+                await sleep(_POOL_POLL)
+        # A cancellation that arrived while redis-py was sending can be lost (see
+        # redis/io.py); raise it here so a cancelled caller never carries on.
+        raise_if_cancelled_since(before)
+        return reply
+
+    def _wait_for_connection(
+        self, exc: redis_errors.ConnectionError, deadline: float | None, wait: bool
+    ) -> float:
+        """The deadline for a cluster command to get a connection; raises ``exc``
+        unless it only said that none was free and there is time left."""
+        if not (wait and self.options.cluster and _pool_exhausted(exc)):
+            raise exc
+        now = time.monotonic()
+        if deadline is None:
+            # Never past the operation's deadline.
+            return now + _deadline.remaining(self.options.socket_timeout)
+        if now >= deadline:
+            raise exc
+        return deadline
+
+    # -- scripts -------------------------------------------------------------
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
+        """Run a script once (in a cluster, on the node that owns its keys' slot)."""
+        script = _script(name)
+        connections = self._connect()
+        client = connections.commands
+        with self._translated(name):
+            try:
+                return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis_errors.NoScriptError:
+                # A restart, a failover or SCRIPT FLUSH emptied the script cache. The
+                # script did not run, so loading it and running it again is safe. A
+                # restart may also mean another run_id.
+                await self._load_script(connections, script, [keys[0]])
+                return await self._execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _load_script(
+        self, connections: _Connections, script: _Script, keys: Sequence[str]
+    ) -> None:
+        """After NOSCRIPT: load the script on the server(s) that own ``keys`` (one
+        key per call that met NOSCRIPT) and forget their run_ids."""
+        owners: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            where, target = await self._owner(connections, key)
+            owners[where] = target
+        for where, target in owners.items():
+            self._forget_run_id(where)
+            await self._execute(connections.commands, "SCRIPT", "LOAD", script.source, **target)
+
+    def _malformed(self, what: str, reply: object) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"redis store {self.url.redacted}: unexpected reply to {what}: {reply!r:.200}"
+        )
+
+    def _announce_listener(self) -> PubSubListener:
+        kwargs = self._connection_kwargs(self.options.socket_timeout)
+        # Not a command connection: no run_id bookkeeping on (re)connect.
+        kwargs.pop("redis_connect_func", None)
+        if self.options.cluster:
+            # A cluster passes every PUBLISH to the subscribers on all its nodes, so
+            # one plain connection to any node hears every announcement.
+            kwargs["host"], kwargs["port"] = self._any_node()
+        kwargs["health_check_interval"] = _ANNOUNCE_HEALTH_CHECK
+        return PubSubListener(
+            kwargs,
+            self.announce_channel,
+            on_message=self._topics.wake,
+            on_lost=self._topics.wake_all,
+            unavailable=self._unavailable,
+            confirm_timeout=self.options.socket_timeout,
+        )
+
+    def _any_node(self) -> tuple[str, int]:
+        """A primary of the cluster: a random one of those the cluster client knows
+        (so a listener started again after its node failed likely meets another),
+        the seed node while it knows none."""
+        current = self._connections
+        if current is not None and current.pid == os.getpid() and current.cluster is not None:
+            primaries = current.cluster.get_primaries()
+            if primaries:
+                node = random.choice(primaries)
+                return str(node.host), int(node.port)
+        return self.options.host, self.options.port
+
+
+def _server_warnings(facts: dict[str, Any]) -> list[str]:
+    """What is risky in one server's INFO."""
+    found: list[str] = []
+    policy = facts.get("maxmemory_policy")
+    if policy not in (None, "noeviction"):
+        found.append(
+            f"maxmemory-policy is {policy}: under memory pressure Redis may evict "
+            "lease keys and grant a held lease again; use noeviction"
+        )
+    if facts.get("aof_enabled") == 0:
+        found.append(
+            "persistence is off (appendonly no): a restart forgets every lease; "
+            "holders learn it at their next renewal and fences stay increasing"
+        )
+    if facts.get("role") == "slave":
+        found.append("connected to a replica: writes will fail")
+    too_old = _too_old(facts)
+    if too_old is not None:
+        found.append(too_old)
+    return found
+
+
+def _too_old(info: dict[str, Any]) -> str | None:
+    """Why the server of this INFO is too old for leasehold, or None."""
+    version = str(info.get("redis_version", ""))
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if len(numbers) == 2 and numbers < MIN_REDIS_VERSION:
+        return f"Redis {version} is too old: leasehold needs 7.0 or newer"
+    return None

@@ -1,1 +1,0 @@
-"""Lua and SQL shipped with the package, each with a header comment stating its contract."""
