@@ -125,6 +125,11 @@ def current() -> Deadline | None:
     return _current.get()
 
 
+def forget() -> None:
+    """No deadline from here on in this context (for background tasks)."""
+    _current.set(None)
+
+
 def remaining(default: float) -> float:
     """Seconds left to the current deadline, at most ``default``."""
     deadline = _current.get()

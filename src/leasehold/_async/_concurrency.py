@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from leasehold import _deadline
+
 T = TypeVar("T")
 
 IS_ASYNC = True
@@ -86,8 +88,14 @@ async def sleep(seconds: float) -> None:
 
 
 def spawn(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> object:
-    """Start ``fn`` in the background of the running event loop."""
-    task = asyncio.get_running_loop().create_task(fn(), name=name)
+    """Start ``fn`` in the background of the running event loop.
+
+    It runs in a copy of the caller's context without the caller's store-call
+    deadline (see leasehold._deadline): a keeper started during an acquire must
+    not inherit that acquire's deadline for the rest of its life."""
+    context = contextvars.copy_context()
+    context.run(_deadline.forget)
+    task = asyncio.get_running_loop().create_task(fn(), name=name, context=context)
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
     return task
