@@ -38,9 +38,17 @@ OPERATIONS = (
 )
 
 
+RENEW_ITEM_SECONDS = 0.001
+
+
 def _limit(store: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     seconds = float(store.operation_timeout)
-    if name == "wait":
+    if name == "renew":
+        # One call renews a whole batch (10,000 leases are seconds of server work
+        # under load): a millisecond more per lease.
+        items = kwargs.get("items", args[0] if args else ())
+        seconds += RENEW_ITEM_SECONDS * len(items)
+    elif name == "wait":
         timeout = kwargs.get("timeout", args[2] if len(args) > 2 else 0.0)
         seconds += max(0.0, float(timeout))
     return seconds
