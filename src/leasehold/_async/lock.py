@@ -49,9 +49,11 @@ POLL_HEAD = 0.002
 POLL_STEP = 0.01
 POLL_MAX = 0.5
 STORE_RETRY = Backoff(initial=0.05, maximum=2.0)
-# The share of an acquire's slack (see call_slack) that its last store call may
-# use past the deadline, and the share its clean-up may use after that.
+# The shares of an acquire's slack (see call_slack) that its last store call may
+# use past the deadline, and its clean-up after that (then it goes on in the
+# background); the rest is for the machine's own delays.
 SLACK_SHARE = 0.4
+CLEANUP_SHARE = 0.2
 # How often ``with lock:`` asks again for a lease that expired before its body began.
 ENTER_ATTEMPTS = 3
 
@@ -280,7 +282,7 @@ class AsyncLock:
             # Cancelled, timed out or failed mid-call: the store may have granted or
             # queued us without our hearing the answer. Undo both: shielded, for
             # at most a share of the slack, then in the background.
-            undone = await self._let_go(token, slack * SLACK_SHARE, quiet=not reached_store)
+            undone = await self._let_go(token, slack * CLEANUP_SHARE, quiet=not reached_store)
             if not undone and reached_store:
                 logger.warning(
                     "acquire %r interrupted and the store did not confirm the clean-up; "
@@ -312,7 +314,7 @@ class AsyncLock:
         context.counters.add("timed_out" if queue else "skipped")
         context.counters.add("wait_time", context.clock.monotonic() - started)
         if undo:
-            await self._let_go(token, slack * SLACK_SHARE)
+            await self._let_go(token, slack * CLEANUP_SHARE)
 
     async def _let_go(self, token: str, seconds: float, *, quiet: bool = False) -> bool:
         """Release ``token``'s grant or queue place, waiting at most ``seconds``;
