@@ -759,3 +759,34 @@ def test_the_cli_keeps_its_default_silently(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "local to this host" not in done.stderr
     assert (tmp_path / "leasehold" / "leasehold.db").exists()
+
+
+def test_celery_workers_check_their_stores_at_startup(
+    postgres_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery  # type: ignore[import-untyped]
+
+    from leasehold.celery import LeaderScheduler, SingletonTask, check_startup
+
+    monkeypatch.delenv(defaults.ENV_URL, raising=False)
+    base = str(postgres_server.url).rpartition("/")[0]
+    app = Celery("lh_bounds_check", broker="memory://", set_as_current=False)
+
+    @app.task(base=SingletonTask, lock_key="k", shared=False)
+    def job() -> None:
+        pass
+
+    # No URL anywhere: refused (the host-local default would split the fleet).
+    with pytest.raises(leasehold.InvalidArgument, match="leasehold_url"):
+        check_startup(app)
+    with pytest.raises(leasehold.InvalidArgument, match="leasehold_url"):
+        LeaderScheduler(app)
+    # A store that rejects the configuration: the worker does not start.
+    app.conf.leasehold_url = f"{base}/no_such_database_here"
+    started = time.monotonic()
+    with pytest.raises(StoreMisconfigured):
+        check_startup(app)
+    assert time.monotonic() - started < 2.0 + LOADED
+    # A good one passes.
+    app.conf.leasehold_url = str(postgres_server.url)
+    check_startup(app)
