@@ -40,6 +40,9 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from leasehold import _deadline
 
+# Outside any operation, the configured connect timeout alone bounds a connect.
+_NO_LIMIT = 3600.0
+
 
 def cancellations() -> int:
     """Cancellation requests of the current task not yet taken back (0 outside a task)."""
@@ -112,6 +115,17 @@ class _Bounded:
             if sock is not None:
                 _deadline.attach(sock.fileno())
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    socket_connect_timeout: float | None
+
+    async def _connect(self) -> None:
+        # Connecting never outlasts the operation's deadline either.
+        configured = self.socket_connect_timeout
+        self.socket_connect_timeout = max(0.001, _deadline.remaining(configured or _NO_LIMIT))
+        try:
+            await super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout = configured
 
 
 class _HiredisPacking:

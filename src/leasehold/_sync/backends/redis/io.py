@@ -17,6 +17,9 @@ import redis.connection
 
 from leasehold import _deadline
 
+# Outside any operation, the configured connect timeout alone bounds a connect.
+_NO_LIMIT = 3600.0
+
 
 def cancellations() -> int:
     return 0
@@ -59,6 +62,17 @@ class _Bounded:
         if sock is not None:
             _deadline.attach(sock.fileno())
         super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    socket_connect_timeout: float | None
+
+    def _connect(self) -> Any:
+        # Connecting never outlasts the operation's deadline either.
+        configured = self.socket_connect_timeout
+        self.socket_connect_timeout = max(0.001, _deadline.remaining(configured or _NO_LIMIT))
+        try:
+            return super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout = configured
 
 
 class _TCPConnection(_Bounded, redis.connection.Connection):
