@@ -790,3 +790,22 @@ def test_celery_workers_check_their_stores_at_startup(
     # A good one passes.
     app.conf.leasehold_url = str(postgres_server.url)
     check_startup(app)
+
+
+def test_closing_a_client_takes_one_operation_timeout_for_all_its_leases(
+    served: tuple[str, _Forwarder], request: pytest.FixtureRequest
+) -> None:
+    url, forwarder = served
+    name = _name(request)
+    client = Client(url, operation_timeout=1.0)
+    leases = [client.lock(f"{name}:{i}", ttl=30).acquire(timeout=5) for i in range(4)]
+    forwarder.stall.set()
+    try:
+        took, result = _elapsed(client.close)
+    finally:
+        forwarder.stall.clear()
+    assert result is None, result
+    # One operation timeout for the releases (not 4 x 1 s), then a little to stop
+    # a connection pool whose workers may be connecting to the stalled server.
+    assert took < 1.0 + 0.5 + LOADED, took
+    assert all(lease.released for lease in leases)

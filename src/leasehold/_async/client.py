@@ -7,6 +7,7 @@ import threading
 import weakref
 from types import TracebackType
 
+from leasehold import _deadline
 from leasehold._async.backends import open_store
 from leasehold._async.context import AsyncContext
 from leasehold._async.election import AsyncElection, announce_change
@@ -197,13 +198,17 @@ class AsyncClient:
         context.holder = Holder.for_this_process(self._identity)
 
     async def aclose(self) -> None:
-        """Release every lease this client still holds, stop renewing, disconnect."""
+        """Release every lease this client still holds, stop renewing, disconnect.
+        The releases take at most the operation timeout together."""
         context = self._context
         if context.closed:
             return
         context.closed = True
-        for lease in context.keeper.tracked():
-            await lease.release()
+        # One operation timeout for all the releases together, not one each: a
+        # stalled store must not keep a closing client for N times as long.
+        with _deadline.bounded(self.store.operation_timeout):
+            for lease in context.keeper.tracked():
+                await lease.release()
         context.keeper.stop()
         await self.store.aclose()
 

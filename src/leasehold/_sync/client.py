@@ -9,6 +9,7 @@ import threading
 import weakref
 from types import TracebackType
 
+from leasehold import _deadline
 from leasehold._sync.backends import open_store
 from leasehold._sync.context import Context
 from leasehold._sync.election import Election, announce_change
@@ -199,13 +200,17 @@ class Client:
         context.holder = Holder.for_this_process(self._identity)
 
     def close(self) -> None:
-        """Release every lease this client still holds, stop renewing, disconnect."""
+        """Release every lease this client still holds, stop renewing, disconnect.
+        The releases take at most the operation timeout together."""
         context = self._context
         if context.closed:
             return
         context.closed = True
-        for lease in context.keeper.tracked():
-            lease.release()
+        # One operation timeout for all the releases together, not one each: a
+        # stalled store must not keep a closing client for N times as long.
+        with _deadline.bounded(self.store.operation_timeout):
+            for lease in context.keeper.tracked():
+                lease.release()
         context.keeper.stop()
         self.store.close()
 
