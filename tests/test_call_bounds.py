@@ -809,3 +809,12 @@ def test_closing_a_client_takes_one_operation_timeout_for_all_its_leases(
     # a connection pool whose workers may be connecting to the stalled server.
     assert took < 1.0 + 0.5 + LOADED, took
     assert all(lease.released for lease in leases)
+
+
+def test_a_file_that_is_not_a_sqlite_database_is_misconfiguration(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-database.db"
+    path.write_bytes(b"this is no SQLite database, and waiting will not make it one" * 100)
+    with Client(f"sqlite:///{path}") as client:
+        took, result = _elapsed(lambda: client.lock("x").acquire(timeout=10))
+    assert isinstance(result, StoreMisconfigured), result
+    assert took < 2.0 + LOADED, took
