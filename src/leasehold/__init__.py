@@ -37,6 +37,7 @@ from leasehold._errors import (
     OnceFailed,
     StaleEpoch,
     StaleFence,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from leasehold._sync.client import Client
@@ -89,6 +90,7 @@ __all__ = [
     "StaleFence",
     "Statistics",
     "Store",
+    "StoreMisconfigured",
     "StoreUnavailable",
     "Subscription",
     "SystemClock",

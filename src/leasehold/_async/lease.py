@@ -10,7 +10,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from leasehold._async._concurrency import AsyncBodyGuard, AsyncEvent, shielded
+from leasehold import _deadline
+from leasehold._async._concurrency import AsyncBodyGuard, AsyncEvent, in_background, shielded
 from leasehold._core import validate
 from leasehold._core.policy import safe_deadline
 from leasehold._core.records import RenewItem
@@ -177,7 +178,11 @@ class AsyncLease:
         self.check()
         sent = self._now()
         try:
-            answers = await self._context.store.renew([RenewItem(self._name, self._token, new_ttl)])
+            # Never waits past the safe deadline: by then the answer cannot help.
+            with _deadline.bounded(max(0.0, self._deadline - sent)):
+                answers = await self._context.store.renew(
+                    [RenewItem(self._name, self._token, new_ttl)]
+                )
         except StoreUnavailable:
             if self._now() >= self._deadline:
                 self._mark_lost("the store was unreachable until the safe deadline")
@@ -208,8 +213,25 @@ class AsyncLease:
         self._context.forget(self)
         if event is not None:
             event.set()
+        store = self._context.store
+        if was_lost:
+            # Only a courtesy now (the store may still list us, say after a lost
+            # renewal answer): never worth making the caller wait for a store that
+            # may be the reason for the loss.
+            in_background(lambda: store.release(self._name, self._token))
+            held = False
+        else:
+            held = await self._release_in_store()
+        self._context.counters.add("released")
+        self._context.counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+        hook = self._after_release
+        if hook is not None:
+            await hook()
+        return held and not was_lost
+
+    async def _release_in_store(self) -> bool:
         try:
-            held = await shielded(lambda: self._context.store.release(self._name, self._token))
+            return await shielded(lambda: self._context.store.release(self._name, self._token))
         except StoreUnavailable as exc:
             logger.warning(
                 "could not release %r (fence %d): %s; it expires by itself within %g s",
@@ -218,13 +240,7 @@ class AsyncLease:
                 exc,
                 self._ttl,
             )
-            held = False
-        self._context.counters.add("released")
-        self._context.counters.add("hold_time", max(0.0, self._now() - self._granted_at))
-        hook = self._after_release
-        if hook is not None:
-            await hook()
-        return held and not was_lost
+            return False
 
     async def wait_lost(self, timeout: float | None = None) -> bool:
         """Wait until the lease is lost or released; True if it happened in time."""
@@ -298,6 +314,14 @@ class AsyncLease:
     # -- context manager ----------------------------------------------------------
 
     async def __aenter__(self) -> AsyncLease:
+        # A body starts only under a lease held at this moment: code before its
+        # first await (or a sync body) would otherwise run after a successor began.
+        reason = self._unheld_reason(self._now())
+        if reason is not None:
+            if self._lost_reason is None and not self._released and not self._forked():
+                self._mark_lost(reason)
+            await self.release()
+            raise LeaseLost(self._name, self._fence, reason)
         body = AsyncBodyGuard()
         with self._guard:
             self._bodies.append(body)

@@ -39,7 +39,13 @@ from leasehold._core.election import (
     topic,
     watch_delay,
 )
-from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._errors import (
+    AcquireTimeout,
+    InvalidArgument,
+    LeaseLost,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 
 if TYPE_CHECKING:
     from leasehold._sync.context import Context
@@ -362,6 +368,8 @@ class Election:
                 # statistics().timed_out honest.
                 self._context.counters.add("timed_out", -1)
                 continue
+            except StoreMisconfigured:
+                raise  # waiting does not fix it
             except StoreUnavailable as exc:
                 failures += 1
                 delay = STORE_RETRY.delay(failures - 1)

@@ -21,8 +21,7 @@ from leasehold._core.records import (
     RenewItem,
     WaitResult,
 )
-from leasehold._errors import StoreUnavailable
-from leasehold._shared.sqlite.connection import SQLiteConnection
+from leasehold._shared.sqlite.connection import SQLiteConnection, sqlite_error
 
 # What a release (or break) tells the store to send, after commit: a waiter's
 # wake-up address and the (fence, token) of the place handed to it (None: only
@@ -284,7 +283,7 @@ class SQLiteTables(SQLiteConnection):
                 self._LOOK, {"n": name, "t": token, "now": now}
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         if fence is not None:
             return HandedOver(int(fence))
         if seq is None:
@@ -315,7 +314,7 @@ class SQLiteTables(SQLiteConnection):
                 self._SELECT + "WHERE name = ? AND expires > ? ORDER BY fence", (name, now)
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         return self._infos(rows, now)
 
     def leases(self, prefix: str, now: float) -> list[HolderInfo]:
@@ -325,7 +324,7 @@ class SQLiteTables(SQLiteConnection):
                 (len(prefix), prefix, now),
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         return self._infos(rows, now)
 
     def read_record(self, key: str, now: float) -> Record:
@@ -336,7 +335,7 @@ class SQLiteTables(SQLiteConnection):
                 (key, now),
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         row = rows[0] if rows else None
         if row is None:
             return Record(key=key, value=None, version=0, now=now)
@@ -369,4 +368,4 @@ class SQLiteTables(SQLiteConnection):
         try:
             self.read("SELECT 1")
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
