@@ -401,21 +401,28 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._count("accepted")
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        pipe: _Pipe | None = None
         try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5.0)
-        except (OSError, TimeoutError):
-            self._count("refused_upstream")
-            writer.transport.abort()
-            return
-        pipe = _Pipe(self, (reader, writer), upstream)
-        self._pipes.add(pipe)
-        pipe.start()
-        try:
+            try:
+                upstream = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5.0)
+            except (OSError, TimeoutError):
+                self._count("refused_upstream")
+                return
+            pipe = _Pipe(self, (reader, writer), upstream)
+            self._pipes.add(pipe)
+            pipe.start()
             await asyncio.gather(*pipe.tasks, return_exceptions=True)
         finally:
-            self._pipes.discard(pipe)
-            for side in (writer, upstream[1]):
-                side.close()
+            # Every path closes both sockets, a cancellation at close() included
+            # (an unclosed socket is a ResourceWarning in the user's test run).
+            if pipe is not None:
+                self._pipes.discard(pipe)
+                for task in pipe.tasks:
+                    task.cancel()
+            writer.transport.abort()
+            if upstream is not None:
+                upstream[1].transport.abort()
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -433,3 +440,7 @@ class FaultProxy:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        # Aborted transports close their sockets in callbacks: let those run before
+        # the loop closes.
+        for _ in range(3):
+            await asyncio.sleep(0)
