@@ -32,9 +32,11 @@ from leasehold._errors import (
     StoreMisconfigured,
     StoreUnavailable,
 )
+from leasehold._observe import log_fields
 
 if TYPE_CHECKING:
     from leasehold._async.context import AsyncContext
+    from leasehold.events import Primitive
 
 logger = logging.getLogger("leasehold")
 
@@ -82,11 +84,15 @@ class AsyncLock:
         on_lost: OnLost | None = None,
         margin: float | None = None,
         owner: str | None = None,
+        primitive: Primitive | None = None,
     ) -> None:
         self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
+        # What events and metrics call it: an election's, a once's or a presence
+        # room's lock says so.
+        self._primitive: Primitive = primitive or ("semaphore" if self._limit > 1 else "lock")
         if not isinstance(renew, bool):
             raise InvalidArgument(f"renew must be a bool, got {type(renew).__name__}")
         self._renew = renew
@@ -117,32 +123,60 @@ class AsyncLock:
         """Wait until granted; ``AcquireTimeout`` after ``timeout`` seconds (None:
         forever). Waiters are served in arrival order."""
         checked = validate.timeout(timeout)
-        lease = await self._acquire(checked, queue=checked != 0)
+        # _observed() written out: one call frame less on the hot path.
+        observer = self._context.observer
+        started = observer.acquire_started(self._primitive, self._name, True)
+        try:
+            lease = await self._acquire(checked, queue=checked != 0, started=started)
+        except BaseException as exc:
+            observer.acquire_failed(self._primitive, self._name, started, exc)
+            raise
         if lease is None:
+            observer.not_acquired(self._primitive, self._name, started, blocking=True)
             raise AcquireTimeout(self._name, checked or 0.0)
+        observer.acquired(self._primitive, self._name, lease._fence, started, lease._handed_over)
         return lease
 
     async def try_acquire(self) -> AsyncLease | None:
         """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
-        return await self._acquire(0.0, queue=False)
+        started = self._context.observer.acquire_started(self._primitive, self._name, False)
+        return await self._observed(started, 0.0, blocking=False)
 
-    async def _acquire(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
+    async def _observed(
+        self, started: float, timeout: float | None, *, blocking: bool, final: bool = True
+    ) -> AsyncLease | None:
+        """One acquire, reported: exactly one outcome per ``acquire_started``
+        (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
+        observer = self._context.observer
+        try:
+            lease = await self._acquire(timeout, queue=blocking and timeout != 0, started=started)
+        except BaseException as exc:
+            observer.acquire_failed(self._primitive, self._name, started, exc)
+            raise
+        if lease is not None:
+            observer.acquired(
+                self._primitive, self._name, lease._fence, started, lease._handed_over
+            )
+        elif final:
+            observer.not_acquired(self._primitive, self._name, started, blocking=blocking)
+        return lease
+
+    async def _acquire(
+        self, timeout: float | None, *, queue: bool, started: float
+    ) -> AsyncLease | None:
         if not queue:
             return await self._attempts(timeout, queue=False)
         context = self._context
         clock = context.clock
-        started = clock.monotonic()
         key = (self._name, self._limit)
         turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
-                    context.counters.add("timed_out")
-                    context.counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
-            return await self._attempts(remaining, queue=True, started=started)
+            return await self._attempts(remaining, queue=True)
         finally:
             context.gates.leave(key, turn)
 
@@ -156,9 +190,7 @@ class AsyncLock:
             queue_ttl=QUEUE_TTL if queue else None,
         )
 
-    async def _attempts(
-        self, timeout: float | None, *, queue: bool, started: float | None = None
-    ) -> AsyncLease | None:
+    async def _attempts(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
         context = self._context
         store = context.store
         clock = context.clock
@@ -167,9 +199,8 @@ class AsyncLock:
             holder = replace(holder, owner=self._owner)
         token = secrets.token_urlsafe(24)
         request = self._request(token, holder, queue=queue)
-        if started is None:
-            started = clock.monotonic()
-        deadline = None if timeout is None else clock.monotonic() + timeout
+        started = clock.monotonic()
+        deadline = None if timeout is None else started + timeout
         slack = call_slack(timeout)
         attempt = 0
         failures = 0
@@ -212,26 +243,29 @@ class AsyncLock:
                         # The caller's own time ran out while the store was slow
                         # or silent: a timeout like any other (the grant it may
                         # have made is released).
-                        logger.info("acquire %r: %s", self._name, exc)
-                        await self._timed_out(token, queue, started, slack, undo=True)
+                        logger.info(
+                            "acquire %r: %s",
+                            self._name,
+                            exc,
+                            extra=log_fields("acquire_no_answer", self._primitive, self._name),
+                        )
+                        await self._let_go(token, slack * CLEANUP_SHARE)
                         return None
                     limit = give_up_at()
                     if limit is not None and now >= limit:
                         raise
-                    logger.warning("acquire %r: store error (%s); retrying", self._name, exc)
+                    context.observer.acquire_retry(self._name, exc)
                     pause = STORE_RETRY.delay(failures - 1)
                     if limit is not None:
                         pause = min(pause, limit - now)
                     if await self._wait(token, pause, bound(), deadline) is None:
-                        await self._timed_out(token, queue, started, slack, undo=True)
+                        await self._let_go(token, slack * CLEANUP_SHARE)
                         return None
                     continue
                 reached_store = True
                 failures = 0
                 if isinstance(result, Granted):
-                    lease = self._granted(
-                        token, fence=result.fence, owner=holder.owner, sent=sent, started=started
-                    )
+                    lease = self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
                     if lease is not None:
                         return lease
                     # The answer came too late to hold anything: let that grant go
@@ -246,14 +280,16 @@ class AsyncLock:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    await self._timed_out(token, queue, started, slack, undo=queue)
+                    if queue:
+                        await self._let_go(token, slack * CLEANUP_SHARE)
                     return None
                 pause = self._pause(result, attempt, store.capabilities.notifications)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
                 woken = await self._wait(token, pause, bound(), deadline)
                 if woken is None:
-                    await self._timed_out(token, queue, started, slack, undo=queue)
+                    if queue:
+                        await self._let_go(token, slack * CLEANUP_SHARE)
                     return None
                 term = min(self._ttl, QUEUE_TTL)
                 if (
@@ -272,7 +308,6 @@ class AsyncLock:
                         fence=woken.fence,
                         owner=holder.owner,
                         sent=queued_at,
-                        started=started,
                         term=term,
                     )
                     if lease is not None:
@@ -289,6 +324,7 @@ class AsyncLock:
                     "any grant expires within %g s",
                     self._name,
                     self._ttl,
+                    extra=log_fields("acquire_interrupted", self._primitive, self._name),
                 )
             raise
 
@@ -307,15 +343,6 @@ class AsyncLock:
                 return None
             raise
 
-    async def _timed_out(
-        self, token: str, queue: bool, started: float, slack: float, *, undo: bool
-    ) -> None:
-        context = self._context
-        context.counters.add("timed_out" if queue else "skipped")
-        context.counters.add("wait_time", context.clock.monotonic() - started)
-        if undo:
-            await self._let_go(token, slack * CLEANUP_SHARE)
-
     async def _let_go(self, token: str, seconds: float, *, quiet: bool = False) -> bool:
         """Release ``token``'s grant or queue place, waiting at most ``seconds``;
         if the store does not confirm by then, try again in the background. True
@@ -332,6 +359,7 @@ class AsyncLock:
                 "releasing an abandoned acquire of %r: %s; trying again in the background",
                 self._name,
                 exc,
+                extra=log_fields("acquire_cleanup", self._primitive, self._name),
             )
             if not isinstance(exc, StoreMisconfigured):
                 self._let_go_later(token)
@@ -349,7 +377,6 @@ class AsyncLock:
         fence: int,
         owner: str,
         sent: float,
-        started: float,
         term: float | None = None,
     ) -> AsyncLease | None:
         """The lease for a grant; None if its answer came at or after the grant's
@@ -364,6 +391,7 @@ class AsyncLock:
                 self._name,
                 fence,
                 now - sent,
+                extra=log_fields("late_grant", self._primitive, self._name, fence=fence),
             )
             return None
         lease = AsyncLease(
@@ -379,10 +407,11 @@ class AsyncLock:
             on_lost=self._on_lost,
             owner=owner,
             term=term,
+            primitive=self._primitive,
+            restarts=context.store.restarts(self._name),
         )
+        lease._handed_over = term is not None  # only a hand-over passes a term
         context.track(lease)
-        context.counters.add("acquired")
-        context.counters.add("wait_time", now - started)
         return lease
 
     @staticmethod
