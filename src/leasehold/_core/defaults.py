@@ -51,5 +51,6 @@ def url_for_library(url: str | None) -> str:
             ENV_URL,
             chosen.removeprefix("sqlite:///"),
             ENV_URL,
+            extra={"leasehold_event": "default_store"},
         )
     return chosen
