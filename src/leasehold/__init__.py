@@ -39,6 +39,7 @@ from leasehold._errors import (
     OnceFailed,
     StaleEpoch,
     StaleFence,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from leasehold._sync.client import Client
@@ -92,6 +93,7 @@ __all__ = [
     "StaleFence",
     "Statistics",
     "Store",
+    "StoreMisconfigured",
     "StoreUnavailable",
     "Subscription",
     "SystemClock",

@@ -11,6 +11,7 @@ __all__ = [
     "OnceFailed",
     "StaleEpoch",
     "StaleFence",
+    "StoreMisconfigured",
     "StoreUnavailable",
 ]
 
@@ -60,6 +61,23 @@ class StoreUnavailable(LeaseholdError, ConnectionError):
 
     Messages never contain credentials.
     """
+
+
+class StoreMisconfigured(StoreUnavailable):
+    """The store answered, and its answer means the configuration is wrong:
+    authentication, a missing permission, an unknown database, a failed TLS
+    verification, a missing schema with ``create_schema=false``, a read-only replica.
+
+    Raised at once and never retried: waiting does not fix it. A subclass of
+    ``StoreUnavailable`` so that code catching that sees it too. Messages never
+    contain credentials.
+    """
+
+
+class NoAnswer(StoreUnavailable):
+    """A store call ended by its deadline (the operation timeout, or the caller's
+    own shorter one): the store did not answer in time and the connection was
+    dropped. Not exported: catch ``StoreUnavailable``."""
 
 
 class StaleFence(LeaseholdError):

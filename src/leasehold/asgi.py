@@ -48,8 +48,15 @@ from leasehold._async.client import AsyncClient
 from leasehold._async.election import AsyncElection, LeaderBody
 from leasehold._async.lease import AsyncLease
 from leasehold._core import validate
+from leasehold._core.defaults import ENV_URL, configured_url
 from leasehold._core.health import Health
-from leasehold._errors import InvalidArgument, LeaseholdError, LeaseLost
+from leasehold._errors import (
+    InvalidArgument,
+    LeaseholdError,
+    LeaseLost,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 
 __all__ = ["LeaderFunction", "Lifespan", "Readiness", "lifespan", "readiness", "readiness_app"]
 
@@ -83,8 +90,11 @@ def lifespan(
     """A lifespan that opens a leasehold client and, with ``leader``, runs
     ``await leader(lease)`` on exactly one replica at a time.
 
-    ``url``: the store (default ``$LEASEHOLD_URL``); or ``client``, a factory
-    returning an ``AsyncClient``. ``leader``: an async function taking the
+    ``url``: the store (default ``$LEASEHOLD_URL``; one of them is required, as the
+    host-local default SQLite file would make every host a leader); or ``client``,
+    a factory returning an ``AsyncClient``. A store that rejects the configuration
+    (``StoreMisconfigured``: a wrong password, a missing permission, ...) fails the
+    startup. ``leader``: an async function taking the
     leadership lease. Without ``every`` it is a long-running loop of its own;
     with ``every`` it is called every ``every`` seconds while this replica leads
     (an exception is logged and the next call happens on schedule). ``election``
@@ -123,7 +133,8 @@ def lifespan(
 
     @asynccontextmanager
     async def _lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
-        opened = client() if client is not None else AsyncClient(url)
+        opened = client() if client is not None else AsyncClient(explicit_url(url, "lifespan"))
+        await _check_store(opened)
         candidate = opened.election(election, ttl=ttl, identity=identity)
         runner: asyncio.Task[None] | None = None
         stopping = asyncio.Event()
@@ -146,6 +157,34 @@ def lifespan(
             await opened.aclose()
 
     return _lifespan
+
+
+def explicit_url(url: str | None, what: str) -> str:
+    """``url``, else $LEASEHOLD_URL; never the host-local default, which would make
+    every replica (on its own host) a leader."""
+    chosen = url if url is not None else configured_url()
+    if chosen is None:
+        raise InvalidArgument(
+            f"leasehold.asgi.{what} needs a store URL: pass url= or set {ENV_URL}. The "
+            "default SQLite file is local to one host, so each replica would coordinate "
+            "only with itself (to use SQLite on purpose, pass url='sqlite:///PATH')"
+        )
+    return chosen
+
+
+async def _check_store(client: AsyncClient) -> None:
+    """Fail the startup on a configuration the store rejects (a wrong password, a
+    missing permission, ...); an unreachable store is only logged, as the election
+    keeps trying."""
+    try:
+        await client.store.ping()
+    except StoreMisconfigured:
+        await client.aclose()
+        raise
+    except StoreUnavailable as exc:
+        logger.warning(
+            "the store cannot be reached at startup (%s); retrying in the background", exc
+        )
 
 
 async def _call(fn: LeaderFunction, lease: AsyncLease) -> None:

@@ -36,12 +36,20 @@ from typing import Any
 from celery import Task  # type: ignore[import-untyped]
 from celery.beat import Scheduler  # type: ignore[import-untyped]
 from celery.exceptions import Retry  # type: ignore[import-untyped]
+from celery.signals import worker_init  # type: ignore[import-untyped]
 from celery.utils.dispatch import Signal  # type: ignore[import-untyped]
 
 from leasehold import _celery_singleton as _singleton
 from leasehold import retry as _retry
 from leasehold._core import validate
-from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseholdError, StoreUnavailable
+from leasehold._core.defaults import ENV_URL, configured_url
+from leasehold._errors import (
+    AcquireTimeout,
+    InvalidArgument,
+    LeaseholdError,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 from leasehold._sync.client import Client
 from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
@@ -51,6 +59,7 @@ __all__ = [
     "OnceTask",
     "SingletonTask",
     "Skipped",
+    "check_startup",
     "task_skipped",
     "client_for",
     "current_lease",
@@ -109,15 +118,60 @@ def _count(what: str) -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def explicit_url(url: str | None) -> str:
+    """``url``, else $LEASEHOLD_URL; never the host-local default SQLite file, with
+    which workers on different hosts would not see each other's leases."""
+    chosen = url if url is not None else configured_url()
+    if chosen is None:
+        raise InvalidArgument(
+            f"leasehold's Celery integration needs a store URL: set app.conf.leasehold_url "
+            f"or {ENV_URL}. The default SQLite file is local to one host, so workers on "
+            "other hosts would run the same singleton at once (to use SQLite on "
+            "purpose, set leasehold_url = 'sqlite:///PATH')"
+        )
+    return chosen
+
+
 def client_for(url: str | None = None) -> Client:
-    """The process's sync client for ``url`` (None: ``$LEASEHOLD_URL`` or the
-    default), created on first use. Clients are never shared across ``fork()``."""
+    """The process's sync client for ``url`` (None: ``$LEASEHOLD_URL``; one of them
+    is required), created on first use. Clients are never shared across ``fork()``."""
+    url = explicit_url(url)
     key = (os.getpid(), url)
     with _clients_guard:
         client = _clients.get(key)
         if client is None:
             client = _clients[key] = Client(url)
         return client
+
+
+def check_startup(app: Any) -> None:
+    """Fail a worker's start when one of its leasehold tasks has no store URL or
+    its store rejects the configuration (``StoreMisconfigured``); an unreachable
+    store is only logged. Connected to ``worker_init``; call it yourself elsewhere."""
+    urls = {
+        _store_url(task)
+        for task in list(app.tasks.values())
+        if isinstance(task, SingletonTask | OnceTask)
+    }
+    for url in urls:
+        client = Client(explicit_url(url))
+        try:
+            client.store.ping()
+        except StoreMisconfigured:
+            raise
+        except StoreUnavailable as exc:
+            logger.warning("the store cannot be reached at startup (%s)", exc)
+        finally:
+            client.close()
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        check_startup(app)
+
+
+worker_init.connect(_on_worker_init, weak=False)
 
 
 def statistics() -> dict[str, int]:
@@ -479,7 +533,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
             float(conf.get("leasehold_beat_ttl") or 30.0), what="leasehold_beat_ttl"
         )
         url = conf.get("leasehold_url") or _django_store_url()
-        self._url = None if url is None else str(url)
+        self._url = explicit_url(None if url is None else str(url))
         self._client: Client | None = None
         self._election: Election | None = None
         self._lease: Lease | None = None
@@ -533,6 +587,8 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
                 self._load_state(lease)
         except AcquireTimeout:
             return 0.0  # campaign again at once: the wait itself was the pause
+        except StoreMisconfigured:
+            raise  # beat stops with the error: retrying cannot fix the configuration
         except StoreUnavailable as exc:
             self._failures += 1
             pause = _retry.delay(min(self._failures - 1, 64), initial=0.5, maximum=10.0)

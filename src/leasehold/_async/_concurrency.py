@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
+
+from leasehold import _deadline
 
 T = TypeVar("T")
 
@@ -85,8 +88,14 @@ async def sleep(seconds: float) -> None:
 
 
 def spawn(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> object:
-    """Start ``fn`` in the background of the running event loop."""
-    task = asyncio.get_running_loop().create_task(fn(), name=name)
+    """Start ``fn`` in the background of the running event loop.
+
+    It runs in a copy of the caller's context without the caller's store-call
+    deadline (see leasehold._deadline): a keeper started during an acquire must
+    not inherit that acquire's deadline for the rest of its life."""
+    context = contextvars.copy_context()
+    context.run(_deadline.forget)
+    task = asyncio.get_running_loop().create_task(fn(), name=name, context=context)
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
     return task
@@ -118,6 +127,23 @@ async def shielded(fn: Callable[[], Awaitable[T]]) -> T:
     return await asyncio.shield(task)
 
 
+def in_background(fn: Callable[[], Awaitable[object]]) -> None:
+    """Start ``fn`` and never wait for it: best-effort clean-up (releasing a grant
+    nobody will use) that must not hold up a caller whose time is up. It runs in a
+    fresh context, so the caller's (maybe expired) deadline does not cut it short:
+    the store's operation timeout bounds it. Its errors are consumed."""
+    task = asyncio.get_running_loop().create_task(
+        _consumed(fn), name="leasehold-cleanup", context=contextvars.Context()
+    )
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _consumed(fn: Callable[[], Awaitable[object]]) -> None:
+    with contextlib.suppress(Exception):
+        await fn()
+
+
 class AsyncCall(Generic[T]):
     """A store call running on its own, so the caller can stop waiting for it at a
     deadline without cancelling it (cancelling a database query can itself take
@@ -140,8 +166,10 @@ class AsyncCall(Generic[T]):
 
 
 async def run_blocking(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
-    """Run blocking I/O (sqlite3) off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(executor, fn)
+    """Run blocking I/O (sqlite3) off the event loop, in the caller's context (so
+    that the operation's deadline bounds the waits there too)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(executor, context.run, fn)
 
 
 async def wait_readable(fd: int, timeout: float) -> bool:

@@ -7,6 +7,7 @@ import threading
 import weakref
 from types import TracebackType
 
+from leasehold import _deadline
 from leasehold._async.backends import open_store
 from leasehold._async.context import AsyncContext
 from leasehold._async.election import AsyncElection, announce_change
@@ -18,12 +19,13 @@ from leasehold._async.presence import AsyncPresence
 from leasehold._async.store import AsyncStore
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
-from leasehold._core.defaults import default_url
+from leasehold._core.defaults import url_for_library
 from leasehold._core.health import Health, LeaseFacts, assess
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo, WaiterInfo
 from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
+from leasehold._deadline import validate_operation_timeout
 from leasehold._errors import InvalidArgument
 
 _CLIENTS: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
@@ -35,7 +37,10 @@ class AsyncClient:
 
     ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``,
     ``etcd://host:2379[,host:2379...]``;
-    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory.
+    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory
+    (local to this host: a WARNING says so, once).
+    ``operation_timeout`` bounds every store call in seconds (default: the URL's
+    ``?operation_timeout=``, else 5); ``acquire(timeout=...)`` keeps its own timeout.
     ``clock`` drives every local time decision (tests pass a FakeClock).
     ``identity`` is a readable label stored with grants (default host:pid).
     """
@@ -47,20 +52,29 @@ class AsyncClient:
         store: AsyncStore | None = None,
         clock: Clock | None = None,
         identity: str | None = None,
+        operation_timeout: float | None = None,
     ) -> None:
         if identity is not None:
             validate.name(identity, what="identity")
+        bound = None if operation_timeout is None else validate_operation_timeout(operation_timeout)
         self.clock: Clock = clock or SYSTEM_CLOCK
         if store is None:
-            store = open_store(parse(default_url() if url is None else url), self.clock)
+            store = open_store(parse(url_for_library(url)), self.clock, operation_timeout=bound)
         elif url is not None:
             raise InvalidArgument("pass either url or store, not both")
+        elif bound is not None:
+            store.operation_timeout = bound
         self.store: AsyncStore = store
         self._identity = identity
         # What the primitives get: they never see the client itself.
         self._context = AsyncContext(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
+
+    @property
+    def operation_timeout(self) -> float:
+        """Seconds any one store call may take (``acquire(timeout=...)``: that timeout)."""
+        return self.store.operation_timeout
 
     @property
     def holder(self) -> Holder:
@@ -214,13 +228,17 @@ class AsyncClient:
         context.holder = Holder.for_this_process(self._identity)
 
     async def aclose(self) -> None:
-        """Release every lease this client still holds, stop renewing, disconnect."""
+        """Release every lease this client still holds, stop renewing, disconnect.
+        The releases take at most the operation timeout together."""
         context = self._context
         if context.closed:
             return
         context.closed = True
-        for lease in context.keeper.tracked():
-            await lease.release()
+        # One operation timeout for all the releases together, not one each: a
+        # stalled store must not keep a closing client for N times as long.
+        with _deadline.bounded(self.store.operation_timeout):
+            for lease in context.keeper.tracked():
+                await lease.release()
         context.keeper.stop()
         context.store_closed = True
         await self.store.aclose()

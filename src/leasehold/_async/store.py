@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import ClassVar, Protocol
 
 from leasehold._async._concurrency import AsyncEvent, AsyncMutex
+from leasehold._async.bounds import bound_operations
 from leasehold._core import validate
 from leasehold._core.records import (
     AcquireRequest,
@@ -44,6 +45,7 @@ from leasehold._core.records import (
     WaitResult,
 )
 from leasehold._core.url import StoreURL
+from leasehold._deadline import DEFAULT_OPERATION_TIMEOUT
 from leasehold._errors import StoreUnavailable
 
 logger = logging.getLogger("leasehold")
@@ -52,6 +54,15 @@ logger = logging.getLogger("leasehold")
 class AsyncStore(ABC):
     capabilities: ClassVar[Capabilities]
     url: StoreURL
+    # Seconds any one operation may take before the caller stops waiting and its
+    # connection is dropped (``wait``: its timeout plus this). Set from the URL's
+    # ``?operation_timeout=`` or ``Client(operation_timeout=...)``.
+    operation_timeout: float = DEFAULT_OPERATION_TIMEOUT
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every backend's operations keep the bound (see leasehold._async.bounds).
+        bound_operations(cls)
 
     @abstractmethod
     async def acquire(self, request: AcquireRequest) -> AcquireResult:

@@ -90,3 +90,27 @@ def parse(raw: object) -> StoreURL:
 def query_options(raw: str) -> dict[str, str]:
     parts = urllib.parse.urlsplit(raw)
     return dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+
+
+def pop_option(url: StoreURL, key: str) -> tuple[StoreURL, str | None]:
+    """``url`` without the query option ``key`` (for options every backend shares,
+    which a backend's own parser would reject as unknown), and its value.
+
+    The other options are kept byte for byte (no re-encoding)."""
+    raw = url.raw
+    base, sep, rest = raw.partition("?")
+    if not sep:
+        return url, None
+    query, hash_sep, fragment = rest.partition("#")
+    kept: list[str] = []
+    value: str | None = None
+    for part in query.split("&"):
+        name, _, given = part.partition("=")
+        if urllib.parse.unquote_plus(name) == key:
+            value = urllib.parse.unquote_plus(given)
+        else:
+            kept.append(part)
+    if value is None:
+        return url, None
+    new = base + ("?" + "&".join(kept) if any(kept) else "") + hash_sep + fragment
+    return parse(new), value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import select
 import threading
@@ -81,6 +82,37 @@ def _calls() -> ThreadPoolExecutor:
             _CALLS = ThreadPoolExecutor(4, thread_name_prefix="leasehold-call")
             _CALLS_PID = os.getpid()
         return _CALLS
+
+
+_CLEANUP: ThreadPoolExecutor | None = None
+_CLEANUP_PID = -1
+_CLEANUP_GUARD = threading.Lock()
+
+
+def _cleanup() -> ThreadPoolExecutor:
+    global _CLEANUP, _CLEANUP_PID, _CLEANUP_GUARD
+    if os.getpid() != _CLEANUP_PID:
+        _CLEANUP_GUARD = threading.Lock()  # a lock held at fork time stays held in the child
+        _CLEANUP = None
+    with _CLEANUP_GUARD:
+        if _CLEANUP is None:
+            # Apart from the keeper's calls: stalled clean-ups must not delay renewals.
+            _CLEANUP = ThreadPoolExecutor(2, thread_name_prefix="leasehold-cleanup")
+            _CLEANUP_PID = os.getpid()
+        return _CLEANUP
+
+
+def in_background(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on a worker thread and never wait for it: best-effort clean-up
+    (releasing a grant nobody will use) that must not hold up a caller whose time
+    is up. Worker threads start without the caller's deadline: the store's
+    operation timeout bounds it. Its errors are consumed."""
+
+    def consumed() -> None:
+        with contextlib.suppress(Exception):
+            fn()
+
+    _cleanup().submit(consumed)
 
 
 class Call(Generic[T]):

@@ -9,6 +9,7 @@ import threading
 import weakref
 from types import TracebackType
 
+from leasehold import _deadline
 from leasehold._sync.backends import open_store
 from leasehold._sync.context import Context
 from leasehold._sync.election import Election, announce_change
@@ -20,12 +21,13 @@ from leasehold._sync.presence import Presence
 from leasehold._sync.store import Store
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
-from leasehold._core.defaults import default_url
+from leasehold._core.defaults import url_for_library
 from leasehold._core.health import Health, LeaseFacts, assess
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo, WaiterInfo
 from leasehold._core.stats import Statistics
 from leasehold._core.url import parse
+from leasehold._deadline import validate_operation_timeout
 from leasehold._errors import InvalidArgument
 
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -37,7 +39,10 @@ class Client:
 
     ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``,
     ``etcd://host:2379[,host:2379...]``;
-    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory.
+    default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory
+    (local to this host: a WARNING says so, once).
+    ``operation_timeout`` bounds every store call in seconds (default: the URL's
+    ``?operation_timeout=``, else 5); ``acquire(timeout=...)`` keeps its own timeout.
     ``clock`` drives every local time decision (tests pass a FakeClock).
     ``identity`` is a readable label stored with grants (default host:pid).
     """
@@ -49,20 +54,29 @@ class Client:
         store: Store | None = None,
         clock: Clock | None = None,
         identity: str | None = None,
+        operation_timeout: float | None = None,
     ) -> None:
         if identity is not None:
             validate.name(identity, what="identity")
+        bound = None if operation_timeout is None else validate_operation_timeout(operation_timeout)
         self.clock: Clock = clock or SYSTEM_CLOCK
         if store is None:
-            store = open_store(parse(default_url() if url is None else url), self.clock)
+            store = open_store(parse(url_for_library(url)), self.clock, operation_timeout=bound)
         elif url is not None:
             raise InvalidArgument("pass either url or store, not both")
+        elif bound is not None:
+            store.operation_timeout = bound
         self.store: Store = store
         self._identity = identity
         # What the primitives get: they never see the client itself.
         self._context = Context(store, self.clock, Holder.for_this_process(identity), id(self))
         with _CLIENTS_GUARD:
             _CLIENTS.add(self)
+
+    @property
+    def operation_timeout(self) -> float:
+        """Seconds any one store call may take (``acquire(timeout=...)``: that timeout)."""
+        return self.store.operation_timeout
 
     @property
     def holder(self) -> Holder:
@@ -216,13 +230,17 @@ class Client:
         context.holder = Holder.for_this_process(self._identity)
 
     def close(self) -> None:
-        """Release every lease this client still holds, stop renewing, disconnect."""
+        """Release every lease this client still holds, stop renewing, disconnect.
+        The releases take at most the operation timeout together."""
         context = self._context
         if context.closed:
             return
         context.closed = True
-        for lease in context.keeper.tracked():
-            lease.release()
+        # One operation timeout for all the releases together, not one each: a
+        # stalled store must not keep a closing client for N times as long.
+        with _deadline.bounded(self.store.operation_timeout):
+            for lease in context.keeper.tracked():
+                lease.release()
         context.keeper.stop()
         context.store_closed = True
         self.store.close()

@@ -40,7 +40,13 @@ from leasehold._core.election import (
     topic,
     watch_delay,
 )
-from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._errors import (
+    AcquireTimeout,
+    InvalidArgument,
+    LeaseLost,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 from leasehold._observe import lease_fields, log_fields
 
 if TYPE_CHECKING:
@@ -402,6 +408,8 @@ class Election:
                 # The end of a slice, not a timeout anybody asked for: the same
                 # campaign goes on.
                 continue
+            except StoreMisconfigured:
+                raise  # waiting does not fix it
             except StoreUnavailable as exc:
                 started = None  # reported as failed; the next try is a new acquire
                 failures += 1

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from leasehold._sync._concurrency import BodyGuard, Event, shielded
+from leasehold import _deadline
+from leasehold._sync._concurrency import BodyGuard, Event, in_background, shielded
 from leasehold._core import validate
 from leasehold._core.loss import deadline_loss, refusal
 from leasehold._core.policy import safe_deadline
@@ -199,7 +200,9 @@ class Lease:
         self.check()
         sent = self._now()
         try:
-            answers = self._context.store.renew([RenewItem(self._name, self._token, new_ttl)])
+            # Never waits past the safe deadline: by then the answer cannot help.
+            with _deadline.bounded(max(0.0, self._deadline - sent)):
+                answers = self._context.store.renew([RenewItem(self._name, self._token, new_ttl)])
         except StoreUnavailable:
             if self._now() >= self._deadline:
                 self._mark_lost("unreachable", "the store was unreachable until the safe deadline")
@@ -239,12 +242,20 @@ class Lease:
         # The holder let go now, not when the store answers.
         held_for = max(0.0, min(now, self._deadline) - self._granted_at)
         answered: float | None = now
-        try:
-            held = shielded(lambda: self._context.store.release(self._name, self._token))
-        except StoreUnavailable as exc:
-            self._context.observer.release_failed(self, exc, self._ttl)
+        store = self._context.store
+        if was_lost:
+            # Only a courtesy now (the store may still list us, say after a lost
+            # renewal answer): never worth making the caller wait for a store that
+            # may be the reason for the loss.
+            in_background(lambda: store.release(self._name, self._token))
             held = False
-            answered = None
+        else:
+            try:
+                held = shielded(lambda: store.release(self._name, self._token))
+            except StoreUnavailable as exc:
+                self._context.observer.release_failed(self, exc, self._ttl)
+                held = False
+                answered = None
         if not was_lost:  # a lost lease was counted (and its hold time ended) at the loss
             self._context.observer.released(self, held_for, answered)
         hook = self._after_release
@@ -343,6 +354,17 @@ class Lease:
     # -- context manager ----------------------------------------------------------
 
     def __enter__(self) -> Lease:
+        # A body starts only under a lease held at this moment: code before its
+        # first await (or a sync body) would otherwise run after a successor began.
+        reason = self._unheld_reason(self._now())
+        if reason is not None:
+            if self._lost_reason is None and not self._released and not self._forked():
+                # Past its safe deadline before the keeper noticed: announced
+                # (on_lost, statistics, log) before the exception.
+                self._deadline_lost()
+                reason = self._lost_reason or reason
+            self.release()
+            raise LeaseLost(self._name, self._fence, reason)
         body = BodyGuard()
         with self._guard:
             self._bodies.append(body)

@@ -13,13 +13,27 @@ from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from leasehold._sync._concurrency import current_actor, shielded
+from leasehold import _deadline
+from leasehold._sync._concurrency import current_actor, in_background, shielded
 from leasehold._sync.lease import Lease, OnLost
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
-from leasehold._core.policy import default_margin
-from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
-from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+from leasehold._core.policy import default_margin, safe_deadline
+from leasehold._core.records import (
+    AcquireRequest,
+    Busy,
+    Granted,
+    HandedOver,
+    Holder,
+    WaitResult,
+)
+from leasehold._errors import (
+    AcquireTimeout,
+    InvalidArgument,
+    NoAnswer,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 from leasehold._observe import log_fields
 
 if TYPE_CHECKING:
@@ -39,6 +53,18 @@ POLL_HEAD = 0.002
 POLL_STEP = 0.01
 POLL_MAX = 0.5
 STORE_RETRY = Backoff(initial=0.05, maximum=2.0)
+# The shares of an acquire's slack (see call_slack) that its last store call may
+# use past the deadline, and its clean-up after that (then it goes on in the
+# background); the rest is for the machine's own delays.
+SLACK_SHARE = 0.4
+CLEANUP_SHARE = 0.2
+# How often ``with lock:`` asks again for a lease that expired before its body began.
+ENTER_ATTEMPTS = 3
+
+
+def call_slack(timeout: float | None) -> float:
+    """How far past its timeout an acquire may return: max(0.5 s, 10 % of it)."""
+    return max(0.5, 0.1 * (timeout or 0.0))
 
 
 def poll_delay(attempt: int, position: int | None) -> float:
@@ -154,15 +180,8 @@ class Lock:
         finally:
             context.gates.leave(key, turn)
 
-    def _attempts(self, timeout: float | None, *, queue: bool) -> Lease | None:
-        context = self._context
-        store = context.store
-        clock = context.clock
-        token = secrets.token_urlsafe(24)
-        holder = context.holder
-        if self._owner is not None:
-            holder = replace(holder, owner=self._owner)
-        request = AcquireRequest(
+    def _request(self, token: str, holder: Holder, *, queue: bool) -> AcquireRequest:
+        return AcquireRequest(
             name=self._name,
             token=token,
             holder=holder,
@@ -170,47 +189,108 @@ class Lock:
             limit=self._limit,
             queue_ttl=QUEUE_TTL if queue else None,
         )
-        deadline = None if timeout is None else clock.monotonic() + timeout
+
+    def _attempts(self, timeout: float | None, *, queue: bool) -> Lease | None:
+        context = self._context
+        store = context.store
+        clock = context.clock
+        holder = context.holder
+        if self._owner is not None:
+            holder = replace(holder, owner=self._owner)
+        token = secrets.token_urlsafe(24)
+        request = self._request(token, holder, queue=queue)
+        started = clock.monotonic()
+        deadline = None if timeout is None else started + timeout
+        slack = call_slack(timeout)
         attempt = 0
         failures = 0
         reached_store = False
         queued_at: float | None = None  # send time of the attempt that last queued us
+
+        def give_up_at() -> float | None:
+            # Until when a store error (a lost reply, a dropped connection) is
+            # retried with the same token: the caller's deadline; for a single
+            # attempt (try_acquire) and for a store never reached yet, the
+            # operation timeout; else (no timeout, store seen) for ever.
+            if deadline is not None and timeout:
+                return deadline
+            if deadline is not None or not reached_store:
+                return started + store.operation_timeout
+            return None
+
+        def bound() -> float | None:
+            # Each store call ends by the time the caller gives up, plus a share
+            # of the slack its bound allows (another share is for the clean-up,
+            # the rest for the machine's own delays).
+            limit = give_up_at()
+            if limit is None:
+                return None
+            return max(0.0, limit - clock.monotonic()) + slack * SLACK_SHARE
+
         try:
             while True:
                 sent = clock.monotonic()
                 try:
-                    result = store.acquire(request)
+                    with _deadline.bounded(bound()) as call:
+                        result = store.acquire(request)
+                except StoreMisconfigured:
+                    raise  # waiting does not fix it
                 except StoreUnavailable as exc:
-                    # The first error is a configuration problem until proven
-                    # otherwise; later ones are transient and retried until the
-                    # deadline (the same token makes a retried grant idempotent).
-                    if not reached_store:
-                        raise
                     failures += 1
                     now = clock.monotonic()
-                    if deadline is not None and now >= deadline:
+                    out_of_time = call.expired or isinstance(exc, NoAnswer)
+                    if out_of_time and deadline is not None and timeout and now >= deadline:
+                        # The caller's own time ran out while the store was slow
+                        # or silent: a timeout like any other (the grant it may
+                        # have made is released).
+                        logger.info(
+                            "acquire %r: %s",
+                            self._name,
+                            exc,
+                            extra=log_fields("acquire_no_answer", self._primitive, self._name),
+                        )
+                        self._let_go(token, slack * CLEANUP_SHARE)
+                        return None
+                    limit = give_up_at()
+                    if limit is not None and now >= limit:
                         raise
                     context.observer.acquire_retry(self._name, exc)
                     pause = STORE_RETRY.delay(failures - 1)
-                    if deadline is not None:
-                        pause = min(pause, deadline - now)
-                    store.wait(self._name, token, pause)
+                    if limit is not None:
+                        pause = min(pause, limit - now)
+                    if self._wait(token, pause, bound(), deadline) is None:
+                        self._let_go(token, slack * CLEANUP_SHARE)
+                        return None
                     continue
                 reached_store = True
                 failures = 0
                 if isinstance(result, Granted):
-                    return self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
-                if result.position is not None:
+                    lease = self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
+                    if lease is not None:
+                        return lease
+                    # The answer came too late to hold anything: let that grant go
+                    # and ask again under a new token (a release of the old one
+                    # still on its way must not remove the new grant).
+                    self._let_go_later(token)
+                    token = secrets.token_urlsafe(24)
+                    request = self._request(token, holder, queue=queue)
+                    queued_at = None
+                    result = Busy(retry_after=0.0, position=None)
+                elif result.position is not None:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
                     if queue:
-                        shielded(lambda: store.release(self._name, token))
+                        self._let_go(token, slack * CLEANUP_SHARE)
                     return None
                 pause = self._pause(result, attempt, store.capabilities.notifications)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
-                woken = store.wait(self._name, token, pause)
+                woken = self._wait(token, pause, bound(), deadline)
+                if woken is None:
+                    if queue:
+                        self._let_go(token, slack * CLEANUP_SHARE)
+                    return None
                 term = min(self._ttl, QUEUE_TTL)
                 if (
                     isinstance(woken, HandedOver)
@@ -223,31 +303,72 @@ class Lock:
                     # and the keeper renews it to the full ttl. A lease that does
                     # not renew, or whose last attempt is too old to vouch for
                     # half of that (a short ttl), confirms with one more attempt.
-                    return self._granted(
+                    lease = self._granted(
                         token,
                         fence=woken.fence,
                         owner=holder.owner,
                         sent=queued_at,
                         term=term,
                     )
+                    if lease is not None:
+                        return lease
                 attempt += 1
         except BaseException:
             # Cancelled, timed out or failed mid-call: the store may have granted or
-            # queued us without our hearing the answer. Undo both, shielded.
-            try:
-                shielded(lambda: store.release(self._name, token))
-            except StoreUnavailable:
-                # Before the store ever answered (a wrong URL, say) there is nothing
-                # to undo worth a warning; the caller sees the real error.
-                logger.log(
-                    logging.WARNING if reached_store else logging.DEBUG,
-                    "acquire %r interrupted and the store is unreachable; any grant "
-                    "expires within %g s",
+            # queued us without our hearing the answer. Undo both: shielded, for
+            # at most a share of the slack, then in the background.
+            undone = self._let_go(token, slack * CLEANUP_SHARE, quiet=not reached_store)
+            if not undone and reached_store:
+                logger.warning(
+                    "acquire %r interrupted and the store did not confirm the clean-up; "
+                    "any grant expires within %g s",
                     self._name,
                     self._ttl,
                     extra=log_fields("acquire_interrupted", self._primitive, self._name),
                 )
             raise
+
+    def _wait(
+        self, token: str, pause: float, bound: float | None, deadline: float | None
+    ) -> WaitResult | None:
+        """``store.wait`` within the attempt's bound; None if it failed after the
+        caller's deadline (the caller has timed out), else its error."""
+        try:
+            with _deadline.bounded(bound):
+                return self._context.store.wait(self._name, token, pause)
+        except StoreMisconfigured:
+            raise
+        except StoreUnavailable:
+            if deadline is not None and self._context.clock.monotonic() >= deadline:
+                return None
+            raise
+
+    def _let_go(self, token: str, seconds: float, *, quiet: bool = False) -> bool:
+        """Release ``token``'s grant or queue place, waiting at most ``seconds``;
+        if the store does not confirm by then, try again in the background. True
+        if the store confirmed."""
+        store = self._context.store
+        try:
+            with _deadline.bounded(seconds):
+                shielded(lambda: store.release(self._name, token))
+        except StoreUnavailable as exc:
+            # Before the store ever answered (a wrong URL, say) there is nothing
+            # to undo worth a word; the caller sees the real error.
+            logger.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "releasing an abandoned acquire of %r: %s; trying again in the background",
+                self._name,
+                exc,
+                extra=log_fields("acquire_cleanup", self._primitive, self._name),
+            )
+            if not isinstance(exc, StoreMisconfigured):
+                self._let_go_later(token)
+            return False
+        return True
+
+    def _let_go_later(self, token: str) -> None:
+        store = self._context.store
+        in_background(lambda: store.release(self._name, token))
 
     def _granted(
         self,
@@ -257,8 +378,22 @@ class Lock:
         owner: str,
         sent: float,
         term: float | None = None,
-    ) -> Lease:
+    ) -> Lease | None:
+        """The lease for a grant; None if its answer came at or after the grant's
+        safe deadline (a reply delayed past the ttl): no dead lease reaches the
+        caller."""
         context = self._context
+        now = context.clock.monotonic()
+        if now >= safe_deadline(sent, self._ttl if term is None else term, self._margin):
+            logger.warning(
+                "acquire %r: the grant (fence %d) was answered %.3f s after it was asked "
+                "for, past its safe deadline; releasing it and trying again",
+                self._name,
+                fence,
+                now - sent,
+                extra=log_fields("late_grant", self._primitive, self._name, fence=fence),
+            )
+            return None
         lease = Lease(
             context=context,
             name=self._name,
@@ -290,9 +425,19 @@ class Lock:
     # -- context manager: ``async with client.lock(name) as lease`` ---------------
 
     def __enter__(self) -> Lease:
-        lease = self.acquire()
+        # The body starts only with a lease held at that moment: one that expired
+        # between grant and here (a process paused that long) is given up and
+        # asked for again, a few times at most.
+        for _ in range(ENTER_ATTEMPTS - 1):
+            lease = self.acquire()
+            if lease.held:
+                break
+            lease.release()
+        else:
+            lease = self.acquire()
+        entered = lease.__enter__()  # LeaseLost if even that one is not held
         self._entered.setdefault(id(current_actor()), []).append(lease)
-        return lease.__enter__()
+        return entered
 
     def __exit__(
         self,

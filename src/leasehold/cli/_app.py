@@ -11,7 +11,12 @@ from collections.abc import Sequence
 import click
 
 from leasehold import __version__
-from leasehold._errors import InvalidArgument, LeaseholdError, StoreUnavailable
+from leasehold._errors import (
+    InvalidArgument,
+    LeaseholdError,
+    StoreMisconfigured,
+    StoreUnavailable,
+)
 from leasehold.cli import _common
 from leasehold.cli._common import (
     EXIT_FAILURE,
@@ -116,6 +121,10 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         _debug_traceback()
         error(str(exc))
         return EXIT_USAGE
+    except StoreMisconfigured as exc:
+        _debug_traceback()
+        error(f"store misconfigured (not retried): {exc}")
+        return EXIT_UNAVAILABLE
     except StoreUnavailable as exc:
         _debug_traceback()
         error(f"store unavailable: {exc}")

@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 
 from leasehold._core import validate
-from leasehold._core.defaults import ENV_URL
+from leasehold._core.defaults import ENV_URL, default_url
 from leasehold._core.records import HolderInfo
 from leasehold._errors import InvalidArgument, LeaseholdError
 from leasehold._sync.client import Client
@@ -333,7 +333,9 @@ def open_client(identity: str | None = None) -> Iterator[Client]:
     url = STATE.url
     if url is not None and not url:
         raise InvalidArgument("--url must not be empty")
-    client = Client(url, identity=identity)
+    # The CLI's convenient default is silent (the library's warns): a command
+    # line run on one host meant that host's file.
+    client = Client(default_url() if url is None else url, identity=identity)
     try:
         yield client
     finally:

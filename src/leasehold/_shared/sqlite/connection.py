@@ -15,8 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from leasehold import _deadline
 from leasehold._core.backoff import Backoff
-from leasehold._errors import InvalidArgument, StoreUnavailable
+from leasehold._errors import InvalidArgument, StoreMisconfigured, StoreUnavailable
 
 # Commits that synchronous=NORMAL may lose in a power cut are fewer than this, so
 # after a reboot the fence sequence jumps past anything that could have been issued.
@@ -109,6 +110,23 @@ class WouldWait(Exception):
 CHECKPOINT_EVERY = 256
 
 
+# SQLite answers that waiting cannot change: the file or its directory may not be
+# written (permissions, a read-only mount) or is not a database.
+_MISCONFIGURED = (
+    "readonly database",
+    "unable to open database file",
+    "file is not a database",
+    "authorization denied",
+)
+
+
+def sqlite_error(what: str, exc: BaseException) -> StoreUnavailable:
+    """``exc`` as StoreUnavailable, or StoreMisconfigured when retrying cannot help."""
+    text = str(exc)
+    kind = StoreMisconfigured if any(m in text for m in _MISCONFIGURED) else StoreUnavailable
+    return kind(f"{what}: {text}")
+
+
 class SQLiteConnection:
     """What every SQLite transaction stands on (see the module docstring)."""
 
@@ -147,7 +165,8 @@ class SQLiteConnection:
             if not directory.exists():
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot create {directory}: {exc.strerror}") from None
+            kind = StoreMisconfigured if isinstance(exc, PermissionError) else StoreUnavailable
+            raise kind(f"cannot create {directory}: {exc.strerror}") from None
         if sqlite3.sqlite_version_info < (3, 35):
             raise StoreUnavailable(
                 f"SQLite {sqlite3.sqlite_version} is too old; leasehold needs 3.35 or newer"
@@ -162,7 +181,7 @@ class SQLiteConnection:
         # Switching a brand-new file to WAL needs an exclusive lock and does not wait
         # on the busy handler, so processes opening the store at the same instant
         # retry the set-up (with jitter) until the busy timeout.
-        give_up = time.monotonic() + self.busy_timeout
+        give_up = time.monotonic() + _deadline.remaining(self.busy_timeout)
         attempt = 0
         while True:
             try:
@@ -170,13 +189,13 @@ class SQLiteConnection:
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+                    raise sqlite_error(f"cannot open SQLite store {self.path}", exc) from None
                 if time.monotonic() >= give_up:
-                    raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+                    raise sqlite_error(f"cannot open SQLite store {self.path}", exc) from None
                 time.sleep(SETUP_RETRY.delay(attempt))
                 attempt += 1
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from None
+                raise sqlite_error(f"cannot open SQLite store {self.path}", exc) from None
         self._conn = conn
         self._pid = os.getpid()
         return conn
@@ -275,10 +294,12 @@ class SQLiteConnection:
                 raise
             if not self._waits:
                 raise WouldWait from None
-        give_up = time.monotonic() + self.busy_timeout
+        # Within a store operation, never past its deadline (a process stopped
+        # while holding the write lock stalls SQLite like a silent server).
+        give_up = time.monotonic() + _deadline.remaining(self.busy_timeout)
         tries = 0
         while True:
-            time.sleep(BUSY_RETRY.delay(tries))
+            time.sleep(min(BUSY_RETRY.delay(tries), max(0.0, give_up - time.monotonic())))
             tries += 1
             try:
                 return attempt()
@@ -312,7 +333,7 @@ class SQLiteConnection:
             with self._immediate(conn):
                 yield conn
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from leasehold._errors import StoreUnavailable
+from leasehold._shared.sqlite.connection import sqlite_error
 from leasehold._shared.sqlite.tx import SQLiteTables
 
 _CREATE = (
@@ -48,7 +48,7 @@ def subscribers(tables: SQLiteTables, topic: str) -> list[str]:
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return []  # nobody ever subscribed to anything in this file
-        raise StoreUnavailable(f"SQLite store {tables.path}: {exc}") from None
+        raise sqlite_error(f"SQLite store {tables.path}", exc) from None
     except sqlite3.Error as exc:
-        raise StoreUnavailable(f"SQLite store {tables.path}: {exc}") from None
+        raise sqlite_error(f"SQLite store {tables.path}", exc) from None
     return [str(row[0]) for row in rows]

@@ -22,8 +22,7 @@ from leasehold._core.records import (
     WaiterInfo,
     WaitResult,
 )
-from leasehold._errors import StoreUnavailable
-from leasehold._shared.sqlite.connection import SQLiteConnection
+from leasehold._shared.sqlite.connection import SQLiteConnection, sqlite_error
 
 # What a release (or break) tells the store to send, after commit: a waiter's
 # wake-up address and the (fence, token) of the place handed to it (None: only
@@ -285,7 +284,7 @@ class SQLiteTables(SQLiteConnection):
                 self._LOOK, {"n": name, "t": token, "now": now}
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         if fence is not None:
             return HandedOver(int(fence))
         if seq is None:
@@ -316,7 +315,7 @@ class SQLiteTables(SQLiteConnection):
                 self._SELECT + "WHERE name = ? AND expires > ? ORDER BY fence", (name, now)
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         return self._infos(rows, now)
 
     def leases(self, prefix: str, now: float) -> list[HolderInfo]:
@@ -326,7 +325,7 @@ class SQLiteTables(SQLiteConnection):
                 (len(prefix), prefix, now),
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         return self._infos(rows, now)
 
     def waiters(self, prefix: str, now: float) -> list[WaiterInfo]:
@@ -363,7 +362,7 @@ class SQLiteTables(SQLiteConnection):
                 (key, now),
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         row = rows[0] if rows else None
         if row is None:
             return Record(key=key, value=None, version=0, now=now)
@@ -396,4 +395,4 @@ class SQLiteTables(SQLiteConnection):
         try:
             self.read("SELECT 1")
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None

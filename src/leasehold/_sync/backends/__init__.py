@@ -8,7 +8,8 @@ import importlib
 
 from leasehold._sync.store import Store
 from leasehold._core.clock import Clock
-from leasehold._core.url import StoreURL
+from leasehold._core.url import StoreURL, pop_option
+from leasehold._deadline import DEFAULT_OPERATION_TIMEOUT, validate_operation_timeout
 from leasehold._errors import InvalidArgument
 
 _MODULES = {
@@ -20,8 +21,18 @@ _MODULES = {
 }
 
 
-def open_store(url: StoreURL, clock: Clock) -> Store:
-    """Build the store for ``url`` without doing any I/O."""
+def open_store(url: StoreURL, clock: Clock, *, operation_timeout: float | None = None) -> Store:
+    """Build the store for ``url`` without doing any I/O.
+
+    ``operation_timeout`` (seconds) bounds each store call; when None, the URL's
+    ``?operation_timeout=`` or the default. Every backend accepts that option."""
+    url, given = pop_option(url, "operation_timeout")
+    if operation_timeout is None:
+        operation_timeout = (
+            DEFAULT_OPERATION_TIMEOUT
+            if given is None
+            else validate_operation_timeout(given, what="the url's operation_timeout")
+        )
     module_name, extra = _MODULES[url.backend]
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
@@ -33,4 +44,5 @@ def open_store(url: StoreURL, clock: Clock) -> Store:
             f"installed ({exc.name}); install it with: pip install 'leasehold[{extra}]'"
         ) from None
     store: Store = module.from_url(url, clock)
+    store.operation_timeout = operation_timeout
     return store

@@ -1,6 +1,8 @@
 """The hand-written async half of the PostgreSQL notification listener.
 
-Its twin is ``_sync/backends/postgres/listener.py``. Reading notifications is the one
+Its twin is ``_sync/backends/postgres/listener.py``. Connecting under a deadline
+differs too (``connect_within``): a task can be cancelled, a thread cannot. Reading
+notifications is the one
 place where asyncio and threads genuinely differ for this backend: here a task
 awaits ``notifies()`` and is cancelled on close; the sync twin runs a thread that
 polls the socket and a wake-up socket pair, so closing never waits for a timeout.
@@ -10,9 +12,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from leasehold import _deadline
+
+# Outside any operation, libpq's connect_timeout alone bounds a connect.
+_UNBOUNDED_CONNECT = 3600.0
 
 
 class NotifyListener:
@@ -58,13 +66,20 @@ class NotifyListener:
 
     async def start(self) -> None:
         """Connect and LISTEN; when this returns, no notification can be missed."""
-        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        # Within a store operation (a queued acquire), never past its deadline.
+        conn = await connect_within(
+            self._conninfo, {"autocommit": True}, _deadline.remaining(_UNBOUNDED_CONNECT)
+        )
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             for channel in self._channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             await conn.close()
             raise
+        finally:
+            _deadline.detach(fd)
         self._conn = conn
         self._task = asyncio.get_running_loop().create_task(
             self._read(conn), name=f"leasehold-listen-{self._channel}"
@@ -95,3 +110,18 @@ class NotifyListener:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+
+
+async def connect_within(
+    conninfo: str, kwargs: dict[str, Any], seconds: float
+) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+    """Connect, giving up after ``seconds`` (libpq's own connect_timeout is 2 s at
+    least, and a stalled server accepts the TCP connection, then never answers).
+    Cancelling a connect that has not finished is clean: no query to cancel."""
+    try:
+        async with asyncio.timeout(max(0.0, seconds)):
+            return await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+    except TimeoutError:
+        raise psycopg.OperationalError(
+            f"connecting took more than {seconds:.3g} s (the server did not answer)"
+        ) from None

@@ -60,6 +60,9 @@ from leasehold._core.records import (
 )
 from leasehold._core.url import StoreURL
 
+# Seconds to wait at close for each of the pool's workers (connecting to a stalled
+# server, say) to stop; it ends by itself within connect_timeout.
+_POOL_CLOSE = 0.2
 __all__ = ["AsyncPooledPostgresStore", "AsyncPostgresStore", "from_url"]
 
 log = logging.getLogger("leasehold.postgres")
@@ -378,7 +381,9 @@ class AsyncPostgresStore(PostgresConnection):
             await listener.aclose()
         await self._announcements.aclose()
         if pool is not None:
-            await pool.close()
+            # psycopg_pool waits 5 s by default for each worker, which may be
+            # trying to connect to a stalled server; closing keeps a tighter bound.
+            await pool.close(timeout=min(_POOL_CLOSE, self.operation_timeout))
 
     # -- announcements --------------------------------------------------------------
 

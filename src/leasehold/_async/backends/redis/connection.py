@@ -21,6 +21,7 @@ import redis.asyncio.retry
 from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 
+from leasehold import _deadline
 from leasehold._async._concurrency import sleep
 from leasehold._async.backends.redis.io import (
     cancellations,
@@ -39,7 +40,7 @@ from leasehold._async.store import (
     TopicHub,
 )
 from leasehold._core.url import StoreURL
-from leasehold._errors import StoreUnavailable
+from leasehold._errors import StoreMisconfigured, StoreUnavailable
 
 # PEXPIRE ... GT/NX in the scripts.
 MIN_REDIS_VERSION: Final = (7, 0)
@@ -210,8 +211,8 @@ class RedisConnection(AsyncStore):
     def _cluster_kwargs(self, socket_timeout: float, max_connections: int) -> dict[str, Any]:
         """redis-py ``RedisCluster`` arguments: the same connections, to any node."""
         kwargs = self._connection_kwargs(socket_timeout)
-        # The cluster client picks the connection class (ssl=) and has only
-        # database 0; cluster_client installs the connect hook.
+        # The cluster client has only database 0; cluster_client installs the
+        # connect hook and the connection class (for ssl= too).
         for key in ("db", "connection_class", "redis_connect_func"):
             del kwargs[key]
         kwargs["ssl"] = self.options.tls
@@ -357,7 +358,7 @@ class RedisConnection(AsyncStore):
         run_id = f"{raw:040d}" if isinstance(raw, int) else str(raw)
         too_old = _too_old(info)
         if too_old is not None:
-            raise StoreUnavailable(f"redis store {self.url.redacted}: {too_old}")
+            raise StoreMisconfigured(f"redis store {self.url.redacted}: {too_old}")
         with self._run_id_guard:
             self._run_ids[where] = run_id
             seen = self._seen_run_ids.get(where)
@@ -402,6 +403,8 @@ class RedisConnection(AsyncStore):
     def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
         """The one place a redis-py (or socket/TLS) error becomes a leasehold error."""
         detail = str(exc) or type(exc).__name__
+        # Answers that waiting cannot change: StoreMisconfigured, never retried.
+        misconfigured = True
         if isinstance(exc, redis_errors.AuthenticationError) or "WRONGPASS" in detail:
             detail = (
                 f"authentication failed: check the user name and password in the URL ({detail})"
@@ -410,16 +413,10 @@ class RedisConnection(AsyncStore):
             detail = f"the Redis user lacks a permission (see the ACL in the docs): {detail}"
         elif "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
             detail = f"TLS certificate verification failed (check ssl_ca_certs): {detail}"
-        elif isinstance(exc, redis_errors.TimeoutError):
-            detail = f"no reply within {self.options.socket_timeout:g} s: {detail}"
         elif isinstance(exc, redis_errors.ReadOnlyError):
             detail = f"connected to a read-only replica: {detail}"
-        elif isinstance(exc, redis_errors.OutOfMemoryError):
-            detail = f"Redis is out of memory (maxmemory): {detail}"
-        elif isinstance(exc, redis_errors.BusyLoadingError):
-            detail = f"Redis is still loading its data set: {detail}"
-        elif isinstance(exc, redis_errors.ClusterDownError | redis_errors.SlotNotCoveredError):
-            detail = f"the Redis Cluster is down or a slot has no master: {detail}"
+        elif "DB index is out of range" in detail or "invalid DB index" in detail:
+            detail = f"the database number in the URL does not exist on the server: {detail}"
         elif "Cluster mode is not enabled" in detail:
             # redis-py says so both for a standalone server and for an ACL user
             # that may not read the slot map.
@@ -428,11 +425,22 @@ class RedisConnection(AsyncStore):
                 "server), or the Redis user lacks +cluster|slots and +command: "
                 f"{detail}"
             )
+        else:
+            misconfigured = False
+        if misconfigured:
+            pass  # explained above
+        elif isinstance(exc, redis_errors.TimeoutError):
+            detail = f"no reply within {self.options.socket_timeout:g} s: {detail}"
+        elif isinstance(exc, redis_errors.OutOfMemoryError):
+            detail = f"Redis is out of memory (maxmemory): {detail}"
+        elif isinstance(exc, redis_errors.BusyLoadingError):
+            detail = f"Redis is still loading its data set: {detail}"
+        elif isinstance(exc, redis_errors.ClusterDownError | redis_errors.SlotNotCoveredError):
+            detail = f"the Redis Cluster is down or a slot has no master: {detail}"
         # Only the driver's text is scrubbed: the URL is redacted already, and a short
         # password would otherwise also be blotted out of the user name.
-        return StoreUnavailable(
-            f"redis store {self.url.redacted}: {doing} failed: {self._scrub(detail)}"
-        )
+        kind = StoreMisconfigured if misconfigured else StoreUnavailable
+        return kind(f"redis store {self.url.redacted}: {doing} failed: {self._scrub(detail)}")
 
     @contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
@@ -477,7 +485,8 @@ class RedisConnection(AsyncStore):
             raise exc
         now = time.monotonic()
         if deadline is None:
-            return now + self.options.socket_timeout
+            # Never past the operation's deadline.
+            return now + _deadline.remaining(self.options.socket_timeout)
         if now >= deadline:
             raise exc
         return deadline

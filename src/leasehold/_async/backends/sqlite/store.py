@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from leasehold import _deadline
 from leasehold._async._concurrency import IS_ASYNC, run_blocking, sleep, wait_readable
 from leasehold._async.store import AsyncStore, AsyncSubscription
 from leasehold._core import validate
@@ -140,8 +141,16 @@ class AsyncSQLiteStore(AsyncStore):
         return await run_blocking(self._pool(), lambda: self._guarded(operation))
 
     def _guarded(self, operation: Callable[[], T]) -> T:
-        with self._guard:
+        # Another thread's call may be waiting for the database lock: wait for it
+        # no longer than this operation may take.
+        if not self._guard.acquire(timeout=_deadline.remaining(self._tables.busy_timeout)):
+            raise StoreUnavailable(
+                f"{self.url.redacted}: another call on this store kept the database busy"
+            )
+        try:
             return operation()
+        finally:
+            self._guard.release()
 
     def _checkpoint_later(self) -> None:
         self._pool().submit(self._guarded, self._tables.checkpoint)

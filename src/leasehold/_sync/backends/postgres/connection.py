@@ -21,8 +21,9 @@ import psycopg.errors
 from psycopg import Connection, sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from leasehold import _deadline
 from leasehold._sync._concurrency import Mutex
-from leasehold._sync.backends.postgres.listener import NotifyListener
+from leasehold._sync.backends.postgres.listener import NotifyListener, connect_within
 from leasehold._sync.backends.postgres.options import _scrub, parse_options
 from leasehold._sync.backends.postgres.schema import SCHEMA_VERSION, _function_queries, _schema_sql
 from leasehold._sync.backends.postgres.waiting import _AnnounceListener, _Waiter, announce_channel
@@ -33,7 +34,7 @@ from leasehold._sync.store import (
 )
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.url import StoreURL
-from leasehold._errors import StoreUnavailable
+from leasehold._errors import StoreMisconfigured, StoreUnavailable
 
 _POOL_WAIT = 1.0  # seconds to wait for a pooled connection before connecting directly
 _QUICK_FAILURE = 1.0  # seconds: a call that failed faster than this may be retried
@@ -85,6 +86,32 @@ def _disown(fd: int | None) -> None:
         pass
     finally:
         os.close(devnull)
+
+
+# Answers that waiting cannot change (StoreMisconfigured, never retried): invalid
+# authorization (28...), insufficient privilege, unknown database, a read-only
+# server (a hot standby), an undefined schema.
+_MISCONFIGURED_SQLSTATES = ("28", "42501", "3D000", "25006", "3F000")
+# The same at connect time, where libpq gives text only.
+_MISCONFIGURED_TEXT = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "password is required",
+    "no password supplied",
+    "does not exist",  # database "x" / role "x" does not exist
+    "permission denied",
+    "certificate verify failed",
+    "root certificate file",
+    "server does not support SSL",
+    "read-only transaction",
+)
+
+
+def _misconfigured(sqlstate: str | None, detail: str) -> bool:
+    if sqlstate is not None:
+        return sqlstate.startswith(_MISCONFIGURED_SQLSTATES)
+    return any(text in detail for text in _MISCONFIGURED_TEXT)
 
 
 class _Retry(Exception):
@@ -203,7 +230,14 @@ class PostgresConnection(Store):
         waited = False
         for _ in range(self._opts.pool_max_size + 1):
             try:
-                conn = pool.getconn(timeout=self._opts.connect_timeout if waited else _POOL_WAIT)
+                # Never past the operation's deadline (a pool that cannot connect
+                # to a stalled server would otherwise keep the caller waiting).
+                conn = pool.getconn(
+                    timeout=max(
+                        0.001,
+                        _deadline.remaining(self._opts.connect_timeout if waited else _POOL_WAIT),
+                    )
+                )
             except PoolTimeout:
                 if waited:
                     raise
@@ -235,7 +269,13 @@ class PostgresConnection(Store):
             conn.close()
 
     def _connect(self) -> Connection[tuple[Any, ...]]:
-        return Connection.connect(self._opts.conninfo, **self._connect_kwargs())
+        # libpq's connect_timeout (2 s at least) bounds a connect on its own; within
+        # an operation, its deadline bounds it too.
+        return connect_within(
+            self._opts.conninfo,
+            self._connect_kwargs(),
+            _deadline.remaining(self._opts.connect_timeout),
+        )
 
     def _connect_kwargs(self) -> dict[str, Any]:
         return {
@@ -248,6 +288,8 @@ class PostgresConnection(Store):
     def _install(self, pool: ConnectionPool[Connection[tuple[Any, ...]]]) -> None:
         """Create or upgrade the schema once per store; cheap when it is current."""
         conn, pooled = self._getconn(pool)
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             installed = 0
             try:
@@ -264,7 +306,7 @@ class PostgresConnection(Store):
                     if installed == 0
                     else f"holds leasehold schema version {installed}"
                 )
-                raise StoreUnavailable(
+                raise StoreMisconfigured(
                     f"{self!r}: schema {self._opts.schema!r} {found} "
                     f"(version {SCHEMA_VERSION} needed) and ?create_schema=false; apply "
                     "leasehold/_shared/postgres/schema.sql as a migration"
@@ -304,11 +346,18 @@ class PostgresConnection(Store):
                 conn.execute("SELECT set_config('search_path', %s, true)", (path,))
                 conn.execute(_schema_sql().encode())
         finally:
+            _deadline.detach(fd)
             self._putconn(pool, conn, pooled)
 
     def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         pool = self._ready_pool()
         conn, pooled = self._getconn(pool)
+        # A server that stops answering is noticed by the operation's deadline,
+        # which shuts this socket down: the call fails, the pool drops the
+        # connection (libpq would wait forever; statement_timeout needs a server
+        # that still runs).
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             cur = conn.execute(query, params)
             return list(cur.fetchall())
@@ -317,6 +366,7 @@ class PostgresConnection(Store):
                 raise _Retry(exc) from exc
             raise
         finally:
+            _deadline.detach(fd)
             self._putconn(pool, conn, pooled)
 
     def _call(
@@ -340,7 +390,8 @@ class PostgresConnection(Store):
                 return self._run(query, params)
             except _Retry as exc:
                 quick = self._clock.monotonic() - started < _QUICK_FAILURE
-                if attempt + 1 >= attempts or not quick:
+                expired = (limit := _deadline.current()) is not None and limit.expired
+                if attempt + 1 >= attempts or not quick or expired:
                     raise self._unavailable(what, exc.cause) from None
             except StoreUnavailable:
                 raise
@@ -365,7 +416,8 @@ class PostgresConnection(Store):
         ):
             # What a transaction-mode pooler does to session state.
             message += " (behind a transaction-mode pooler? add ?pooler=transaction)"
-        return StoreUnavailable(_scrub(message, self._opts.secrets))
+        error = StoreMisconfigured if _misconfigured(sqlstate, detail) else StoreUnavailable
+        return error(_scrub(message, self._opts.secrets))
 
     def _announce_listener(self) -> _AnnounceListener:
         return _AnnounceListener(self)

@@ -4,19 +4,28 @@ Its twin is ``_async/backends/postgres/listener.py``. A thread waits until the
 connection's socket or a wake-up socket pair is readable: notifications are read
 with libpq's non-blocking calls, and ``close()`` writes to the socket pair, so it
 never waits for a timeout to expire (psycopg's blocking ``notifies()`` cannot be
-interrupted from another thread).
+interrupted from another thread). ``connect_within`` connects on a worker thread
+so that the caller can stop waiting at its deadline.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import os
 import select
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from leasehold import _deadline
+
+# Outside any operation, libpq's connect_timeout alone bounds a connect.
+_UNBOUNDED_CONNECT = 3600.0
 
 
 class NotifyListener:
@@ -63,7 +72,12 @@ class NotifyListener:
 
     def start(self) -> None:
         """Connect and LISTEN; when this returns, no notification can be missed."""
-        conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
+        # Within a store operation (a queued acquire), never past its deadline.
+        conn = connect_within(
+            self._conninfo, {"autocommit": True}, _deadline.remaining(_UNBOUNDED_CONNECT)
+        )
+        fd = conn.pgconn.socket
+        _deadline.attach(fd)
         try:
             for channel in self._channels:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
@@ -71,6 +85,8 @@ class NotifyListener:
         except BaseException:
             conn.close()
             raise
+        finally:
+            _deadline.detach(fd)
         self._conn = conn
         self._thread = threading.Thread(
             target=self._read, args=(conn,), name=f"leasehold-listen-{self._channel}", daemon=True
@@ -127,3 +143,44 @@ def _poller(fds: list[int]) -> Callable[[], list[int]]:
             poller.register(fd, select.POLLIN)
         return lambda: [fd for fd, _ in poller.poll()]
     return lambda: list(select.select(fds, [], [])[0])
+
+
+_CONNECTS: concurrent.futures.ThreadPoolExecutor | None = None
+_CONNECTS_PID = -1
+_CONNECTS_GUARD = threading.Lock()
+
+
+def _connects() -> concurrent.futures.ThreadPoolExecutor:
+    global _CONNECTS, _CONNECTS_PID, _CONNECTS_GUARD
+    if os.getpid() != _CONNECTS_PID:
+        _CONNECTS_GUARD = threading.Lock()  # a lock held at fork time stays held
+        _CONNECTS = None
+    with _CONNECTS_GUARD:
+        if _CONNECTS is None:
+            _CONNECTS = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="leasehold-pg-connect"
+            )
+            _CONNECTS_PID = os.getpid()
+        return _CONNECTS
+
+
+def _close_abandoned(future: concurrent.futures.Future[psycopg.Connection[Any]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+def connect_within(
+    conninfo: str, kwargs: dict[str, Any], seconds: float
+) -> psycopg.Connection[Any]:
+    """Connect, giving up after ``seconds`` (libpq's own connect_timeout is 2 s at
+    least, and a stalled server accepts the TCP connection, then never answers).
+    The connect runs on a worker thread, which a thread cannot interrupt: when the
+    caller gives up, it finishes there (within connect_timeout) and is closed."""
+    future = _connects().submit(lambda: psycopg.Connection.connect(conninfo, **kwargs))
+    done, _ = concurrent.futures.wait([future], timeout=max(0.0, seconds))
+    if done:
+        return future.result()
+    future.add_done_callback(_close_abandoned)
+    raise psycopg.OperationalError(
+        f"connecting took more than {seconds:.3g} s (the server did not answer)"
+    )

@@ -62,6 +62,9 @@ from leasehold._core.records import (
 )
 from leasehold._core.url import StoreURL
 
+# Seconds to wait at close for each of the pool's workers (connecting to a stalled
+# server, say) to stop; it ends by itself within connect_timeout.
+_POOL_CLOSE = 0.2
 __all__ = ["PooledPostgresStore", "PostgresStore", "from_url"]
 
 log = logging.getLogger("leasehold.postgres")
@@ -380,7 +383,9 @@ class PostgresStore(PostgresConnection):
             listener.close()
         self._announcements.close()
         if pool is not None:
-            pool.close()
+            # psycopg_pool waits 5 s by default for each worker, which may be
+            # trying to connect to a stalled server; closing keeps a tighter bound.
+            pool.close(timeout=min(_POOL_CLOSE, self.operation_timeout))
 
     # -- announcements --------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Threads cannot be cancelled, so there is no swallowed cancellation to raise again.
 The sync ``RedisCluster`` runs a ``redis_connect_func`` after its own handshake, and
 discovers the cluster in its constructor. redis-py's sync connections pack commands
-with hiredis already, so its own connection classes serve as they are.
+with hiredis already; the connection classes here only attach their sockets to the
+current operation's deadline (see the async twin).
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from typing import Any
 
 import redis.cluster
 import redis.connection
+
+from leasehold import _deadline
+
+# Outside any operation, the configured connect timeout alone bounds a connect.
+_NO_LIMIT = 3600.0
 
 
 def cancellations() -> int:
@@ -27,7 +33,12 @@ def cluster_client(kwargs: dict[str, Any], on_new_connection: Callable[[Any], No
     """A redis-py cluster client; ``on_new_connection(connection)`` runs after the
     handshake of every connection it makes, to any node. Connects to discover the
     cluster (redis-py's sync client does so in its constructor)."""
-    return redis.cluster.RedisCluster(**kwargs, redis_connect_func=on_new_connection)
+    tcp, tls, _ = connection_classes()
+    return redis.cluster.RedisCluster(
+        **kwargs,
+        connection_class=tls if kwargs.get("ssl") else tcp,
+        redis_connect_func=on_new_connection,
+    )
 
 
 def cluster_ready(client: Any) -> None:
@@ -40,10 +51,42 @@ def close_cluster(client: Any) -> None:
     client.close()
 
 
+class _Bounded:
+    """Attaches the connection's socket to the deadline of the operation that
+    sends on it (the handshake of a new connection included): see the async twin."""
+
+    _sock: Any
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        sock = self._sock
+        if sock is not None:
+            _deadline.attach(sock.fileno())
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    socket_connect_timeout: float | None
+
+    def _connect(self) -> Any:
+        # Connecting never outlasts the operation's deadline either.
+        configured = self.socket_connect_timeout
+        self.socket_connect_timeout = max(0.001, _deadline.remaining(configured or _NO_LIMIT))
+        try:
+            return super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout = configured
+
+
+class _TCPConnection(_Bounded, redis.connection.Connection):
+    pass
+
+
+class _TLSConnection(_Bounded, redis.connection.SSLConnection):
+    pass
+
+
+class _UnixConnection(_Bounded, redis.connection.UnixDomainSocketConnection):
+    pass
+
+
 def connection_classes() -> tuple[type[Any], type[Any], type[Any]]:
     """redis-py's connection classes for TCP, TLS and unix sockets."""
-    return (
-        redis.connection.Connection,
-        redis.connection.SSLConnection,
-        redis.connection.UnixDomainSocketConnection,
-    )
+    return _TCPConnection, _TLSConnection, _UnixConnection

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from leasehold import _deadline
 from leasehold._sync._concurrency import IS_ASYNC, run_blocking, sleep, wait_readable
 from leasehold._sync.store import Store, Subscription
 from leasehold._core import validate
@@ -142,8 +143,16 @@ class SQLiteStore(Store):
         return run_blocking(self._pool(), lambda: self._guarded(operation))
 
     def _guarded(self, operation: Callable[[], T]) -> T:
-        with self._guard:
+        # Another thread's call may be waiting for the database lock: wait for it
+        # no longer than this operation may take.
+        if not self._guard.acquire(timeout=_deadline.remaining(self._tables.busy_timeout)):
+            raise StoreUnavailable(
+                f"{self.url.redacted}: another call on this store kept the database busy"
+            )
+        try:
             return operation()
+        finally:
+            self._guard.release()
 
     def _checkpoint_later(self) -> None:
         self._pool().submit(self._guarded, self._tables.checkpoint)

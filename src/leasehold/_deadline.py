@@ -1,0 +1,265 @@
+"""Deadlines for store operations: how every call keeps its bound when a store stalls.
+
+A stalled server (a stopped process, a hung pooler, a silent network path whose
+kernel still acknowledges) never closes its connections, so a client waiting for a
+reply waits as long as the driver lets it: redis-py for its socket timeout, libpq
+forever. Cancelling the wait is not enough either (psycopg answers a cancellation by
+asking the server to cancel the query and waiting for that, too). What always works
+is to stop the connection itself: ``shutdown()`` on its socket wakes every reader
+and writer of it at once, in any thread or event loop, and the driver then fails
+the call and discards the connection. So:
+
+* ``bounded(seconds)`` opens a deadline for the operation running in this thread or
+  task (a context variable; nested deadlines keep the earliest end).
+* A backend ``attach``-es the socket of every connection an operation uses. Only
+  then is the deadline armed with the watchdog thread, so operations of stores
+  without sockets (memory, SQLite) cost a context variable and no more.
+* When the deadline passes, the watchdog shuts the attached sockets down; the
+  driver's error becomes ``StoreUnavailable``, and the operation's wrapper says the
+  store gave no answer in time. A connection attached after that is shut at once,
+  so a retry inside an expired operation fails fast instead of waiting again.
+
+Waits that involve no socket of ours (SQLite's busy retries, a pool's wait for a
+free connection, connecting) read ``remaining()`` and stop by themselves.
+
+These are real-time (``time.monotonic``) deadlines on purpose: they bound how long
+real sockets are waited on, like a socket timeout, not lease time, which the
+injectable clock keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import socket
+import threading
+import time
+from contextvars import ContextVar, Token
+
+# The per-client bound of every store call but acquire(timeout=...), which keeps the
+# caller's own timeout: Client(operation_timeout=...) and ?operation_timeout= change it.
+DEFAULT_OPERATION_TIMEOUT = 5.0
+MIN_OPERATION_TIMEOUT = 0.05
+MAX_OPERATION_TIMEOUT = 3600.0
+
+# How late the watchdog may act on a deadline (seconds).
+_GRANULARITY = 0.02
+
+_current: ContextVar[Deadline | None] = ContextVar("leasehold_deadline", default=None)
+
+
+class Deadline:
+    """The end of one store operation (and of every operation nested in it)."""
+
+    __slots__ = ("_done", "_expired", "_fds", "_guard", "at", "seconds")
+
+    def __init__(self, at: float, seconds: float) -> None:
+        self.at = at
+        # What the operation was given, for messages ("no answer within 5 s").
+        self.seconds = seconds
+        # Made by the first attach (which arms the deadline): most operations of
+        # socket-less stores never need one. Only then can another thread (the
+        # watchdog) touch this object.
+        self._guard: threading.Lock | None = None
+        self._fds: list[int] = []
+        self._done = False
+        self._expired = False
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        """True once the deadline passed (whether or not the watchdog acted yet)."""
+        return self._expired or time.monotonic() >= self.at
+
+    def attach(self, fd: int) -> None:
+        """Shut ``fd``'s socket down when the deadline passes (at once if it has)."""
+        if fd < 0 or self._done:
+            return
+        arm = self._guard is None
+        if arm:
+            self._guard = threading.Lock()
+        assert self._guard is not None
+        with self._guard:
+            if self._expired or time.monotonic() >= self.at:
+                self._expired = True
+                _shutdown(fd)
+                return
+            self._fds.append(fd)
+        if arm and self.at != float("inf"):
+            _WATCHDOG.add(self)
+
+    def detach(self, fd: int) -> None:
+        """The operation is done with ``fd`` (it went back to a pool)."""
+        if self._guard is None:
+            return
+        with self._guard, contextlib.suppress(ValueError):
+            self._fds.remove(fd)
+
+    def _expire(self) -> None:
+        assert self._guard is not None  # only armed deadlines reach the watchdog
+        with self._guard:
+            if self._done:
+                return
+            self._expired = True
+            fds, self._fds = self._fds, []
+            # Under the guard: once close() has returned, no socket of a finished
+            # operation (maybe back in a pool, serving another) is touched.
+            for fd in fds:
+                _shutdown(fd)
+
+    def close(self) -> None:
+        guard = self._guard
+        if guard is None:
+            self._done = True
+            return
+        with guard:
+            self._done = True
+            self._fds = []
+
+
+def current() -> Deadline | None:
+    """The deadline of the operation running in this thread or task, if any."""
+    return _current.get()
+
+
+def forget() -> None:
+    """No deadline from here on in this context (for background tasks)."""
+    _current.set(None)
+
+
+def remaining(default: float) -> float:
+    """Seconds left to the current deadline, at most ``default``."""
+    deadline = _current.get()
+    if deadline is None:
+        return default
+    return min(default, deadline.remaining())
+
+
+def attach(fd: int | None) -> None:
+    """Attach ``fd`` to the current deadline (nothing outside an operation)."""
+    deadline = _current.get()
+    if deadline is not None and fd is not None:
+        deadline.attach(fd)
+
+
+def detach(fd: int | None) -> None:
+    deadline = _current.get()
+    if deadline is not None and fd is not None:
+        deadline.detach(fd)
+
+
+class bounded:
+    """A deadline ``seconds`` from now (None: only the enclosing one's) for the
+    code inside; never later than an enclosing deadline. (A class, not a
+    generator-based context manager: it runs around every store call.)"""
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, seconds: float | None) -> None:
+        parent = _current.get()
+        if seconds is None:
+            at = given = float("inf")
+        else:
+            at = time.monotonic() + max(0.0, seconds)
+            given = seconds
+        if parent is not None and parent.at < at:
+            at = parent.at
+            given = parent.seconds
+        self._deadline = Deadline(at, given)
+        self._token: Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline:
+        self._token = _current.set(self._deadline)
+        return self._deadline
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+        self._deadline.close()
+
+
+def _shutdown(fd: int) -> None:
+    """Stop a connection's socket: every blocked read or write on it returns now.
+
+    The descriptor stays open (its driver closes it when it discards the
+    connection); ``shutdown`` acts on the socket shared by every descriptor of it.
+    """
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+
+
+class _Watchdog:
+    """One daemon thread that expires armed deadlines in time order."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._sequence = 0
+        self._wake_at = float("inf")
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: Deadline) -> None:
+        with self._condition:
+            self._sequence += 1
+            heapq.heappush(self._heap, (deadline.at, self._sequence, deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="leasehold-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif deadline.at < self._wake_at:
+                self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                now = time.monotonic()
+                due: list[Deadline] = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+                self._wake_at = self._heap[0][0] if self._heap else float("inf")
+                if not due:
+                    # Bounded sleeps: a lost notify costs at most a second. At
+                    # least _GRANULARITY: deadlines that fall due together (one
+                    # per store call, most of them long finished) are handled in
+                    # one pass, for a delay no caller notices.
+                    pause = min(1.0, max(_GRANULARITY, self._wake_at - now))
+                    self._condition.wait(pause)
+                    continue
+            for deadline in due:
+                deadline._expire()
+
+    def after_fork_in_child(self) -> None:
+        # The thread and whatever it guarded belong to the parent.
+        self.__init__()  # type: ignore[misc]
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.after_fork_in_child)
+
+
+def validate_operation_timeout(value: object, *, what: str = "operation_timeout") -> float:
+    """A number of seconds in range, else ``InvalidArgument``."""
+    from leasehold._errors import InvalidArgument
+
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidArgument(f"{what} must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{what} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not MIN_OPERATION_TIMEOUT <= seconds <= MAX_OPERATION_TIMEOUT:
+        raise InvalidArgument(
+            f"{what} must be between {MIN_OPERATION_TIMEOUT:g} and "
+            f"{MAX_OPERATION_TIMEOUT:g} seconds, got {seconds:g}"
+        )
+    return seconds
