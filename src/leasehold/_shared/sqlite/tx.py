@@ -337,7 +337,7 @@ class SQLiteTables(SQLiteConnection):
                 (len(prefix), prefix, now),
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from None
+            raise sqlite_error(f"SQLite store {self.path}", exc) from None
         infos: list[WaiterInfo] = []
         position = 0
         for index, (name, owner, host, pid, expires) in enumerate(rows):
