@@ -20,6 +20,7 @@ BACKENDS = [
     ("sqlite", "sqlite:///path.db", "AsyncSQLiteStore"),
     ("redis", "redis://host:6379/0", "AsyncRedisStore"),
     ("postgres", "postgresql://user@host/db", "AsyncPostgresStore"),
+    ("etcd", "etcd://host:2379,host:2379", "AsyncEtcdStore"),
 ]
 COLUMNS = [
     ("server_clock", "expiry on the server's clock"),
@@ -28,6 +29,7 @@ COLUMNS = [
     ("notifications", "notified waiting"),
     ("fence_survives_data_loss", "fences survive data loss"),
     ("announcements", "notified observe"),
+    ("failover_safe", "grants survive failover"),
 ]
 
 

@@ -37,7 +37,8 @@ _CLIENTS_GUARD = threading.Lock()
 class Client:
     """Coordination primitives on one store.
 
-    ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``;
+    ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``,
+    ``etcd://host:2379[,host:2379...]``;
     default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory
     (local to this host: a WARNING says so, once).
     ``operation_timeout`` bounds every store call in seconds (default: the URL's
