@@ -51,9 +51,11 @@ class _Forwarder:
         self.drop_next_reply = threading.Event()
         self.dropped = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._guard = threading.Lock()
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -68,9 +70,18 @@ class _Forwarder:
                 continue
             server.settimeout(None)
             with self._guard:
+                if self._closed:
+                    client.close()
+                    server.close()
+                    return
                 self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+                pumps = [
+                    threading.Thread(target=self._pump, args=(client, server, False), daemon=True),
+                    threading.Thread(target=self._pump, args=(server, client, True), daemon=True),
+                ]
+                self._threads += pumps
+            for pump in pumps:
+                pump.start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         with contextlib.suppress(OSError):
@@ -95,17 +106,25 @@ class _Forwarder:
                 if replies and self.reply_delay:
                     time.sleep(self.reply_delay)
                 sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
+        # One direction ended: the connection is over (neither protocol half-closes).
+        for sock in (source, sink):
+            sock.close()
 
     def close(self) -> None:
         self._closed = True
         self.stall.clear()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.listener.close()
+        self._acceptor.join(5)
         with self._guard:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in threads:
+            thread.join(5)
 
 
 def _proxied(url: str, port: int) -> str:

@@ -60,10 +60,10 @@ __all__ = [
     "SingletonTask",
     "Skipped",
     "check_startup",
-    "task_skipped",
     "client_for",
     "current_lease",
     "statistics",
+    "task_skipped",
 ]
 
 logger = logging.getLogger("leasehold.celery")

@@ -30,6 +30,10 @@ logger = logging.getLogger("leasehold")
 
 OnLost = Callable[["AsyncLease"], Any]
 
+# How long the release of a lease already lost waits for the store before it goes
+# on in the background.
+LOST_RELEASE_WAIT = 0.25
+
 
 class LeaseContext(Protocol):
     """What a lease uses of its client (an ``AsyncContext``, whose module imports this
@@ -244,10 +248,14 @@ class AsyncLease:
         answered: float | None = now
         store = self._context.store
         if was_lost:
-            # Only a courtesy now (the store may still list us, say after a lost
-            # renewal answer): never worth making the caller wait for a store that
-            # may be the reason for the loss.
-            in_background(lambda: store.release(self._name, self._token))
+            # Only a courtesy now (the store may still list us: our safe deadline
+            # comes before the store's expiry), never worth more than a moment of
+            # the caller's time when the store may be the reason for the loss.
+            try:
+                with _deadline.bounded(LOST_RELEASE_WAIT):
+                    await shielded(lambda: store.release(self._name, self._token))
+            except StoreUnavailable:
+                in_background(lambda: store.release(self._name, self._token))
             held = False
         else:
             try:

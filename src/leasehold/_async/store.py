@@ -58,6 +58,8 @@ class AsyncStore(ABC):
     # connection is dropped (``wait``: its timeout plus this). Set from the URL's
     # ``?operation_timeout=`` or ``Client(operation_timeout=...)``.
     operation_timeout: float = DEFAULT_OPERATION_TIMEOUT
+    # True once a client has set it (a store shared by clients keeps the lowest).
+    operation_timeout_set: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

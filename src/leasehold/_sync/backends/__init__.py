@@ -44,5 +44,10 @@ def open_store(url: StoreURL, clock: Clock, *, operation_timeout: float | None =
             f"installed ({exc.name}); install it with: pip install 'leasehold[{extra}]'"
         ) from None
     store: Store = module.from_url(url, clock)
+    if store.operation_timeout_set and store.operation_timeout != operation_timeout:
+        # Clients of one process may share one store (PostgreSQL does): the
+        # tighter bound keeps both clients' promises.
+        operation_timeout = min(store.operation_timeout, operation_timeout)
     store.operation_timeout = operation_timeout
+    store.operation_timeout_set = True
     return store
