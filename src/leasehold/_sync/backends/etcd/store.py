@@ -148,7 +148,9 @@ class EtcdStore(Store):
         notes=(
             "fences are etcd revisions: never reused, through leader changes and failover",
             "renewal is one keepalive request per batch of up to about 15 leases and a read "
-            "that confirms the leader's term; expiry by etcd leases (whole seconds, rounded up)",
+            "that confirms the leader's term; a lease is trusted only in the term it was "
+            "granted in (a key moves to a new lease after a leader change); expiry by etcd "
+            "leases (whole seconds, rounded up)",
             "a release wakes the head waiter by a watch on its predecessor",
             "fences stay increasing after etcd loses its data unless the server clock "
             "stepped back across it",
