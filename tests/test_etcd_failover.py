@@ -13,6 +13,7 @@ The partition is done with SIGSTOP because the TCP fault proxy is not on main ye
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -147,6 +148,7 @@ def _run_trial(cluster: Any, tmp_path: Path, trial: str, fault: str) -> dict[str
         "takeover": (min(after) - fault_at) if after else None,
         "lost": sum(1 for r in records if r["lost"]),
         "rejected": sum(r["rejected"] for r in records),
+        "fault_at": fault_at,
     }
 
 
@@ -227,3 +229,73 @@ def test_a_partitioned_members_clients_lose_before_others_are_granted(
     isolated.close()
     rest.close()
     assert etcd_cluster.wait_ready(30)
+
+
+def test_holders_survive_the_wake_of_a_leader_frozen_longer_than_their_ttl(
+    etcd_cluster: Any,
+) -> None:
+    """etcd before 3.4.31 / 3.5.13 (its issue 15247): a leader frozen past its
+    leases' TTL wakes still believing it leads, and its lessor revokes every lease
+    that expired on its clock meanwhile; the revoke proposals are forwarded to the
+    new leader, which commits them, although it had those leases renewed. Holders
+    on leases the old leader knew would lose their keys (and a contender would be
+    granted while they still act). The backend moves a key to a lease of the new
+    term at its first renewal after a leader change: every holder keeps its lock,
+    and its key is on a lease granted after the freeze."""
+    import leasehold
+
+    deadline = time.monotonic() + 10
+    victim = None
+    while victim is None:
+        victim = etcd_cluster.leader()
+        assert time.monotonic() < deadline, "the cluster has no leader"
+    others = [i for i in range(3) if i != victim]
+    ttl = 3.0
+    # The client talks to the other members only: its renewals never hang on the
+    # frozen one, so a loss could only come from etcd revoking a renewed lease.
+    url = "etcd://" + ",".join(etcd_cluster.endpoint(i) for i in others)
+    client = leasehold.Client(url + "?timeout=1&connect_timeout=0.5&prefix=stale/")
+    lost: list[str] = []
+    names = [f"stale:{time.monotonic_ns()}:{i}" for i in range(6)]
+    leases = [
+        client.lock(name, ttl=ttl, on_lost=lambda lease: lost.append(str(lease))).acquire(
+            timeout=10
+        )
+        for name in names
+    ]
+    before = {
+        name: int(etcd_cluster.post(others[0], "kv/range", _holders_range(name))["kvs"][0]["lease"])
+        for name in names
+    }
+    etcd_cluster.pause(victim)
+    try:
+        time.sleep(ttl + 1.5)
+    finally:
+        etcd_cluster.resume(victim)
+    time.sleep(ttl)  # the woken leader's revokes, if any, are committed by now
+    try:
+        assert lost == [], f"holders lost their leases: {lost}"
+        for lease in leases:
+            lease.check()
+        for name in names:
+            kvs = etcd_cluster.post(others[0], "kv/range", _holders_range(name)).get("kvs", [])
+            assert kvs, f"{name}: the holder key is gone"
+            assert int(kvs[0]["lease"]) != before[name], f"{name}: still on its old lease"
+    finally:
+        for lease in leases:
+            with contextlib.suppress(leasehold.LeaseholdError):
+                lease.release()
+        client.close()
+    assert etcd_cluster.wait_ready(30)
+
+
+def _holders_range(name: str) -> dict[str, str]:
+    import base64
+
+    from leasehold._core.etcd import Keys, prefix_end
+
+    start = Keys(b"stale/").holders(name)
+    return {
+        "key": base64.b64encode(start).decode(),
+        "range_end": base64.b64encode(prefix_end(start)).decode(),
+    }

@@ -294,9 +294,9 @@ class AsyncEtcdHTTP:
         return await self.call("kv/range", body)
 
     async def grant(self, ttl: int) -> tuple[int, int]:
-        """A new etcd lease: (id, ttl etcd granted, which may be longer)."""
+        """A new etcd lease: (id, the Raft term of the answer)."""
         data = await self.call("lease/grant", {"TTL": ttl})
-        return int(data["ID"]), int(data["TTL"])
+        return int(data["ID"]), int(data.get("header", {}).get("raft_term", 0))
 
     async def revoke(self, lease: int) -> bool:
         try:
@@ -307,9 +307,13 @@ class AsyncEtcdHTTP:
             raise
         return True
 
-    async def confirmed_keepalive(self, leases: Sequence[int], probe: bytes) -> dict[int, int]:
+    async def confirmed_keepalive(
+        self, leases: Sequence[int], probe: bytes
+    ) -> tuple[dict[int, int], int]:
         """``keepalive``, trusted only if a linearizable read made after it answers
-        in the same Raft term: then the leader that renewed was the real one.
+        in the same Raft term: then the leader that renewed was the real one. Also
+        returns that term: a renewal counts only for a lease granted in it
+        (``leases.py`` says why).
 
         etcd before 3.4.26 / 3.5.9 lets a leader that has lost its quorum (cut off,
         or frozen and not yet told) renew leases in its own memory only, and answer
@@ -325,7 +329,7 @@ class AsyncEtcdHTTP:
                 f"etcd {self.endpoint}: a renewal answered in another Raft term than the "
                 "read after it (a leader change): not trusted, retrying"
             )
-        return answers
+        return answers, term
 
     async def keepalive(
         self, leases: Sequence[int], terms: set[int] | None = None

@@ -292,9 +292,9 @@ class EtcdHTTP:
         return self.call("kv/range", body)
 
     def grant(self, ttl: int) -> tuple[int, int]:
-        """A new etcd lease: (id, ttl etcd granted, which may be longer)."""
+        """A new etcd lease: (id, the Raft term of the answer)."""
         data = self.call("lease/grant", {"TTL": ttl})
-        return int(data["ID"]), int(data["TTL"])
+        return int(data["ID"]), int(data.get("header", {}).get("raft_term", 0))
 
     def revoke(self, lease: int) -> bool:
         try:
@@ -305,9 +305,13 @@ class EtcdHTTP:
             raise
         return True
 
-    def confirmed_keepalive(self, leases: Sequence[int], probe: bytes) -> dict[int, int]:
+    def confirmed_keepalive(
+        self, leases: Sequence[int], probe: bytes
+    ) -> tuple[dict[int, int], int]:
         """``keepalive``, trusted only if a linearizable read made after it answers
-        in the same Raft term: then the leader that renewed was the real one.
+        in the same Raft term: then the leader that renewed was the real one. Also
+        returns that term: a renewal counts only for a lease granted in it
+        (``leases.py`` says why).
 
         etcd before 3.4.26 / 3.5.9 lets a leader that has lost its quorum (cut off,
         or frozen and not yet told) renew leases in its own memory only, and answer
@@ -323,7 +327,7 @@ class EtcdHTTP:
                 f"etcd {self.endpoint}: a renewal answered in another Raft term than the "
                 "read after it (a leader change): not trusted, retrying"
             )
-        return answers
+        return answers, term
 
     def keepalive(self, leases: Sequence[int], terms: set[int] | None = None) -> dict[int, int]:
         """Refresh every lease: {lease: remaining ttl}, 0 for a lease that is gone.

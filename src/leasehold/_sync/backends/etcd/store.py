@@ -12,9 +12,11 @@ How each operation maps onto etcd (key layout: ``leasehold._core.etcd``):
   cluster, never reused, through leader changes.
 * **renew**: one keepalive request for every lease of the batch (the gateway
   streams one answer per lease), trusted once a read answers in the same Raft term
-  (``confirmed_keepalive``). A holder key is removed only by its lease ending
-  (expiry, ``break_lease`` revokes it) or by its own release, so a lease that is
-  still alive proves its key still holds.
+  (``confirmed_keepalive``), and only for a lease granted in that term: after a
+  leader change the key moves to a lease of the new term (``_rehome``; an old
+  leader may still revoke the leases it knew, see ``leases.py``). A holder key is
+  removed only by its lease ending (expiry, ``break_lease`` revokes it) or by its
+  own release, so a lease that is still alive proves its key still holds.
 * **release**: one transaction deletes the token's holder and waiter keys; the
   released lease is kept as a spare for the next acquire (``leases.py``).
 * **wait**: a watch from the revision of the acquire's read, on the waiter just
@@ -125,6 +127,10 @@ def _compare(
     return body
 
 
+def _term(response: dict[str, Any]) -> int:
+    return int(response.get("header", {}).get("raft_term", 0))
+
+
 def _kvs(response: dict[str, Any], index: int) -> list[dict[str, Any]]:
     responses = response.get("responses", [])
     if index >= len(responses):
@@ -144,7 +150,9 @@ class EtcdStore(Store):
         notes=(
             "fences are etcd revisions: never reused, through leader changes and failover",
             "renewal is one keepalive request per batch of up to about 15 leases and a read "
-            "that confirms the leader's term; expiry by etcd leases (whole seconds, rounded up)",
+            "that confirms the leader's term; a lease is trusted only in the term it was "
+            "granted in (a key moves to a new lease after a leader change); expiry by etcd "
+            "leases (whole seconds, rounded up)",
             "a release wakes the head waiter by a watch on its predecessor",
             "fences stay increasing after etcd loses its data unless the server clock "
             "stepped back across it",
@@ -159,7 +167,7 @@ class EtcdStore(Store):
         self._clock = clock
         self._http = EtcdHTTP(options, clock)
         self._keys = Keys(options.prefix)
-        self._pool = LeasePool(self._http)
+        self._pool = LeasePool(self._http, self._keys.epoch)
         self._epoch: int | None = None
         # (name, token) -> (lease, create revision, lease seconds) of our grants.
         self._held: dict[tuple[str, str], tuple[int, int, int]] = {}
@@ -261,7 +269,7 @@ class EtcdStore(Store):
         holder_key = keys.holder(name, tid)
         waiter_key = keys.waiter(name, tid)
         lease: int | None = None
-        lease_term: int | None = None
+        lease_term = 0
         try:
             state: dict[str, Any] | None = None
             for _attempt in range(ACQUIRE_ATTEMPTS):
@@ -283,7 +291,9 @@ class EtcdStore(Store):
                     if response.get("succeeded"):
                         granted = self._granted(name, token, lease, seconds, response)
                         held_lease, lease = lease, None  # it holds our key now
-                        self._confirm(held_lease, lease_term, response)
+                        self._confirm(
+                            name, token, held_lease, lease_term, seconds=seconds, response=response
+                        )
                         return Granted(epoch + granted)
                     state = response
                 if self._epoch_lost(epoch, _kvs(state, 1)):
@@ -293,11 +303,12 @@ class EtcdStore(Store):
                 seen = revision(state)
                 decision = decide(keys, name, self._entries(_kvs(state, 0)), tid, request.limit)
                 if decision.mine is not None:
-                    result = self._refresh(name, token, decision.mine, seconds, lease)
-                    if result is None:
+                    if lease is not None:  # _refresh takes its own if it needs one
+                        self._pool.give_back(seconds, lease)
+                        lease = None
+                    if not self._refresh(name, token, decision.mine, seconds):
                         state = None  # our key ended meanwhile: look again
                         continue
-                    lease = None if result < 0 else result
                     return Granted(epoch + decision.mine.create_revision)
                 if decision.grant:
                     # Nothing granted since the read; and, for a token not yet
@@ -327,7 +338,9 @@ class EtcdStore(Store):
                         self._waits.pop((name, token), None)
                         granted = self._granted(name, token, lease, seconds, response)
                         held_lease, lease = lease, None
-                        self._confirm(held_lease, lease_term, response)
+                        self._confirm(
+                            name, token, held_lease, lease_term, seconds=seconds, response=response
+                        )
                         return Granted(epoch + granted)
                     state = response
                     continue
@@ -361,16 +374,30 @@ class EtcdStore(Store):
             if lease is not None:
                 self._pool.give_back(seconds, lease)
 
-    def _confirm(self, lease: int, term: int | None, response: dict[str, Any]) -> None:
-        """A spare lease refreshed by a keepalive in another Raft term than the grant
-        may have been renewed by a stale leader only: renew it again, confirmed.
-        StoreUnavailable (the lock retries; our grant is found and refreshed) if
-        that fails."""
-        if term is None or term == int(response.get("header", {}).get("raft_term", 0)):
+    def _confirm(
+        self,
+        name: str,
+        token: str,
+        lease: int,
+        lease_term: int,
+        *,
+        seconds: int,
+        response: dict[str, Any],
+    ) -> None:
+        """A grant committed in the term its lease was granted (and, for a spare,
+        refreshed) in is trusted: that term's leader still had its quorum after
+        the refresh. Otherwise the leader changed meanwhile and an old leader may
+        still revoke the lease: move the key to a lease of the current term.
+        StoreUnavailable (the lock retries; our grant is found) if that fails."""
+        if lease_term == _term(response):
             return
-        remaining = self._http.confirmed_keepalive([lease], self._keys.epoch)
-        if remaining.get(lease, 0) <= 0:
+        key = self._keys.holder(name, token_id(token))
+        created = revision(response)
+        moved = self._rehome(key, created, seconds)
+        if moved is None:
+            self._held.pop((name, token), None)
             raise StoreUnavailable("etcd: a grant's lease ended during a leader change")
+        self._held[(name, token)] = (moved, created, seconds)
 
     def _fast_guards(self, request: AcquireRequest, epoch: int) -> list[dict[str, Any]]:
         keys, name = self._keys, request.name
@@ -405,35 +432,54 @@ class EtcdStore(Store):
         self._queued.pop((name, token), None)
         return created
 
-    def _refresh(self, name: str, token: str, mine: Entry, seconds: int, spare: int) -> int | None:
-        """The token already holds: renew its lease to the requested TTL. Returns
-        the spare lease left unused (-1 if it was used), None if the key is gone."""
-        confirmed = self._http.confirmed_keepalive([mine.lease], self._keys.epoch)
+    def _refresh(self, name: str, token: str, mine: Entry, seconds: int) -> bool:
+        """The token already holds: renew its lease to the requested TTL (on a
+        lease of the current term). False if the key is gone."""
+        confirmed, term = self._http.confirmed_keepalive([mine.lease], self._keys.epoch)
         remaining = confirmed.get(mine.lease, 0)
         if remaining <= 0:
             self._held.pop((name, token), None)
-            return None
-        if remaining >= seconds:
-            self._held[(name, token)] = (mine.lease, mine.create_revision, seconds)
-            return spare
-        moved = self._move(self._keys.holder(name, mine.tid), mine.create_revision, spare)
-        if not moved:
-            return None
-        self._held[(name, token)] = (spare, mine.create_revision, seconds)
-        return -1
-
-    def _move(self, key: bytes, created: int, lease: int) -> bool:
-        """Attach our holder key to another (longer) lease; its fence stays. The
-        lease is renewed again, confirmed (``confirmed_keepalive``), once it holds
-        the key: its refresh by ``take`` may have been a stale leader's."""
-        response = self._http.txn(
-            [_compare("CREATE", key, "EQUAL", created)],
-            [_put(key, b"", lease, ignore_value=True)],
-        )
-        if not response.get("succeeded"):
+            self._pool.drop(mine.lease)
             return False
-        confirmed = self._http.confirmed_keepalive([lease], self._keys.epoch)
-        return confirmed.get(lease, 0) > 0
+        if remaining >= seconds and self._pool.term(mine.lease) == term:
+            self._held[(name, token)] = (mine.lease, mine.create_revision, seconds)
+            return True
+        key = self._keys.holder(name, mine.tid)
+        self._held.pop((name, token), None)  # which lease holds the key: unknown meanwhile
+        moved = self._rehome(key, mine.create_revision, seconds)
+        if moved is None:
+            return False
+        self._pool.drop(mine.lease)
+        self._held[(name, token)] = (moved, mine.create_revision, seconds)
+        return True
+
+    def _rehome(self, key: bytes, created: int, seconds: int) -> int | None:
+        """Attach our holder key to a lease of at least ``seconds`` granted in the
+        current Raft term (its fence stays): the lease an earlier leader knew may
+        be revoked by it (``leases.py``). The new lease, None if the key is gone.
+
+        The lease (granted, or a spare refreshed, inside the caller's call) counts
+        only if the move commits in the term of its grant: that term's leader then
+        still had its quorum after the refresh. Else StoreUnavailable: the caller
+        retries, and the next renewal moves the key again."""
+        lease, term = self._pool.take(seconds)
+        try:
+            response = self._http.txn(
+                [_compare("CREATE", key, "EQUAL", created)],
+                [_put(key, b"", lease, ignore_value=True)],
+            )
+        except BaseException:
+            # Its answer lost, the move may have happened: never reuse the lease.
+            self._pool.drop(lease)
+            raise
+        if not response.get("succeeded"):
+            self._pool.give_back(seconds, lease)
+            return None
+        if _term(response) != term:
+            raise StoreUnavailable(
+                "etcd: the leader changed while a holder's key moved to a new lease; retrying"
+            )
+        return lease
 
     def _queue(
         self, key: bytes, value: bytes, queued: Entry | None, queue_ttl: float, epoch: int
@@ -445,7 +491,7 @@ class EtcdStore(Store):
         if queued is not None:
             remaining = (self._http.keepalive([queued.lease])).get(queued.lease, 0)
             return queued.create_revision if remaining > 0 else None
-        lease, _term = self._pool.take(seconds)  # a queue place: not a grant
+        lease, _granted_in = self._pool.take(seconds)  # a queue place: not a grant
         response = self._http.txn(
             [self._epoch_guard(epoch), _compare("CREATE", key, "EQUAL", 0)],
             [_put(key, value, lease)],
@@ -478,32 +524,31 @@ class EtcdStore(Store):
                     )
         known = [self._held.get((i.name, i.token)) for i in items]
         leases = [entry[0] for entry in known if entry is not None]
-        remaining = self._http.confirmed_keepalive(leases, keys.epoch) if leases else {}
+        remaining, term = self._http.confirmed_keepalive(leases, keys.epoch) if leases else ({}, 0)
         answers: list[bool] = []
         for item, entry in zip(items, known, strict=True):
             if entry is None or remaining.get(entry[0], 0) <= 0:
                 self._held.pop((item.name, item.token), None)
+                if entry is not None:
+                    self._pool.drop(entry[0])
                 answers.append(False)
                 continue
             lease, created, _seconds = entry
             wanted = lease_seconds(item.ttl)
-            if remaining[lease] < wanted:
-                # A longer TTL than the lease has: move the key to a new lease.
-                spare, _term = self._pool.take(wanted)
+            if remaining[lease] < wanted or self._pool.term(lease) != term:
+                # A longer TTL than the lease has, or a lease of another term than
+                # this renewal's (a leader change): move the key to a new lease.
                 key = keys.holder(item.name, token_id(item.token))
-                try:
-                    moved = self._move(key, created, spare)
-                except BaseException:
-                    # Its answer lost, the move may have happened: look the lease up
-                    # next time rather than keep the old one alive for nothing.
-                    self._held.pop((item.name, item.token), None)
-                    raise
-                if not moved:
-                    self._pool.give_back(wanted, spare)
-                    self._held.pop((item.name, item.token), None)
+                # Which lease holds the key is unknown until the move answers:
+                # if it fails midway, the next renewal looks the key up.
+                self._held.pop((item.name, item.token), None)
+                moved = self._rehome(key, created, wanted)
+                if moved is None:
+                    self._pool.drop(lease)
                     answers.append(False)
                     continue
-                self._held[(item.name, item.token)] = (spare, created, wanted)
+                self._pool.drop(lease)
+                self._held[(item.name, item.token)] = (moved, created, wanted)
             answers.append(True)
         return answers
 
@@ -655,7 +700,7 @@ class EtcdStore(Store):
             operation = _delete(record_key)
         else:
             if ttl is not None:
-                lease, _term = self._pool.take(lease_seconds(ttl))
+                lease, _granted_in = self._pool.take(lease_seconds(ttl))
             operation = _put(record_key, value, lease)
         response = self._http.txn(
             [self._epoch_guard(epoch), compare],
