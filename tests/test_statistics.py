@@ -166,3 +166,30 @@ def test_sync_election_campaign_slices_are_not_timeouts() -> None:
     stats = c.statistics()
     c.close()
     assert stats.timed_out == 0
+
+
+def test_a_lease_dropped_without_release_is_reported_lost_once() -> None:
+    # Without the report, gauges built on the event stream (held) drift upward
+    # for every lease object the caller forgets to release.
+    import gc
+
+    from leasehold import events
+
+    seen: list[events.Event] = []
+    client = leasehold.Client("memory://")
+    try:
+        with events.subscribe(seen.append, client=client):
+            lease = client.lock("dropped", ttl=30).acquire()
+            fence = lease.fence
+            del lease
+            gc.collect()
+            released = client.lock("kept", ttl=30).acquire()
+            released.release()
+            gc.collect()
+        stats = client.statistics()
+    finally:
+        client.close()
+    lost = [e for e in seen if isinstance(e, events.Lost)]
+    assert [(e.name, e.fence, e.reason) for e in lost] == [("dropped", fence, "dropped")]
+    assert stats.lost == 1
+    assert stats.released == 1

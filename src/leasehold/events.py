@@ -47,6 +47,9 @@ LossReason = Literal[
     # the safe deadline passed with no renewal attempt failing: the process was
     # paused (GC, SIGSTOP, blocked event loop) or the lease does not renew
     "deadline",
+    # the Lease object was garbage-collected without release() (a bug in the
+    # caller): nothing renews it any more and the store lets it expire
+    "dropped",
 ]
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from leasehold._async._concurrency import (
     KEEPER_LINGER,
@@ -32,10 +32,38 @@ if TYPE_CHECKING:
     from leasehold._async.store import AsyncStore
     from leasehold._core.clock import Clock
     from leasehold._observe import Observer
+    from leasehold.events import Primitive
 
 logger = logging.getLogger("leasehold")
 
 IDLE_CHECK = 3600.0
+
+
+class _Tracked(weakref.ref["AsyncLease"]):
+    """A weak reference to a tracked lease that remembers what to report if the
+    lease object is garbage-collected without release (``_dropped``)."""
+
+    __slots__ = ("fence", "granted_at", "name", "owner", "primitive")
+    primitive: Primitive
+    name: str
+    fence: int
+    owner: str
+    granted_at: float
+
+    def __new__(cls, lease: AsyncLease, callback: Any) -> _Tracked:
+        tracked = super().__new__(cls, lease, callback)
+        tracked.primitive = lease.primitive
+        tracked.name = lease.name
+        tracked.fence = lease.fence
+        tracked.owner = lease.owner
+        tracked.granted_at = lease._granted_at
+        return tracked
+
+    @property
+    def deadline(self) -> float:
+        return math.inf  # for log fields only: the lease object is gone
+
+
 RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 
 
@@ -48,7 +76,7 @@ class AsyncKeeper:
 
     def _reset(self) -> None:
         self._guard = threading.Lock()
-        self._leases: dict[int, weakref.ref[AsyncLease]] = {}
+        self._leases: dict[int, _Tracked] = {}
         self._handle: object = None
         self._wakeup = AsyncEvent()
         self._pid = os.getpid()
@@ -70,7 +98,7 @@ class AsyncKeeper:
         with self._guard:
             if self._pid != os.getpid():
                 return
-            self._leases[id(lease)] = weakref.ref(lease)
+            self._leases[id(lease)] = _Tracked(lease, self._dropped)
             self._stopped = False
             if not background_alive(self._handle):
                 self._handle = spawn(self._run, name="leasehold-keeper")
@@ -82,6 +110,23 @@ class AsyncKeeper:
             wake = due < self._next_wake
         if wake:
             self._wakeup.set()
+
+    def _dropped(self, tracked: weakref.ref[AsyncLease]) -> None:
+        # Called by the garbage collector, in whatever thread it runs: no lock
+        # here (the collector may interrupt a holder of the guard); the dead entry
+        # is swept by tracked() or the next round. A released or lost lease was
+        # forgotten first, and a forgotten reference never calls back.
+        assert isinstance(tracked, _Tracked)
+        if self._pid != os.getpid():
+            return
+        held = max(0.0, self._clock.monotonic() - tracked.granted_at)
+        self._observer.lost(
+            tracked,
+            "dropped",
+            "the Lease object was garbage-collected without release(); nothing renews "
+            "it now and the store lets it expire at the end of its ttl",
+            held,
+        )
 
     def forget(self, lease: AsyncLease) -> None:
         # No wake-up: the keeper drops it at its next round, or idles out.
