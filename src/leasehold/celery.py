@@ -25,33 +25,28 @@ import inspect
 import json
 import logging
 import os
-import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task  # type: ignore[import-untyped]
-from celery.beat import Scheduler  # type: ignore[import-untyped]
 from celery.exceptions import Retry  # type: ignore[import-untyped]
 from celery.signals import worker_init  # type: ignore[import-untyped]
 from celery.utils.dispatch import Signal  # type: ignore[import-untyped]
 
 from leasehold import _celery_singleton as _singleton
 from leasehold import retry as _retry
+from leasehold._celery_beat import LeaderScheduler
+from leasehold._celery_url import _django_store_url, explicit_url
 from leasehold._core import validate
-from leasehold._core.defaults import ENV_URL, configured_url
 from leasehold._errors import (
-    AcquireTimeout,
     InvalidArgument,
     LeaseholdError,
     StoreMisconfigured,
     StoreUnavailable,
 )
 from leasehold._sync.client import Client
-from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
 
 __all__ = [
@@ -116,20 +111,6 @@ def _count(what: str) -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def explicit_url(url: str | None) -> str:
-    """``url``, else $LEASEHOLD_URL; never the host-local default SQLite file, with
-    which workers on different hosts would not see each other's leases."""
-    chosen = url if url is not None else configured_url()
-    if chosen is None:
-        raise InvalidArgument(
-            f"leasehold's Celery integration needs a store URL: set app.conf.leasehold_url "
-            f"or {ENV_URL}. The default SQLite file is local to one host, so workers on "
-            "other hosts would run the same singleton at once (to use SQLite on "
-            "purpose, set leasehold_url = 'sqlite:///PATH')"
-        )
-    return chosen
 
 
 def client_for(url: str | None = None) -> Client:
@@ -199,20 +180,6 @@ def _store_url(task: Any) -> str | None:
     if url is None:
         url = _django_store_url()
     return None if url is None else str(url)
-
-
-def _django_store_url() -> str | None:
-    """In a worker of a Django project (settings configured, ``LEASEHOLD`` set):
-    the store ``settings.LEASEHOLD`` names, as ``leasehold.django`` uses it."""
-    if "django.conf" not in sys.modules:
-        return None
-    from django.conf import settings
-
-    if not settings.configured or getattr(settings, "LEASEHOLD", None) is None:
-        return None
-    from leasehold.django import store_url
-
-    return store_url()
 
 
 def _fields(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -495,187 +462,3 @@ class OnceTask(Task):  # type: ignore[misc]
             return call(*args, **kwargs)
 
         return once.run(run, *args, **kwargs)
-
-
-# -- beat ----------------------------------------------------------------------------
-
-
-class LeaderScheduler(Scheduler):  # type: ignore[misc]
-    """A celery beat scheduler that sends only while it leads an election.
-
-    Run ``celery -A proj beat -S leasehold.celery:LeaderScheduler`` on as many
-    hosts as you like. Configuration (``app.conf``): ``leasehold_url``,
-    ``leasehold_beat_name`` (the election; default ``celery-beat:<app name>``),
-    ``leasehold_beat_ttl`` (default 30 s: a dead leader is replaced within about
-    that long).
-
-    Followers block in the election's queue and take over when the leader stops
-    (at once on a clean shutdown, which resigns) or dies (after the TTL). Right
-    before each send the leader checks its lease, so a leader that lost its lease
-    sends nothing more. The schedule state (each entry's last run and run count)
-    lives in the store, written after each send, so a new leader neither repeats
-    what its predecessor sent nor skips what fell due during the handover. A
-    leader that dies between sending and writing may have that one send repeated
-    by its successor: make the tasks themselves ``SingletonTask``/``OnceTask``
-    when a repeat matters.
-    """
-
-    #: A follower campaigns in waits of at most this many seconds.
-    standby_wait = 10.0
-
-    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        conf = app.conf
-        self.election_name = validate.name(
-            conf.get("leasehold_beat_name") or f"celery-beat:{app.main or 'celery'}",
-            what="leasehold_beat_name",
-        )
-        self.lease_ttl = validate.ttl(
-            float(conf.get("leasehold_beat_ttl") or 30.0), what="leasehold_beat_ttl"
-        )
-        url = conf.get("leasehold_url") or _django_store_url()
-        self._url = explicit_url(None if url is None else str(url))
-        self._client: Client | None = None
-        self._election: Election | None = None
-        self._lease: Lease | None = None
-        self._in_store_call = 0
-        self._failures = 0
-        super().__init__(app, *args, **kwargs)
-
-    # -- leadership --------------------------------------------------------------
-
-    @property
-    def leading(self) -> bool:
-        lease = self._lease
-        return lease is not None and lease.held
-
-    @property
-    def info(self) -> str:
-        return f"    . leasehold election -> {self.election_name!r} (ttl {self.lease_ttl:g} s)"
-
-    @contextmanager
-    def _store_call(self) -> Iterator[None]:
-        self._in_store_call += 1
-        try:
-            yield
-        finally:
-            self._in_store_call -= 1
-
-    def _get_election(self) -> Election:
-        if self._election is None:
-            self._client = Client(self._url)
-            self._election = self._client.election(self.election_name, ttl=self.lease_ttl)
-        return self._election
-
-    def tick(self, *args: Any, **kwargs: Any) -> float:
-        if self._lease is not None and not self._lease.held:
-            logger.warning(
-                "beat: lost the leadership of %r (term %d); standing by",
-                self.election_name,
-                self._lease.fence,
-            )
-            self._lease = None
-        if self._lease is None:
-            return self._stand_by()
-        interval: float = super().tick(*args, **kwargs)
-        return interval
-
-    def _stand_by(self) -> float:
-        election = self._get_election()
-        try:
-            with self._store_call():
-                lease = election.campaign(timeout=min(self.max_interval, self.standby_wait))
-                self._load_state(lease)
-        except AcquireTimeout:
-            return 0.0  # campaign again at once: the wait itself was the pause
-        except StoreMisconfigured:
-            raise  # beat stops with the error: retrying cannot fix the configuration
-        except StoreUnavailable as exc:
-            self._failures += 1
-            pause = _retry.delay(min(self._failures - 1, 64), initial=0.5, maximum=10.0)
-            logger.warning(
-                "beat: store error while standing by (%s); retrying in %.2f s", exc, pause
-            )
-            return pause
-        self._failures = 0
-        self._lease = lease
-        logger.info("beat: leading %r (term %d)", self.election_name, lease.fence)
-        return 0.0
-
-    def apply_entry(self, entry: Any, producer: Any = None) -> None:
-        lease = self._lease
-        if lease is None or not lease.held:
-            logger.warning("beat: not sending %s: this beat does not lead any more", entry.name)
-            return
-        super().apply_entry(entry, producer=producer)
-        self._save_state(lease, self.schedule.get(entry.name, entry))
-
-    # -- shared schedule state ----------------------------------------------------
-
-    @property
-    def state_key(self) -> str:
-        return f"{self.election_name}:schedule"
-
-    def _load_state(self, lease: Lease) -> None:
-        client = self._client
-        assert client is not None
-        record = client.store.read_record(self.state_key)
-        data = json.loads(record.value) if record.value else {}
-        for name, saved in data.get("entries", {}).items():
-            entry = self.schedule.get(name)
-            if entry is None:
-                continue
-            entry.last_run_at = datetime.fromisoformat(saved["last_run_at"])
-            entry.total_run_count = int(saved["total_run_count"])
-        # Rebuild the heap from the loaded state on the next tick.
-        self._heap = None
-        logger.debug("beat: term %d loaded the state of %d entries", lease.fence, len(data))
-
-    def _save_state(self, lease: Lease, entry: Any) -> None:
-        client = self._client
-        assert client is not None
-        store = client.store
-        try:
-            with self._store_call():
-                while True:
-                    record = store.read_record(self.state_key)
-                    data = json.loads(record.value) if record.value else {}
-                    if int(data.get("term", 0)) > lease.fence:
-                        # A later leader has written: ours is over, whatever our
-                        # lease still says.
-                        logger.warning("beat: a newer leader wrote the schedule; standing by")
-                        self._lease = None
-                        return
-                    data["term"] = lease.fence
-                    data.setdefault("entries", {})[entry.name] = {
-                        "last_run_at": entry.last_run_at.isoformat(),
-                        "total_run_count": entry.total_run_count,
-                    }
-                    value = json.dumps(data, sort_keys=True).encode()
-                    if store.write_record(self.state_key, record.version, value) is not None:
-                        return
-        except StoreUnavailable as exc:
-            logger.warning("beat: could not save the schedule state of %s: %s", entry.name, exc)
-
-    # -- shutdown -------------------------------------------------------------------
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            # celery beat calls close() from its SIGTERM handler too, which may have
-            # interrupted one of our own store calls; the SystemExit it raises then
-            # unwinds that call and close() runs again, safely, where we resign.
-            if not self._in_store_call:
-                self._resign()
-
-    def _resign(self) -> None:
-        client, election = self._client, self._election
-        self._client = self._election = self._lease = None
-        if election is not None:
-            try:
-                if election.resign():
-                    logger.info("beat: resigned the leadership of %r", self.election_name)
-            except StoreUnavailable as exc:
-                logger.warning("beat: could not resign (%s); the lease expires by itself", exc)
-        if client is not None:
-            client.close()

@@ -1,7 +1,9 @@
 """The etcd backend: ``etcd://host:2379[,host:2379...]`` and ``etcds://`` (TLS).
 
 Modules: ``client`` (HTTP, endpoints, auth, errors), ``leases`` (the etcd leases
-keys are attached to), ``watches`` (announcements), ``store`` (the contract).
+keys are attached to), ``watches`` (announcements), ``txn`` (transaction bodies),
+``connection`` (state, fork safety, epoch, server clock, announce), ``store`` (the
+contract's operations).
 """
 
 from __future__ import annotations

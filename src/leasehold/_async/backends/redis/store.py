@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, Final
@@ -39,9 +38,7 @@ from leasehold._async._concurrency import sleep
 from leasehold._async.backends.redis.connection import (
     _DRIVER_ERRORS,
     _POOL_POLL,
-    RedisConnection,
     _Connections,
-    _pool_exhausted,
     _server_warnings,
 )
 from leasehold._async.backends.redis.io import (
@@ -52,6 +49,7 @@ from leasehold._async.backends.redis.io import (
 from leasehold._async.backends.redis.layout import KeyLayout, _bucket_slot
 from leasehold._async.backends.redis.options import parse_options
 from leasehold._async.backends.redis.scripts import _Script, _script
+from leasehold._async.backends.redis.waiting import RedisWaiting
 from leasehold._async.store import (
     AsyncSubscription,
     HubSubscription,
@@ -65,23 +63,15 @@ from leasehold._core.records import (
     Busy,
     Capabilities,
     Granted,
-    HandedOver,
     Holder,
     HolderInfo,
     Record,
     RenewItem,
     WaiterInfo,
-    WaitResult,
 )
 from leasehold._core.url import StoreURL
 from leasehold._errors import InvalidArgument, StoreUnavailable
 
-# How late Redis may answer a BLPOP that timed out: one tick at the default hz 10.
-_BLPOP_OVERRUN: Final = 0.1
-# wait() polls its signal list this often in the last _BLPOP_OVERRUN before its
-# deadline, and when every blocking connection is busy.
-_TAIL_POLL: Final = 0.02
-_BUSY_POLL: Final = 0.1
 # renew() sends its items in scripts of at most this many, pipelined in one round
 # trip, so that no single script blocks Redis for long (10,000 items: ~50 ms each
 # instead of one ~500 ms script).
@@ -142,22 +132,7 @@ def _waiter_infos(now: int, triples: Sequence[Any]) -> list[WaiterInfo]:
     return infos
 
 
-def _signalled(value: object) -> WaitResult:
-    """What a waiter's signal list said: "h <fence>" is a hand-over (see hand_over in
-    _prelude.lua); anything else only wakes the waiter, whose next acquire then
-    confirms or queues again. None: nothing arrived."""
-    if value is None:
-        return False
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    if text.startswith("h "):
-        try:
-            return HandedOver(int(text[2:]))
-        except ValueError:
-            return True
-    return True
-
-
-class AsyncRedisStore(RedisConnection):
+class AsyncRedisStore(RedisWaiting):
     capabilities = Capabilities(
         server_clock=True,
         # Depends on the server: appendonly yes + appendfsync always keeps grants.
@@ -464,53 +439,6 @@ class AsyncRedisStore(RedisConnection):
             except (TypeError, ValueError, IndexError):
                 raise self._malformed("waiters", reply) from None
         return sorted(infos, key=lambda info: (info.name, info.position))
-
-    async def wait(self, name: str, token: str, timeout: float) -> WaitResult:  # noqa: ASYNC109, RUF100
-        signal = self.keys.for_name(name).signal(token)
-        connections = self._connect()
-        # A local deadline for I/O only; expiry decisions stay on the server's clock.
-        deadline = time.monotonic() + max(0.0, timeout)
-        try:
-            return await self._wait(connections, signal, deadline)
-        except _DRIVER_ERRORS:
-            # A wait is only the pause between two acquire attempts. If Redis fails
-            # meanwhile, sleep out the pause like a store without notifications: the
-            # next acquire reports the error, and a caller that retries acquire
-            # (with wait() as its pause) never spins against a dead server.
-            await sleep(deadline - time.monotonic())
-            return False
-
-    async def _wait(self, connections: _Connections, signal: str, deadline: float) -> WaitResult:
-        while True:
-            remaining = deadline - time.monotonic()
-            # Redis expires a blocked BLPOP only on its next event-loop tick (hz ticks
-            # per second), so block until shortly before the deadline and poll the
-            # last moments: the caller's timeout holds. Never send BLPOP a timeout of
-            # 0, which means "forever".
-            block_for = min(remaining - _BLPOP_OVERRUN, self._block_slice)
-            if block_for < 0.01:
-                popped = await self._execute(connections.commands, "LPOP", signal)
-                if popped is not None or remaining <= 0:
-                    return _signalled(popped)
-                await sleep(min(remaining, _TAIL_POLL))
-                continue
-            blpop = ("BLPOP", signal, f"{block_for:.3f}")
-            try:
-                popped = await self._execute(
-                    connections.blocking, *blpop, wait_for_connection=False
-                )
-            except redis_errors.ConnectionError as exc:
-                if not _pool_exhausted(exc):
-                    raise
-                # Every blocking connection is in use: poll rather than fail (the
-                # signal stays in its list, so it is only noticed later, not lost).
-                popped = await self._execute(connections.commands, "LPOP", signal)
-                if popped is not None:
-                    return _signalled(popped)
-                await sleep(min(remaining, _BUSY_POLL))
-                continue
-            if popped is not None:
-                return _signalled(popped[1])
 
     async def read_record(self, key: str) -> Record:
         record_key, _floor = self.keys.for_record(key)

@@ -4,7 +4,8 @@
 
 ``options`` (the URL), ``layout`` (keys, buckets, cluster slots), ``scripts`` (Lua
 loading), ``connection`` (pools, cluster client, error translation, listener),
-``store`` (the store operations), ``io`` and ``pubsub`` (hand-written per flavour).
+``waiting`` (``wait``: BLPOP on a waiter's signal list), ``store`` (the store
+operations), ``io`` and ``pubsub`` (hand-written per flavour).
 """
 
 from leasehold._sync.backends.redis.options import RedisOptions, parse_options
