@@ -47,6 +47,8 @@ REPLACEMENTS = {
     "AsyncRedisStore": "RedisStore",
     "AsyncPostgresStore": "PostgresStore",
     "AsyncPooledPostgresStore": "PooledPostgresStore",
+    "AsyncRelaxedPostgresStore": "RelaxedPostgresStore",
+    "AsyncRelaxedPooledPostgresStore": "RelaxedPooledPostgresStore",
     "AsyncConnectionPool": "ConnectionPool",
     "AsyncConnection": "Connection",
     "AsyncCursor": "Cursor",
