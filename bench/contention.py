@@ -182,7 +182,8 @@ def measure(key: str, env: dict[str, Any], procs: int, seconds: float) -> dict[s
 # Floors that are locks at all, and competitors' sync flavour (their asyncio twins
 # wait the same way); every multi-process leasehold flavour is added to these.
 CONTENDERS = ("redis-blpop", "redis-py", "python-redis-lock", "pottery", "sherlock", "tooz-redis",
-              "pg-advisory", "tooz-postgres", "flock", "filelock", "portalocker")  # fmt: skip
+              "mithril", "mithril-renew", "pg-advisory", "tooz-postgres", "sqlalchemy-dlock",
+              "flock", "filelock", "portalocker")  # fmt: skip
 METRICS = ("throughput", "handoff_p50_us", "handoff_p99_us", "wait_p99_us", "fairness")
 
 
