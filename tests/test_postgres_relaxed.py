@@ -552,3 +552,40 @@ def test_the_checker_fires_on_each_violation() -> None:
     overlapping = [clean[0], Hold(2, 1, 11, 0.15, 0.15, 0.4)]
     assert check_history(overlapping).overlapping
     assert check_history(clean, crashed_at=0.5, quarantine=3.0).quarantine
+
+
+def test_a_backend_crash_restart_is_detected_too(tmp_path: Path) -> None:
+    """SIGKILL of one backend makes the postmaster restart every process with crash
+    recovery (pg_postmaster_start_time() stays the same); the marker is empty
+    after it all the same."""
+    _need_binaries()
+    server = PostgresServer()
+    server.start()
+    try:
+        store = sstore(_url(server, durability="relaxed"))
+        try:
+            name = unique()
+            assert isinstance(store.acquire(req(name, tok(), ttl=1.5)), Granted)
+            ((started,),) = server.execute("SELECT pg_postmaster_start_time()")
+            ((victim,),) = server.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend' LIMIT 1"
+            )
+            os.kill(int(victim), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:  # the postmaster restarts the cluster by itself
+                try:
+                    ((now_started,),) = server.execute("SELECT pg_postmaster_start_time()")
+                    break
+                except psycopg.OperationalError:
+                    assert time.monotonic() < deadline, "the server did not come back"
+                    time.sleep(0.1)
+            assert now_started == started  # not a restart pg_ctl would show
+            busy = store.acquire(req(unique(), tok(), ttl=1.0))
+            assert isinstance(busy, Busy) and busy.retry_after is not None
+            assert 1.0 < busy.retry_after <= 1.5  # quarantined for max_ttl
+            assert _epoch(server, "leasehold")[0] == 1
+        finally:
+            store.close()
+    finally:
+        server.stop()
