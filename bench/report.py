@@ -525,6 +525,7 @@ pip install -e '.[all]' -r bench/requirements.txt
 python -m bench            # full run, about 11-12 minutes on 2 cores
 python -m bench --quick    # smoke run, under 2 minutes
 python -m bench --only uncontended,contention --no-docs   # a subset
+python -m bench --only uncontended --subjects redis-py,leasehold-redis --no-docs --out /tmp/rows
 python -m bench.probes     # where the time of one acquire + release goes
 ```
 
