@@ -40,6 +40,13 @@ class Subject:
     make: Callable[[dict[str, Any], str], Handle]
     prepare: Callable[[dict[str, Any], str], None] | None = None
     multiprocess: bool = True  # usable from several processes on one lock
+    # An environment variable naming another Python interpreter to measure this
+    # subject in (its own virtual environment: a library whose pins clash with
+    # the others'); unset, the subject runs here like the rest.
+    python: str | None = None
+
+    def interpreter(self) -> str | None:
+        return os.environ.get(self.python) if self.python else None
 
     @property
     def is_async(self) -> bool:
@@ -359,6 +366,8 @@ def _s(*args: Any, **kw: Any) -> Subject:
 
 
 LH = "leasehold"
+# mithril-locks requires redis-py < 8: it runs in a virtual environment of its own.
+MITHRIL_PYTHON = "LEASEHOLD_BENCH_MITHRIL_PYTHON"
 SUBJECTS: list[Subject] = [
     # Redis
     _s("redis-ping", "2xPING", "redis", "floor", "sync", "redis",
@@ -376,10 +385,11 @@ SUBJECTS: list[Subject] = [
        "defaults: auto_release_time=10, one master", _pottery),
     _s("mithril", "mithril-locks", "redis", "competitor", "sync", "mithril-locks",
        f"ttl={TTL}, auto_renewal=False (default), timeout=10, retry_interval=0.1; "
-       "structlog info logging silenced", _mithril(False)),
+       "structlog info logging silenced; own venv (redis<8)", _mithril(False),
+       python=MITHRIL_PYTHON),
     _s("mithril-renew", "mithril-locks (renewal)", "redis", "competitor", "sync",
-       "mithril-locks", f"ttl={TTL}, auto_renewal=True; structlog info logging silenced",
-       _mithril(True)),
+       "mithril-locks", f"ttl={TTL}, auto_renewal=True; structlog info logging silenced; "
+       "own venv (redis<8)", _mithril(True), python=MITHRIL_PYTHON),
     _s("sherlock", "sherlock RedisLock", "redis", "competitor", "sync", "sherlock",
        "defaults: expire=60, timeout=10, retry_interval=0.1", _sherlock),
     _s("tooz-redis", "tooz (redis)", "redis", "competitor", "sync", "tooz",
