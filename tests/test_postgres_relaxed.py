@@ -589,3 +589,93 @@ def test_a_backend_crash_restart_is_detected_too(tmp_path: Path) -> None:
             store.close()
     finally:
         server.stop()
+
+
+# -- a state machine: durable and relaxed grants, releases and crashes ----------------------
+
+
+def test_fences_increase_through_any_sequence_of_grants_and_crashes(pg: PostgresServer) -> None:
+    """Against a model that only remembers the highest fence ever handed out: every
+    grant (relaxed or durable, by acquire or by hand-over) is above it, through
+    crashes that lose any suffix of the fence sequence (the marker emptied, the
+    sequence set back anywhere at or below the highest fence -- more than a real
+    crash can lose). A crash quarantines grants for max_ttl (0.05 s here)."""
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
+
+    schema = _schema()
+    ttl = 0.05
+    relaxed = sstore(_url(pg, schema=schema, durability="relaxed"))
+    durable = sstore(_url(pg, schema=schema))
+    names = [unique() for _ in range(3)]
+
+    class Crashes(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            # Every fence earlier examples handed out (each crash was recovered).
+            ((last,),) = pg.execute(f"SELECT last_value FROM {schema}.fence_seq")
+            self.highest = int(last)
+            self.crashes = 0
+            self.held: dict[str, list[str]] = {}
+            self.queued: dict[str, list[str]] = {}
+
+        def _granted(self, fence: int) -> None:
+            assert fence > self.highest, (fence, self.highest)
+            self.highest = fence
+
+        @rule(name=st.sampled_from(names), use_relaxed=st.booleans(), queue=st.booleans())
+        def acquire(self, name: str, use_relaxed: bool, queue: bool) -> None:
+            store = relaxed if use_relaxed else durable
+            token = tok()
+            result = store.acquire(req(name, token, ttl=ttl, queue_ttl=5.0 if queue else None))
+            if isinstance(result, Granted):
+                self._granted(result.fence)
+                self.held.setdefault(name, []).append(token)
+            elif queue:
+                self.queued.setdefault(name, []).append(token)
+
+        @rule(name=st.sampled_from(names), use_relaxed=st.booleans())
+        def release(self, name: str, use_relaxed: bool) -> None:
+            tokens = self.held.get(name)
+            if not tokens:
+                return
+            store = relaxed if use_relaxed else durable
+            store.release(name, tokens.pop(0))
+            # A hand-over grants the first waiter: its fence is the model's too.
+            for info in store.holders(name):
+                if info.fence > self.highest:
+                    self._granted(info.fence)
+
+        @rule(back=st.integers(min_value=0, max_value=50))
+        def crash(self, back: int) -> None:
+            _sql(pg, schema, "DELETE FROM @s@.epoch_marker")
+            pg.execute(f"SELECT setval('{schema}.fence_seq', %s)", (max(1, self.highest - back),))
+            self.crashes += 1
+            # The first call after the crash recovers and starts the quarantine
+            # (max_ttl = ttl): wait it out, so that grants follow the crash.
+            assert isinstance(durable.acquire(req(unique(), tok(), ttl=ttl)), Busy)
+            time.sleep(ttl + 0.01)
+
+        @invariant()
+        def sequence_never_reissues(self) -> None:
+            ((last, called),) = pg.execute(f"SELECT last_value, is_called FROM {schema}.fence_seq")
+            marker = pg.execute(f"SELECT count(*) FROM {schema}.epoch_marker")
+            if marker == [(1,)]:  # recovered (or never crashed): nothing below is issued
+                next_value = last + 1 if called else last
+                assert next_value > self.highest
+
+    try:
+        durable.acquire(req(unique(), tok(), ttl=ttl))  # install, and set max_ttl ...
+        relaxed.acquire(req(unique(), tok(), ttl=ttl))  # ... to the ttl used here
+        run_state_machine_as_test(
+            Crashes, settings=settings(max_examples=15, stateful_step_count=25, deadline=None)
+        )
+    finally:
+        relaxed.close()
+        durable.close()
