@@ -167,12 +167,12 @@ def test_lease_as_context_manager_from_acquire(client: leasehold.Client) -> None
 def test_with_block_exit_raises_when_lease_was_lost(client: leasehold.Client) -> None:
     with pytest.raises(leasehold.LeaseLost, match="broken by test"):
         with client.lock("lost0") as lease:
-            lease._mark_lost("broken by test")  # what the keeper does on loss
+            lease._mark_lost("refused", "broken by test")  # what the keeper does on loss
     with pytest.raises(leasehold.LeaseLost), client.lock("lost", renew=False) as lease:
         client.break_lease("lost")
         lease.extend()  # the store refuses: LeaseLost escapes the body itself
     with pytest.raises(leasehold.LeaseLost) as info, client.lock("lost2") as lease:
-        lease._mark_lost("broken by test")
+        lease._mark_lost("refused", "broken by test")
         raise KeyError("body failed too")
     assert isinstance(info.value.__cause__, KeyError)
 
@@ -194,7 +194,7 @@ def test_logs_never_contain_tokens(
     caplog.set_level(logging.DEBUG, logger="leasehold")
     lease = client.lock("logged", renew=False).acquire()
     token = lease._token
-    lease._mark_lost("test")
+    lease._mark_lost("refused", "test")
     assert caplog.records
     assert all(token not in record.getMessage() for record in caplog.records)
     assert token not in repr(lease)

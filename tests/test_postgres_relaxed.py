@@ -535,7 +535,9 @@ def test_control_without_crash_detection_the_checker_fires(
     assert recovered < max(h.fence for h in before)
     found = check_history(holds, crashed_at=crashed_at, quarantine=TTL)
     assert found.reused or found.backwards, found
-    assert found.quarantine  # granted at once after the restart
+    after = [h for h in holds if h.granted > crashed_at]
+    if min(h.granted for h in after) < crashed_at + TTL:  # unless the restart was slow
+        assert found.quarantine  # granted inside what would have been the quarantine
 
 
 def test_the_checker_fires_on_each_violation() -> None:

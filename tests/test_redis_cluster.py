@@ -517,6 +517,11 @@ def test_restart_of_one_master_loses_its_leases_only(
             lambda: store.renew([RenewItem(lease, "t", 30) for lease in everyone])
         )()
         assert answers == [lease not in per_node[1] for lease in everyone]
+        # The store saw that node restart, and only that one: its holders' loss
+        # reason is "restart", the others' would still be "refused".
+        assert [store.restarts(lease) for lease in everyone] == [
+            int(lease in per_node[1]) for lease in everyone
+        ]
         lost = per_node[1][0]
         fence = fence_of(await _retrying(lambda: store.acquire(req(lost, "u", ttl=30)))())
         assert fence > fences[lost]

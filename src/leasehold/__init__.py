@@ -15,6 +15,7 @@ from leasehold._async.presence import AsyncPresence
 from leasehold._async.store import AsyncStore, AsyncSubscription
 from leasehold._core.clock import Clock, FakeClock, SystemClock
 from leasehold._core.election import Leader
+from leasehold._core.health import Health
 from leasehold._core.once import NoResult
 from leasehold._core.presence import Epoch, Member, Snapshot
 from leasehold._core.records import (
@@ -68,6 +69,7 @@ __all__ = [
     "Epoch",
     "FakeClock",
     "Granted",
+    "Health",
     "Holder",
     "HolderInfo",
     "Leader",

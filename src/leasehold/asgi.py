@@ -20,6 +20,13 @@ what ``Starlette(lifespan=...)`` and ``FastAPI(lifespan=...)`` expect::
         leader = await request.state.leasehold_election.leader()
         return {"leader": leader and leader.identity}
 
+``readiness(client)`` and ``readiness_app()`` tell a load balancer or Kubernetes
+whether this replica can use its store (see docs/fastapi.md, "Readiness")::
+
+    from leasehold.asgi import readiness_app
+
+    app.mount("/ready", readiness_app())   # 200 when ready, else 503 (JSON body)
+
 See docs/fastapi.md.
 """
 
@@ -28,19 +35,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from leasehold import retry
+from leasehold._async._concurrency import AsyncCall
 from leasehold._async.client import AsyncClient
 from leasehold._async.election import AsyncElection, LeaderBody
 from leasehold._async.lease import AsyncLease
 from leasehold._core import validate
-from leasehold._errors import InvalidArgument, LeaseLost
+from leasehold._core.health import Health
+from leasehold._errors import InvalidArgument, LeaseholdError, LeaseLost
 
-__all__ = ["LeaderFunction", "Lifespan", "lifespan"]
+__all__ = ["LeaderFunction", "Lifespan", "Readiness", "lifespan", "readiness", "readiness_app"]
 
 logger = logging.getLogger("leasehold.asgi")
 
@@ -53,6 +64,8 @@ RESTART_INITIAL = 0.5
 RESTART_MAXIMUM = 30.0
 # How long shutdown waits for the leader body to unwind after it was cancelled.
 SHUTDOWN_GRACE = 10.0
+# How long a readiness check waits for the store to answer.
+READY_TIMEOUT = 2.0
 
 
 def lifespan(
@@ -194,3 +207,112 @@ async def _finish(runner: asyncio.Task[None]) -> None:
         runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
+
+
+# -- readiness -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether this replica can use its store now. ``ready``: the store answered a
+    ping within the timeout; ``reason``: why not (None when ready); ``health``: the
+    client's own view (``AsyncClient.health()``), for the response body."""
+
+    ready: bool
+    reason: str | None
+    health: Health
+
+    def as_dict(self) -> dict[str, Any]:
+        health = self.health
+        return {
+            "ready": self.ready,
+            "reason": self.reason,
+            "keeper_running": health.keeper_running,
+            "leases_held": health.leases_held,
+            "leases_at_risk": list(health.at_risk),
+            "last_renewal_age": health.last_renewal_age,
+            "store_answer_age": health.store_answer_age,
+        }
+
+
+async def readiness(client: AsyncClient, *, timeout: float = READY_TIMEOUT) -> Readiness:
+    """Ping the client's store (bounded by ``timeout`` seconds, never cancelling the
+    call itself) and report whether the replica is ready. A store that refuses,
+    fails or does not answer in time makes it not ready; so does a closed client."""
+    validate.ttl(timeout, what="timeout")
+    observer = client._context.observer
+    if client._context.closed:
+        return Readiness(False, "the leasehold client is closed", client.health())
+    call = AsyncCall(client.store.ping)
+    reason: str | None = None
+    if not await call.wait(timeout):
+        reason = f"the store did not answer within {timeout:g} s"
+    else:
+        try:
+            call.result()
+        except LeaseholdError as exc:
+            reason = f"the store is unusable: {exc}"
+    if reason is None:
+        observer.answered()
+    else:
+        observer.last_failure = client.clock.monotonic()
+        observer.last_error = reason
+    return Readiness(reason is None, reason, client.health())
+
+
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+def readiness_app(
+    state_key: str = "leasehold",
+    *,
+    client: AsyncClient | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> ASGIApp:
+    """A tiny ASGI app answering every HTTP request with 200 when ``readiness()``
+    says ready, else 503, and the ``Readiness`` as a JSON body. It uses ``client``,
+    or the one ``lifespan()`` put in the lifespan state under ``state_key`` (Starlette
+    and FastAPI pass that state to mounted apps as ``scope["state"]``)::
+
+        app = FastAPI(lifespan=lifespan(...))
+        app.mount("/ready", readiness_app())
+    """
+    if not isinstance(state_key, str) or not state_key.isidentifier():
+        raise InvalidArgument(f"state_key must be an identifier, got {state_key!r}")
+    validate.ttl(timeout, what="timeout")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            raise InvalidArgument("readiness_app serves HTTP requests only")
+        target = client
+        if target is None:
+            state = scope.get("state") or {}
+            found = state.get(state_key)
+            if not isinstance(found, AsyncClient):
+                body = {
+                    "ready": False,
+                    "reason": f"no leasehold client in the state ({state_key!r})",
+                }
+                await _respond(send, 503, body)
+                return
+            target = found
+        result = await readiness(target, timeout=timeout)
+        await _respond(send, 200 if result.ready else 503, result.as_dict())
+
+    return app
+
+
+async def _respond(send: Any, status: int, body: Mapping[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

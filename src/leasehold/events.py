@@ -96,9 +96,13 @@ class Busy(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimedOut(Event):
-    """``acquire(timeout=...)`` gave up; ``wait`` is how long it waited."""
+    """``acquire(timeout=...)`` gave up; ``wait`` is how long it waited.
+    ``cancelled`` is True when the caller stopped waiting instead (its task was
+    cancelled, an election was stopped): not a timeout anybody set, but the
+    acquire still ends here, so gauges of waiters stay right."""
 
     wait: float
+    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,21 +199,31 @@ class RoomOpened(Event):
     epoch: int
 
 
+# Presence events are reported by the client whose write made the change, so each
+# change is reported once across the fleet.
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberJoined(Event):
+    """This client's write made ``member`` active (``join``, or ``observe``)."""
+
     member: str
     epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberLeft(Event):
+    """This client's write removed ``member`` (``leave``, ``observe``) or dropped it
+    after it expired."""
+
     member: str
     epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IntentExpired(Event):
-    """A join intent lapsed before its member joined (seen by whoever read it)."""
+    """A join intent lapsed before its member joined. Reported by the client whose
+    write dropped it from the room (the next writer), so once across the fleet."""
 
     member: str
     epoch: int

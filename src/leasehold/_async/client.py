@@ -19,6 +19,7 @@ from leasehold._async.store import AsyncStore
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import default_url
+from leasehold._core.health import Health, LeaseFacts, assess
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
 from leasehold._core.stats import Statistics
@@ -172,7 +173,30 @@ class AsyncClient:
         return removed
 
     def statistics(self) -> Statistics:
+        """This client's counters since it was created (see ``Statistics``)."""
         return self._context.counters.snapshot()
+
+    def health(self) -> Health:
+        """What this client knows about itself right now, without I/O: whether its
+        renewer runs, how long ago the store last confirmed a renewal or answered
+        at all, and which held leases are within one renewal interval of their safe
+        deadline (see ``Health``)."""
+        context = self._context
+        leases = [
+            LeaseFacts(lease.name, lease.deadline, lease.term, lease.renewing)
+            for lease in context.keeper.tracked()
+            if not lease.released and not lease.lost
+        ]
+        observer = context.observer
+        return assess(
+            self.clock.monotonic(),
+            leases,
+            keeper_running=context.keeper.running(),
+            last_renewal=observer.last_renewal,
+            last_answer=observer.last_answer,
+            last_failure=observer.last_failure,
+            last_error=observer.last_error,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -180,7 +204,7 @@ class AsyncClient:
         context = self._context
         context.keeper.after_fork_in_child()
         context.gates = AsyncGates()
-        context.counters.reset_after_fork()
+        context.observer.after_fork_in_child()
         context.holder = Holder.for_this_process(self._identity)
 
     async def aclose(self) -> None:
@@ -192,6 +216,7 @@ class AsyncClient:
         for lease in context.keeper.tracked():
             await lease.release()
         context.keeper.stop()
+        context.store_closed = True
         await self.store.aclose()
 
     async def __aenter__(self) -> AsyncClient:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from leasehold import retry
+from leasehold import events, retry
 from leasehold._async._concurrency import IS_ASYNC, sleep
 from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock
@@ -43,6 +43,7 @@ from leasehold._core.once import (
 )
 from leasehold._core.records import MAX_RECORD_BYTES
 from leasehold._errors import InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields, log_fields
 
 if TYPE_CHECKING:
     from leasehold._async.context import AsyncContext
@@ -99,7 +100,7 @@ class AsyncOnce:
             raise InvalidArgument("serializer must have dumps(obj) -> bytes and loads(bytes)")
         self._serializer: Serializer = JSON if serializer is None else serializer
         self._timeout = validate.timeout(timeout)
-        self._lock = AsyncLock(context, self._name, ttl=ttl, margin=margin)
+        self._lock = AsyncLock(context, self._name, ttl=ttl, margin=margin, primitive="once")
 
     @property
     def key(self) -> str:
@@ -143,6 +144,7 @@ class AsyncOnce:
         first = await store.read_record(self._name)
         entry = decode(first.value)
         if entry.state == "done":
+            self._reused()
             return self._loads(entry.payload)
         if entry.state == "failed" and not self._retry_failed:
             raise entry.failure(self._key)
@@ -170,6 +172,7 @@ class AsyncOnce:
             record = await store.read_record(self._name)
             entry = decode(record.value)
             if entry.state == "done":
+                self._reused()
                 return self._loads(entry.payload)
             if entry.state == "failed" and (
                 not self._retry_failed or record.version != old_failure
@@ -200,12 +203,17 @@ class AsyncOnce:
         payload = b""
         stored = False
         owner = self._context.holder.owner
+        clock = self._context.clock
+        began = clock.monotonic()
+        ran = 0.0
         try:
             async with lease:
                 try:
                     value = await _invoke(fn, args, kwargs)
+                    ran = clock.monotonic() - began
                     payload = self._dumps(value)
                 except Exception as exc:
+                    ran = clock.monotonic() - began
                     failure = exc
                     outcome = encode_failed(lease.fence, owner, error_type(exc), str(exc))
                 else:
@@ -221,13 +229,25 @@ class AsyncOnce:
             if not stored:
                 raise
         if failure is not None:
+            if events.wanted():
+                self._context.observer.emit(
+                    events.OnceFailed,
+                    "once",
+                    self._key,
+                    duration=ran,
+                    error_type=type(failure).__name__,
+                    error=str(failure) or type(failure).__name__,
+                )
             if not stored:
                 logger.warning(
                     "once %r: the failure of fence %d was not recorded (taken over)",
                     self._key,
                     lease.fence,
+                    extra=lease_fields(lease, "once_failure_not_recorded"),
                 )
             raise failure
+        if events.wanted():
+            self._context.observer.emit(events.OnceRan, "once", self._key, duration=ran)
         return self._loads(payload)
 
     async def _store_outcome(self, lease: AsyncLease, version: int, outcome: bytes) -> bool:
@@ -247,7 +267,10 @@ class AsyncOnce:
                 if not lease.held:
                     raise
                 logger.warning(
-                    "once %r: store error storing the result (%s); retrying", self._key, exc
+                    "once %r: store error storing the result (%s); retrying",
+                    self._key,
+                    exc,
+                    extra=log_fields("once_store_retry", "once", self._key, error=exc),
                 )
                 await sleep(
                     retry.delay(failures, initial=STORE_RETRY_INITIAL, maximum=STORE_RETRY_MAXIMUM)
@@ -263,6 +286,10 @@ class AsyncOnce:
                 expected = 0
                 continue
             return False
+
+    def _reused(self) -> None:
+        if events.wanted():
+            self._context.observer.emit(events.OnceReused, "once", self._key)
 
     # -- reading -----------------------------------------------------------------
 

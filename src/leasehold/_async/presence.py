@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from leasehold import events
 from leasehold._async._concurrency import IS_ASYNC, sleep
 from leasehold._async.lease import AsyncLease
 from leasehold._async.lock import AsyncLock
@@ -22,8 +23,10 @@ from leasehold._core import presence as core
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin
-from leasehold._core.presence import Epoch, Member, Snapshot
+from leasehold._core.presence import Epoch, Member, Room, Snapshot
+from leasehold._core.presence_changes import changes
 from leasehold._errors import AcquireTimeout, InvalidArgument
+from leasehold._observe import lease_fields
 
 if TYPE_CHECKING:
     from leasehold._async.context import AsyncContext
@@ -68,7 +71,12 @@ class AsyncPresence:
         self._intent_ttl = validate.ttl(intent_ttl, what="intent_ttl")
         self._create_ttl = validate.ttl(create_ttl, what="create_ttl")
         self._key = core.RECORD_PREFIX + self._room
-        self._lock = AsyncLock(context, core.CREATE_LOCK_PREFIX + self._room, ttl=self._create_ttl)
+        self._lock = AsyncLock(
+            context,
+            core.CREATE_LOCK_PREFIX + self._room,
+            ttl=self._create_ttl,
+            primitive="presence",
+        )
 
     @property
     def room(self) -> str:
@@ -103,30 +111,47 @@ class AsyncPresence:
         checked = validate.timeout(timeout)
         clock = self._context.clock
         deadline = None if checked is None else clock.monotonic() + checked
+        # The wait for the creation lease, in slices, is one acquire as events and
+        # statistics see it: its start while it is pending between slices.
+        observer = self._context.observer
+        lock = self._lock
+        waiting: float | None = None
         attempt = 0
-        while True:
-            opened = await self.current()
-            if opened is not None:
-                return opened
-            # Wait on the creation lease, but only for a while: when a creator
-            # commits, the lease passes from waiter to waiter one at a time, and a
-            # waiter deep in that queue sees the open epoch sooner by looking again.
-            wait = OPEN_WAIT.delay(attempt)
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - clock.monotonic()))
-            try:
-                lease = await self._lock.acquire(wait)
-            except AcquireTimeout:
-                attempt += 1
-                if deadline is not None and clock.monotonic() >= deadline:
-                    raise AcquireTimeout(self._room, checked or 0.0) from None
-                continue
-            try:
-                opened = await self._create(lease, create)
-            finally:
-                await lease.release()
-            if opened is not None:
-                return opened
+        try:
+            while True:
+                opened = await self.current()
+                if opened is not None:
+                    if waiting is not None:
+                        observer.abandoned("presence", lock.name, waiting)  # not needed
+                    return opened
+                # Wait on the creation lease, but only for a while: when a creator
+                # commits, the lease passes from waiter to waiter one at a time, and a
+                # waiter deep in that queue sees the open epoch sooner by looking again.
+                wait = OPEN_WAIT.delay(attempt)
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - clock.monotonic()))
+                if waiting is None:
+                    waiting = observer.acquire_started("presence", lock.name, True)
+                # The slice reports its own errors: not pending while it runs.
+                started, waiting = waiting, None
+                lease = await lock._observed(started, wait, blocking=True, final=False)
+                if lease is None:
+                    attempt += 1
+                    if deadline is not None and clock.monotonic() >= deadline:
+                        observer.not_acquired("presence", lock.name, started, blocking=True)
+                        raise AcquireTimeout(self._room, checked or 0.0) from None
+                    waiting = started
+                    continue
+                try:
+                    opened = await self._create(lease, create)
+                finally:
+                    await lease.release()
+                if opened is not None:
+                    return opened
+        except BaseException as exc:
+            if waiting is not None:
+                observer.acquire_failed("presence", lock.name, waiting, exc)
+            raise
 
     async def _create(self, lease: AsyncLease, create: Create) -> Epoch | None:
         """Under the creation lease: claim, create, commit. None if superseded."""
@@ -142,6 +167,7 @@ class AsyncPresence:
             "is discarded (clean up what create() made for that epoch number)",
             self._room,
             number,
+            extra=lease_fields(lease, "epoch_taken_over"),
         )
         return None
 
@@ -321,7 +347,8 @@ class AsyncPresence:
         while True:
             sent = clock.monotonic()
             record = await store.read_record(self._key)
-            step = transition(core.decode(self._key, record.value), record.now, record.version)
+            before = core.decode(self._key, record.value)
+            step = transition(before, record.now, record.version)
             if step.write is None:
                 return step.result, (record.version, record.now), sent
             value = core.encode(step.write)
@@ -329,15 +356,36 @@ class AsyncPresence:
                 self._key, record.version, value, core.record_ttl(step.write)
             )
             if version is not None:
+                if events.wanted():
+                    self._report(before, step.write, record.now)
                 return step.result, (version, record.now), sent
             await sleep(CAS_RETRY.delay(attempt))
             attempt += 1
+
+    def _report(self, before: Room | None, after: Room, now: float) -> None:
+        """Events for what a write of ours changed (see presence_changes)."""
+        observer = self._context.observer
+        for change, member in changes(before, after, now):
+            if member is None:
+                kind = events.RoomOpened if change == "opened" else events.RoomClosed
+                observer.emit(kind, "presence", self._room, epoch=after.epoch)
+            else:
+                observer.emit(
+                    _MEMBER_EVENTS[change], "presence", self._room, member=member, epoch=after.epoch
+                )
 
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} {self._room!r} member_ttl={self._member_ttl:g}s "
             f"intent_ttl={self._intent_ttl:g}s>"
         )
+
+
+_MEMBER_EVENTS: dict[str, type[events.Event]] = {
+    "joined": events.MemberJoined,
+    "left": events.MemberLeft,
+    "intent_expired": events.IntentExpired,
+}
 
 
 async def _result_of(made: Any) -> Any:

@@ -197,6 +197,14 @@ class AsyncStore(ABC):
     async def aclose(self) -> None:
         """Release connections. Idempotent."""
 
+    def restarts(self, name: str) -> int:
+        """How many restarts (or failovers) of the server that keeps ``name`` this
+        store object has noticed, e.g. by a changed Redis run id. No I/O. A lease
+        granted before the count grew and then refused was lost to the restart, and
+        says so. Stores that cannot tell answer 0 (the default)."""
+        del name
+        return 0
+
     def warnings(self) -> list[str]:
         """Configuration problems a user should know about (``leasehold doctor``)."""
         return []

@@ -10,8 +10,16 @@ from dataclasses import dataclass, fields
 class Statistics:
     """A snapshot of one client's counters since it was created.
 
-    ``wait_time`` sums the seconds spent in successful or failed acquires;
-    ``hold_time`` sums the seconds between grant and release or loss.
+    ``acquired``: grants; ``skipped``: ``try_acquire`` calls that found the name
+    busy; ``timed_out``: ``acquire`` calls whose timeout passed. ``renewed``:
+    renewals the store confirmed, one per lease (a refused renewal is a loss, not
+    a renewal); ``renewal_failures``: renewal attempts that failed and were
+    retried, one per lease and attempt. ``lost``: leases that ended without their
+    holder releasing them; ``released``: leases released while still held (a
+    lost lease is never also counted as released). ``wait_time`` sums the seconds
+    spent in acquires that were granted, busy or timed out; ``hold_time`` sums the
+    seconds from each grant to its release or its loss (a lost lease's hold time
+    ends at the loss, not when its block exits).
     """
 
     acquired: int = 0
@@ -33,6 +41,13 @@ class Counters:
     def add(self, counter: str, amount: float = 1) -> None:
         with self._lock:
             self._values[counter] += amount
+
+    def add_timed(self, counter: str, timer: str, seconds: float, amount: float = 1) -> None:
+        """``counter += amount`` and ``timer += seconds`` in one step (one lock)."""
+        with self._lock:
+            values = self._values
+            values[counter] += amount
+            values[timer] += seconds
 
     def snapshot(self) -> Statistics:
         with self._lock:

@@ -21,6 +21,7 @@ from leasehold._sync.store import Store
 from leasehold._core import validate
 from leasehold._core.clock import SYSTEM_CLOCK, Clock
 from leasehold._core.defaults import default_url
+from leasehold._core.health import Health, LeaseFacts, assess
 from leasehold._core.once import Serializer
 from leasehold._core.records import Holder, HolderInfo
 from leasehold._core.stats import Statistics
@@ -174,7 +175,30 @@ class Client:
         return removed
 
     def statistics(self) -> Statistics:
+        """This client's counters since it was created (see ``Statistics``)."""
         return self._context.counters.snapshot()
+
+    def health(self) -> Health:
+        """What this client knows about itself right now, without I/O: whether its
+        renewer runs, how long ago the store last confirmed a renewal or answered
+        at all, and which held leases are within one renewal interval of their safe
+        deadline (see ``Health``)."""
+        context = self._context
+        leases = [
+            LeaseFacts(lease.name, lease.deadline, lease.term, lease.renewing)
+            for lease in context.keeper.tracked()
+            if not lease.released and not lease.lost
+        ]
+        observer = context.observer
+        return assess(
+            self.clock.monotonic(),
+            leases,
+            keeper_running=context.keeper.running(),
+            last_renewal=observer.last_renewal,
+            last_answer=observer.last_answer,
+            last_failure=observer.last_failure,
+            last_error=observer.last_error,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -182,7 +206,7 @@ class Client:
         context = self._context
         context.keeper.after_fork_in_child()
         context.gates = Gates()
-        context.counters.reset_after_fork()
+        context.observer.after_fork_in_child()
         context.holder = Holder.for_this_process(self._identity)
 
     def close(self) -> None:
@@ -194,6 +218,7 @@ class Client:
         for lease in context.keeper.tracked():
             lease.release()
         context.keeper.stop()
+        context.store_closed = True
         self.store.close()
 
     def __enter__(self) -> Client:

@@ -17,6 +17,7 @@ from leasehold._sync.store import Store
 from leasehold._core.clock import Clock
 from leasehold._core.records import Holder
 from leasehold._core.stats import Counters
+from leasehold._observe import Observer
 
 
 class Context:
@@ -24,7 +25,9 @@ class Context:
 
     ``client_id`` is the client's ``id()``, as ``leasehold.events`` uses it.
     ``holder`` and ``gates`` are replaced in a forked child (see the client);
-    ``closed`` is set once the client is closing.
+    ``closed`` is set once the client is closing, ``store_closed`` just before its
+    store closes. ``observer`` is where primitives report what happens (statistics,
+    events, logs, health facts; see ``leasehold._observe``).
     """
 
     def __init__(self, store: Store, clock: Clock, holder: Holder, client_id: int) -> None:
@@ -33,10 +36,16 @@ class Context:
         self.client_id = client_id
         self.clock = clock
         self.holder = holder
-        self.counters = Counters()
+        self.observer = Observer(client_id=client_id, store=store.url.scheme, clock=clock)
         self.gates = Gates()
-        self.keeper = Keeper(store, clock, self.counters)
+        self.keeper = Keeper(store, clock, self.observer)
         self.closed = False
+        self.store_closed = False
+
+    @property
+    def counters(self) -> Counters:
+        """The statistics counters (the observer's; replaced in a forked child)."""
+        return self.observer.counters
 
     def track(self, lease: Lease) -> None:
         """Renew ``lease`` in the background until it ends."""

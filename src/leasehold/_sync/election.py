@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+from leasehold import events
 from leasehold._sync._concurrency import IS_ASYNC, BodyGuard, Event, spawn
 from leasehold._sync.lease import Lease
 from leasehold._sync.lock import Lock
@@ -40,6 +41,7 @@ from leasehold._core.election import (
     watch_delay,
 )
 from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields, log_fields
 
 if TYPE_CHECKING:
     from leasehold._sync.context import Context
@@ -164,7 +166,12 @@ class Election:
                         if not reached:
                             raise
                         failures += 1
-                        logger.warning("observing %r: store error (%s); retrying", self._name, exc)
+                        logger.warning(
+                            "observing %r: store error (%s); retrying",
+                            self._name,
+                            exc,
+                            extra=log_fields("observe_retry", "election", self._name, error=exc),
+                        )
                         retry = STORE_RETRY.delay(failures - 1)
                         subscription.wait(min(retry, self._ttl / 3))
                         continue
@@ -175,6 +182,7 @@ class Election:
                         if vacant is not True:
                             vacant = True
                             quiet = 0
+                            self._leader_changed(None)
                             yield None
                         else:
                             quiet += 1
@@ -182,7 +190,9 @@ class Election:
                         last_term = info.fence
                         vacant = False
                         quiet = 0
-                        yield leader_from(info, time.time())
+                        leader = leader_from(info, time.time())
+                        self._leader_changed(leader)
+                        yield leader
                     else:
                         quiet += 1
                     if self._stopping():
@@ -305,8 +315,18 @@ class Election:
             self._announce_in_store()
 
     def _announce_in_store(self) -> None:
-        if not self._context.closed:
+        if not self._context.store_closed:
             announce_change(self._context.store, self._name)
+
+    def _leader_changed(self, leader: Leader | None) -> None:
+        if events.wanted():
+            self._context.observer.emit(
+                events.LeaderChanged,
+                "election",
+                self._name,
+                leader=None if leader is None else leader.identity,
+                term=None if leader is None else leader.term,
+            )
 
     def _announce_loss(self, lease: Lease) -> None:
         # An on_lost callback: it runs in the keeper, which must not wait for the
@@ -317,7 +337,9 @@ class Election:
         with contextlib.suppress(RuntimeError):
             spawn(self._announce_in_store, name="leasehold-announce")
 
-    def _campaign(self, owner: str, timeout: float | None) -> Lease:
+    def _campaign(self, owner: str, timeout: float | None, started: float | None = None) -> Lease:
+        """``started``: the start of a campaign that ``_campaign_until_stopped``
+        waits out in slices (one acquire as events and statistics see it)."""
         with self._state:
             current = self._lease
             if current is not None and current.held:
@@ -328,6 +350,7 @@ class Election:
                     "use one Election object per candidate"
                 )
             self._campaigning = True
+        term = _Term(self, owner)
         try:
             lock = Lock(
                 self._context,
@@ -336,33 +359,51 @@ class Election:
                 limit=1,
                 margin=self._margin,
                 owner=owner,
-                on_lost=self._announce_loss,
+                on_lost=term.lost,
+                primitive="election",
             )
-            lease = lock.acquire(timeout)
+            if started is None:
+                lease = lock.acquire(timeout)
+            else:
+                found = lock._observed(started, timeout, blocking=True, final=False)
+                if found is None:
+                    raise AcquireTimeout(self._name, timeout or 0.0)
+                lease = found
         finally:
             with self._state:
                 self._campaigning = False
         # However the lease ends -- resign(), run()'s end of term, or the caller's
         # own lease.release() -- its release announces the vacancy.
-        lease._after_release = self._announce
+        term.fence = lease.fence
+        lease._after_release = term.released
         with self._state:
             self._lease = lease
+        if events.wanted():
+            self._context.observer.emit(
+                events.ElectionWon, "election", self._name, term=lease.fence, identity=owner
+            )
         self._announce()
         return lease
 
     def _campaign_until_stopped(self, owner: str) -> Lease | None:
         failures = 0
+        observer = self._context.observer
+        started: float | None = None  # the campaign as events and statistics see it
         while not self._stopping():
             phase = _Phase(self, None)
+            if started is None:
+                started = observer.acquire_started("election", self._name, True)
             try:
                 with phase:
-                    return self._campaign(owner, None if IS_ASYNC else CAMPAIGN_SLICE)
+                    return self._campaign(owner, None if IS_ASYNC else CAMPAIGN_SLICE, started)
+                # stop() interrupted the campaign; the acquire reported its cancellation.
+                started = None
             except AcquireTimeout:
-                # The end of a slice, not a timeout anybody asked for: keep
-                # statistics().timed_out honest.
-                self._context.counters.add("timed_out", -1)
+                # The end of a slice, not a timeout anybody asked for: the same
+                # campaign goes on.
                 continue
             except StoreUnavailable as exc:
+                started = None  # reported as failed; the next try is a new acquire
                 failures += 1
                 delay = STORE_RETRY.delay(failures - 1)
                 logger.warning(
@@ -370,8 +411,12 @@ class Election:
                     self._name,
                     exc,
                     delay,
+                    extra=log_fields("campaign_retry", "election", self._name, error=exc),
                 )
                 self._stopped.wait(delay)
+        if started is not None:
+            # stop() between slices: the campaign is abandoned, not timed out.
+            observer.abandoned("election", self._name, started)
         return None
 
     def _lead(self, fn: LeaderBody, lease: Lease) -> None:
@@ -387,6 +432,7 @@ class Election:
                     self._name,
                     lease.fence,
                     exc.reason,
+                    extra=lease_fields(lease, "leadership_lost"),
                 )
         finally:
             # `async with lease` released it, and the release announced it.
@@ -406,7 +452,52 @@ def announce_change(store: Store, name: str) -> None:
     try:
         store.announce(topic(name))
     except StoreUnavailable as exc:
-        logger.info("election %r: could not announce a change (%s)", name, exc)
+        logger.info(
+            "election %r: could not announce a change (%s)",
+            name,
+            exc,
+            extra=log_fields("announce_failed", "election", name, error=exc),
+        )
+
+
+class _Term:
+    """One term of this candidate: announces its end and reports it once, whether
+    it ends by release (resigned) or by loss. Holds no reference to the lease, so
+    a dropped lease is still collected (and expires) as any other."""
+
+    def __init__(self, election: Election, identity: str) -> None:
+        self._election = election
+        self._identity = identity
+        self._ended = False
+        self.fence = 0  # set at the grant
+
+    def _end(self, fence: int, resigned: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        election = self._election
+        if events.wanted():
+            election._context.observer.emit(
+                events.ElectionEnded,
+                "election",
+                election._name,
+                term=fence,
+                identity=self._identity,
+                resigned=resigned,
+            )
+
+    def lost(self, lease: Lease) -> None:
+        self._end(lease.fence, resigned=False)
+        self._election._announce_loss(lease)
+
+    def released(self) -> None:
+        self._end(self.fence, resigned=True)
+        election = self._election
+        CHANGES.announce(election._name)
+        # Awaited, not in the background as after a grant: the release is done
+        # (nothing to lose by waiting), and a client closing right after it (an
+        # ASGI shutdown) must not close the store under the announcement.
+        election._announce_in_store()
 
 
 class _LocalWake:

@@ -25,6 +25,7 @@ from leasehold._sync._concurrency import (
     spawn,
 )
 from leasehold._core.backoff import Backoff
+from leasehold._core.loss import unanswered
 from leasehold._core.policy import decide_renewal, renew_interval
 from leasehold._errors import LeaseholdError
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from leasehold._sync.lease import Lease
     from leasehold._sync.store import Store
     from leasehold._core.clock import Clock
-    from leasehold._core.stats import Counters
+    from leasehold._observe import Observer
 
 logger = logging.getLogger("leasehold")
 
@@ -41,10 +42,10 @@ RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 
 
 class Keeper:
-    def __init__(self, store: Store, clock: Clock, counters: Counters) -> None:
+    def __init__(self, store: Store, clock: Clock, observer: Observer) -> None:
         self._store = store
         self._clock = clock
-        self._counters = counters
+        self._observer = observer
         self._reset()
 
     def _reset(self) -> None:
@@ -97,6 +98,12 @@ class Keeper:
             self._stopped = True
         self._wakeup.set()
 
+    def running(self) -> bool:
+        """Whether the renewer (task or thread) is alive."""
+        with self._guard:
+            handle = self._handle
+        return background_alive(handle)
+
     def tracked(self) -> list[Lease]:
         with self._guard:
             alive = []
@@ -143,10 +150,12 @@ class Keeper:
             with self._guard:
                 self._handle = None
             for lease in self.tracked():
-                lease._mark_lost(f"the renewer stopped: {exc!r}")
+                lease._mark_lost("unreachable", f"the renewer stopped: {exc!r}")
             if not isinstance(exc, Exception):
                 raise
-            logger.exception("leasehold keeper crashed")
+            logger.exception(
+                "leasehold keeper crashed", extra={"leasehold_event": "keeper_crashed"}
+            )
 
     def _round(self) -> float:
         """One pass over every tracked lease: detect loss, renew if any is due.
@@ -159,7 +168,7 @@ class Keeper:
         sleep_for = IDLE_CHECK
         for lease in leases:
             if now >= lease.deadline:
-                lease._mark_lost("its safe deadline passed before a renewal succeeded")
+                lease._deadline_lost()
                 continue
             if not lease.renewing:
                 sleep_for = min(sleep_for, lease.deadline - now)
@@ -183,7 +192,7 @@ class Keeper:
         pairs = [(lease, lease.renew_item()) for lease in leases]
         items = [item for _, item in pairs]
         sent = clock.monotonic()
-        counters = self._counters
+        observer = self._observer
         store = self._store
         call = Call(lambda: store.renew(items))
         # Wait for the answer, but never past a safe deadline: a call hanging on a
@@ -193,47 +202,47 @@ class Keeper:
             now = clock.monotonic()
             for lease in pending:
                 if now >= lease.deadline:
-                    lease._mark_lost("the store did not answer before the safe deadline")
+                    lease._mark_lost(*unanswered(lease._failures, lease._last_error))
             pending = [lease for lease in pending if now < lease.deadline]
             if not pending:
                 return 0.0
         try:
             answers = call.result()
         except LeaseholdError as exc:
-            logger.warning(
-                "renewing %d lease(s) failed (%s); retrying until their safe deadlines",
-                len(items),
-                exc,
-            )
+            error = str(exc) or type(exc).__name__
+            for lease in pending:
+                lease._renewal_failed(error)
+            observer.renewal_failed(pending, clock.monotonic() - sent, exc)
             return self._retry_after_failure(pending)
-        unanswered: list[Lease] = []
+        duration = clock.monotonic() - sent
+        silent: list[Lease] = []
+        renewed: list[Lease] = []
         for (lease, item), ok in zip(pairs, answers, strict=True):
             if ok is None:
-                unanswered.append(lease)
+                silent.append(lease)
             elif ok:
                 lease._renewed(sent, item.ttl)
+                renewed.append(lease)
             else:
-                lease._mark_lost(
-                    "the store says it is no longer held (expired, broken or taken over)"
-                )
-        counters.add("renewed", len(items) - len(unanswered))
-        if not unanswered:
+                lease._refused()
+        if renewed:
+            observer.renewed(renewed, duration)
+        elif len(silent) < len(pairs):
+            observer.answered()
+        if not silent:
             self._failures = 0
             return 0.0
         # Part of the store (a cluster node) did not answer: those leases are
         # retried like a failed call, the others were renewed.
-        logger.warning(
-            "renewing %d of %d lease(s) got no answer; retrying them until their safe deadlines",
-            len(unanswered),
-            len(items),
-        )
-        return self._retry_after_failure(unanswered)
+        for lease in silent:
+            lease._renewal_failed("no answer (a part of the store is unreachable)")
+        observer.renewal_failed(silent, duration, None)
+        return self._retry_after_failure(silent)
 
     def _retry_after_failure(self, leases: list[Lease]) -> float:
-        """Count a failed renewal of ``leases``; how long to wait before the next
+        """How long to wait after a failed renewal of ``leases`` before the next
         attempt (backing off, never past the soonest of their safe deadlines)."""
         self._failures += 1
-        self._counters.add("renewal_failures")
         retry = RETRY_BACKOFF.delay(self._failures - 1)
         soonest = min(lease.deadline for lease in leases) - self._clock.monotonic()
         return max(0.0, min(retry, soonest))

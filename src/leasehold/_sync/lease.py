@@ -14,15 +14,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from leasehold._sync._concurrency import BodyGuard, Event, shielded
 from leasehold._core import validate
+from leasehold._core.loss import deadline_loss, refusal
 from leasehold._core.policy import safe_deadline
 from leasehold._core.records import RenewItem
 from leasehold._errors import LeaseLost, StoreUnavailable
+from leasehold._observe import lease_fields
 
 if TYPE_CHECKING:
     from leasehold._sync.store import Store
     from leasehold._core.clock import Clock
     from leasehold._core.records import Holder
-    from leasehold._core.stats import Counters
+    from leasehold._observe import Observer
+    from leasehold.events import LossReason, Primitive
 
 logger = logging.getLogger("leasehold")
 
@@ -43,7 +46,7 @@ class LeaseContext(Protocol):
     def holder(self) -> Holder: ...
 
     @property
-    def counters(self) -> Counters: ...
+    def observer(self) -> Observer: ...
 
     def forget(self, lease: Lease) -> None: ...
 
@@ -70,8 +73,20 @@ class Lease:
         on_lost: OnLost | None,
         owner: str | None = None,
         term: float | None = None,
+        primitive: Primitive = "lock",
+        restarts: int = 0,
     ) -> None:
         self._context = context
+        self._primitive: Primitive = primitive
+        # The store's restart count at the grant: a refusal after it grew is a
+        # loss to the restart (see AsyncStore.restarts).
+        self._restarts = restarts
+        # Renewal attempts that failed since the last success, and the last error:
+        # the cause of a loss at the safe deadline.
+        self._failures = 0
+        self._last_error: str | None = None
+        # Granted by a release's hand-over (no acquire call of its own).
+        self._handed_over = False
         self._owner = owner or context.holder.owner
         self._name = name
         self._token = token
@@ -108,6 +123,11 @@ class Lease:
     @property
     def fence(self) -> int:
         return self._fence
+
+    @property
+    def primitive(self) -> Primitive:
+        """What this lease serves: lock, semaphore, election, presence or once."""
+        return self._primitive
 
     @property
     def owner(self) -> str:
@@ -182,17 +202,18 @@ class Lease:
             answers = self._context.store.renew([RenewItem(self._name, self._token, new_ttl)])
         except StoreUnavailable:
             if self._now() >= self._deadline:
-                self._mark_lost("the store was unreachable until the safe deadline")
+                self._mark_lost("unreachable", "the store was unreachable until the safe deadline")
                 raise LeaseLost(self._name, self._fence, "store unreachable") from None
             raise
         if answers and answers[0] is None:  # not for one item (see AsyncStore.renew)
             raise StoreUnavailable(f"renewing {self._name!r}: the store gave no answer")
         if not answers or not answers[0]:
-            self._mark_lost("the store says it is no longer held (expired, broken or taken over)")
+            self._refused()
             self.check()
         if ttl is not None:
             self._ttl = new_ttl
         self._renewed(sent, new_ttl)
+        self._context.observer.renewed([self], self._now() - sent)
 
     def release(self) -> bool:
         """Give the lease up. Idempotent; False if it was no longer held.
@@ -201,6 +222,11 @@ class Lease:
         """
         if self._forked():
             return False  # never touch the parent's lease from a child
+        now = self._now()
+        if self._lost_reason is None and not self._released and now >= self._deadline:
+            # Past its safe deadline before the keeper noticed: it is lost, and
+            # says so (log, on_lost, statistics) before it is released.
+            self._deadline_lost()
         with self._guard:
             if self._released:
                 return False
@@ -210,19 +236,17 @@ class Lease:
         self._context.forget(self)
         if event is not None:
             event.set()
+        # The holder let go now, not when the store answers.
+        held_for = max(0.0, min(now, self._deadline) - self._granted_at)
+        answered: float | None = now
         try:
             held = shielded(lambda: self._context.store.release(self._name, self._token))
         except StoreUnavailable as exc:
-            logger.warning(
-                "could not release %r (fence %d): %s; it expires by itself within %g s",
-                self._name,
-                self._fence,
-                exc,
-                self._ttl,
-            )
+            self._context.observer.release_failed(self, exc, self._ttl)
             held = False
-        self._context.counters.add("released")
-        self._context.counters.add("hold_time", max(0.0, self._now() - self._granted_at))
+            answered = None
+        if not was_lost:  # a lost lease was counted (and its hold time ended) at the loss
+            self._context.observer.released(self, held_for, answered)
         hook = self._after_release
         if hook is not None:
             hook()
@@ -269,14 +293,31 @@ class Lease:
     def renew_item(self) -> RenewItem:
         return RenewItem(self._name, self._token, self._ttl)
 
+    def _held_for(self) -> float:
+        """Seconds from the grant to now, or to the safe deadline if that is earlier:
+        a lease is not held past it, however late its loss is noticed."""
+        return max(0.0, min(self._now(), self._deadline) - self._granted_at)
+
+    def _renewal_failed(self, error: str) -> None:
+        self._failures += 1
+        self._last_error = error
+
+    def _deadline_lost(self) -> None:
+        self._mark_lost(*deadline_loss(self._renew, self._failures, self._last_error))
+
+    def _refused(self) -> None:
+        restarted = self._context.store.restarts(self._name) > self._restarts
+        self._mark_lost(*refusal(restarted))
+
     def _renewed(self, sent_at: float, ttl: float) -> None:
+        self._failures = 0
         with self._guard:
             if sent_at >= self._last_sent:
                 self._last_sent = sent_at
                 self._term = ttl
                 self._deadline = safe_deadline(sent_at, ttl, self._margin)
 
-    def _mark_lost(self, reason: str) -> None:
+    def _mark_lost(self, cause: LossReason, reason: str) -> None:
         with self._guard:
             if self._released or self._lost_reason is not None or self._forked():
                 return
@@ -284,9 +325,7 @@ class Lease:
             bodies = list(self._bodies)
             event = self._lost_event
         self._context.forget(self)
-        self._context.counters.add("lost")
-        self._context.counters.add("hold_time", max(0.0, self._now() - self._granted_at))
-        logger.warning("lease %r (fence %d) lost: %s", self._name, self._fence, reason)
+        self._context.observer.lost(self, cause, reason, self._held_for())
         if event is not None:
             event.set()
         for body in bodies:
@@ -295,7 +334,11 @@ class Lease:
             try:
                 self._on_lost(self)
             except Exception:
-                logger.exception("on_lost callback for %r raised", self._name)
+                logger.exception(
+                    "on_lost callback for %r raised",
+                    self._name,
+                    extra=lease_fields(self, "on_lost_raised"),
+                )
 
     # -- context manager ----------------------------------------------------------
 
@@ -321,7 +364,8 @@ class Lease:
         if reason is not None and self._lost_reason is None and not self._forked():
             # Lost by its deadline before the keeper got round to it: announce it
             # (on_lost, counters, log) before the exception, never after.
-            self._mark_lost(reason)
+            self._deadline_lost()
+            reason = self._lost_reason or reason
         self.release()
         if ours:
             raise LeaseLost(self._name, self._fence, reason or "lost") from None

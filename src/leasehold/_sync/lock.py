@@ -20,9 +20,11 @@ from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin
 from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver, WaitResult
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+from leasehold._observe import log_fields
 
 if TYPE_CHECKING:
     from leasehold._sync.context import Context
+    from leasehold.events import Primitive
 
 logger = logging.getLogger("leasehold")
 
@@ -58,11 +60,15 @@ class Lock:
         on_lost: OnLost | None = None,
         margin: float | None = None,
         owner: str | None = None,
+        primitive: Primitive | None = None,
     ) -> None:
         self._context = context
         self._name = validate.name(name)
         self._ttl = validate.ttl(ttl)
         self._limit = validate.limit(limit)
+        # What events and metrics call it: an election's, a once's or a presence
+        # room's lock says so.
+        self._primitive: Primitive = primitive or ("semaphore" if self._limit > 1 else "lock")
         if not isinstance(renew, bool):
             raise InvalidArgument(f"renew must be a bool, got {type(renew).__name__}")
         self._renew = renew
@@ -96,38 +102,62 @@ class Lock:
         """Wait until granted; ``AcquireTimeout`` after ``timeout`` seconds (None:
         forever). Waiters are served in arrival order."""
         checked = validate.timeout(timeout)
-        lease = self._acquire(checked, queue=checked != 0)
+        # _observed() written out: one call frame less on the hot path.
+        observer = self._context.observer
+        started = observer.acquire_started(self._primitive, self._name, True)
+        try:
+            lease = self._acquire(checked, queue=checked != 0, started=started)
+        except BaseException as exc:
+            observer.acquire_failed(self._primitive, self._name, started, exc)
+            raise
         if lease is None:
+            observer.not_acquired(self._primitive, self._name, started, blocking=True)
             raise AcquireTimeout(self._name, checked or 0.0)
+        observer.acquired(self._primitive, self._name, lease._fence, started, lease._handed_over)
         return lease
 
     def try_acquire(self) -> Lease | None:
         """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
-        return self._acquire(0.0, queue=False)
+        started = self._context.observer.acquire_started(self._primitive, self._name, False)
+        return self._observed(started, 0.0, blocking=False)
 
-    def _acquire(self, timeout: float | None, *, queue: bool) -> Lease | None:
+    def _observed(
+        self, started: float, timeout: float | None, *, blocking: bool, final: bool = True
+    ) -> Lease | None:
+        """One acquire, reported: exactly one outcome per ``acquire_started``
+        (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
+        observer = self._context.observer
+        try:
+            lease = self._acquire(timeout, queue=blocking and timeout != 0, started=started)
+        except BaseException as exc:
+            observer.acquire_failed(self._primitive, self._name, started, exc)
+            raise
+        if lease is not None:
+            observer.acquired(
+                self._primitive, self._name, lease._fence, started, lease._handed_over
+            )
+        elif final:
+            observer.not_acquired(self._primitive, self._name, started, blocking=blocking)
+        return lease
+
+    def _acquire(self, timeout: float | None, *, queue: bool, started: float) -> Lease | None:
         if not queue:
             return self._attempts(timeout, queue=False)
         context = self._context
         clock = context.clock
-        started = clock.monotonic()
         key = (self._name, self._limit)
         turn = context.gates.join(key)
         try:
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not turn.wait(wait):
-                    context.counters.add("timed_out")
-                    context.counters.add("wait_time", clock.monotonic() - started)
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
-            return self._attempts(remaining, queue=True, started=started)
+            return self._attempts(remaining, queue=True)
         finally:
             context.gates.leave(key, turn)
 
-    def _attempts(
-        self, timeout: float | None, *, queue: bool, started: float | None = None
-    ) -> Lease | None:
+    def _attempts(self, timeout: float | None, *, queue: bool) -> Lease | None:
         context = self._context
         store = context.store
         clock = context.clock
@@ -143,8 +173,6 @@ class Lock:
             limit=self._limit,
             queue_ttl=QUEUE_TTL if queue else None,
         )
-        if started is None:
-            started = clock.monotonic()
         deadline = None if timeout is None else clock.monotonic() + timeout
         attempt = 0
         failures = 0
@@ -172,7 +200,7 @@ class Lock:
                     now = clock.monotonic()
                     if deadline is not None and now >= deadline:
                         raise
-                    logger.warning("acquire %r: store error (%s); retrying", self._name, exc)
+                    context.observer.acquire_retry(self._name, exc)
                     pause = STORE_RETRY.delay(failures - 1)
                     if deadline is not None:
                         pause = min(pause, deadline - now)
@@ -182,16 +210,12 @@ class Lock:
                 failures = 0
                 if isinstance(result, Granted):
                     self._contended = attempt > 0
-                    return self._granted(
-                        token, fence=result.fence, owner=holder.owner, sent=sent, started=started
-                    )
+                    return self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
                 if result.position is not None:
                     queued_at = sent
                 if woken is None:
                     now = clock.monotonic()
                     if deadline is not None and now >= deadline:
-                        context.counters.add("timed_out" if queue else "skipped")
-                        context.counters.add("wait_time", now - started)
                         if queue:
                             shielded(lambda: store.release(self._name, token))
                         return None
@@ -217,7 +241,6 @@ class Lock:
                         fence=woken.fence,
                         owner=holder.owner,
                         sent=queued_at,
-                        started=started,
                         term=term,
                     )
                 attempt += 1
@@ -235,6 +258,7 @@ class Lock:
                     "expires within %g s",
                     self._name,
                     self._ttl,
+                    extra=log_fields("acquire_interrupted", self._primitive, self._name),
                 )
             raise
 
@@ -245,7 +269,6 @@ class Lock:
         fence: int,
         owner: str,
         sent: float,
-        started: float,
         term: float | None = None,
     ) -> Lease:
         context = self._context
@@ -262,10 +285,11 @@ class Lock:
             on_lost=self._on_lost,
             owner=owner,
             term=term,
+            primitive=self._primitive,
+            restarts=context.store.restarts(self._name),
         )
+        lease._handed_over = term is not None  # only a hand-over passes a term
         context.track(lease)
-        context.counters.add("acquired")
-        context.counters.add("wait_time", context.clock.monotonic() - started)
         return lease
 
     @staticmethod

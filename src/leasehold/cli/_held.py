@@ -135,7 +135,7 @@ HOLDERS_REFRESH = 1.0  # seconds between store queries for who holds the lease
 
 
 def _not_loss_warning(record: logging.LogRecord) -> bool:
-    return record.funcName != "_mark_lost"
+    return getattr(record, "leasehold_event", None) != "lost"
 
 
 class HeldCommand:

@@ -86,6 +86,9 @@ class CountingStore(Store):
         # Local, no I/O: not counted and never failed (subscriptions poll on errors).
         return self.inner.subscribe(topic)
 
+    def restarts(self, name: str) -> int:
+        return self.inner.restarts(name)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -4,12 +4,14 @@
 --          index of its bucket
 -- ARGV     per item i: [3i-2] name, [3i-1] token, [3i] ttl in microseconds
 --
--- Returns  an array of 1 (renewed) / 0 (not a live holder), in item order.
+-- Returns  an array of 1 (renewed) / 0 (not a live holder) / 2 (a live holder
+--          granted by an earlier server process), in item order.
 --
 -- A holder granted by an earlier server process (restart, failover to a replica)
 -- is not renewed: a renewal it made may have been lost with that process, so the
--- stored expiry may be earlier than the holder believes. It answers 0, the holder
--- learns that its lease is lost, and the entry expires on its own.
+-- stored expiry may be earlier than the holder believes. It answers 2 (not
+-- renewed, and why), the holder learns that its lease is lost to the restart, and
+-- the entry expires on its own.
 
 local now = now_us()
 local run_id = nil
@@ -37,6 +39,8 @@ for i = 1, #KEYS / 2 do
                 redis.call('ZADD', index, 'GT', fmt(until_us), name)
                 keep_alive(index, ms)
                 ok = 1
+            else
+                ok = 2
             end
         end
     end

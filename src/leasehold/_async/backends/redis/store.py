@@ -74,7 +74,7 @@ from leasehold._core.records import (
     WaitResult,
 )
 from leasehold._core.url import StoreURL
-from leasehold._errors import InvalidArgument
+from leasehold._errors import InvalidArgument, StoreUnavailable
 
 # How late Redis may answer a BLPOP that timed out: one tick at the default hz 10.
 _BLPOP_OVERRUN: Final = 0.1
@@ -224,14 +224,39 @@ class AsyncRedisStore(RedisConnection):
             # and the leases kept on the other nodes are renewed meanwhile.
             replies = await self._run_many("renew", calls, partial=self.options.cluster)
         answers: list[bool | None] = [None] * len(items)
-        for reply, positions in zip(replies, batches, strict=True):
+        refused: list[str] = []  # a key of each script call with a refusal
+        stale: list[str] = []  # ... with a grant stamped by an earlier server process
+        for reply, positions, (keys, _args) in zip(replies, batches, calls, strict=True):
             if reply is None:
                 continue
             if not isinstance(reply, list) or len(reply) != len(positions):
                 raise self._malformed("renew", reply)
             for position, answer in zip(positions, reply, strict=True):
                 answers[position] = answer == 1
+            if any(answer != 1 for answer in reply):
+                refused.append(keys[0])
+            if any(answer == 2 for answer in reply):
+                stale.append(keys[0])
+        if refused:
+            await self._notice_restarts(refused, stale)
         return answers
+
+    async def _notice_restarts(self, refused: Sequence[str], stale: Sequence[str]) -> None:
+        """After refused renewals: find out whether their servers restarted, so the
+        holders are told why (``restarts()``). A grant stamped by an earlier server
+        process (renew.lua answered 2) is proof; without persistence the grant is
+        simply gone, and a changed run_id (read again, as every connection to a
+        restarted server is new) tells. Best effort: the refusal stands anyway."""
+        connections = self._connect()
+        for key in stale:
+            where, _target = await self._owner(connections, key)
+            self._count_restart(where)
+        for key in refused:
+            try:
+                with self._translated("INFO server"):
+                    await self._stamp(connections, key)
+            except StoreUnavailable:
+                return
 
     def _renew_batches(self, items: Sequence[RenewItem]) -> list[list[int]]:
         """The items of each renew.lua call, as positions in ``items``: chunks of

@@ -136,6 +136,11 @@ class RedisConnection(Store):
         self._run_ids: dict[str, str] = {}
         self._generations: dict[str, int] = {}
         self._run_id_guard = threading.Lock()
+        # The last run_id ever read per server (kept when the cache above forgets
+        # it), and how many times it changed: restarts and failovers this store
+        # saw (see restarts()).
+        self._seen_run_ids: dict[str, str] = {}
+        self._restart_counts: dict[str, int] = {}
         # Announcements: PUBLISH on one channel per prefix and database, the topic as
         # the message; subscribers share one SUBSCRIBEd connection per store.
         self.announce_channel = f"{options.prefix}announce:{options.db}"
@@ -357,9 +362,30 @@ class RedisConnection(Store):
             raise StoreUnavailable(f"redis store {self.url.redacted}: {too_old}")
         with self._run_id_guard:
             self._run_ids[where] = run_id
+            seen = self._seen_run_ids.get(where)
+            if seen is not None and seen != run_id:
+                self._restart_counts[where] = self._restart_counts.get(where, 0) + 1
+            self._seen_run_ids[where] = run_id
             # Read after INFO: the connection INFO may have made does not count as
             # one made during the caller's script.
             return _Stamp(where, run_id, self._generations.get(where, 0))
+
+    def _count_restart(self, where: str) -> None:
+        with self._run_id_guard:
+            self._restart_counts[where] = self._restart_counts.get(where, 0) + 1
+
+    def restarts(self, name: str) -> int:
+        # Read on every grant: no lock (one dict read is atomic), no I/O.
+        connections = self._connections
+        if connections is None or connections.cluster is None:
+            return self._restart_counts.get("", 0)
+        key = self.keys.for_name(name).state
+        try:
+            where = str(connections.cluster.get_node_from_key(key).name)
+        except redis_errors.RedisClusterException:
+            # The client forgot the slots after an error: any node's restart counts.
+            return sum(list(self._restart_counts.values()))
+        return self._restart_counts.get(where, 0)
 
     def _stamp_is_current(self, connections: _Connections, key: str, stamp: _Stamp) -> bool:
         with self._run_id_guard:
