@@ -199,7 +199,7 @@ def _measure(key: str, env: dict[str, Any], procs: int, seconds: float) -> dict[
 # wait the same way); every multi-process leasehold flavour is added to these.
 CONTENDERS = ("redis-blpop", "redis-py", "python-redis-lock", "pottery", "sherlock", "tooz-redis",
               "mithril", "mithril-renew", "pg-advisory", "tooz-postgres", "sqlalchemy-dlock",
-              "flock", "filelock", "portalocker")  # fmt: skip
+              "flock", "filelock", "portalocker", "etcd-v3lock")  # fmt: skip
 METRICS = ("throughput", "handoff_p50_us", "handoff_p99_us", "wait_p99_us", "fairness")
 
 

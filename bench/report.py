@@ -6,14 +6,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-GROUPS = {"redis": "Redis", "postgres": "PostgreSQL", "local": "One host (files, SQLite, memory)"}
-SHORT = {"redis": "Redis", "postgres": "PostgreSQL", "local": "local"}
+GROUPS = {
+    "redis": "Redis",
+    "postgres": "PostgreSQL",
+    "etcd": "etcd",
+    "local": "One host (files, SQLite, memory)",
+}
+SHORT = {"redis": "Redis", "postgres": "PostgreSQL", "etcd": "etcd", "local": "local"}
 # The floor each (group, mode) is compared with: the cheapest safe lock on that store.
 FLOORS = {
     ("redis", "sync"): "redis-setnx",
     ("redis", "async"): "redis-ping-async",
     ("postgres", "sync"): "pg-advisory",
     ("postgres", "async"): "pg-advisory-async",
+    ("etcd", "sync"): "etcd-putdel",
+    ("etcd", "async"): "etcd-putdel-async",
     ("local", "sync"): "flock",
     ("local", "async"): "flock",
 }
@@ -292,6 +299,20 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         at_most=False,
     )
     add(
+        "etcd: uncontended sync p50 ≤ 2x put + delete floor",
+        ratio(p50("leasehold-etcd"), p50("etcd-putdel")),
+        2.0,
+        at_most=True,
+    )
+    add(
+        "etcd: 8 processes, throughput ≥ 0.5x etcd v3lock",
+        ratio(s2m("leasehold-etcd", "throughput"), s2m("etcd-v3lock", "throughput")),
+        0.5,
+        at_most=False,
+    )
+    fair = s2m("leasehold-etcd", "fairness")
+    add("etcd: 8 processes, fairness ≥ 0.8", fair, 0.8, at_most=False, shown=num(fair, 2))
+    add(
         "SQLite: uncontended ≤ 1.0x filelock",
         ratio(p50("leasehold-sqlite"), p50("filelock")),
         1.0,
@@ -373,8 +394,10 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
     colors = {"floor": "#9e9e9e", "competitor": "#4c72b0", "leasehold": "#dd8452"}
     s1 = data["results"].get("uncontended", {}).get("summary", {})
     if s1:
-        fig, axes = plt.subplots(3, 1, figsize=(9, 12))
-        for ax, group in zip(axes, GROUPS, strict=True):
+        # Only the groups measured in this run (python -m bench --groups ...).
+        shown = [g for g in GROUPS if any(data["subjects"][k]["group"] == g for k in s1)]
+        fig, grid = plt.subplots(len(shown), 1, figsize=(9, 4 * len(shown)), squeeze=False)
+        for ax, group in zip(grid[:, 0], shown, strict=True):
             keys = [
                 k
                 for k, s in data["subjects"].items()
@@ -403,8 +426,10 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         made.append("latency.png")
     s2 = data["results"].get("contention", {}).get("summary", {})
     if s2:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        for ax, (group, title) in zip(axes, GROUPS.items(), strict=True):
+        present = {data["subjects"][c.split("@")[0]]["group"] for c in s2}
+        groups = {g: t for g, t in GROUPS.items() if g in present}
+        fig, grid = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+        for ax, (group, title) in zip(grid[0], groups.items(), strict=True):
             for cell, entry in s2.items():
                 key, procs = cell.split("@")
                 if procs != "8" or data["subjects"][key]["group"] != group or "error" in entry:
@@ -428,8 +453,8 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         made.append("handoff_cdf.png")
 
         procs_list = sorted({int(c.split("@")[1]) for c in s2})
-        fig, axes = plt.subplots(3, 1, figsize=(10.5, 11))
-        for ax, (group, title) in zip(axes, GROUPS.items(), strict=True):
+        fig, grid = plt.subplots(len(groups), 1, figsize=(10.5, 3.7 * len(groups)), squeeze=False)
+        for ax, (group, title) in zip(grid[:, 0], groups.items(), strict=True):
             keys = list(dict.fromkeys(
                 c.split("@")[0] for c in s2 if data["subjects"][c.split("@")[0]]["group"] == group
             ))  # fmt: skip

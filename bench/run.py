@@ -5,7 +5,7 @@
     python -m bench --only uncontended,contention --subjects redis-py,leasehold-redis \
         --no-docs --out /tmp/some-rows   # some rows only
 
-Starts its own redis-server and PostgreSQL on loopback; nothing else is needed
+Starts its own redis-server, PostgreSQL and etcd on loopback; nothing else is needed
 beyond ``pip install -r bench/requirements.txt``.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from bench import contention, herd, renewal, report, scale, uncontended
 from bench.common import isolated, machine
-from bench.servers import PostgresServer, RedisServer, Unavailable
+from bench.servers import EtcdServer, PostgresServer, RedisServer, Unavailable
 from bench.subjects import BY_KEY, SUBJECTS, needs, version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,9 +110,14 @@ def _smoke(key: str, env: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def check_subjects(ctx: Context, servers: dict[str, str], keys: list[str]) -> None:
+def check_subjects(
+    ctx: Context, servers: dict[str, str], groups: list[str], keys: list[str]
+) -> None:
     for subject in SUBJECTS:
         if keys and subject.key not in keys:
+            continue
+        if groups and subject.group not in groups:
+            ctx.unavailable[subject.key] = "not selected (--groups)"
             continue
         server = needs(subject)
         if server is not None and server in servers:
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--groups", default="", help="comma-separated subject groups: redis,postgres,etcd,local"
+    )
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s] or list(SCENARIOS)
     unknown = set(only) - set(SCENARIOS)
@@ -157,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(QUICK if args.quick else FULL, {"dir": workdir}, random.Random(seed))
     servers: dict[str, Any] = {}
     down: dict[str, str] = {}
-    for name, launcher in (("redis", RedisServer), ("postgres", PostgresServer)):
+    groups = [g for g in args.groups.split(",") if g]
+    launchers = (("redis", RedisServer), ("postgres", PostgresServer), ("etcd", EtcdServer))
+    for name, launcher in launchers:
+        if groups and name not in groups:
+            continue
         try:
             servers[name] = launcher()
             ctx.env[name] = servers[name].url
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.log(down[name])
     results: dict[str, Any] = {}
     try:
-        check_subjects(ctx, down, keys)
+        check_subjects(ctx, down, groups, keys)
         for name in only:
             t0 = time.monotonic()
             ctx.log(f"== {name}")

@@ -1,4 +1,5 @@
-"""Throwaway servers on loopback for the benchmarks: redis-server and a PostgreSQL cluster.
+"""Throwaway servers on loopback for the benchmarks: redis-server, a PostgreSQL cluster
+and a one-member etcd.
 
 Each launcher starts exactly one server in its own temp dir on a random free port and
 stops only that process. PostgreSQL refuses to run as root, so as root every server
@@ -105,4 +106,41 @@ class PostgresServer:
     def stop(self) -> None:
         with contextlib.suppress(Unavailable):
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class EtcdServer:
+    """One etcd member on loopback with its own data dir (the gateway on its client port)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("etcd") or "/usr/bin/etcd"
+        if not os.access(binary, os.X_OK):
+            raise Unavailable("etcd is not installed (apt-get install etcd-server)")
+        self.dir = tempfile.mkdtemp(prefix="leasehold-bench-etcd-")
+        self.port, peer = free_port(), free_port()
+        client_url, peer_url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{peer}"
+        self.process = subprocess.Popen(
+            [binary, "--name", "bench", "--data-dir", f"{self.dir}/data",
+             "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+             "--initial-cluster", f"bench={peer_url}", "--logger", "zap",
+             "--log-outputs", f"{self.dir}/etcd.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_port(self.port, self.process, 30)
+        time.sleep(1.0)  # a one-member cluster elects itself within its election timeout
+        self.url = f"etcd://127.0.0.1:{self.port}"
+        self.version = (
+            subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+            .stdout.splitlines()[0]
+            .strip()
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -317,6 +317,70 @@ def _sqlalchemy_dlock(env: dict[str, Any], name: str) -> Handle:
     return Handle(lock.acquire, lock.release, close)
 
 
+# -- etcd (the v3 JSON gateway, through httpx like the backend) ---------------------
+
+
+def _etcd_base(env: dict[str, Any]) -> str:
+    return "http://" + env["etcd"].split("://", 1)[1]
+
+
+def _b64(data: str) -> str:
+    import base64
+
+    return base64.b64encode(data.encode()).decode()
+
+
+def _etcd_putdel(env: dict[str, Any], name: str) -> Handle:
+    import httpx
+
+    http = httpx.Client(base_url=_etcd_base(env))
+    key = {"key": _b64(f"bench/{name}")}
+    return Handle(
+        lambda: http.post("/v3/kv/put", json={**key, "value": _b64("x")}).raise_for_status(),
+        lambda: http.post("/v3/kv/deleterange", json=key).raise_for_status(),
+        http.close,
+    )
+
+
+def _etcd_putdel_async(env: dict[str, Any], name: str) -> Handle:
+    import httpx
+
+    http = httpx.AsyncClient(base_url=_etcd_base(env))
+    key = {"key": _b64(f"bench/{name}")}
+
+    async def acquire() -> None:
+        (await http.post("/v3/kv/put", json={**key, "value": _b64("x")})).raise_for_status()
+
+    async def release() -> None:
+        (await http.post("/v3/kv/deleterange", json=key)).raise_for_status()
+
+    return Handle(acquire, release, http.aclose)
+
+
+def _etcd_v3lock(env: dict[str, Any], name: str) -> Handle:
+    """etcd's own lock service: Lock blocks in the server until the caller's key is
+    the oldest under the name (FIFO by revision), Unlock deletes it."""
+    import httpx
+
+    http = httpx.Client(base_url=_etcd_base(env), timeout=None)
+    lease = http.post("/v3/lease/grant", json={"TTL": TTL}).json()["ID"]
+    held: list[str] = []
+
+    def acquire() -> None:
+        answer = http.post("/v3/lock/lock", json={"name": _b64(f"bench/{name}"), "lease": lease})
+        answer.raise_for_status()
+        held.append(answer.json()["key"])
+
+    def release() -> None:
+        http.post("/v3/lock/unlock", json={"key": held.pop()}).raise_for_status()
+
+    def close() -> None:
+        http.post("/v3/lease/revoke", json={"ID": lease})
+        http.close()
+
+    return Handle(acquire, release, close)
+
+
 # -- local files --------------------------------------------------------------------
 
 
@@ -423,6 +487,18 @@ SUBJECTS: list[Subject] = [
     _s("leasehold-postgres-relaxed-async", "leasehold (relaxed, asyncio)", "postgres", LH,
        "async", LH, f"ttl={TTL}, renew=True, ?durability=relaxed",
        _leasehold_async("postgres-relaxed")),
+    # etcd
+    _s("etcd-putdel", "put + delete", "etcd", "floor", "sync", "httpx",
+       "two gateway calls on one key, no lock at all", _etcd_putdel, multiprocess=False),
+    _s("etcd-v3lock", "etcd v3lock (Lock/Unlock)", "etcd", "competitor", "sync", "httpx",
+       f"/v3/lock/lock + /v3/lock/unlock through the gateway; one lease (TTL {TTL}) per client, "
+       "not kept alive", _etcd_v3lock),
+    _s("leasehold-etcd", "leasehold", "etcd", LH, "sync", LH, f"ttl={TTL}, renew=True",
+       _leasehold_sync("etcd")),
+    _s("etcd-putdel-async", "put + delete (asyncio)", "etcd", "floor", "async", "httpx",
+       "two gateway calls on one key, no lock at all", _etcd_putdel_async, multiprocess=False),
+    _s("leasehold-etcd-async", "leasehold (asyncio)", "etcd", LH, "async", LH,
+       f"ttl={TTL}, renew=True", _leasehold_async("etcd")),
     # one host: files and SQLite
     _s("flock", "fcntl.flock", "local", "floor", "sync", None,
        "flock(LOCK_EX)/flock(LOCK_UN) on one open file", _flock),
@@ -447,6 +523,6 @@ BY_KEY = {s.key: s for s in SUBJECTS}
 
 def needs(subject: Subject) -> str | None:
     """The server a subject needs, if any."""
-    if subject.group in ("redis", "postgres"):
+    if subject.group in ("redis", "postgres", "etcd"):
         return subject.group
     return None

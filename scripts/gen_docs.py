@@ -21,6 +21,7 @@ BACKENDS = [
     ("redis", "redis://host:6379/0", "AsyncRedisStore"),
     ("postgres", "postgresql://user@host/db", "AsyncPostgresStore"),
     ("postgres", "postgresql://user@host/db?durability=relaxed", "AsyncRelaxedPostgresStore"),
+    ("etcd", "etcd://host:2379,host:2379", "AsyncEtcdStore"),
 ]
 COLUMNS = [
     ("server_clock", "expiry on the server's clock"),
@@ -29,6 +30,7 @@ COLUMNS = [
     ("notifications", "notified waiting"),
     ("fence_survives_data_loss", "fences survive data loss"),
     ("announcements", "notified observe"),
+    ("failover_safe", "grants survive failover"),
 ]
 
 

@@ -110,3 +110,18 @@ def render(doc_id: int) -> dict[str, Any]:
     report("render", doc_id=doc_id)
     time.sleep(0.5)
     return {"doc": doc_id, "url": f"/files/{doc_id}.pdf", "pid": os.getpid()}
+
+
+@app.task(
+    base=SingletonTask,
+    lock_key="sweep:{meeting_id}",
+    once_per=600.0,
+    dedupe=False,
+    lock_ttl=5,
+)
+def sweep_meeting(meeting_id: int, sweep: str = "") -> int:
+    """Each meeting once per 600 s across all workers, however many
+    sweeps ask for it."""
+    report("sweep_meeting", meeting_id=meeting_id, sweep=sweep)
+    time.sleep(0.05)
+    return meeting_id

@@ -19,7 +19,7 @@ import pytest
 from leasehold.testing import BackendHarness, FakeClock
 
 REQUIRE_SERVERS = os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1"
-BACKENDS = ["memory", "sqlite", "redis", "postgres"]
+BACKENDS = ["memory", "sqlite", "redis", "postgres", "etcd"]
 
 
 def unavailable(reason: str) -> None:
@@ -74,6 +74,20 @@ def postgres_server() -> Iterator[Any]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[Any]:
+    """One etcd member (tests/servers/etcd.py)."""
+    module = _server_module("etcd")
+    if module.etcd_binary() is None:
+        unavailable("etcd is not installed (apt-get install etcd-server)")
+    cluster = module.EtcdCluster(1)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
 def _with_query(url: str, query: str) -> str:
     return url + ("&" if "?" in url else "?") + query
 
@@ -109,6 +123,18 @@ def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         return BackendHarness(
             name="postgres", url=server.url, clock=None, fresh_url=lambda: server.url
         )
+    if backend == "etcd":
+        cluster = request.getfixturevalue("etcd_server")
+        url = f"{cluster.url}?prefix=t{uuid.uuid4().hex[:8]}/"
+        # etcd leases have whole seconds, checked twice a second.
+        return BackendHarness(
+            name="etcd",
+            url=url,
+            clock=None,
+            fresh_url=lambda: url,
+            real_ttl=2.0,
+            expiry_slack=0.9,
+        )
     raise AssertionError(backend)
 
 
@@ -132,12 +158,12 @@ def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
     yield from param_harness(request, tmp_path)
 
 
-@pytest.fixture(params=["redis", "postgres"])
+@pytest.fixture(params=["redis", "postgres", "etcd"])
 def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
     yield from param_harness(request, tmp_path)
 
 
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(params=["sqlite", "redis", "postgres", "etcd"])
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A store URL several processes can share, on the real clock (memory:// is one
     process only, so it is not a parameter here rather than a skip)."""

@@ -108,9 +108,25 @@ def test_busy_singleton_is_skipped_and_counted(eager_app: Any, lc: Any) -> None:
 
     client = lc.client_for(eager_app.conf.leasehold_url)
     before = lc.statistics().get("skipped", 0)
+    told: list[dict[str, Any]] = []
+
+    def on_skip(sender: Any = None, **fields: Any) -> None:
+        told.append(fields)
+
+    lc.task_skipped.connect(on_skip)
+    try:
+        with client.lock("job:1"):
+            skipped = job.apply(args=(1,))
+            assert skipped.state == "FAILURE"  # never SUCCESS with None
+            with pytest.raises(lc.Skipped) as caught:
+                skipped.get()
+            assert caught.value.reason == "busy" and caught.value.key == "job:1"
+            assert job.apply(args=(2,)).get() == 2  # another key is free
+    finally:
+        lc.task_skipped.disconnect(on_skip)
+    assert [(t["key"], t["reason"]) for t in told] == [("job:1", "busy")]
     with client.lock("job:1"):
-        assert job.apply(args=(1,)).get() is None  # skipped
-        assert job.apply(args=(2,)).get() == 2  # another key is free
+        pass
     assert job.apply(args=(1,)).get() == 1
     assert ran == [2, 1]
     assert lc.statistics()["skipped"] == before + 1
@@ -288,9 +304,15 @@ def test_two_enqueues_of_a_singleton_one_runs_one_skips(cluster: Cluster, worker
     first = cluster.send("close_meeting", meeting_id=meeting, hold=1.5, tag="a")
     second = cluster.send("close_meeting", meeting_id=meeting, hold=1.5, tag="b")
     other = cluster.send("close_meeting", meeting_id=meeting + 1, hold=0.2, tag="c")
-    results = [r.get(timeout=30) for r in (first, second, other)]
-    ran = [r for r in results[:2] if r is not None]
-    assert len(ran) == 1 and results.count(None) == 1, results
+    results = [r.get(timeout=30, propagate=False) for r in (first, second, other)]
+    ran = [r for r in results[:2] if isinstance(r, dict)]
+    skipped = [r for r in results[:2] if isinstance(r, Exception)]
+    assert len(ran) == 1 and len(skipped) == 1, results
+    # A skip is never SUCCESS with None: its own exception type, state FAILURE.
+    from leasehold.celery import Skipped
+
+    assert isinstance(skipped[0], Skipped) and skipped[0].reason == "busy", skipped
+    assert {first.state, second.state} == {"SUCCESS", "FAILURE"}
     assert results[2] == {"closed": meeting + 1, "tag": "c"}  # other keys never wait
     starts = [
         e
@@ -426,3 +448,170 @@ def test_two_beats_only_the_leader_sends(cluster: Cluster, store: leasehold.Clie
         "resigned the leadership"
         in (cluster.tmp / "beat-b.log").read_text() + (cluster.tmp / "beat-a.log").read_text()
     )
+
+
+@pytest.fixture
+def producer_task(cluster: Cluster, lc: Any) -> Any:
+    """``close_meeting`` as a producer sees it: a SingletonTask whose apply_async
+    dedupes against the store the worker uses."""
+    cluster.producer.conf.leasehold_url = cluster.store_url
+
+    def close_meeting(meeting_id: int, hold: float = 1.0, tag: str = "") -> None:
+        raise AssertionError("runs in the worker only")
+
+    return cluster.producer.task(
+        name="tests._celery_app.close_meeting",
+        base=lc.SingletonTask,
+        lock_key="meeting:{meeting_id}",
+        lock_ttl=5,
+        shared=False,
+    )(close_meeting)
+
+
+@pytest.mark.slow
+def test_enqueue_of_a_queued_or_running_singleton_returns_its_result(
+    cluster: Cluster, worker: Any, producer_task: Any
+) -> None:
+    meeting = int(uuid.uuid4().int % 10**9)
+    first = producer_task.delay(meeting_id=meeting, hold=1.5, tag="a")
+    queued_again = producer_task.delay(meeting_id=meeting, hold=1.5, tag="b")
+    assert queued_again.id == first.id  # deduped while queued
+    wait_until(
+        lambda: [e for e in cluster.events("close_meeting") if e["meeting_id"] == meeting],
+        30,
+        "the run to start",
+    )
+    running_again = producer_task.apply_async(kwargs={"meeting_id": meeting, "tag": "c"})
+    assert running_again.id == first.id  # deduped while running
+    assert first.get(timeout=30) == {"closed": meeting, "tag": "a"}
+    starts = [
+        e
+        for e in cluster.events("close_meeting")
+        if e["meeting_id"] == meeting and e["edge"] == "start"
+    ]
+    assert [e["tag"] for e in starts] == ["a"]
+    # Finished: the next enqueue is a new run.
+    later = producer_task.delay(meeting_id=meeting, hold=0.1, tag="d")
+    assert later.id != first.id
+    assert later.get(timeout=30) == {"closed": meeting, "tag": "d"}
+
+
+@pytest.mark.slow
+def test_once_per_period_runs_each_item_once_across_workers(cluster: Cluster, worker: Any) -> None:
+    # Three sweeps (as from three schedulers or workers) over the same 20 meetings,
+    # all at once: every meeting runs once; every other request is a visible skip.
+    base = int(uuid.uuid4().int % 10**8) * 100
+    meetings = [base + i for i in range(20)]
+    sent = [
+        cluster.send("sweep_meeting", meeting_id=m, sweep=f"s{n}")
+        for n in range(3)
+        for m in meetings
+    ]
+    outcomes = [r.get(timeout=60, propagate=False) for r in sent]
+    ran = [e["meeting_id"] for e in cluster.events("sweep_meeting") if e["meeting_id"] in meetings]
+    assert sorted(ran) == meetings, ran  # 20 runs, not 60 (or 45)
+    from leasehold.celery import Skipped
+
+    skipped = [o for o in outcomes if isinstance(o, Skipped)]
+    assert len(skipped) == 40 and {s.reason for s in skipped} <= {"busy", "period"}
+    assert sorted(o for o in outcomes if isinstance(o, int)) == meetings
+
+
+@pytest.mark.slow
+def test_a_killed_run_stops_deduplicating_when_its_lease_expires(
+    cluster: Cluster, worker: Any, store: leasehold.Client, lc: Any
+) -> None:
+    cluster.producer.conf.leasehold_url = cluster.store_url
+
+    def hog(name: str) -> None:
+        raise AssertionError("runs in the worker only")
+
+    task = cluster.producer.task(
+        name="tests._celery_app.hog", base=lc.SingletonTask, lock_key="hog:{name}", shared=False
+    )(hog)
+    name = unique("hog-dedupe")
+    running = task.delay(name=name)
+    event = wait_until(
+        lambda: next((e for e in cluster.events("hog") if e["name"] == name), None),
+        30,
+        "the task to start",
+    )
+    assert task.delay(name=name).id == running.id  # deduped while it runs
+    os.kill(event["pid"], signal.SIGKILL)  # a pool process of the worker we started
+    killed = time.monotonic()
+
+    # The enqueue record says "running", but the run's lease (TTL 1 s) expires:
+    # from then on an enqueue publishes a new run. Never an eternal key.
+    def new_run() -> Any:
+        result = task.delay(name=name)
+        return result if result.id != running.id else None
+
+    fresh = wait_until(
+        new_run,
+        1.0 + BOUND + 5,
+        "an enqueue after the lease expired",
+    )
+    assert time.monotonic() - killed < 1.0 + BOUND + 1
+    wait_until(
+        lambda: len([e for e in cluster.events("hog") if e["name"] == name]) == 2,
+        30,
+        "the new run to start",
+    )
+    cluster.producer.control.revoke(fresh.id, terminate=True)
+
+
+@pytest.mark.slow
+def test_a_retrying_singleton_stays_the_one_queued(
+    cluster: Cluster, worker: Any, store: leasehold.Client, lc: Any
+) -> None:
+    cluster.producer.conf.leasehold_url = cluster.store_url
+
+    def process_item(item: str, hold: float = 1.0, tag: str = "") -> None:
+        raise AssertionError("runs in the worker only")
+
+    task = cluster.producer.task(
+        name="tests._celery_app.process_item",
+        base=lc.SingletonTask,
+        lock_key="item:{item}",
+        when_busy="retry",
+        shared=False,
+    )(process_item)
+    item = unique("retrying")
+    with store.lock(f"item:{item}", ttl=30):
+        first = task.delay(item=item, hold=0.1, tag="a")
+        wait_until(lambda: _retries_seen(cluster, first.id), 30, "the first retry")
+        assert task.delay(item=item, hold=0.1, tag="b").id == first.id  # still joins it
+    outcome = first.get(timeout=60)
+    assert outcome["tag"] == "a" and outcome["retries"] >= 1
+    starts = [e for e in cluster.events("process_item") if e["item"] == item]
+    assert [e["tag"] for e in starts if e["edge"] == "start"] == ["a"]
+
+
+def _retries_seen(cluster: Cluster, task_id: str) -> bool:
+    """The worker has handled a retry of ``task_id`` (Celery logs ``retry: Retry
+    in`` after the task's Retry unwound, so leasehold's bookkeeping is done)."""
+    log = cluster.tmp / "worker.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return any(task_id in line and "retry: Retry in" in line for line in lines)
+
+
+def test_once_per_skips_within_the_period_and_runs_after(eager_app: Any, lc: Any) -> None:
+    runs: list[int] = []
+    failing = [True]
+
+    @eager_app.task(base=lc.SingletonTask, lock_key="tick:{n}", once_per=1.0)
+    def tick(n: int) -> int:
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("a failed run does not count")
+        runs.append(n)
+        return n
+
+    assert isinstance(tick.apply(args=(1,)).result, RuntimeError)
+    assert tick.apply(args=(1,)).get() == 1  # the failure did not use the period
+    skipped = tick.apply(args=(1,))
+    assert isinstance(skipped.result, lc.Skipped) and skipped.result.reason == "period"
+    assert tick.apply(args=(2,)).get() == 2  # per key
+    time.sleep(1.2)
+    assert tick.apply(args=(1,)).get() == 1  # a new period
+    assert runs == [1, 2, 1]

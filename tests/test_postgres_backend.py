@@ -1124,7 +1124,8 @@ def test_concurrent_upgrade_rechecks_under_the_install_lock(pg: PostgresServer) 
     schema = "upgrade_race_" + uuid.uuid4().hex[:8]
     with psycopg.connect(pg.url) as conn:
         conn.execute(_for_schema(_v1_schema_sql(), schema))
-    stores = [sstore(_url(pg, schema=schema)) for _ in range(4)]
+    # Four separate stores (from_url would share one within this process).
+    stores = [spg.PostgresStore(parse(_url(pg, schema=schema))) for _ in range(4)]
     errors: list[BaseException] = []
     versions: list[int | None] = []
 

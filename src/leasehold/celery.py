@@ -12,7 +12,8 @@
   leader carries on where the old one stopped.
 
 The store is ``app.conf.leasehold_url`` (or the task's ``leasehold_url``
-attribute, else ``$LEASEHOLD_URL``). One sync client per worker process is
+attribute; in a Django project, else ``settings.LEASEHOLD``; else
+``$LEASEHOLD_URL``). One sync client per worker process is
 created on first use, after the pool has forked. See docs/celery.md.
 """
 
@@ -24,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,10 +35,13 @@ from typing import Any
 
 from celery import Task  # type: ignore[import-untyped]
 from celery.beat import Scheduler  # type: ignore[import-untyped]
+from celery.exceptions import Retry  # type: ignore[import-untyped]
+from celery.utils.dispatch import Signal  # type: ignore[import-untyped]
 
+from leasehold import _celery_singleton as _singleton
 from leasehold import retry as _retry
 from leasehold._core import validate
-from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
+from leasehold._errors import AcquireTimeout, InvalidArgument, LeaseholdError, StoreUnavailable
 from leasehold._sync.client import Client
 from leasehold._sync.election import Election
 from leasehold._sync.lease import Lease
@@ -45,6 +50,8 @@ __all__ = [
     "LeaderScheduler",
     "OnceTask",
     "SingletonTask",
+    "Skipped",
+    "task_skipped",
     "client_for",
     "current_lease",
     "statistics",
@@ -53,6 +60,28 @@ __all__ = [
 logger = logging.getLogger("leasehold.celery")
 
 BUSY_POLICIES = ("skip", "retry", "wait")
+
+#: Sent by a worker for every skipped run: ``sender`` is the task, with ``task_id``,
+#: ``key`` and ``reason`` (``"busy"``: another run holds the key; ``"period"``: a
+#: run started less than ``once_per`` seconds ago).
+task_skipped = Signal(name="task_skipped")
+
+
+class Skipped(LeaseholdError):
+    """A ``SingletonTask`` run that did not run: its result (state ``FAILURE``, this
+    exception type), never a ``SUCCESS`` with ``None``. ``reason`` is ``"busy"``
+    or ``"period"``. Listed in the task's ``throws``: logged at INFO, not as an
+    error."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        what = "another run holds it" if self.reason == "busy" else "it ran within once_per"
+        return f"skipped {self.key!r}: {what}"
+
 
 # -- one client per process --------------------------------------------------------
 
@@ -93,7 +122,8 @@ def client_for(url: str | None = None) -> Client:
 
 def statistics() -> dict[str, int]:
     """This process's counters: ``ran``, ``skipped``, ``busy_retries``, ``waited``,
-    ``lost``, ``once_runs``."""
+    ``lost``, ``once_runs``, and in producers ``deduped`` (enqueues answered with
+    the result of a queued or running run)."""
     with _stats_guard:
         return dict(_stats)
 
@@ -112,7 +142,23 @@ def _store_url(task: Any) -> str | None:
     url = getattr(task, "leasehold_url", None)
     if url is None:
         url = task.app.conf.get("leasehold_url")
+    if url is None:
+        url = _django_store_url()
     return None if url is None else str(url)
+
+
+def _django_store_url() -> str | None:
+    """In a worker of a Django project (settings configured, ``LEASEHOLD`` set):
+    the store ``settings.LEASEHOLD`` names, as ``leasehold.django`` uses it."""
+    if "django.conf" not in sys.modules:
+        return None
+    from django.conf import settings
+
+    if not settings.configured or getattr(settings, "LEASEHOLD", None) is None:
+        return None
+    from leasehold.django import store_url
+
+    return store_url()
 
 
 def _fields(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -183,12 +229,21 @@ class SingletonTask(Task):  # type: ignore[misc]
     name (one run at a time, whatever the arguments). The key is the lease name,
     so other code can take the same lock (``client.lock("meeting:7")``).
     ``lock_ttl``: lease TTL; the lease is renewed in the background while the
-    task runs. ``when_busy``: ``"skip"`` (return None at once; counted and
-    logged), ``"retry"`` (``self.retry`` with a full-jitter countdown between
+    task runs. ``when_busy``: ``"skip"`` (end at once with ``Skipped``; counted
+    and logged), ``"retry"`` (``self.retry`` with a full-jitter countdown between
     ``lock_retry_initial`` and ``lock_retry_maximum`` seconds, at most
     ``lock_max_retries`` times -- None: the task's ``max_retries``) or ``"wait"``
     (block the worker slot until free, at most ``lock_wait_timeout`` seconds --
     None: forever -- then fail with ``AcquireTimeout``).
+
+    ``dedupe`` (default True): ``apply_async``/``delay`` of a key already queued or
+    running returns that run's ``AsyncResult`` (a record in the store, kept
+    ``dedupe_ttl`` seconds at most, and counted as running only while the run's
+    lease is held). ``once_per``: seconds; a key runs at most once per that long
+    (store clock), later runs are skipped with reason ``"period"``.
+
+    A skipped run ends with ``Skipped`` (never ``SUCCESS`` with ``None``), an INFO
+    line and the ``task_skipped`` signal.
 
     The lease is released when the run ends: success, failure, ``self.retry()``,
     and ``revoke(terminate=True)`` (the pool child unwinds on SIGTERM). A killed
@@ -206,14 +261,63 @@ class SingletonTask(Task):  # type: ignore[misc]
     lock_retry_maximum: float = 60.0
     lock_max_retries: int | None = None
     leasehold_url: str | None = None
+    dedupe: bool = True
+    dedupe_ttl: float = 3600.0
+    once_per: float | None = None
+    throws = (Skipped,)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        policy = _policy(self)
+    def _leasehold_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         template = _key_option(self, "lock_key")
         if template is None:
             template = self.name
-        key = format_key(self, template, args, kwargs, what="lock_key")
+        return format_key(self, template, args, kwargs, what="lock_key")
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Publish, unless a run of the same key is queued or running: then that
+        run's ``AsyncResult`` (``dedupe = False`` turns this off)."""
+        retrying = task_id is not None and task_id == self.request.id
+        if not self.dedupe or retrying or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        key = self._leasehold_key(tuple(args or ()), dict(kwargs or {}))
         client = client_for(_store_url(self))
+
+        def publish(new_id: str) -> Any:
+            return super(SingletonTask, self).apply_async(args, kwargs, task_id=new_id, **options)
+
+        def existing(found: str) -> Any:
+            _count("deduped")
+            logger.info("task %s: %r is already queued or running as %s", self.name, key, found)
+            return self.AsyncResult(found)
+
+        return _singleton.enqueue(client, key, task_id, self.dedupe_ttl, publish, existing)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        policy = _policy(self)
+        key = self._leasehold_key(args, kwargs)
+        client = client_for(_store_url(self))
+        task_id = self.request.id
+        if not (task_id and self.dedupe):
+            return self._leasehold_run(client, key, policy, args, kwargs)
+        try:
+            result = self._leasehold_run(client, key, policy, args, kwargs)
+        except Retry:
+            # Published again under the same id (self.retry() publishes, then
+            # raises): the key stays queued as that task, so enqueues still join it.
+            _singleton.requeue(client, key, task_id, self.dedupe_ttl)
+            raise
+        except BaseException:
+            _singleton.forget(client, key, task_id)
+            raise
+        _singleton.forget(client, key, task_id)  # this run is over
+        return result
+
+    def _leasehold_run(self, client: Client, key: str, policy: str, args: Any, kwargs: Any) -> Any:
         lock = client.lock(key, ttl=self.lock_ttl, on_lost=self._leasehold_lost)
         if policy == "wait":
             lease = lock.acquire(timeout=self.lock_wait_timeout)
@@ -223,23 +327,48 @@ class SingletonTask(Task):  # type: ignore[misc]
             if maybe is None:
                 return self._leasehold_busy(client, key, policy)
             lease = maybe
-        _count("ran")
         token = _current.set(lease)
         try:
             with lease:
-                return super().__call__(*args, **kwargs)
+                if self.request.id and self.dedupe:
+                    _singleton.mark_running(client, key, self.request.id, self.dedupe_ttl)
+                if self.once_per is None:
+                    _count("ran")
+                    return super().__call__(*args, **kwargs)
+                done, started, version = _singleton.period_done(client, key, self.once_per)
+                if done:
+                    self._leasehold_skip(client, key, "period")
+                _count("ran")
+                result = super().__call__(*args, **kwargs)
+                _singleton.mark_period_done(client, key, self.once_per, started, version)
+                return result
         finally:
             _current.reset(token)
 
-    def _leasehold_busy(self, client: Client, key: str, policy: str) -> Any:
-        owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
+    def _leasehold_skip(self, client: Client, key: str, reason: str) -> None:
+        _count("skipped")
         task_id = self.request.id
-        if policy == "skip":
-            _count("skipped")
+        if reason == "busy":
+            owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
             logger.info(
                 "task %s[%s] skipped: %r is busy (held by %s)", self.name, task_id, key, owners
             )
-            return None
+        else:
+            logger.info(
+                "task %s[%s] skipped: %r already ran in the last %g s",
+                self.name,
+                task_id,
+                key,
+                self.once_per,
+            )
+        task_skipped.send(sender=self, task_id=task_id, key=key, reason=reason)
+        raise Skipped(key, reason)
+
+    def _leasehold_busy(self, client: Client, key: str, policy: str) -> Any:
+        if policy == "skip":
+            self._leasehold_skip(client, key, "busy")
+        owners = ", ".join(info.owner for info in client.holders(key)) or "nobody now"
+        task_id = self.request.id
         retries = int(self.request.retries or 0)
         countdown = _retry.delay(
             min(retries, 64), initial=self.lock_retry_initial, maximum=self.lock_retry_maximum
@@ -349,7 +478,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self.lease_ttl = validate.ttl(
             float(conf.get("leasehold_beat_ttl") or 30.0), what="leasehold_beat_ttl"
         )
-        url = conf.get("leasehold_url")
+        url = conf.get("leasehold_url") or _django_store_url()
         self._url = None if url is None else str(url)
         self._client: Client | None = None
         self._election: Election | None = None

@@ -134,3 +134,6 @@ class Capabilities:
     notes: tuple[str, ...] = field(default_factory=tuple)
     # subscribe() is woken by announce() (else its wait() only sleeps: polling).
     announcements: bool = False
+    # A grant survives the loss of a server (a consensus store commits it on a
+    # quorum), so a failover cannot hand a held name to a second client.
+    failover_safe: bool = False

@@ -21,6 +21,8 @@ SCHEMES = {
     "unix": "redis",
     "postgresql": "postgres",
     "postgres": "postgres",
+    "etcd": "etcd",
+    "etcds": "etcd",
 }
 
 

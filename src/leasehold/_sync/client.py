@@ -35,7 +35,8 @@ _CLIENTS_GUARD = threading.Lock()
 class Client:
     """Coordination primitives on one store.
 
-    ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``;
+    ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``, ``postgresql://...``,
+    ``etcd://host:2379[,host:2379...]``;
     default ``$LEASEHOLD_URL``, else a SQLite file in the user's state directory.
     ``clock`` drives every local time decision (tests pass a FakeClock).
     ``identity`` is a readable label stored with grants (default host:pid).

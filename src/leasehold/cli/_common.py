@@ -210,8 +210,9 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 
 
 URL_HELP = (
-    f"Store URL (sqlite:///file.db, redis://..., postgresql://...). Default: ${ENV_URL}, "
-    "else a SQLite file in the user's state directory. Passwords are never printed."
+    "Store URL (sqlite:///file.db, redis://..., postgresql://..., etcd://...). "
+    f"Default: ${ENV_URL}, else a SQLite file in the user's state directory. "
+    "Passwords are never printed."
 )
 
 

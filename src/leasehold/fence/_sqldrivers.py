@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     )
     AsyncConnection: TypeAlias = psycopg.AsyncConnection[Any] | SAAsyncConnection | AsyncSession
 
-_SUPPORTED_SYNC = "sqlite3.Connection, psycopg.Connection, sqlalchemy Connection or Session"
+_SUPPORTED_SYNC = (
+    "sqlite3.Connection, psycopg.Connection, psycopg2 connection, a Django connection "
+    "(django.db.connection, connections[alias]), sqlalchemy Connection or Session"
+)
 _SUPPORTED_ASYNC = "psycopg.AsyncConnection, sqlalchemy AsyncConnection or AsyncSession"
 
 # Tables already seen to exist, per psycopg connection, so that the existence query
@@ -310,7 +313,9 @@ def check(conn: SyncConnection, name: str, fence: int, *, table: str = DEFAULT_T
             autocommit mode outside a transaction, bad ``name``, ``fence`` (not an
             int, a bool, negative, over 2**63-1) or ``table``.
 
-    Supported: ``sqlite3.Connection``, ``psycopg.Connection`` (psycopg 3),
+    Supported: ``sqlite3.Connection``, ``psycopg.Connection`` (psycopg 3), psycopg2
+    connections, Django connections (``django.db.connection``, ``connections[alias]``,
+    inside ``transaction.atomic()``; a ``StaleFence`` marks it for rollback),
     SQLAlchemy ``Connection`` and ``Session`` on SQLite or PostgreSQL. The table
     (default ``leasehold_fences``) is created with ``CREATE TABLE IF NOT EXISTS``
     on first use; see :func:`create_table_sql` to create it in a migration instead.
@@ -319,6 +324,14 @@ def check(conn: SyncConnection, name: str, fence: int, *, table: str = DEFAULT_T
     obj: object = conn
     if isinstance(obj, sqlite3.Connection):
         return _check_sqlite3(obj, name, fence, table)
+    if "django.db" in sys.modules or "psycopg2" in sys.modules:
+        from leasehold.fence import _django
+
+        wrapper = _django.django_wrapper(obj)
+        if wrapper is not None:
+            return _django.check_django(wrapper, name, fence, table)
+        if _django.is_psycopg2(obj):
+            return _django.check_psycopg2(obj, name, fence, table)
     if "psycopg" in sys.modules:
         import psycopg
 

@@ -92,7 +92,7 @@ def test_fences_strictly_increase(lh_backend: BackendHarness) -> None:
         lease.release()
     lease = lock.acquire(timeout=5)  # expiry
     fences.append(lease.fence)
-    lh_backend.advance(lh_backend.short_ttl + 0.3)
+    lh_backend.advance_past(lh_backend.short_ttl)
     lease = lock.acquire(timeout=5)
     fences.append(lease.fence)
     client.break_lease(name)  # forced release
@@ -108,7 +108,7 @@ def test_expiry_by_store_clock(lh_backend: BackendHarness) -> None:
     ttl = lh_backend.short_ttl
     first = a.lock(name, ttl=ttl, renew=False).acquire(timeout=5)
     assert b.lock(name, ttl=ttl).try_acquire() is None
-    lh_backend.advance(ttl + 0.3)
+    lh_backend.advance_past(ttl)
     assert first.lost
     with pytest.raises(LeaseLost):
         first.check()
@@ -480,7 +480,7 @@ def test_record_expiry_and_clock(lh_backend: BackendHarness) -> None:
     version = store.write_record(key, 0, b"short-lived", ttl=ttl)
     assert version is not None
     assert store.read_record(key).value == b"short-lived"
-    lh_backend.advance(ttl + 0.3)
+    lh_backend.advance_past(ttl)
     after = store.read_record(key)
     assert (after.value, after.version) == (None, 0)
     assert after.now - before >= ttl  # the store's clock moved with time

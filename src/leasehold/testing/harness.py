@@ -22,12 +22,17 @@ class BackendHarness:
     backend allows it (memory, SQLite); None for server-clock backends, which are
     then driven by real sleeps with short TTLs. ``fresh_url`` returns a URL for an
     independent store with the real clock (for tests that must really wait).
+    ``real_ttl``: the short TTL on a real clock; ``expiry_slack``: how long after a
+    TTL the store may take to expire it (etcd leases have whole seconds and are
+    checked twice a second).
     """
 
     name: str
     url: str
     clock: FakeClock | None
     fresh_url: Callable[[], str]
+    real_ttl: float = 0.6
+    expiry_slack: float = 0.3
     _clients: list[Any] = field(default_factory=list)
 
     @property
@@ -37,7 +42,7 @@ class BackendHarness:
     @property
     def short_ttl(self) -> float:
         """A TTL for expiry tests: long under a fake clock, short with a real one."""
-        return 30.0 if self.fake_clock else 0.6
+        return 30.0 if self.fake_clock else self.real_ttl
 
     def unique(self, stem: str = "t") -> str:
         return f"{stem}:{uuid.uuid4().hex[:12]}"
@@ -61,6 +66,10 @@ class BackendHarness:
             self.clock.advance(seconds)
         else:
             time.sleep(seconds)
+
+    def advance_past(self, ttl: float) -> None:
+        """Let a TTL (and the store's slack in expiring it) pass."""
+        self.advance(ttl + (0.3 if self.fake_clock else self.expiry_slack))
 
     def close(self) -> None:
         for client in self._clients:

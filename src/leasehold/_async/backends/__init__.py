@@ -14,6 +14,7 @@ _MODULES = {
     "sqlite": ("sqlite", None),
     "redis": ("redis", "redis"),
     "postgres": ("postgres", "postgres"),
+    "etcd": ("etcd", "etcd"),
 }
 
 

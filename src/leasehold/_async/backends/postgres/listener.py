@@ -16,9 +16,9 @@ from psycopg import sql
 
 
 class NotifyListener:
-    """One dedicated connection that LISTENs on ``channel``.
+    """One dedicated connection that LISTENs on ``channels``.
 
-    ``on_notify(payload)`` runs for every notification; ``on_lost()`` runs once if
+    ``on_notify(channel, payload)`` runs for every notification; ``on_lost()`` runs once if
     the connection fails, because notifications sent meanwhile are gone and every
     waiter must re-check the store.
     """
@@ -26,12 +26,14 @@ class NotifyListener:
     def __init__(
         self,
         conninfo: str,
-        channel: str,
-        on_notify: Callable[[str], None],
+        channels: str | tuple[str, ...],
+        on_notify: Callable[[str, str], None],
         on_lost: Callable[[], None],
     ) -> None:
         self._conninfo = conninfo
-        self._channel = channel
+        # One connection for every channel of its store (wake-ups and announcements).
+        self._channels = (channels,) if isinstance(channels, str) else tuple(channels)
+        self._channel = self._channels[0]
         self._on_notify = on_notify
         self._on_lost = on_lost
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
@@ -58,7 +60,8 @@ class NotifyListener:
         """Connect and LISTEN; when this returns, no notification can be missed."""
         conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         try:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            for channel in self._channels:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             await conn.close()
             raise
@@ -70,7 +73,7 @@ class NotifyListener:
     async def _read(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
         try:
             async for notify in conn.notifies():
-                self._on_notify(notify.payload)
+                self._on_notify(notify.channel, notify.payload)
         except psycopg.Error:
             pass  # the connection failed: reported through on_lost below
         finally:

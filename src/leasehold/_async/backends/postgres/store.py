@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from leasehold._async import _concurrency
 from leasehold._async._concurrency import AsyncEvent
+from leasehold._async.backends.postgres import sharing
 from leasehold._async.backends.postgres.connection import (
     _LISTENER_RETRY,
     _WAITER_GRACE,
@@ -79,7 +80,7 @@ class AsyncPostgresStore(PostgresConnection):
             "expiry on the server's clock (clock_timestamp())",
             "fences from one WAL-logged sequence: never reused, even after a crash",
             "a release hands the place to the first waiter in the same transaction; "
-            "LISTEN/NOTIFY tells it its fence, on a dedicated connection per store",
+            "LISTEN/NOTIFY tells it its fence, on one connection per process and database",
             "correct behind transaction-mode poolers with ?pooler=transaction (polling)",
             "fences survive failover only with synchronous replication",
         ),
@@ -124,8 +125,12 @@ class AsyncPostgresStore(PostgresConnection):
             if listener is not None:
                 self._listener = None
                 await listener.aclose()
+            # One LISTEN connection per store for wake-ups and announcements alike.
             listener = NotifyListener(
-                self._opts.conninfo, self._channel, self._on_notify, self._on_listener_lost
+                self._opts.conninfo,
+                (self._channel, self._announce_channel),
+                self._dispatch,
+                self._on_listener_lost,
             )
             try:
                 await listener.start()
@@ -143,6 +148,12 @@ class AsyncPostgresStore(PostgresConnection):
             self._listener = listener
             self._listener_error = None
             return self._channel
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == self._channel:
+            self._on_notify(payload)
+        else:
+            self._topics.wake(payload)
 
     def _on_notify(self, payload: str) -> None:
         key, _, fence = payload.partition(" ")
@@ -168,6 +179,7 @@ class AsyncPostgresStore(PostgresConnection):
                     events.append(entry.event)
         for event in events:
             event.set()
+        self._topics.wake_all()
 
     def _arm(self, key: str, queue_ttl: float) -> None:
         """Register (or re-arm) a waiter *before* the acquire that queues it is sent."""
@@ -347,6 +359,8 @@ class AsyncPostgresStore(PostgresConnection):
         return float(rows[0][0])
 
     async def aclose(self) -> None:
+        if not sharing.leave(self):
+            return  # other clients of this process still use it
         self._closed = True
         if os.getpid() != self._pid:
             self._after_fork()  # a child never closes what its parent still uses
@@ -431,5 +445,6 @@ class AsyncPooledPostgresStore(AsyncPostgresStore):
 
 
 def from_url(url: StoreURL, clock: Clock) -> AsyncPostgresStore:
-    """Validate the URL and build the store; connects lazily on first use."""
-    return AsyncPostgresStore(url, clock)
+    """Validate the URL and build the store, or share this process's store for it
+    (sharing.py); connects lazily on first use."""
+    return sharing.shared(sharing.share_key(url, clock), lambda: AsyncPostgresStore(url, clock))

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-
-import psycopg
-import psycopg.errors
+from typing import Protocol
 
 from leasehold._async._concurrency import AsyncEvent
 from leasehold._async.backends.postgres.listener import NotifyListener
-from leasehold._async.backends.postgres.options import _scrub
 from leasehold._errors import StoreUnavailable
 
 
@@ -41,29 +37,36 @@ def announce_channel(schema: str) -> str:
     return "leasehold_announce_" + hashlib.sha256(schema.encode()).hexdigest()[:16]
 
 
-class _AnnounceListener:
-    """The ``NotifyListener`` on a schema's announcement channel, as the
-    ``Listener`` a ``ListenerSlot`` keeps: its failures are StoreUnavailable,
-    password removed."""
+class ListenerOwner(Protocol):
+    """What ``_AnnounceListener`` needs of its store."""
 
-    def __init__(self, listener: NotifyListener, what: str, hidden: Sequence[str]) -> None:
-        self._listener = listener
-        self._what = what
-        self._hidden = hidden
+    _listener: NotifyListener | None
+    _listener_error: str | None
+
+    async def _listening_channel(self) -> str | None: ...
+
+
+class _AnnounceListener:
+    """The store's one LISTEN connection, as the ``Listener`` a ``ListenerSlot``
+    keeps for announcements: starting it starts (or reuses) the store's listener,
+    which LISTENs on the announcement channel too; closing it is the store's job."""
+
+    def __init__(self, store: ListenerOwner) -> None:
+        self._store = store
 
     @property
     def alive(self) -> bool:
-        return self._listener.alive
+        listener = self._store._listener
+        return listener is not None and listener.alive
 
     def fileno(self) -> int | None:
-        return self._listener.fileno()
+        listener = self._store._listener
+        return None if listener is None else listener.fileno()
 
     async def start(self) -> None:
-        try:
-            await self._listener.start()
-        except (psycopg.Error, OSError) as exc:
-            message = f"{self._what}: LISTEN failed: {str(exc).strip() or type(exc).__name__}"
-            raise StoreUnavailable(_scrub(message, self._hidden)) from None
+        if await self._store._listening_channel() is None:
+            error = self._store._listener_error or "retrying shortly"
+            raise StoreUnavailable(f"{self._store!r}: LISTEN failed: {error}")
 
     async def aclose(self) -> None:
-        await self._listener.aclose()
+        pass  # the store closes its listener

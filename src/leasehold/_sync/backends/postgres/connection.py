@@ -7,6 +7,7 @@ store operations (store.py) subclass it.
 
 from __future__ import annotations
 
+import abc
 import os
 import secrets
 import select
@@ -104,6 +105,11 @@ class PostgresConnection(Store):
         # this clock; every lease decision is made by the server's clock.
         self._clock = clock or SYSTEM_CLOCK
         self._pid = os.getpid()
+        self._users = 1  # clients sharing this store (see sharing.py)
+        self._share_key: tuple[Any, ...] | None = None
+        # Pooled connections in use by calls: all of them busy means "wait for one";
+        # fewer means the pool is failing to connect, and a call connects itself.
+        self._checked_out = 0
         self._pool: ConnectionPool[Connection[tuple[Any, ...]]] | None = None
         self._connections: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
         self._schema_ready = False
@@ -147,6 +153,7 @@ class PostgresConnection(Store):
         self._pool = None
         self._listener = None
         self._connections = weakref.WeakSet()
+        self._checked_out = 0
         # Locks may have been held by threads that do not exist in the child.
         self._mutex = Mutex()
         self._listener_mutex = Mutex()
@@ -200,7 +207,7 @@ class PostgresConnection(Store):
             except PoolTimeout:
                 if waited:
                     raise
-                if pool.get_stats().get("pool_size", 0) >= self._opts.pool_max_size:
+                if self._checked_out >= self._opts.pool_max_size:
                     waited = True  # full and busy: wait for a connection like anyone
                     continue
                 # The pool is failing to connect. Its reconnection backoff doubles
@@ -209,6 +216,7 @@ class PostgresConnection(Store):
                 # cause (refused, authentication, DNS) instead of "timeout".
                 return self._connect(), False
             if not _looks_dead(conn):
+                self._checked_out += 1
                 return conn, True
             conn.close()  # the pool discards closed connections it gets back
             pool.putconn(conn)
@@ -221,6 +229,7 @@ class PostgresConnection(Store):
         pooled: bool,
     ) -> None:
         if pooled:
+            self._checked_out -= 1
             pool.putconn(conn)
         else:
             conn.close()
@@ -359,10 +368,9 @@ class PostgresConnection(Store):
         return StoreUnavailable(_scrub(message, self._opts.secrets))
 
     def _announce_listener(self) -> _AnnounceListener:
-        listener = NotifyListener(
-            self._opts.conninfo,
-            self._announce_channel,
-            self._topics.wake,
-            self._topics.wake_all,
-        )
-        return _AnnounceListener(listener, repr(self), self._opts.secrets)
+        return _AnnounceListener(self)
+
+    @abc.abstractmethod
+    def _listening_channel(self) -> str | None:
+        """The store's one LISTEN connection, started if need be; its wake-up
+        channel, or None while it cannot listen (store.py)."""

@@ -20,9 +20,9 @@ from psycopg import sql
 
 
 class NotifyListener:
-    """One dedicated connection that LISTENs on ``channel``.
+    """One dedicated connection that LISTENs on ``channels``.
 
-    ``on_notify(payload)`` runs for every notification; ``on_lost()`` runs once if
+    ``on_notify(channel, payload)`` runs for every notification; ``on_lost()`` runs once if
     the connection fails, because notifications sent meanwhile are gone and every
     waiter must re-check the store. Both run on the listener thread.
     """
@@ -30,12 +30,14 @@ class NotifyListener:
     def __init__(
         self,
         conninfo: str,
-        channel: str,
-        on_notify: Callable[[str], None],
+        channels: str | tuple[str, ...],
+        on_notify: Callable[[str, str], None],
         on_lost: Callable[[], None],
     ) -> None:
         self._conninfo = conninfo
-        self._channel = channel
+        # One connection for every channel of its store (wake-ups and announcements).
+        self._channels = (channels,) if isinstance(channels, str) else tuple(channels)
+        self._channel = self._channels[0]
         self._on_notify = on_notify
         self._on_lost = on_lost
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
@@ -63,7 +65,8 @@ class NotifyListener:
         """Connect and LISTEN; when this returns, no notification can be missed."""
         conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
         try:
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            for channel in self._channels:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self._wakeup = socket.socketpair()
         except BaseException:
             conn.close()
@@ -87,7 +90,7 @@ class NotifyListener:
                 # Raises OperationalError once the server has gone (EOF, reset).
                 pgconn.consume_input()
                 while (notify := pgconn.notifies()) is not None:
-                    self._on_notify(notify.extra.decode(encoding))
+                    self._on_notify(notify.relname.decode(encoding), notify.extra.decode(encoding))
         except psycopg.Error:
             pass  # the connection failed: reported through on_lost below
         finally:

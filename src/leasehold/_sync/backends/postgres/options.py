@@ -70,7 +70,7 @@ class PostgresOptions:
     schema: str = "leasehold"
     pooler: str = "none"
     pool_min_size: int = 1
-    pool_max_size: int = 10
+    pool_max_size: int = 1
     create_schema: bool = True
     statement_timeout: float = _STATEMENT_TIMEOUT_DEFAULT
     connect_timeout: float = 5.0
@@ -160,7 +160,9 @@ def parse_options(url: StoreURL) -> PostgresOptions:
     if create not in _TRUE + _FALSE:
         raise InvalidArgument(f"?create_schema= must be true or false, got {create!r}")
     pool_min = _count("pool_min_size", own.get("pool_min_size", "1"), 0)
-    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(10, pool_min))), 1)
+    # One operation connection by default: every call is one short round trip, so
+    # threads queue for it briefly (?pool_max_size= for heavily threaded processes).
+    pool_max = _count("pool_max_size", own.get("pool_max_size", str(max(1, pool_min))), 1)
     if pool_max < pool_min:
         raise InvalidArgument(
             f"?pool_max_size={pool_max} is smaller than ?pool_min_size={pool_min}"

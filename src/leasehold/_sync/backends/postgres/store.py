@@ -31,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from leasehold._sync import _concurrency
 from leasehold._sync._concurrency import Event
+from leasehold._sync.backends.postgres import sharing
 from leasehold._sync.backends.postgres.connection import (
     _LISTENER_RETRY,
     _WAITER_GRACE,
@@ -81,7 +82,7 @@ class PostgresStore(PostgresConnection):
             "expiry on the server's clock (clock_timestamp())",
             "fences from one WAL-logged sequence: never reused, even after a crash",
             "a release hands the place to the first waiter in the same transaction; "
-            "LISTEN/NOTIFY tells it its fence, on a dedicated connection per store",
+            "LISTEN/NOTIFY tells it its fence, on one connection per process and database",
             "correct behind transaction-mode poolers with ?pooler=transaction (polling)",
             "fences survive failover only with synchronous replication",
         ),
@@ -126,8 +127,12 @@ class PostgresStore(PostgresConnection):
             if listener is not None:
                 self._listener = None
                 listener.close()
+            # One LISTEN connection per store for wake-ups and announcements alike.
             listener = NotifyListener(
-                self._opts.conninfo, self._channel, self._on_notify, self._on_listener_lost
+                self._opts.conninfo,
+                (self._channel, self._announce_channel),
+                self._dispatch,
+                self._on_listener_lost,
             )
             try:
                 listener.start()
@@ -145,6 +150,12 @@ class PostgresStore(PostgresConnection):
             self._listener = listener
             self._listener_error = None
             return self._channel
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == self._channel:
+            self._on_notify(payload)
+        else:
+            self._topics.wake(payload)
 
     def _on_notify(self, payload: str) -> None:
         key, _, fence = payload.partition(" ")
@@ -170,6 +181,7 @@ class PostgresStore(PostgresConnection):
                     events.append(entry.event)
         for event in events:
             event.set()
+        self._topics.wake_all()
 
     def _arm(self, key: str, queue_ttl: float) -> None:
         """Register (or re-arm) a waiter *before* the acquire that queues it is sent."""
@@ -349,6 +361,8 @@ class PostgresStore(PostgresConnection):
         return float(rows[0][0])
 
     def close(self) -> None:
+        if not sharing.leave(self):
+            return  # other clients of this process still use it
         self._closed = True
         if os.getpid() != self._pid:
             self._after_fork()  # a child never closes what its parent still uses
@@ -433,5 +447,6 @@ class PooledPostgresStore(PostgresStore):
 
 
 def from_url(url: StoreURL, clock: Clock) -> PostgresStore:
-    """Validate the URL and build the store; connects lazily on first use."""
-    return PostgresStore(url, clock)
+    """Validate the URL and build the store, or share this process's store for it
+    (sharing.py); connects lazily on first use."""
+    return sharing.shared(sharing.share_key(url, clock), lambda: PostgresStore(url, clock))

@@ -1,0 +1,303 @@
+"""etcd-specific behaviour: URLs, auth, TLS, endpoint failover, data loss, batching,
+predecessor-only waking. The contract itself is the conformance suite's
+(tests/test_conformance.py runs it on etcd like on every backend)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import leasehold
+from leasehold._core.records import AcquireRequest, Busy, Granted, Holder, RenewItem
+from leasehold._errors import InvalidArgument, StoreUnavailable
+from tests.conftest import unavailable
+
+HOLDER = Holder(owner="t", host="h", pid=1)
+
+
+def _servers() -> Any:
+    from tests.servers import etcd
+
+    if etcd.etcd_binary() is None:
+        unavailable("etcd is not installed (apt-get install etcd-server)")
+    return etcd
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[Any]:
+    """A private one-member cluster, for tests that wipe or reconfigure it."""
+    cluster = _servers().EtcdCluster(1)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def _unique(stem: str) -> str:
+    return f"{stem}:{secrets.token_hex(6)}"
+
+
+# -- URLs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "etcd://h:2379/some/path",
+        "etcd://h:2379?nope=1",
+        "etcd://h:99999",
+        "etcd://h:2379?ca_cert=/x",  # TLS options need etcds://
+        "etcds://h:2379?client_cert=/x",  # cert without key
+        "etcd://user@h:2379",  # a user without a password
+        "etcd://h:2379?timeout=0",
+    ],
+)
+def test_bad_urls_fail_before_io(url: str) -> None:
+    with pytest.raises(InvalidArgument):
+        leasehold.Client(url)
+
+
+def test_password_never_shows() -> None:
+    client = leasehold.Client("etcd://alice:s3cret-pw@127.0.0.1:1,127.0.0.1:2?timeout=0.5")
+    assert "s3cret" not in repr(client.store) and "s3cret" not in client.url
+    assert "s3cret" not in repr(client.store._options)
+    with pytest.raises(StoreUnavailable) as info:
+        client.lock(_unique("pw")).acquire(timeout=0)
+    assert "s3cret" not in str(info.value)
+    client.close()
+
+
+# -- endpoints ----------------------------------------------------------------------------
+
+
+def test_a_dead_endpoint_is_skipped(etcd_server: Any) -> None:
+    dead = "127.0.0.1:1"
+    client = leasehold.Client(f"etcd://{dead},{etcd_server.endpoint(0)}?prefix=skip/")
+    lease = client.lock(_unique("skip")).acquire(timeout=5)
+    assert lease.held
+    lease.release()
+    client.close()
+
+
+# -- data loss ----------------------------------------------------------------------------
+
+
+def test_fences_and_versions_increase_across_a_wipe(own_etcd: Any) -> None:
+    client = leasehold.Client(own_etcd.url)
+    name = _unique("wipe")
+    before = client.lock(name, ttl=30, renew=False).acquire(timeout=5)
+    version = client.store.write_record("k", 0, b"v")
+    assert version is not None
+    time.sleep(1.1)  # the epoch is the wipe's second: it must be a later one
+    own_etcd.wipe()
+    # The old grant is gone with the data: renewing it answers False (lost).
+    with pytest.raises(leasehold.LeaseLost):
+        before.extend()
+    after = client.lock(name, ttl=30).acquire(timeout=10)
+    assert after.fence > before.fence
+    assert client.store.restarts(name) == 1  # the changed epoch was noticed
+    newer = client.store.write_record("k", 0, b"w")
+    assert newer is not None and newer > version
+    fresh = leasehold.Client(own_etcd.url)  # a client that never saw the old epoch
+    other = fresh.lock(_unique("wipe")).acquire(timeout=5)
+    assert other.fence > before.fence
+    for lease in (after, other):
+        lease.release()
+    fresh.close()
+    client.close()
+
+
+# -- batching and waking ----------------------------------------------------------------
+
+
+def test_renewal_of_many_leases_is_one_request(etcd_server: Any) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
+    store = client.store
+    leases = [client.lock(_unique("b"), ttl=5, renew=False).acquire(timeout=5) for _ in range(12)]
+    calls: list[str] = []
+    original = store._http.call
+
+    def counting(path: str, body: Any) -> Any:
+        calls.append(path)
+        return original(path, body)
+
+    store._http.call = counting
+    try:
+        answers = store.renew([RenewItem(lease.name, lease._token, 5.0) for lease in leases])
+    finally:
+        del store._http.call
+    assert answers == [True] * 12
+    # One keepalive for the batch, and the read that confirms its Raft term.
+    assert calls == ["lease/keepalive", "kv/range"]
+    for lease in leases:
+        lease.release()
+    client.close()
+
+
+def test_a_long_renewal_batch_is_answered_whole(etcd_server: Any) -> None:
+    """The gateway answers only the first leases of a long keepalive request; the
+    rest go again until every lease has its answer."""
+    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
+    store = client.store
+    leases = [client.lock(_unique("b"), ttl=5, renew=False).acquire(timeout=5) for _ in range(80)]
+    released = leases[::7]
+    for lease in released:
+        lease.release()
+    answers = store.renew([RenewItem(lease.name, lease._token, 5.0) for lease in leases])
+    assert answers == [lease not in released for lease in leases]
+    for lease in leases:
+        lease.release()
+    client.close()
+
+
+def test_a_release_wakes_only_the_head_waiter(etcd_server: Any) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=herd/")
+    store = client.store
+    name = _unique("herd")
+    holder = secrets.token_urlsafe(24)
+    assert isinstance(store.acquire(AcquireRequest(name, holder, HOLDER, ttl=30)), Granted)
+    waiters = [secrets.token_urlsafe(24) for _ in range(6)]
+    for position, token in enumerate(waiters):
+        result = store.acquire(AcquireRequest(name, token, HOLDER, ttl=30, queue_ttl=30))
+        assert result == Busy(retry_after=None, position=position)
+    woken: dict[int, bool] = {}
+
+    def wait(index: int) -> None:
+        woken[index] = bool(store.wait(name, waiters[index], 2.0))
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(len(waiters))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # every watch is in place (and would replay the release anyway)
+    assert store.release(name, holder)
+    for thread in threads:
+        thread.join(10)
+    assert woken == {0: True, **{i: False for i in range(1, len(waiters))}}
+    assert isinstance(store.acquire(AcquireRequest(name, waiters[0], HOLDER, ttl=30)), Granted)
+    for token in waiters:
+        store.release(name, token)
+    client.close()
+
+
+def test_a_wake_up_before_wait_is_not_lost(etcd_server: Any) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=early/")
+    store = client.store
+    name = _unique("early")
+    holder, waiter = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    store.acquire(AcquireRequest(name, holder, HOLDER, ttl=30))
+    store.acquire(AcquireRequest(name, waiter, HOLDER, ttl=30, queue_ttl=30))
+    store.release(name, holder)  # before the waiter waits
+    started = time.monotonic()
+    assert store.wait(name, waiter, 5.0) is True
+    assert time.monotonic() - started < 2.0
+    store.release(name, waiter)
+    client.close()
+
+
+# -- auth and TLS -------------------------------------------------------------------------
+
+
+def _enable_auth(cluster: Any, password: str) -> None:
+    cluster.post(0, "auth/user/add", {"name": "root", "password": password})
+    cluster.post(0, "auth/role/add", {"name": "root"})
+    cluster.post(0, "auth/user/grant", {"user": "root", "role": "root"})
+    cluster.post(0, "auth/enable", {})
+
+
+def test_user_password_auth_and_token_refresh() -> None:
+    servers = _servers()
+    # Simple tokens expire after 1 s idle: the client must fetch new ones.
+    cluster = servers.EtcdCluster(1, extra_args=("--auth-token-ttl", "1"))
+    cluster.start()
+    try:
+        password = "pw-" + secrets.token_hex(8)
+        _enable_auth(cluster, password)
+        wrong = leasehold.Client(f"etcd://root:wrong-{password}@{cluster.endpoint(0)}")
+        with pytest.raises(StoreUnavailable) as info:
+            wrong.lock("x").acquire(timeout=0)
+        wrong.close()
+        assert "user name or password" in str(info.value) and password not in str(info.value)
+        client = leasehold.Client(f"etcd://root:{password}@{cluster.endpoint(0)}")
+        first = client.lock(_unique("auth")).acquire(timeout=5)
+        first.release()
+        time.sleep(2.5)  # the token expired meanwhile
+        second = client.lock(_unique("auth")).acquire(timeout=5)
+        assert second.fence > first.fence
+        second.release()
+        client.close()
+    finally:
+        cluster.cleanup()
+
+
+@pytest.mark.parametrize("client_cert_auth", [False, True])
+def test_tls(client_cert_auth: bool) -> None:
+    servers = _servers()
+    if servers.shutil.which("openssl") is None:
+        unavailable("openssl is not installed")
+    cluster = servers.EtcdCluster(1, tls=True, client_cert_auth=client_cert_auth)
+    cluster.start()
+    try:
+        files = cluster.tls_files
+        url = f"etcds://{cluster.endpoint(0)}?ca_cert={files.ca_cert}"
+        if client_cert_auth:
+            refused = leasehold.Client(url)
+            with pytest.raises(StoreUnavailable):
+                refused.lock("x").acquire(timeout=0)
+            refused.close()
+            url += f"&client_cert={files.cert}&client_key={files.key}"
+        client = leasehold.Client(url)
+        lease = client.lock(_unique("tls")).acquire(timeout=5)
+        assert lease.held
+        lease.release()
+        client.close()
+        untrusted = leasehold.Client(f"etcds://{cluster.endpoint(0)}")
+        with pytest.raises(StoreUnavailable):
+            untrusted.lock("x").acquire(timeout=0)
+        untrusted.close()
+    finally:
+        cluster.cleanup()
+
+
+def test_a_forked_child_makes_its_own_connections(etcd_server: Any) -> None:
+    import os
+
+    client = leasehold.Client(f"{etcd_server.url}?prefix=fork/")
+    held = client.lock(_unique("parent")).acquire(timeout=5)
+    parent_http = client.store._http.http()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own connections, none of the parent's grants
+        code = 1
+        try:
+            store = client.store
+            lease = client.lock(_unique("child")).acquire(timeout=5)
+            lease.release()
+            fresh = store._http.http() is not parent_http
+            forgot = all(name != held.name for name, _token in store._held)
+            code = 0 if fresh and forgot else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    status = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert status == bytes([0])
+    assert held.held and client.store._http.http() is parent_http
+    held.release()
+    client.close()
+
+
+def test_the_password_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="leasehold")
+    client = leasehold.Client("etcd://bob:Pa55-word@127.0.0.1:1?timeout=0.2&connect_timeout=0.2")
+    with pytest.raises(StoreUnavailable):
+        client.lock(_unique("log")).acquire(timeout=0.5)
+    client.close()
+    assert "Pa55-word" not in caplog.text
