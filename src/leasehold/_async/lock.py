@@ -16,7 +16,7 @@ from leasehold._async.lease import AsyncLease, OnLost
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.policy import default_margin
-from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver, WaitResult
+from leasehold._core.records import AcquireRequest, Busy, Granted, HandedOver
 from leasehold._errors import AcquireTimeout, InvalidArgument, StoreUnavailable
 from leasehold._observe import log_fields
 
@@ -80,9 +80,6 @@ class AsyncLock:
         # election candidate's identity); the secret token stays per attempt.
         self._owner = None if owner is None else validate.name(owner, what="owner")
         self._entered: dict[int, list[AsyncLease]] = {}
-        # Whether the last acquisition had to wait: the next one likely waits too,
-        # so its first attempt queues and waits in one call (acquire_and_wait).
-        self._contended = False
 
     @property
     def name(self) -> str:
@@ -181,15 +178,8 @@ class AsyncLock:
         try:
             while True:
                 sent = clock.monotonic()
-                woken: WaitResult | None = None
                 try:
-                    if queue and (attempt > 0 or self._contended):
-                        bound = QUEUE_REFRESH
-                        if deadline is not None:
-                            bound = max(0.0, min(bound, deadline - sent))
-                        result, woken = await store.acquire_and_wait(request, bound)
-                    else:
-                        result = await store.acquire(request)
+                    result = await store.acquire(request)
                 except StoreUnavailable as exc:
                     # The first error is a configuration problem until proven
                     # otherwise; later ones are transient and retried until the
@@ -209,20 +199,18 @@ class AsyncLock:
                 reached_store = True
                 failures = 0
                 if isinstance(result, Granted):
-                    self._contended = attempt > 0
                     return self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
                 if result.position is not None:
                     queued_at = sent
-                if woken is None:
-                    now = clock.monotonic()
-                    if deadline is not None and now >= deadline:
-                        if queue:
-                            await shielded(lambda: store.release(self._name, token))
-                        return None
-                    pause = self._pause(result, attempt, store.capabilities.notifications)
-                    if deadline is not None:
-                        pause = min(pause, deadline - now)
-                    woken = await store.wait(self._name, token, pause)
+                now = clock.monotonic()
+                if deadline is not None and now >= deadline:
+                    if queue:
+                        await shielded(lambda: store.release(self._name, token))
+                    return None
+                pause = self._pause(result, attempt, store.capabilities.notifications)
+                if deadline is not None:
+                    pause = min(pause, deadline - now)
+                woken = await store.wait(self._name, token, pause)
                 term = min(self._ttl, QUEUE_TTL)
                 if (
                     isinstance(woken, HandedOver)
@@ -235,7 +223,6 @@ class AsyncLock:
                     # and the keeper renews it to the full ttl. A lease that does
                     # not renew, or whose last attempt is too old to vouch for
                     # half of that (a short ttl), confirms with one more attempt.
-                    self._contended = True
                     return self._granted(
                         token,
                         fence=woken.fence,

@@ -122,19 +122,6 @@ class AsyncStore(ABC):
         always re-try ``acquire`` unless handed over.
         """
 
-    async def acquire_and_wait(
-        self, request: AcquireRequest, timeout: float
-    ) -> tuple[AcquireResult, WaitResult | None]:
-        """``acquire(request)`` and, if that queued the token, ``wait`` for up to
-        ``timeout``, in one round trip where the store can send the two together.
-
-        The second value is what ``wait`` returned, or None if the store did not
-        wait (this default, or an answer that asks for a shorter pause, such as a
-        holder expiring sooner): the caller then pauses as after ``acquire``. Lock
-        attempts likely to wait use it (the lock waited last time, or a retry).
-        """
-        return await self.acquire(request), None
-
     @abstractmethod
     async def read_record(self, key: str) -> Record:
         """The record ``key`` (value None and version 0 if absent or expired) and the

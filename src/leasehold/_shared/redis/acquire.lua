@@ -15,12 +15,6 @@
 -- ARGV[7]  holder json: [owner, host, pid]
 -- ARGV[8]  run id of the server, as the client read it on connecting (INFO server);
 --          stamped on the grant (renew.lua checks it against the real one)
--- ARGV[9]  optional: how long (microseconds) the BLPOP that the caller pipelined
---          after this call will block on the caller's signal list (see
---          contended.py). Then a grant, or an answer whose retry_after is sooner
---          than that, pushes a marker to the list ('g' granted, 'x' look again
---          sooner) so the BLPOP returns at once; it expires by itself if the BLPOP
---          never comes.
 --
 -- Returns  {1, fence}                         granted (or already held: same fence,
 --                                             which also confirms a hand-over)
@@ -40,15 +34,6 @@ local limit = tonumber(ARGV[5])
 local queue_ttl = ARGV[6] ~= '' and tonumber(ARGV[6]) or nil
 local holder = ARGV[7]
 local run_id = ARGV[8]
-local blocking = ARGV[9] and ARGV[9] ~= '' and tonumber(ARGV[9]) or nil
-
-local function mark(value)
-    if blocking then
-        local signal = k.signal_prefix .. token
-        redis.call('LPUSH', signal, value)
-        redis.call('PEXPIRE', signal, 60000)
-    end
-end
 
 local now = now_us()
 local s = load(k.state)
@@ -78,7 +63,6 @@ if mine then
     index_holder(k, math.max(h[2], index_until or 0), now)
     save(s, k, now)
     settle_queue(k, now, waiting)
-    mark('g')
     return {1, h[3]}
 end
 
@@ -100,7 +84,6 @@ if ahead < limit - #holders then
     index_holder(k, math.max(now + ttl, index_until or 0), now)
     save(s, k, now)
     settle_queue(k, now, waiting)
-    mark('g')
     return {1, fence}
 end
 
@@ -134,8 +117,5 @@ for _, h in ipairs(holders) do
     if retry_after < 0 or remaining < retry_after then
         retry_after = remaining
     end
-end
-if retry_after >= 0 and blocking and retry_after < blocking then
-    mark('x')  -- a holder expires before the BLPOP would end: look again then
 end
 return {0, retry_after, position or -1}

@@ -36,7 +36,6 @@ from typing import Any, Final
 from redis import exceptions as redis_errors
 
 from leasehold._async._concurrency import sleep
-from leasehold._async.backends.redis import contended
 from leasehold._async.backends.redis.connection import (
     _DRIVER_ERRORS,
     _POOL_POLL,
@@ -425,11 +424,6 @@ class AsyncRedisStore(RedisConnection):
             except (TypeError, ValueError, IndexError):
                 raise self._malformed("leases", reply) from None
         return sorted(infos, key=lambda info: (info.name, info.fence))
-
-    async def acquire_and_wait(
-        self, request: AcquireRequest, timeout: float
-    ) -> tuple[AcquireResult, WaitResult | None]:
-        return await contended.acquire_and_wait(self, request, timeout)
 
     async def wait(self, name: str, token: str, timeout: float) -> WaitResult:  # noqa: ASYNC109, RUF100
         signal = self.keys.for_name(name).signal(token)

@@ -38,7 +38,6 @@ from typing import Any, Final
 from redis import exceptions as redis_errors
 
 from leasehold._sync._concurrency import sleep
-from leasehold._sync.backends.redis import contended
 from leasehold._sync.backends.redis.connection import (
     _DRIVER_ERRORS,
     _POOL_POLL,
@@ -423,11 +422,6 @@ class RedisStore(RedisConnection):
             except (TypeError, ValueError, IndexError):
                 raise self._malformed("leases", reply) from None
         return sorted(infos, key=lambda info: (info.name, info.fence))
-
-    def acquire_and_wait(
-        self, request: AcquireRequest, timeout: float
-    ) -> tuple[AcquireResult, WaitResult | None]:
-        return contended.acquire_and_wait(self, request, timeout)
 
     def wait(self, name: str, token: str, timeout: float) -> WaitResult:  # noqa: ASYNC109, RUF100
         signal = self.keys.for_name(name).signal(token)
