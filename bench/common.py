@@ -33,7 +33,21 @@ def isolated(fn: Callable[..., Any], *args: Any, timeout: float) -> dict[str, An
 
     Returns the child's result, or ``{"error": ...}`` if it raised, hung or died. A
     broken or hanging library can cost at most ``timeout``, never the whole run.
+    A measurement of a subject with an interpreter of its own (``Subject.python``,
+    first argument its key) runs in that interpreter instead.
     """
+    from bench.subjects import BY_KEY
+
+    subject = BY_KEY.get(args[0]) if args and isinstance(args[0], str) else None
+    python = subject.interpreter() if subject is not None else None
+    if python is not None:
+        from bench import external
+
+        try:
+            value = external.call(python, fn.__module__, fn.__name__, list(args), timeout)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            return {"error": str(exc)[-600:]}
+        return dict(value)
     here, there = FORK.Pipe(duplex=False)
     process = FORK.Process(target=_child, args=(there, fn, args), daemon=True)
     process.start()

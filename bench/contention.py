@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
 from typing import Any
 
+from bench import external
 from bench.common import FORK, now_ns, percentile, spread
 from bench.subjects import BY_KEY, Handle
 
@@ -179,11 +181,25 @@ def measure(key: str, env: dict[str, Any], procs: int, seconds: float) -> dict[s
     }
 
 
+def _measure(key: str, env: dict[str, Any], procs: int, seconds: float) -> dict[str, Any]:
+    """``measure``, in the subject's own interpreter if it has one (Subject.python)."""
+    python = BY_KEY[key].interpreter()
+    if python is None:
+        return measure(key, env, procs, seconds)
+    try:
+        result = external.call(
+            python, __name__, "measure", [key, env, procs, seconds], seconds + SETUP + 60
+        )
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        return {"error": str(exc)[-600:]}
+    return dict(result)
+
+
 # Floors that are locks at all, and competitors' sync flavour (their asyncio twins
 # wait the same way); every multi-process leasehold flavour is added to these.
 CONTENDERS = ("redis-blpop", "redis-py", "python-redis-lock", "pottery", "sherlock", "tooz-redis",
-              "pg-advisory", "tooz-postgres", "flock", "filelock", "portalocker",
-              "etcd-v3lock")  # fmt: skip
+              "mithril", "mithril-renew", "pg-advisory", "tooz-postgres", "sqlalchemy-dlock",
+              "flock", "filelock", "portalocker", "etcd-v3lock")  # fmt: skip
 METRICS = ("throughput", "handoff_p50_us", "handoff_p99_us", "wait_p99_us", "fairness")
 
 
@@ -199,7 +215,7 @@ def run(ctx: Any) -> dict[str, Any]:
         ctx.rng.shuffle(cells)
         for cell in cells:
             key, procs = cell.split("@")
-            result = measure(key, ctx.env, int(procs), ctx.s2_seconds)
+            result = _measure(key, ctx.env, int(procs), ctx.s2_seconds)
             ctx.log(f"s2 r{repeat} {cell}: {_fmt(result)}")
             runs[cell].append(result)
     summary: dict[str, Any] = {}

@@ -95,13 +95,18 @@ def redis_probe(url: str) -> None:
     client.close()
 
 
-def postgres_probe(server: PostgresServer) -> None:
-    """Per-statement server time inside leasehold's SQL functions, via auto_explain."""
+def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
+    """Per-statement server time inside leasehold's SQL functions, via auto_explain;
+    ``relaxed``: the same for ?durability=relaxed (its own schema, its functions)."""
     import psycopg
 
     import leasehold
 
-    client = leasehold.Client(server.url)
+    schema = "leasehold_relaxed" if relaxed else "leasehold"
+    suffix = "_relaxed" if relaxed else ""
+    mode = "relaxed" if relaxed else "durable"
+    url = server.url + (f"?schema={schema}&durability=relaxed" if relaxed else "")
+    client = leasehold.Client(url)
     pin = client.lock("probe-pin", ttl=60).acquire()
     wall = p50_us(cycle(client.lock("probe", ttl=30)), 500)
     pin.release()
@@ -118,10 +123,10 @@ def postgres_probe(server: PostgresServer) -> None:
         def functions() -> None:
             token = secrets.token_urlsafe(24)
             conn.execute(
-                "SELECT * FROM leasehold.acquire(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                f"SELECT * FROM {schema}.acquire{suffix}(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 (args[0], token, *args[2:]),
             )
-            conn.execute("SELECT * FROM leasehold.release(%s,%s)", ("probe", token))
+            conn.execute(f"SELECT * FROM {schema}.release{suffix}(%s,%s)", ("probe", token))
 
         raw_sql = p50_us(functions, 500)
         conn.execute("LOAD 'auto_explain'")
@@ -132,15 +137,16 @@ def postgres_probe(server: PostgresServer) -> None:
         for _ in range(200):
             functions()
     print(
-        f"postgres p50: advisory pair {advisory:.0f} us, leasehold's acquire()+release() SQL "
-        f"functions on a bare connection {raw_sql:.0f} us, the leasehold client {wall:.0f} us"
+        f"postgres ({mode}) p50: advisory pair {advisory:.0f} us, leasehold's "
+        f"acquire{suffix}()+release{suffix}() SQL functions on a bare connection "
+        f"{raw_sql:.0f} us, the leasehold client {wall:.0f} us"
     )
     time.sleep(0.5)
     text = log.read_bytes()[start:].decode(errors="replace")
     spent: dict[str, list[float]] = collections.defaultdict(list)
     for match in re.finditer(r"duration: ([\d.]+) ms\s+plan:\s*\n\s*Query Text: (.*?)\n", text):
         spent[match.group(2).strip()[:80]].append(float(match.group(1)))
-    print("postgres server time per acquire+release, by statement (auto_explain, nested):")
+    print(f"postgres ({mode}) server time per acquire+release, by statement (auto_explain):")
     for query, durations in sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:12]:
         print(f"  {sum(durations) / 200 * 1000:7.1f} us  x{len(durations) / 200:.0f}  {query}")
 
@@ -185,6 +191,7 @@ def main(argv: list[str]) -> int:
             redis_probe(redis_server.url)
         if "postgres" in wanted and pg_server:
             postgres_probe(pg_server)
+            postgres_probe(pg_server, relaxed=True)
         if "sqlite" in wanted:
             sqlite_probe(urls["sqlite"])
     finally:

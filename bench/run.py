@@ -2,6 +2,8 @@
 
     python -m bench            # the full run (about 11-12 minutes on 2 cores)
     python -m bench --quick    # a smoke run (under 2 minutes)
+    python -m bench --only uncontended,contention --subjects redis-py,leasehold-redis \
+        --no-docs --out /tmp/some-rows   # some rows only
 
 Starts its own redis-server, PostgreSQL and etcd on loopback; nothing else is needed
 beyond ``pip install -r bench/requirements.txt``.
@@ -108,8 +110,12 @@ def _smoke(key: str, env: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def check_subjects(ctx: Context, servers: dict[str, str], groups: list[str]) -> None:
+def check_subjects(
+    ctx: Context, servers: dict[str, str], groups: list[str], keys: list[str]
+) -> None:
     for subject in SUBJECTS:
+        if keys and subject.key not in keys:
+            continue
         if groups and subject.group not in groups:
             ctx.unavailable[subject.key] = "not selected (--groups)"
             continue
@@ -131,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help="comma-separated scenarios: " + ",".join(SCENARIOS)
     )
+    parser.add_argument(
+        "--subjects",
+        default="",
+        help="comma-separated subject keys to measure (default: all): " + ",".join(BY_KEY),
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(only) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    keys = [k for k in args.subjects.split(",") if k]
+    if set(keys) - set(BY_KEY):
+        parser.error(f"unknown subjects: {', '.join(sorted(set(keys) - set(BY_KEY)))}")
 
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     started = time.monotonic()
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.log(down[name])
     results: dict[str, Any] = {}
     try:
-        check_subjects(ctx, down, groups)
+        check_subjects(ctx, down, groups, keys)
         for name in only:
             t0 = time.monotonic()
             ctx.log(f"== {name}")

@@ -40,6 +40,13 @@ class Subject:
     make: Callable[[dict[str, Any], str], Handle]
     prepare: Callable[[dict[str, Any], str], None] | None = None
     multiprocess: bool = True  # usable from several processes on one lock
+    # An environment variable naming another Python interpreter to measure this
+    # subject in (its own virtual environment: a library whose pins clash with
+    # the others'); unset, the subject runs here like the rest.
+    python: str | None = None
+
+    def interpreter(self) -> str | None:
+        return os.environ.get(self.python) if self.python else None
 
     @property
     def is_async(self) -> bool:
@@ -84,11 +91,18 @@ def _aredis(env: dict[str, Any]) -> Any:
 # -- leasehold ------------------------------------------------------------------
 
 
+# ?durability=relaxed gets a schema of its own: its max_ttl and epoch never touch
+# the durable rows' schema.
+RELAXED = "schema=leasehold_relaxed&durability=relaxed"
+
+
 def leasehold_url(env: dict[str, Any], backend: str) -> str:
     if backend == "sqlite":
         return f"sqlite:///{env['dir']}/leasehold.db"
     if backend == "memory":
         return "memory://"
+    if backend == "postgres-relaxed":
+        return f"{env['postgres']}?{RELAXED}"
     return env[backend]
 
 
@@ -200,6 +214,34 @@ def _pottery_async(env: dict[str, Any], name: str) -> Handle:
     return Handle(lock.acquire, lock.release, r.aclose)
 
 
+def _mithril(renew: bool) -> Callable[[dict[str, Any], str], Handle]:
+    def make(env: dict[str, Any], name: str) -> Handle:
+        import logging
+
+        import mithril
+        import structlog
+        from mithril.backends import RedisBackend
+
+        # mithril logs every acquire and release at info through structlog, which
+        # prints to stdout by default: warnings and above only, as for every peer.
+        mithril.configure_logging(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING)
+        )
+        r = _redis(env)
+        backend = RedisBackend(r)
+        held: list[Any] = []
+
+        def acquire() -> None:
+            # A mithril Lock is single-use: one per acquisition, as it documents.
+            lock = mithril.Lock(name, backend=backend, ttl=TTL, auto_renewal=renew)
+            lock.acquire()
+            held.append(lock)
+
+        return Handle(acquire, lambda: held.pop().release(), r.close)
+
+    return make
+
+
 def _sherlock(env: dict[str, Any], name: str) -> Handle:
     import sherlock
 
@@ -257,6 +299,22 @@ def _advisory_async(env: dict[str, Any], name: str) -> Handle:
             await box[0].close()
 
     return Handle(acquire, release, close)
+
+
+def _sqlalchemy_dlock(env: dict[str, Any], name: str) -> Handle:
+    from sqlalchemy import create_engine
+    from sqlalchemy_dlock import create_sadlock
+
+    url = env["postgres"].replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url)
+    conn = engine.connect()
+    lock = create_sadlock(conn, name)
+
+    def close() -> None:
+        conn.close()
+        engine.dispose()
+
+    return Handle(lock.acquire, lock.release, close)
 
 
 # -- etcd (the v3 JSON gateway, through httpx like the backend) ---------------------
@@ -372,6 +430,8 @@ def _s(*args: Any, **kw: Any) -> Subject:
 
 
 LH = "leasehold"
+# mithril-locks requires redis-py < 8: it runs in a virtual environment of its own.
+MITHRIL_PYTHON = "LEASEHOLD_BENCH_MITHRIL_PYTHON"
 SUBJECTS: list[Subject] = [
     # Redis
     _s("redis-ping", "2xPING", "redis", "floor", "sync", "redis",
@@ -387,6 +447,13 @@ SUBJECTS: list[Subject] = [
        _python_redis_lock),
     _s("pottery", "pottery Redlock", "redis", "competitor", "sync", "pottery",
        "defaults: auto_release_time=10, one master", _pottery),
+    _s("mithril", "mithril-locks", "redis", "competitor", "sync", "mithril-locks",
+       f"ttl={TTL}, auto_renewal=False (default), timeout=10, retry_interval=0.1; "
+       "structlog info logging silenced; own venv (redis<8)", _mithril(False),
+       python=MITHRIL_PYTHON),
+    _s("mithril-renew", "mithril-locks (renewal)", "redis", "competitor", "sync",
+       "mithril-locks", f"ttl={TTL}, auto_renewal=True; structlog info logging silenced; "
+       "own venv (redis<8)", _mithril(True), python=MITHRIL_PYTHON),
     _s("sherlock", "sherlock RedisLock", "redis", "competitor", "sync", "sherlock",
        "defaults: expire=60, timeout=10, retry_interval=0.1", _sherlock),
     _s("tooz-redis", "tooz (redis)", "redis", "competitor", "sync", "tooz",
@@ -406,12 +473,20 @@ SUBJECTS: list[Subject] = [
        "pg_advisory_lock/unlock on one persistent autocommit connection", _advisory),
     _s("tooz-postgres", "tooz (postgresql)", "postgres", "competitor", "sync", "tooz",
        "defaults: advisory lock, new psycopg2 connection per acquire", _tooz("postgres")),
+    _s("sqlalchemy-dlock", "sqlalchemy-dlock", "postgres", "competitor", "sync",
+       "sqlalchemy-dlock", "defaults: pg_advisory_lock on one SQLAlchemy connection (psycopg 3)",
+       _sqlalchemy_dlock),
     _s("leasehold-postgres", "leasehold", "postgres", LH, "sync", LH, f"ttl={TTL}, renew=True",
        _leasehold_sync("postgres")),
+    _s("leasehold-postgres-relaxed", "leasehold (relaxed)", "postgres", LH, "sync", LH,
+       f"ttl={TTL}, renew=True, ?durability=relaxed", _leasehold_sync("postgres-relaxed")),
     _s("pg-advisory-async", "pg_advisory_lock pair (asyncio)", "postgres", "floor", "async",
        "psycopg", "psycopg AsyncConnection, autocommit", _advisory_async),
     _s("leasehold-postgres-async", "leasehold (asyncio)", "postgres", LH, "async", LH,
        f"ttl={TTL}, renew=True", _leasehold_async("postgres")),
+    _s("leasehold-postgres-relaxed-async", "leasehold (relaxed, asyncio)", "postgres", LH,
+       "async", LH, f"ttl={TTL}, renew=True, ?durability=relaxed",
+       _leasehold_async("postgres-relaxed")),
     # etcd
     _s("etcd-putdel", "put + delete", "etcd", "floor", "sync", "httpx",
        "two gateway calls on one key, no lock at all", _etcd_putdel, multiprocess=False),

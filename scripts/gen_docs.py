@@ -20,6 +20,7 @@ BACKENDS = [
     ("sqlite", "sqlite:///path.db", "AsyncSQLiteStore"),
     ("redis", "redis://host:6379/0", "AsyncRedisStore"),
     ("postgres", "postgresql://user@host/db", "AsyncPostgresStore"),
+    ("postgres", "postgresql://user@host/db?durability=relaxed", "AsyncRelaxedPostgresStore"),
     ("etcd", "etcd://host:2379,host:2379", "AsyncEtcdStore"),
 ]
 COLUMNS = [

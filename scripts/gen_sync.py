@@ -53,6 +53,8 @@ REPLACEMENTS = {
     "aiter_lines": "iter_lines",
     "aread": "read",
     "AsyncPooledPostgresStore": "PooledPostgresStore",
+    "AsyncRelaxedPostgresStore": "RelaxedPostgresStore",
+    "AsyncRelaxedPooledPostgresStore": "RelaxedPooledPostgresStore",
     "AsyncConnectionPool": "ConnectionPool",
     "AsyncConnection": "Connection",
     "AsyncCursor": "Cursor",

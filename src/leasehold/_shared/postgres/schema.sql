@@ -1,4 +1,4 @@
--- leasehold PostgreSQL schema, version 5 (PostgreSQL 12 or newer).
+-- leasehold PostgreSQL schema, version 6 (PostgreSQL 12 or newer).
 --
 -- The library runs this file itself on first use of a store, inside one transaction
 -- guarded by a transaction-level advisory lock, so concurrent first use is safe; it
@@ -9,7 +9,10 @@
 -- clauses; 3 -> 4 adds four nullable columns to waiters for the hand-over, replaces
 -- wake() with hand_over() and rewrites acquire, release and break_lease with the
 -- same signatures; 4 -> 5 replaces acquire, whose busy answers no longer wait for
--- their WAL flush; nothing existing changes shape). Teams that manage
+-- their WAL flush; 5 -> 6 adds the epoch and epoch_marker tables, recover() and
+-- raise_limits(), the *_relaxed twins of acquire, renew, hand_over and release for
+-- ?durability=relaxed, and makes every grant check the marker first; nothing
+-- existing changes shape). Teams that manage
 -- schema changes themselves apply it as a migration and set ?create_schema=false:
 --
 --     psql --single-transaction -v ON_ERROR_STOP=1 -f schema.sql "$DATABASE_URL"
@@ -42,6 +45,23 @@
 --               hash of (name, token), so tokens never travel in notifications.
 --               owner/host/pid/ttl/holder_limit: the waiter's latest acquire
 --               request, which a hand-over grants (version 4).
+--   epoch       (version 6) one row: epoch (how many crashes were detected),
+--               fence_ceiling (every fence a relaxed grant handed out is below it;
+--               raised durably, 2^20 at a time, by the grant that reaches it),
+--               max_ttl (the longest ttl a relaxed grant, renewal or queued request
+--               ever asked for; raised durably when exceeded; 0 while ?durability=
+--               relaxed was never used) and quarantine_until (no lease is granted
+--               before it). WAL-logged: only ever written with a durable commit.
+--   epoch_marker (version 6) UNLOGGED copy of the epoch row. PostgreSQL empties
+--               unlogged tables in every crash recovery (an immediate shutdown, a
+--               killed postmaster, a backend crash that restarts the server, a
+--               promoted standby), while a clean shutdown keeps them: a grant that
+--               finds it empty knows the last commits may be lost and calls
+--               recover(), which bumps the epoch durably, moves fence_seq up to
+--               fence_ceiling (above every fence handed out before the crash, even
+--               one whose commit was lost) and sets quarantine_until to now +
+--               max_ttl, so a holder whose grant (or renewal) the crash lost is past
+--               its own safe deadline before anyone else is granted the name.
 --   records     small versioned values changed only by compare-and-set (version 2).
 --               version comes from fence_seq; expires_at is on the server clock,
 --               NULL for never; expired rows are absent to every operation and
@@ -50,6 +70,13 @@
 -- Functions (each is one short transaction when called in autocommit mode):
 --   acquire(name, token, owner, host, pid, ttl, limit, queue_ttl, channel, wake_key)
 --       -> (granted, fence, retry_after, queue_position)
+--       No grant (not even a hand-over) during a quarantine: busy, retry_after the
+--       quarantine's end (version 6); a holder's re-acquire still confirms.
+--   acquire_relaxed, renew_relaxed, release_relaxed, hand_over_relaxed (version 6):
+--       the same functions for ?durability=relaxed, made from the same text (see
+--       the DO block): everything commits with synchronous_commit=off, except a
+--       call that raises fence_ceiling or max_ttl or recovers the epoch.
+--   recover(now) / raise_limits(fence, ttl)  (version 6, see epoch above)
 --   renew(names[], tokens[], ttls[]) -> boolean[]  (answers in item order)
 --   release(name, token) -> boolean                 (was a live holder; commits with
 --       synchronous_commit=off -- see the function -- unless it hands the place
@@ -128,6 +155,34 @@ ALTER TABLE waiters ADD COLUMN IF NOT EXISTS owner text,
                     ADD COLUMN IF NOT EXISTS pid integer,
                     ADD COLUMN IF NOT EXISTS ttl double precision;
 
+-- Version 6: the epoch (see the header). The row is made once, with the marker;
+-- a re-run of this file over an existing epoch must not refill an emptied
+-- marker (that would hide a crash), so the marker is only written here together
+-- with a new epoch row.
+CREATE TABLE IF NOT EXISTS epoch (
+    id               boolean PRIMARY KEY DEFAULT true CHECK (id),
+    epoch            bigint NOT NULL,
+    fence_ceiling    bigint NOT NULL,
+    max_ttl          double precision NOT NULL,
+    quarantine_until timestamptz
+);
+CREATE UNLOGGED TABLE IF NOT EXISTS epoch_marker (
+    id               boolean PRIMARY KEY DEFAULT true CHECK (id),
+    epoch            bigint NOT NULL,
+    fence_ceiling    bigint NOT NULL,
+    max_ttl          double precision NOT NULL,
+    quarantine_until timestamptz
+);
+DO $epoch$
+BEGIN
+    IF NOT EXISTS (SELECT FROM epoch) THEN
+        INSERT INTO epoch (epoch, fence_ceiling, max_ttl)
+        SELECT 0, s.last_value + 1048576, 0 FROM fence_seq s;
+        INSERT INTO epoch_marker SELECT * FROM epoch;
+    END IF;
+END
+$epoch$;
+
 -- Version 2. value is never NULL: writing NULL deletes the row.
 CREATE TABLE IF NOT EXISTS records (
     key          text COLLATE "C" PRIMARY KEY,
@@ -150,7 +205,7 @@ DROP FUNCTION IF EXISTS wake(text, timestamptz, integer);
 
 CREATE OR REPLACE FUNCTION schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT 5 $$;
+AS $$ SELECT 6 $$;
 
 -- Every other function is created by the block below, which writes this schema's
 -- name into its text: @schema@ becomes the quoted schema name (every table, sequence
@@ -194,10 +249,79 @@ BEGIN
 END
 $$;
 
+-- Version 6. Called by a grant that found epoch_marker empty: the server went
+-- through crash recovery since the marker was written, and commits made with
+-- synchronous_commit=off just before the crash may be lost -- grants whose holders
+-- saw their fences, renewals their holders count on. One session bumps (the others
+-- wait for its row lock, then find the marker it wrote): fence_seq moves up to
+-- fence_ceiling, above every fence a relaxed grant handed out; a quarantine of
+-- max_ttl starts now. All of it commits durably, with the caller's transaction.
+-- Returns the new marker's limits.
+CREATE OR REPLACE FUNCTION @schema@.recover(
+    p_now timestamptz, OUT fence_ceiling bigint, OUT max_ttl double precision,
+    OUT quarantine_until timestamptz)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_next bigint;
+    v_epoch bigint;
+BEGIN
+    PERFORM FROM @schema@.epoch e WHERE e.id FOR UPDATE;
+    SELECT m.fence_ceiling, m.max_ttl, m.quarantine_until
+    INTO fence_ceiling, max_ttl, quarantine_until FROM @schema@.epoch_marker m WHERE m.id;
+    IF FOUND THEN
+        RETURN;  -- another session recovered while this one waited
+    END IF;
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    SELECT greatest(s.last_value, e.fence_ceiling) INTO v_next
+    FROM @schema@.fence_seq s, @schema@.epoch e WHERE e.id;
+    PERFORM setval(@fence_seq@::regclass, v_next);
+    UPDATE @schema@.epoch e
+    SET epoch = e.epoch + 1, fence_ceiling = v_next + 1048576,
+        quarantine_until = CASE WHEN e.max_ttl > 0
+            THEN greatest(e.quarantine_until, p_now + make_interval(secs => e.max_ttl))
+            ELSE e.quarantine_until END
+    WHERE e.id
+    RETURNING e.epoch, e.fence_ceiling, e.max_ttl, e.quarantine_until
+    INTO v_epoch, fence_ceiling, max_ttl, quarantine_until;
+    INSERT INTO @schema@.epoch_marker SELECT * FROM @schema@.epoch e WHERE e.id;
+    RAISE LOG 'leasehold: crash detected in schema %: epoch %, fences from %, no grants until %',
+        @schema_literal@, v_epoch, v_next + 1, quarantine_until;
+END
+$$;
+
+-- Version 6. A relaxed grant whose fence reached fence_ceiling, or a relaxed call
+-- asking for a ttl above max_ttl: raise them (both tables) and make the caller's
+-- transaction commit durably, so the limit is on disk before its answer is sent.
+-- Rare: once per 2^20 fences, and when a longer ttl than ever is asked for.
+CREATE OR REPLACE FUNCTION @schema@.raise_limits(
+    p_fence bigint, p_ttl double precision, OUT fence_ceiling bigint,
+    OUT max_ttl double precision)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    UPDATE @schema@.epoch e
+    SET fence_ceiling = CASE WHEN p_fence >= e.fence_ceiling THEN p_fence + 1048576
+                             ELSE e.fence_ceiling END,
+        max_ttl = greatest(e.max_ttl, coalesce(p_ttl, 0))
+    WHERE e.id
+    RETURNING e.fence_ceiling, e.max_ttl INTO fence_ceiling, max_ttl;
+    -- No marker row (a crash not yet recovered): recover() copies the new values.
+    UPDATE @schema@.epoch_marker m
+    SET fence_ceiling = e.fence_ceiling, max_ttl = e.max_ttl
+    FROM @schema@.epoch e WHERE e.id AND m.id;
+END
+$$;
+
 -- The common case, a free name nobody waits for, is one statement after the lock:
 -- an INSERT guarded by the state of the name. Anything else (a holder, a queue,
 -- expired rows, the token's own grant) takes the general path below.
-CREATE OR REPLACE FUNCTION @schema@.acquire(
+CREATE OR REPLACE FUNCTION @schema@.acquire@variant@(
     p_name text, p_token text, p_owner text, p_host text, p_pid integer,
     p_ttl double precision, p_limit integer, p_queue_ttl double precision,
     p_channel text, p_wake_key text,
@@ -217,6 +341,12 @@ DECLARE
     v_stale integer;
     -- Whether the caller's transaction had written nothing before this call.
     v_own boolean := txid_current_if_assigned() IS NULL;
+    v_ceiling bigint;
+    v_max_ttl double precision;
+    v_quarantine timestamptz;
+    v_open boolean;
+    -- Set when this call wrote a limit that must commit durably (recover, raise).
+    v_keep boolean := false;
 BEGIN
     -- Serialises every state change of one name (grants, release, break) for the
     -- rest of the transaction. Transaction-scoped, so it is safe behind
@@ -228,23 +358,52 @@ BEGIN
     IF random() < 0.01 THEN
         PERFORM @schema@.purge(v_now);
     END IF;
-    -- A fence handed out must never be handed out again: with
-    -- synchronous_commit=off a crash could lose this commit after the client saw
-    -- the fence. 'local' and stronger settings are left alone.
-    IF current_setting('synchronous_commit') = 'off' THEN
+    IF @relaxed@ THEN
+        -- ?durability=relaxed: nothing this call writes waits for its WAL flush
+        -- (unless a limit below is raised); the epoch keeps fences increasing and
+        -- the quarantine keeps a lost grant's holder alone. A caller's own earlier
+        -- writes keep their durability.
+        IF v_own THEN
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+    ELSIF current_setting('synchronous_commit') = 'off' THEN
+        -- A fence handed out must never be handed out again: with
+        -- synchronous_commit=off a crash could lose this commit after the client
+        -- saw the fence. 'local' and stronger settings are left alone.
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
+    -- Version 6: a crash since the marker was written is recovered before any
+    -- grant (in either durability: a relaxed grant lost in the crash may have
+    -- handed out the fences fence_seq would issue next). "WHERE m.id" lets the
+    -- primary key serve every read of the one-row tables: with enable_seqscan off
+    -- a bare scan is costed at 10^10, which makes PostgreSQL JIT-compile the
+    -- query (13 ms a call, measured).
+    SELECT m.fence_ceiling, m.max_ttl, m.quarantine_until
+    INTO v_ceiling, v_max_ttl, v_quarantine FROM @schema@.epoch_marker m WHERE m.id;
+    IF NOT FOUND THEN
+        SELECT r.fence_ceiling, r.max_ttl, r.quarantine_until
+        INTO v_ceiling, v_max_ttl, v_quarantine FROM @schema@.recover(v_now) r;
+        v_keep := true;
+    END IF;
+    v_open := v_quarantine IS NULL OR v_quarantine <= v_now;
+    -- A relaxed call raises the limits at its end (before it returns, in its own
+    -- transaction: they commit before the answer is sent), after every row lock it
+    -- waits for: the epoch row is the last lock every function takes, so a raise
+    -- never waits in a cycle with a renewal or a release.
     -- Every row of the name counts here, expired or not, and the token's own row
     -- counts as all places: then this grants nothing and the general path decides.
     INSERT INTO @schema@.holders AS h (name, token, owner, host, pid, fence,
                                        holder_limit, granted_at, expires_at)
     SELECT p_name, p_token, p_owner, p_host, p_pid, nextval(@fence_seq@::regclass),
            p_limit, v_now, v_now + make_interval(secs => p_ttl)
-    WHERE NOT EXISTS (SELECT FROM @schema@.waiters w WHERE w.name = p_name)
+    WHERE v_open AND NOT EXISTS (SELECT FROM @schema@.waiters w WHERE w.name = p_name)
       AND (SELECT count(*) + p_limit * count(*) FILTER (WHERE x.token = p_token)
            FROM @schema@.holders x WHERE x.name = p_name) < p_limit
     RETURNING h.fence INTO fence;
     IF fence IS NOT NULL THEN
+        IF @relaxed@ AND (fence >= v_ceiling OR p_ttl > v_max_ttl) THEN
+            PERFORM @schema@.raise_limits(fence, p_ttl);
+        END IF;
         granted := true;
         RETURN;
     END IF;
@@ -282,6 +441,9 @@ BEGIN
         -- waiter confirming a hand-over. Same grant, same fence, a full ttl again.
         UPDATE @schema@.holders h SET expires_at = v_now + make_interval(secs => p_ttl)
         WHERE h.name = p_name AND h.token = p_token;
+        IF @relaxed@ AND p_ttl > v_max_ttl THEN
+            PERFORM @schema@.raise_limits(NULL, p_ttl);
+        END IF;
         granted := true;
         RETURN;
     END IF;
@@ -289,12 +451,15 @@ BEGIN
         DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at <= v_now;
     END IF;
 
-    IF v_live < p_limit AND v_ahead < p_limit - v_live THEN
+    IF v_open AND v_live < p_limit AND v_ahead < p_limit - v_live THEN
         INSERT INTO @schema@.holders AS h (name, token, owner, host, pid, fence,
                                            holder_limit, granted_at, expires_at)
         VALUES (p_name, p_token, p_owner, p_host, p_pid, nextval(@fence_seq@::regclass),
                 p_limit, v_now, v_now + make_interval(secs => p_ttl))
         RETURNING h.fence INTO fence;
+        IF @relaxed@ AND (fence >= v_ceiling OR p_ttl > v_max_ttl) THEN
+            PERFORM @schema@.raise_limits(fence, p_ttl);
+        END IF;
         IF v_seq IS NOT NULL THEN
             DELETE FROM @schema@.waiters w WHERE w.name = p_name AND w.token = p_token;
         END IF;
@@ -311,10 +476,13 @@ BEGIN
     -- of the release that hands the name over (measured, two processes on one
     -- name: release 530 -> 420 µs, handoff 760 -> 535 µs). A caller's own earlier
     -- writes keep their durability.
-    IF v_own THEN
+    IF v_own AND NOT v_keep THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
-    retry_after := extract(epoch FROM v_soonest - v_now)::double precision;
+    -- In a quarantine nothing is granted before its end, whatever expires sooner.
+    retry_after := extract(epoch FROM CASE WHEN v_open THEN v_soonest
+                                           ELSE greatest(v_soonest, v_quarantine) END
+                                      - v_now)::double precision;
     IF v_seq IS NOT NULL THEN
         queue_position := v_ahead;
         IF p_queue_ttl IS NOT NULL THEN
@@ -334,6 +502,10 @@ BEGIN
                 p_pid, p_ttl);
         queue_position := v_ahead;
     END IF;
+    IF @relaxed@ AND p_queue_ttl IS NOT NULL AND p_ttl > v_max_ttl THEN
+        -- A hand-over grants a queued request's ttl.
+        PERFORM @schema@.raise_limits(NULL, p_ttl);
+    END IF;
 END
 $$;
 
@@ -344,12 +516,13 @@ $$;
 -- per item: quadratic, seconds for 10,000 items, past statement_timeout).
 -- Duplicate items get the same answer (within 1,000 items they are grouped into one
 -- update with the longest ttl; which ttl wins among duplicates is unspecified).
-CREATE OR REPLACE FUNCTION @schema@.renew(
+CREATE OR REPLACE FUNCTION @schema@.renew@variant@(
     p_names text[], p_tokens text[], p_ttls double precision[])
 RETURNS boolean[]
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_max_ttl double precision;
     v_count integer := coalesce(cardinality(p_names), 0);
     v_answers boolean[];
     v_from integer;
@@ -362,6 +535,9 @@ BEGIN
         RETURN '{}';
     END IF;
     PERFORM set_config('lock_timeout', '10s', true);
+    IF @relaxed@ AND txid_current_if_assigned() IS NULL THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     v_answers := array_fill(false, ARRAY[v_count]);
     -- Lock the rows in index order first: acquire's purge deletes in that order too,
     -- so a batch renewal and a purge of the same name can never deadlock.
@@ -390,6 +566,13 @@ BEGIN
             END LOOP;
         END LOOP;
     END LOOP;
+    IF @relaxed@ THEN
+        -- Last, after the row locks (see acquire). No marker: raise anyway.
+        SELECT max(t) INTO v_max_ttl FROM unnest(p_ttls) t;
+        IF NOT EXISTS (SELECT FROM @schema@.epoch_marker m WHERE m.id AND m.max_ttl >= v_max_ttl) THEN
+            PERFORM @schema@.raise_limits(NULL, v_max_ttl);
+        END IF;
+    END IF;
     RETURN v_answers;
 END
 $$;
@@ -400,7 +583,7 @@ $$;
 -- -- so a waiter that died after queueing holds the name at most as long as its
 -- queue place would have lasted. Each one that listens is sent 'wake_key fence' on
 -- its channel (delivered on commit). p_sync: the caller's synchronous_commit.
-CREATE OR REPLACE FUNCTION @schema@.hand_over(
+CREATE OR REPLACE FUNCTION @schema@.hand_over@variant@(
     p_name text, p_now timestamptz, p_count integer, p_sync text)
 RETURNS void
 LANGUAGE plpgsql
@@ -408,11 +591,28 @@ AS $$
 DECLARE
     v_set text;
     v_sent bigint;
+    v_fence bigint;
+    v_ttl double precision;
+    v_ceiling bigint;
+    v_max_ttl double precision;
+    v_quarantine timestamptz;
 BEGIN
-    -- These are grants: their fences must survive a crash (see acquire). A caller's
-    -- own 'local' or stronger setting is kept.
-    v_set := set_config('synchronous_commit',
-                        CASE WHEN p_sync = 'off' THEN 'on' ELSE p_sync END, true);
+    -- Grants, so version 6's marker check and quarantine apply (see acquire).
+    SELECT m.fence_ceiling, m.max_ttl, m.quarantine_until
+    INTO v_ceiling, v_max_ttl, v_quarantine FROM @schema@.epoch_marker m WHERE m.id;
+    IF NOT FOUND THEN
+        SELECT r.fence_ceiling, r.max_ttl, r.quarantine_until
+        INTO v_ceiling, v_max_ttl, v_quarantine FROM @schema@.recover(p_now) r;
+    END IF;
+    IF v_quarantine > p_now THEN
+        RETURN;  -- the waiters come back at the quarantine's end (acquire's retry_after)
+    END IF;
+    IF NOT @relaxed@ THEN
+        -- These are grants: their fences must survive a crash (see acquire). A
+        -- caller's own 'local' or stronger setting is kept.
+        v_set := set_config('synchronous_commit',
+                            CASE WHEN p_sync = 'off' THEN 'on' ELSE p_sync END, true);
+    END IF;
     WITH head AS (
         SELECT w.token FROM @schema@.waiters w
         WHERE w.name = p_name AND w.expires_at > p_now
@@ -435,12 +635,20 @@ BEGIN
                     ELSE least(f.expires_at, p_now + make_interval(secs => f.ttl)) END
         FROM fenced f
     )
-    SELECT count(pg_notify(f.channel, f.wake_key || ' ' || f.fence)) INTO v_sent
-    FROM fenced f WHERE f.channel IS NOT NULL;
+    SELECT (SELECT count(pg_notify(f.channel, f.wake_key || ' ' || f.fence))
+            FROM fenced f WHERE f.channel IS NOT NULL),
+           (SELECT max(f.fence) FROM fenced f),
+           (SELECT max(coalesce(f.ttl, extract(epoch FROM f.expires_at - p_now)))
+            FROM fenced f)
+    INTO v_sent, v_fence, v_ttl;
+    IF @relaxed@ AND (v_fence >= v_ceiling OR v_ttl > v_max_ttl) THEN
+        PERFORM @schema@.raise_limits(v_fence, v_ttl);
+    END IF;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION @schema@.release(p_name text, p_token text) RETURNS boolean
+CREATE OR REPLACE FUNCTION @schema@.release@variant@(p_name text, p_token text)
+RETURNS boolean
 LANGUAGE plpgsql
 SET lock_timeout = '10s' SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
@@ -478,7 +686,7 @@ BEGIN
     FROM @schema@.waiters w WHERE w.name = p_name AND w.expires_at > v_now
     ORDER BY w.seq LIMIT 1;
     IF v_head_limit > v_others THEN
-        PERFORM @schema@.hand_over(p_name, v_now, v_head_limit - v_others, v_sync);
+        PERFORM @schema@.hand_over@variant@(p_name, v_now, v_head_limit - v_others, v_sync);
     END IF;
     RETURN coalesce(v_live, false);
 END
@@ -609,7 +817,12 @@ BEGIN
     v_sql := replace(v_sql, '@waiter_seq@', quote_literal(quote_ident(v_schema) || '.waiter_seq'));
     v_sql := replace(v_sql, '@name_lock@', hashtext(v_schema)::text);
     v_sql := replace(v_sql, '@record_lock@', hashtext(v_schema || ':record')::text);
-    EXECUTE v_sql;
+    v_sql := replace(v_sql, '@schema_literal@', quote_literal(v_schema));
+    -- Twice: functions named with @variant@ are made once per durability (version
+    -- 6: acquire, renew, hand_over, release and their *_relaxed twins, which see
+    -- @relaxed@ as true); the others are simply replaced twice by the same text.
+    EXECUTE replace(replace(v_sql, '@variant@', ''), '@relaxed@', 'false');
+    EXECUTE replace(replace(v_sql, '@variant@', '_relaxed'), '@relaxed@', 'true');
 END
 $install$;
 

@@ -2,11 +2,15 @@
 
 ``options`` (the URL), ``schema`` (schema.sql and its queries), ``waiting`` (wake-up
 keys, waiters, the announcement listener), ``connection`` (pool, fork safety,
-installation, calls), ``store`` (the store operations), ``listener`` (LISTEN,
-hand-written per flavour).
+installation, calls), ``store`` (the store operations), ``relaxed`` (the stores of
+``?durability=relaxed``), ``listener`` (LISTEN, hand-written per flavour).
 """
 
 from leasehold._async.backends.postgres.options import PostgresOptions, parse_options
+from leasehold._async.backends.postgres.relaxed import (
+    AsyncRelaxedPooledPostgresStore,
+    AsyncRelaxedPostgresStore,
+)
 from leasehold._async.backends.postgres.store import (
     AsyncPooledPostgresStore,
     AsyncPostgresStore,
@@ -16,6 +20,8 @@ from leasehold._async.backends.postgres.store import (
 __all__ = [
     "AsyncPooledPostgresStore",
     "AsyncPostgresStore",
+    "AsyncRelaxedPooledPostgresStore",
+    "AsyncRelaxedPostgresStore",
     "PostgresOptions",
     "from_url",
     "parse_options",

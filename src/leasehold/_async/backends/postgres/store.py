@@ -96,8 +96,18 @@ class AsyncPostgresStore(PostgresConnection):
         # Behind a transaction pooler the same store has different capabilities;
         # capabilities are class data, so that mode is a subclass.
         target = cls
-        if cls is AsyncPostgresStore and not parse_options(url).listen:
-            target = AsyncPooledPostgresStore
+        if cls is AsyncPostgresStore:
+            opts = parse_options(url)
+            if not opts.listen:
+                target = AsyncPooledPostgresStore
+            if opts.relaxed:
+                from leasehold._async.backends.postgres import relaxed
+
+                target = (
+                    relaxed.AsyncRelaxedPostgresStore
+                    if opts.listen
+                    else relaxed.AsyncRelaxedPooledPostgresStore
+                )
         instance: AsyncPostgresStore = super().__new__(target)
         return instance
 

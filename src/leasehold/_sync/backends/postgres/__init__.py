@@ -4,11 +4,15 @@
 
 ``options`` (the URL), ``schema`` (schema.sql and its queries), ``waiting`` (wake-up
 keys, waiters, the announcement listener), ``connection`` (pool, fork safety,
-installation, calls), ``store`` (the store operations), ``listener`` (LISTEN,
-hand-written per flavour).
+installation, calls), ``store`` (the store operations), ``relaxed`` (the stores of
+``?durability=relaxed``), ``listener`` (LISTEN, hand-written per flavour).
 """
 
 from leasehold._sync.backends.postgres.options import PostgresOptions, parse_options
+from leasehold._sync.backends.postgres.relaxed import (
+    RelaxedPooledPostgresStore,
+    RelaxedPostgresStore,
+)
 from leasehold._sync.backends.postgres.store import (
     PooledPostgresStore,
     PostgresStore,
@@ -18,6 +22,8 @@ from leasehold._sync.backends.postgres.store import (
 __all__ = [
     "PooledPostgresStore",
     "PostgresStore",
+    "RelaxedPooledPostgresStore",
+    "RelaxedPostgresStore",
     "PostgresOptions",
     "from_url",
     "parse_options",

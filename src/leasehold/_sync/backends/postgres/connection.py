@@ -151,7 +151,7 @@ class PostgresConnection(Store):
         self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
-        self._queries = _function_queries(self._opts.schema)
+        self._queries = _function_queries(self._opts.schema, relaxed=self._opts.relaxed)
         # Announcements: pg_notify on one channel per schema, the topic as payload;
         # subscribers share one more LISTEN connection, started on first subscribe.
         self._announce_channel = announce_channel(self._opts.schema)

@@ -21,7 +21,15 @@ from leasehold._errors import InvalidArgument
 # URL query parameters that are leasehold's, not libpq's: removed before the rest
 # of the URL reaches libpq (which rejects parameters it does not know).
 OWN_OPTIONS = frozenset(
-    {"schema", "pooler", "pool_min_size", "pool_max_size", "create_schema", "statement_timeout"}
+    {
+        "schema",
+        "pooler",
+        "pool_min_size",
+        "pool_max_size",
+        "create_schema",
+        "statement_timeout",
+        "durability",
+    }
 )
 
 # libpq settings leasehold supplies when the URL (or the matching PG* environment
@@ -47,6 +55,7 @@ _INT_PARAMS = (
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _POOLERS = ("none", "session", "transaction")
+_DURABILITIES = ("durable", "relaxed")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -66,6 +75,13 @@ class PostgresOptions:
     statement_timeout: float = _STATEMENT_TIMEOUT_DEFAULT
     connect_timeout: float = 5.0
     secrets: tuple[str, ...] = ()
+    # "relaxed": grants commit without waiting for their WAL flush (schema v6's
+    # *_relaxed functions; docs/backends.md, "Relaxed durability").
+    durability: str = "durable"
+
+    @property
+    def relaxed(self) -> bool:
+        return self.durability == "relaxed"
 
     @property
     def listen(self) -> bool:
@@ -74,7 +90,7 @@ class PostgresOptions:
     def __repr__(self) -> str:  # never show the conninfo: it holds the password
         return (
             f"PostgresOptions(schema={self.schema!r}, pooler={self.pooler!r}, "
-            f"pool={self.pool_min_size}..{self.pool_max_size})"
+            f"pool={self.pool_min_size}..{self.pool_max_size}, durability={self.durability!r})"
         )
 
 
@@ -135,6 +151,11 @@ def parse_options(url: StoreURL) -> PostgresOptions:
         )
     if pooler not in _POOLERS:
         raise InvalidArgument(f"?pooler= must be one of {', '.join(_POOLERS)}, got {pooler!r}")
+    durability = own.get("durability", "durable").lower() or "durable"
+    if durability not in _DURABILITIES:
+        raise InvalidArgument(
+            f"?durability= must be one of {', '.join(_DURABILITIES)}, got {durability!r}"
+        )
     create = own.get("create_schema", "true").lower()
     if create not in _TRUE + _FALSE:
         raise InvalidArgument(f"?create_schema= must be true or false, got {create!r}")
@@ -203,4 +224,5 @@ def parse_options(url: StoreURL) -> PostgresOptions:
         # libpq treats values below 2 s as 2 s; the pool waits a little longer.
         connect_timeout=max(2.0, connect_timeout) + 1.0,
         secrets=tuple(hidden),
+        durability=durability,
     )

@@ -11,7 +11,7 @@ from importlib import resources
 
 # What schema_version() in schema.sql returns. Bump both together whenever the file
 # changes; a store that finds an older version re-runs the (idempotent) file.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The functions of schema.sql the store calls, and how many arguments each takes.
 _FUNCTIONS = {
@@ -35,14 +35,22 @@ def _schema_sql() -> str:
     return text[text.index("\n", start) + 1 : end]
 
 
-def _function_queries(schema: str) -> dict[str, bytes]:
+# The functions with a twin for ?durability=relaxed (schema version 6), which a
+# relaxed store calls instead: same arguments, same answers, commits without
+# waiting for the WAL flush.
+_RELAXED_TWINS = frozenset({"acquire", "renew", "release"})
+
+
+def _function_queries(schema: str, *, relaxed: bool = False) -> dict[str, bytes]:
     """``SELECT * FROM "schema".function(%s, ...)`` for every function, built once per
     store: the per-call path only looks one up. ``schema`` matched ``_SCHEMA_RE``
     (letters, digits, underscores), so double quotes make it a safe identifier."""
-    return {
-        function: (f'SELECT * FROM "{schema}".{function}({", ".join(["%s"] * arity)})').encode()
-        for function, arity in _FUNCTIONS.items()
-    }
+    queries = {}
+    for function, arity in _FUNCTIONS.items():
+        called = f"{function}_relaxed" if relaxed and function in _RELAXED_TWINS else function
+        args = ", ".join(["%s"] * arity)
+        queries[function] = f'SELECT * FROM "{schema}".{called}({args})'.encode()
+    return queries
 
 
 @lru_cache(maxsize=16)

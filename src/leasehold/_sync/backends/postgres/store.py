@@ -98,8 +98,18 @@ class PostgresStore(PostgresConnection):
         # Behind a transaction pooler the same store has different capabilities;
         # capabilities are class data, so that mode is a subclass.
         target = cls
-        if cls is PostgresStore and not parse_options(url).listen:
-            target = PooledPostgresStore
+        if cls is PostgresStore:
+            opts = parse_options(url)
+            if not opts.listen:
+                target = PooledPostgresStore
+            if opts.relaxed:
+                from leasehold._sync.backends.postgres import relaxed
+
+                target = (
+                    relaxed.RelaxedPostgresStore
+                    if opts.listen
+                    else relaxed.RelaxedPooledPostgresStore
+                )
         instance: PostgresStore = super().__new__(target)
         return instance
 
