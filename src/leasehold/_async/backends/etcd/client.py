@@ -90,6 +90,9 @@ class AsyncEtcdHTTP:
         self._token: str | None = None
         self._auth_mutex = AsyncMutex()
         self._make_guard = threading.Lock()
+        # Set by aclose: a late call (a background clean-up of an abandoned acquire)
+        # must not open a new client that nobody would close.
+        self._closed = False
         # The server's wall clock, estimated from the Date headers of its answers;
         # shared by every store of this process on the same endpoints, so that only
         # the first one waits for the estimate to narrow.
@@ -121,6 +124,8 @@ class AsyncEtcdHTTP:
         # Threads share a sync store: one of them makes the client (a client made
         # twice would leave the loser's connections unclosed).
         with self._make_guard:
+            if self._closed and self._pid == os.getpid():
+                raise StoreUnavailable("etcd: the store is closed")
             return self._make_client()
 
     def _make_client(self) -> httpx.AsyncClient:
@@ -501,7 +506,9 @@ class AsyncEtcdHTTP:
         return response
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
+        with self._make_guard:
+            self._closed = True
+            client, self._client = self._client, None
         if client is not None and self._pid == os.getpid():
             await client.aclose()
 
