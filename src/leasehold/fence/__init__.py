@@ -20,6 +20,7 @@ so this works whichever backend issued the lease. See docs/fencing.md.
 from __future__ import annotations
 
 from leasehold.fence import _sql
+from leasehold.fence._check import check, check_async
 from leasehold.fence._redis import (
     ALLOWED_COMMANDS,
     DEFAULT_KEY_PREFIX,
@@ -27,7 +28,6 @@ from leasehold.fence._redis import (
     redis_write_async,
 )
 from leasehold.fence._sql import DEFAULT_TABLE, MAX_FENCE
-from leasehold.fence._sqldrivers import check, check_async
 
 __all__ = [
     "ALLOWED_COMMANDS",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from leasehold._async.backends.postgres.store import (
+    _RELAXED_CLASSES,
     AsyncPooledPostgresStore,
     AsyncPostgresStore,
 )
@@ -42,3 +43,6 @@ class AsyncRelaxedPooledPostgresStore(AsyncPooledPostgresStore):
         durable=False,
         notes=(*AsyncPooledPostgresStore.capabilities.notes, *_RELAXED_NOTES),
     )
+
+
+_RELAXED_CLASSES[:] = [AsyncRelaxedPostgresStore, AsyncRelaxedPooledPostgresStore]

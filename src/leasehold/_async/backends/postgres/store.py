@@ -73,6 +73,11 @@ log = logging.getLogger("leasehold.postgres")
 _RENEW_CALL_ITEMS = 20_000
 
 
+# The stores of ?durability=relaxed, (listening, behind a pooler): filled in by
+# backends/postgres/relaxed.py when the package is imported.
+_RELAXED_CLASSES: list[type[AsyncPostgresStore]] = []
+
+
 class AsyncPostgresStore(PostgresConnection):
     capabilities = Capabilities(
         server_clock=True,
@@ -101,13 +106,10 @@ class AsyncPostgresStore(PostgresConnection):
             if not opts.listen:
                 target = AsyncPooledPostgresStore
             if opts.relaxed:
-                from leasehold._async.backends.postgres import relaxed
-
-                target = (
-                    relaxed.AsyncRelaxedPostgresStore
-                    if opts.listen
-                    else relaxed.AsyncRelaxedPooledPostgresStore
-                )
+                # Registered by the relaxed module, which this package's __init__
+                # imports, so the two modules depend one way.
+                listening, pooled = _RELAXED_CLASSES
+                target = listening if opts.listen else pooled
         instance: AsyncPostgresStore = super().__new__(target)
         return instance
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from leasehold._sync.backends.postgres.store import (
+    _RELAXED_CLASSES,
     PooledPostgresStore,
     PostgresStore,
 )
@@ -44,3 +45,6 @@ class RelaxedPooledPostgresStore(PooledPostgresStore):
         durable=False,
         notes=(*PooledPostgresStore.capabilities.notes, *_RELAXED_NOTES),
     )
+
+
+_RELAXED_CLASSES[:] = [RelaxedPostgresStore, RelaxedPooledPostgresStore]

@@ -75,6 +75,11 @@ log = logging.getLogger("leasehold.postgres")
 _RENEW_CALL_ITEMS = 20_000
 
 
+# The stores of ?durability=relaxed, (listening, behind a pooler): filled in by
+# backends/postgres/relaxed.py when the package is imported.
+_RELAXED_CLASSES: list[type[PostgresStore]] = []
+
+
 class PostgresStore(PostgresConnection):
     capabilities = Capabilities(
         server_clock=True,
@@ -103,13 +108,10 @@ class PostgresStore(PostgresConnection):
             if not opts.listen:
                 target = PooledPostgresStore
             if opts.relaxed:
-                from leasehold._sync.backends.postgres import relaxed
-
-                target = (
-                    relaxed.RelaxedPostgresStore
-                    if opts.listen
-                    else relaxed.RelaxedPooledPostgresStore
-                )
+                # Registered by the relaxed module, which this package's __init__
+                # imports, so the two modules depend one way.
+                listening, pooled = _RELAXED_CLASSES
+                target = listening if opts.listen else pooled
         instance: PostgresStore = super().__new__(target)
         return instance
 
