@@ -39,7 +39,7 @@ from leasehold import _celery_singleton as _singleton
 from leasehold import retry as _retry
 from leasehold._celery_beat import LeaderScheduler
 from leasehold._celery_url import _django_store_url, explicit_url
-from leasehold._core import validate
+from leasehold._core import calls, validate
 from leasehold._errors import (
     InvalidArgument,
     LeaseholdError,
@@ -184,17 +184,7 @@ def _store_url(task: Any) -> str | None:
 
 def _fields(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The task's arguments by name (defaults applied, ``**kwargs`` flattened)."""
-    signature = inspect.signature(task.run)
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    fields: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            fields.update(value)
-        elif kind is not inspect.Parameter.VAR_POSITIONAL:
-            fields[name] = value
-    return fields
+    return calls.arguments(task.run, args, kwargs)
 
 
 def format_key(

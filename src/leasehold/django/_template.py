@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-from leasehold._core import validate
+from leasehold._core import calls, validate
 from leasehold._errors import InvalidArgument
 
 Template = str | Callable[..., str]
@@ -16,20 +15,10 @@ def arguments(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     """The call's arguments by name (defaults applied, ``**kwargs`` flattened)."""
-    signature = inspect.signature(fn)
     try:
-        bound = signature.bind(*args, **kwargs)
+        return calls.arguments(fn, args, kwargs)
     except TypeError:
         return dict(kwargs)  # the call itself will fail with Python's own message
-    bound.apply_defaults()
-    fields: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            fields.update(value)
-        elif kind is not inspect.Parameter.VAR_POSITIONAL:
-            fields[name] = value
-    return fields
 
 
 def render(
