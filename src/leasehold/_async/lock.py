@@ -54,8 +54,8 @@ STORE_RETRY = Backoff(initial=0.05, maximum=2.0)
 # The shares of an acquire's slack (see call_slack) that its last store call may
 # use past the deadline, and its clean-up after that (then it goes on in the
 # background); the rest is for the machine's own delays.
-SLACK_SHARE = 0.4
-CLEANUP_SHARE = 0.2
+SLACK_SHARE = 0.3
+CLEANUP_SHARE = 0.1
 # How often ``with lock:`` asks again for a lease that expired before its body began.
 ENTER_ATTEMPTS = 3
 
