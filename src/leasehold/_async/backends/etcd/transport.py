@@ -11,7 +11,9 @@ whose exchange did not finish is never put back in the pool). Connecting is capp
 the same way.
 
 After a request, ``release(response)`` detaches its socket: the connection goes
-back to the pool, and another operation's deadline must not shut it down later.
+back to the pool, and this operation's deadline must not shut it down later, while
+another operation uses it. A connection that is closed detaches first, since its
+descriptor's number is soon reused for another socket.
 """
 
 from __future__ import annotations
@@ -37,23 +39,39 @@ class _BoundedStream:
         self._stream = stream
         sock = stream.get_extra_info("socket")
         self.fd: int | None = sock.fileno() if sock is not None else None
+        # The deadline the socket is attached to, if any.
+        self._deadline: _deadline.Deadline | None = None
+
+    def _attach(self) -> None:
+        deadline = _deadline.current()
+        if deadline is not None and self.fd is not None:
+            deadline.attach(self.fd)
+            self._deadline = deadline
+
+    def detach(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and self.fd is not None:
+            deadline.detach(self.fd)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        _deadline.attach(self.fd)
+        self._attach()
         data: bytes = await self._stream.read(max_bytes, _cap(timeout))
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        _deadline.attach(self.fd)
+        self._attach()
         await self._stream.write(buffer, _cap(timeout))
 
     async def aclose(self) -> None:
+        # Before the descriptor is closed: its number may soon belong to another
+        # socket, which the deadline must never shut down.
+        self.detach()
         await self._stream.aclose()
 
     async def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
     ) -> _BoundedStream:
-        _deadline.attach(self.fd)
+        self._attach()
         return _BoundedStream(
             await self._stream.start_tls(ssl_context, server_hostname, _cap(timeout))
         )
@@ -100,4 +118,4 @@ def release(response: httpx.Response) -> None:
     """The request is done: its connection no longer answers to this deadline."""
     stream = response.extensions.get("network_stream")
     if isinstance(stream, _BoundedStream):
-        _deadline.detach(stream.fd)
+        stream.detach()
