@@ -5,6 +5,7 @@ reused for the next call. A FaultProxy sits between the client and one etcd memb
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -84,3 +85,47 @@ def test_an_async_call_keeps_its_bound_through_a_silent_store(
     assert took_try < OPERATION_TIMEOUT + SLACK, took_try
     # acquire(timeout=T) answers within T + max(0.5 s, 10 % T).
     assert took_acquire < 1.0 + 0.5 + SLACK, took_acquire
+
+
+def test_a_finished_request_leaves_its_pooled_connection_to_the_next_user(
+    etcd_server: Any, proxy: FaultProxy
+) -> None:
+    """An operation's deadline shuts down only the connections it is still using: a
+    connection it gave back to the pool serves another operation past that deadline."""
+    from leasehold import _deadline
+    from leasehold._core.clock import SystemClock
+    from leasehold._core.etcd import parse_options
+    from leasehold._sync.backends.etcd.client import EtcdHTTP
+
+    http = EtcdHTTP(parse_options(proxy.rewrite_url(etcd_server.member_url(0))), SystemClock())
+    try:
+        http.range(b"warm")  # one connection in the pool
+        first_done = threading.Event()
+        second_result: list[object] = []
+
+        def first() -> None:
+            with _deadline.bounded(0.3):
+                http.range(b"a")  # takes the pooled connection and gives it back
+                first_done.set()
+                time.sleep(0.8)  # still inside the operation when its deadline passes
+
+        def second() -> None:
+            first_done.wait(5)
+            proxy.delay(down=0.6)
+            try:
+                with _deadline.bounded(5.0):
+                    # Its reply is held back past the first operation's deadline.
+                    second_result.append(http.range(b"b"))
+            except Exception as exc:  # the failure this test looks for
+                second_result.append(exc)
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(second_result) == 1
+        assert isinstance(second_result[0], dict), second_result[0]
+    finally:
+        proxy.pass_through()
+        http.close()

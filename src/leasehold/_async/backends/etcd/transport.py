@@ -44,7 +44,10 @@ class _BoundedStream:
 
     def _attach(self) -> None:
         deadline = _deadline.current()
-        if deadline is not None and self.fd is not None:
+        # Once per operation (a deadline keeps a list; detach takes one entry off),
+        # and to one operation at a time: the one using the connection now.
+        if deadline is not None and deadline is not self._deadline and self.fd is not None:
+            self.detach()
             deadline.attach(self.fd)
             self._deadline = deadline
 
