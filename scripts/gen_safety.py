@@ -33,7 +33,7 @@ DOC = ROOT / "docs" / "safety.md"
 SCENARIO_TEXT = {
     "partition": "partition of the holder, 3xTTL",
     "slow_replies": "replies to the holder slowed by 1.5xTTL",
-    "small_delays": "0.1xTTL each way (0.2xTTL round trip; TTL 2 s)",
+    "small_delays": "0.1xTTL each way (0.2xTTL round trip; TTL doubled)",
     "late_grant": "late grant (reply 1.5xTTL late)",
     "lost_reply": "lost acquire reply (commit, then reset)",
     "stalled_store": "stalled store (silent, kernel ACKs)",

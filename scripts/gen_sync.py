@@ -48,6 +48,7 @@ REPLACEMENTS = {
     "AsyncPostgresStore": "PostgresStore",
     "AsyncEtcdStore": "EtcdStore",
     "AsyncEtcdHTTP": "EtcdHTTP",
+    "AsyncHTTPTransport": "HTTPTransport",
     "AsyncLeasePool": "LeasePool",
     "AsyncAnnouncementListener": "AnnouncementListener",
     "aiter_lines": "iter_lines",

@@ -30,7 +30,7 @@ from tests.faults.targets import (
 
 FULL = os.environ.get("LEASEHOLD_SAFETY_FULL") == "1"
 RESULTS = os.environ.get("LEASEHOLD_SAFETY_RESULTS")
-TARGETS = ["redis", "postgres", "redis-cluster"]
+TARGETS = ["redis", "postgres", "redis-cluster", "etcd"]
 
 
 def record(summary: dict[str, Any]) -> None:
@@ -53,6 +53,21 @@ def fault_target_postgres(postgres_server: Any) -> Iterator[Target]:
     target = single_server_target(
         "postgres", postgres_server.url, postgres_server.port, ProxyPool()
     )
+    try:
+        yield target
+    finally:
+        target.close()
+
+
+@pytest.fixture(scope="session")
+def fault_target_etcd(etcd_server: Any) -> Iterator[Target]:
+    # One member; its gateway's HTTP connections go through the proxies. etcd leases
+    # have whole seconds and are expired by a check twice a second, so a 1 s TTL can
+    # last up to 1.5 s in the store: the conformance harness's 2 s TTL, here too.
+    port = etcd_server.client_ports[0]
+    url = f"{etcd_server.member_url(0)}?prefix=faults/"
+    target = single_server_target("etcd", url, port, ProxyPool())
+    target.ttl = 2.0
     try:
         yield target
     finally:

@@ -71,6 +71,8 @@ class Target:
     clock_step: Callable[[float], None] | None = None  # step the server's wall clock
     close: Callable[[], None] = lambda: None
     notes: list[str] = field(default_factory=list)
+    # The lease TTL its scenarios use, when the suite's default is too short for it.
+    ttl: float | None = None
 
 
 class ProxyPool:

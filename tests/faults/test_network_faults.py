@@ -71,7 +71,12 @@ def test_network_fault(
     for trial in range(TRIALS):
         history = asyncio.run(
             run_scenario(
-                scenario, target, api, workdir, ttl=TTL, operation_timeout=OPERATION_TIMEOUT
+                scenario,
+                target,
+                api,
+                workdir,
+                ttl=target.ttl or TTL,
+                operation_timeout=OPERATION_TIMEOUT,
             )
         )
         result = summary(history)

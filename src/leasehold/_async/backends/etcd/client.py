@@ -26,7 +26,9 @@ from typing import Any
 
 import httpx
 
+from leasehold import _deadline
 from leasehold._async._concurrency import AsyncMutex
+from leasehold._async.backends.etcd.transport import bounded_transport, release
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
 from leasehold._core.server_clock import ServerClock
@@ -143,10 +145,11 @@ class AsyncEtcdHTTP:
                 verify = self._verify()
             except (OSError, ssl.SSLError) as exc:
                 raise StoreUnavailable(f"etcd TLS files cannot be loaded: {exc}") from None
+            limits = httpx.Limits(max_keepalive_connections=16)
             self._client = httpx.AsyncClient(
-                verify=verify,
                 timeout=httpx.Timeout(self._options.timeout, connect=self._options.connect_timeout),
-                limits=httpx.Limits(max_keepalive_connections=16),
+                limits=limits,
+                transport=bounded_transport(verify, limits),
             )
         return self._client
 
@@ -217,11 +220,17 @@ class AsyncEtcdHTTP:
         tried = 0
         while True:
             endpoint = self.endpoint
+            deadline = _deadline.current()
+            if tried and deadline is not None and deadline.expired:
+                # The operation's time is spent: no next endpoint (its connect would
+                # be shut at once anyway).
+                raise StoreUnavailable(f"etcd {endpoint}: no answer in time")
             sent = self._clock.monotonic()
             try:
                 response = await client.post(
                     f"{endpoint}/v3/{path}", content=content, headers=headers
                 )
+                release(response)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._rotate(endpoint)
                 tried += 1
@@ -464,6 +473,7 @@ class AsyncEtcdHTTP:
             raise StoreUnavailable(f"etcd {endpoint}: a garbled watch answer") from None
         finally:
             await response.aclose()
+            release(response)
 
     async def _all_exist(self, keys: Sequence[bytes]) -> bool:
         body = {

@@ -1,0 +1,131 @@
+"""etcd keeps every call's bound (issue #21): a stalled reply costs the operation
+timeout, not httpx's own timeouts, and the connection it stalled on is dropped, not
+reused for the next call. A FaultProxy sits between the client and one etcd member."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import leasehold
+from leasehold.testing import FaultProxy
+
+OPERATION_TIMEOUT = 0.5
+# Generous on a loaded machine: the watchdog acts within 20 ms of the deadline.
+SLACK = 0.5
+
+
+@pytest.fixture
+def proxy(etcd_server: Any) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", etcd_server.client_ports[0]) as proxy:
+        yield proxy
+
+
+def _url(etcd_server: Any, proxy: FaultProxy) -> str:
+    url = f"{etcd_server.member_url(0)}?prefix=b{uuid.uuid4().hex[:8]}/"
+    return proxy.rewrite_url(url) + f"&operation_timeout={OPERATION_TIMEOUT}"
+
+
+def test_a_held_back_reply_costs_the_operation_timeout_and_its_connection(
+    etcd_server: Any, proxy: FaultProxy
+) -> None:
+    client = leasehold.Client(_url(etcd_server, proxy), identity="bounds")
+    try:
+        assert client.holders("x") == []  # one connection, in the pool
+        accepted = proxy.statistics()["accepted"]
+        # The reply is held back far longer than the operation timeout (and than the
+        # URL's 5 s request timeout), on the connection the pool hands out next.
+        proxy.delay(down=30.0)
+        started = time.monotonic()
+        with pytest.raises(leasehold.StoreUnavailable, match="no answer within"):
+            client.holders("x")
+        took = time.monotonic() - started
+        assert took < OPERATION_TIMEOUT + SLACK, took
+        proxy.pass_through()
+        # The stalled connection was dropped, not kept for reuse (its held-back reply
+        # would come 30 s later): the next call opens a new one and gets its own
+        # answer at once.
+        started = time.monotonic()
+        assert client.holders("x") == []
+        assert time.monotonic() - started < OPERATION_TIMEOUT
+        assert proxy.statistics()["accepted"] == accepted + 1
+    finally:
+        client.close()
+
+
+def test_an_async_call_keeps_its_bound_through_a_silent_store(
+    etcd_server: Any, proxy: FaultProxy
+) -> None:
+    async def main() -> tuple[float, float]:
+        client = leasehold.AsyncClient(_url(etcd_server, proxy), identity="bounds")
+        try:
+            lease = await client.lock("held", ttl=30).acquire(timeout=5)
+            proxy.stall()
+            started = time.monotonic()
+            with pytest.raises(leasehold.StoreUnavailable):
+                await client.lock("other", ttl=30).try_acquire()
+            took_try = time.monotonic() - started
+            started = time.monotonic()
+            with pytest.raises(leasehold.AcquireTimeout):
+                await client.lock("other", ttl=30).acquire(timeout=1.0)
+            took_acquire = time.monotonic() - started
+            proxy.pass_through()
+            await lease.release()
+            return took_try, took_acquire
+        finally:
+            await client.aclose()
+
+    took_try, took_acquire = asyncio.run(main())
+    assert took_try < OPERATION_TIMEOUT + SLACK, took_try
+    # acquire(timeout=T) answers within T + max(0.5 s, 10 % T).
+    assert took_acquire < 1.0 + 0.5 + SLACK, took_acquire
+
+
+def test_a_finished_request_leaves_its_pooled_connection_to_the_next_user(
+    etcd_server: Any, proxy: FaultProxy
+) -> None:
+    """An operation's deadline shuts down only the connections it is still using: a
+    connection it gave back to the pool serves another operation past that deadline."""
+    from leasehold import _deadline
+    from leasehold._core.clock import SystemClock
+    from leasehold._core.etcd import parse_options
+    from leasehold._sync.backends.etcd.client import EtcdHTTP
+
+    http = EtcdHTTP(parse_options(proxy.rewrite_url(etcd_server.member_url(0))), SystemClock())
+    try:
+        http.range(b"warm")  # one connection in the pool
+        first_done = threading.Event()
+        second_result: list[object] = []
+
+        def first() -> None:
+            with _deadline.bounded(0.3):
+                http.range(b"a")  # takes the pooled connection and gives it back
+                first_done.set()
+                time.sleep(0.8)  # still inside the operation when its deadline passes
+
+        def second() -> None:
+            first_done.wait(5)
+            proxy.delay(down=0.6)
+            try:
+                with _deadline.bounded(5.0):
+                    # Its reply is held back past the first operation's deadline.
+                    second_result.append(http.range(b"b"))
+            except Exception as exc:  # the failure this test looks for
+                second_result.append(exc)
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(second_result) == 1
+        assert isinstance(second_result[0], dict), second_result[0]
+    finally:
+        proxy.pass_through()
+        http.close()
