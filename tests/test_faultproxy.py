@@ -315,3 +315,98 @@ def test_the_documented_example_a_silent_store_loses_the_lease_at_its_deadline(
             proxy.pass_through()
         finally:
             client.close()
+
+
+def test_stall_where_picks_connections_open_and_new(echo: EchoServer) -> None:
+    """Only the connections the predicate accepts are stalled: one already open when
+    the mode is set and one opened after; the others flow. Healing resets the torn
+    ones only."""
+    with FaultProxy("127.0.0.1", echo.port) as proxy:
+        chosen_old = socket.create_connection(proxy.address, timeout=5)
+        spared = socket.create_connection(proxy.address, timeout=5)
+        chosen_ports = {chosen_old.getsockname()[1]}
+        seen: list[tuple[str, int]] = []
+
+        def where(address: tuple[str, int]) -> bool:
+            seen.append(address)
+            return address[1] in chosen_ports
+
+        try:
+            for conn in (chosen_old, spared):
+                conn.sendall(b"a")
+                assert conn.recv(10) == b"a"
+            proxy.stall(where=where)
+            chosen_new = socket.socket()
+            chosen_new.settimeout(5)
+            chosen_new.bind(("127.0.0.1", 0))
+            chosen_ports.add(chosen_new.getsockname()[1])
+            chosen_new.connect(proxy.address)
+            spared_new = socket.create_connection(proxy.address, timeout=5)
+            for conn in (chosen_old, chosen_new):
+                conn.sendall(b"lost")
+                conn.settimeout(0.4)
+                with pytest.raises(TimeoutError):
+                    conn.recv(10)
+            for conn in (spared, spared_new):
+                conn.sendall(b"fine")
+                assert conn.recv(10) == b"fine"
+            # Judged once per connection for this mode, not once per chunk.
+            assert sorted(p for _, p in seen) == sorted(
+                c.getsockname()[1] for c in (chosen_old, spared, chosen_new, spared_new)
+            )
+            assert all(host == "127.0.0.1" for host, _ in seen)
+            proxy.pass_through()
+            for conn in (chosen_old, chosen_new):
+                conn.settimeout(5)
+                with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+                    if conn.recv(10) == b"":
+                        raise ConnectionResetError("closed")
+            spared.sendall(b"after")
+            assert spared.recv(10) == b"after"
+        finally:
+            for conn in (chosen_old, spared):
+                conn.close()
+            for conn in (chosen_new, spared_new):
+                conn.close()
+
+
+def test_reset_where_aborts_only_the_chosen(echo: EchoServer) -> None:
+    with FaultProxy("127.0.0.1", echo.port) as proxy:
+        doomed = socket.create_connection(proxy.address, timeout=5)
+        kept = socket.create_connection(proxy.address, timeout=5)
+        try:
+            for conn in (doomed, kept):
+                conn.sendall(b"x")
+                assert conn.recv(1) == b"x"
+            port = doomed.getsockname()[1]
+            proxy.reset(where=lambda address: address[1] == port)
+            with pytest.raises(ConnectionResetError):
+                if doomed.recv(1) == b"":
+                    raise ConnectionResetError("closed")
+            kept.sendall(b"y")
+            assert kept.recv(1) == b"y"
+            assert proxy.mode.name == "pass"  # an action, not a mode
+        finally:
+            doomed.close()
+            kept.close()
+
+
+def test_a_predicate_that_raises_aborts_its_connection(echo: EchoServer) -> None:
+    def broken(address: tuple[str, int]) -> bool:
+        raise RuntimeError("no /proc here")
+
+    with FaultProxy("127.0.0.1", echo.port) as proxy:
+        with socket.create_connection(proxy.address, timeout=5) as open_one:
+            open_one.sendall(b"x")
+            assert open_one.recv(1) == b"x"
+            proxy.stall(where=broken)
+            with pytest.raises(ConnectionResetError):
+                if open_one.recv(1) == b"":
+                    raise ConnectionResetError("closed")
+        with socket.create_connection(proxy.address, timeout=5) as new_one:
+            new_one.sendall(b"x")
+            with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+                if new_one.recv(1) == b"":
+                    raise ConnectionResetError("closed")
+        proxy.pass_through()
+        assert roundtrip(proxy.port)[0] == b"ping"

@@ -26,6 +26,11 @@ already open and for new ones:
 - ``refuse()``: stop listening; new connections get ECONNREFUSED. Open ones go on.
 - ``reset()``: abort every open connection on both sides with a TCP RST (a one-off
   action; the mode is unchanged).
+- ``stall(where=...)`` and ``reset(where=...)``: only the connections whose client
+  address (host, port) the predicate accepts; the others flow as before. The
+  predicate runs on the proxy's thread, once per connection for each stall: for
+  open connections when the mode is set, for new ones when they are accepted. It
+  must be quick; a predicate that raises aborts that connection.
 - ``retarget(host, port)``: new connections go to another loopback upstream and open
   ones are reset (a failover, as clients behind a service address see it).
 
@@ -51,6 +56,8 @@ from typing import TypeVar
 __all__ = ["FaultProxy", "ProxyMode"]
 
 _T = TypeVar("_T")
+# Picks connections by the client's (host, port), as the proxy saw it on accept.
+Where = Callable[[tuple[str, int]], bool]
 _CHUNK = 65536
 # How long a control call waits for the proxy's loop thread; it never does I/O that
 # could block, so this only trips if the loop thread died.
@@ -66,6 +73,8 @@ class ProxyMode:
     stall_up: bool = False
     stall_down: bool = False
     refusing: bool = False
+    # Only connections this accepts are stalled (None: every connection).
+    where: Where | None = None
 
     @property
     def name(self) -> str:
@@ -76,6 +85,13 @@ class ProxyMode:
         if self.delay_up or self.delay_down:
             return "delay"
         return "pass"
+
+
+def _judge(where: Where, address: tuple[str, int]) -> bool:
+    try:
+        return bool(where(address))
+    except Exception:
+        return True  # a predicate that raises aborts the connection
 
 
 def _is_loopback(host: str) -> bool:
@@ -101,6 +117,18 @@ class _Pipe:
         self.up_reader, self.up_writer = upstream
         self.torn = False  # bytes were discarded: the stream cannot be resumed
         self.tasks: list[asyncio.Task[None]] = []
+        peer = self.client_writer.get_extra_info("peername")
+        self.client_address: tuple[str, int] = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        # The mode this pipe was last judged against, and whether it is stalled by it.
+        self._judged: tuple[ProxyMode, bool] | None = None
+
+    def stalled(self, mode: ProxyMode) -> bool:
+        """Whether ``mode``'s stall applies to this connection (judged once a mode)."""
+        if mode.where is None:
+            return True
+        if self._judged is None or self._judged[0] is not mode:
+            self._judged = (mode, bool(mode.where(self.client_address)))
+        return self._judged[1]
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +146,8 @@ class _Pipe:
                 if not data:
                     break
                 mode = self.proxy._mode
-                if mode.stall_up if direction == "up" else mode.stall_down:
+                stall = mode.stall_up if direction == "up" else mode.stall_down
+                if stall and self.stalled(mode):
                     self.torn = True
                     self.proxy._count("discarded", len(data))
                     continue
@@ -253,20 +282,32 @@ class FaultProxy:
             raise ValueError("delays must be >= 0")
         self._set(ProxyMode(delay_up=up, delay_down=down))
 
-    def stall(self, up: bool = True, down: bool = True) -> None:
+    def stall(self, up: bool = True, down: bool = True, *, where: Where | None = None) -> None:
         """Discard what the chosen directions carry (a silent store or partition).
-        Connections that lost bytes are reset when the stall ends."""
+        Connections that lost bytes are reset when the stall ends. With ``where``,
+        only the connections (open or new) whose client address it accepts."""
         if not (up or down):
             raise ValueError("stall at least one direction")
-        self._set(ProxyMode(stall_up=up, stall_down=down))
+        self._set(ProxyMode(stall_up=up, stall_down=down, where=where))
 
     def refuse(self) -> None:
         """Stop listening: new connections are refused, open ones keep working."""
         self._set(ProxyMode(refusing=True))
 
-    def reset(self) -> None:
-        """Abort every open connection with a TCP RST on both sides."""
-        self._call(self._abort_all)
+    def reset(self, *, where: Where | None = None) -> None:
+        """Abort every open connection (with ``where``: those whose client address it
+        accepts) with a TCP RST on both sides."""
+        if where is None:
+            self._call(self._abort_all)
+            return
+
+        def abort_chosen() -> None:
+            for pipe in list(self._pipes):
+                if _judge(where, pipe.client_address):
+                    pipe.abort()
+                    self._pipes.discard(pipe)
+
+        self._call(abort_chosen)
 
     def retarget(self, upstream_host: str, upstream_port: int) -> None:
         """Send new connections to another loopback upstream and reset the open ones:
@@ -383,6 +424,14 @@ class FaultProxy:
         self._listen_port = self._server.sockets[0].getsockname()[1]
 
     async def _apply(self, mode: ProxyMode) -> None:
+        if mode.where is not None:
+            # Judge the open connections now, before the mode is in force, so the
+            # stall covers them from the next byte on (a raising predicate aborts).
+            for pipe in list(self._pipes):
+                try:
+                    pipe.stalled(mode)
+                except Exception:
+                    pipe.abort()
         before, self._mode = self._mode, mode
         if before.stall_up or before.stall_down:
             for pipe in list(self._pipes):
@@ -410,6 +459,12 @@ class FaultProxy:
                 self._count("refused_upstream")
                 return
             pipe = _Pipe(self, (reader, writer), upstream)
+            mode = self._mode
+            if mode.where is not None:
+                try:
+                    pipe.stalled(mode)  # judged on accept, before any byte flows
+                except Exception:
+                    return
             self._pipes.add(pipe)
             pipe.start()
             await asyncio.gather(*pipe.tasks, return_exceptions=True)
