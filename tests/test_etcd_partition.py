@@ -312,7 +312,9 @@ def _run_trial(cluster: Any, tmp_path: Path, trial: str, leader: bool) -> dict[s
 def test_a_partitioned_holder_loses_before_anyone_else_is_granted(
     cluster: Any, tmp_path: Path, leader: bool
 ) -> None:
-    trials = 2 if cluster.version.startswith("3.4") else 1
+    # Two trials a role on the default etcd, one on the second version; more by hand.
+    default = 2 if cluster.version.startswith("3.4") else 1
+    trials = int(os.environ.get("LEASEHOLD_PARTITION_TRIALS", default))
     summary = []
     for trial in range(trials):
         result = _run_trial(

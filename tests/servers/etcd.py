@@ -46,7 +46,9 @@ def etcd_binary() -> str | None:
     """``$LEASEHOLD_ETCD_BIN`` (must be executable), else ``etcd`` on PATH."""
     chosen = os.environ.get(BINARY_ENV)
     if chosen:
-        return chosen if os.access(chosen, os.X_OK) else None
+        if not os.access(chosen, os.X_OK):
+            raise RuntimeError(f"{BINARY_ENV}={chosen!r} is not an executable file")
+        return chosen
     return shutil.which("etcd") or (
         "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
     )
