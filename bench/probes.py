@@ -5,7 +5,8 @@
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
-nested SQL statements, the keeper thread. Rerun after a change to see it move.
+nested SQL statements, WAL flushes and their time, the keeper thread. Rerun after a
+change to see it move.
 """
 
 from __future__ import annotations
@@ -95,9 +96,22 @@ def redis_probe(url: str) -> None:
     client.close()
 
 
+def _pg_counters(conn: Any) -> tuple[float, ...]:
+    """Cluster-wide counters: transactions (one per round trip in autocommit mode),
+    WAL flushes and their time (ms), WAL bytes. Backends publish them when they exit,
+    so read after closing the client whose calls they count."""
+    row = conn.execute(
+        "SELECT (SELECT sum(xact_commit + xact_rollback) FROM pg_stat_database), "
+        "wal_sync, wal_sync_time, wal_bytes FROM pg_stat_wal"
+    ).fetchone()
+    return tuple(float(x) for x in row)
+
+
 def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
-    """Per-statement server time inside leasehold's SQL functions, via auto_explain;
-    ``relaxed``: the same for ?durability=relaxed (its own schema, its functions)."""
+    """What one acquire+release costs: wall time, client CPU, round trips, WAL
+    flushes and their time (pg_stat_wal), and the server time per statement inside
+    leasehold's SQL functions (auto_explain). ``relaxed``: the same for
+    ?durability=relaxed (its own schema, its functions)."""
     import psycopg
 
     import leasehold
@@ -106,11 +120,24 @@ def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
     suffix = "_relaxed" if relaxed else ""
     mode = "relaxed" if relaxed else "durable"
     url = server.url + (f"?schema={schema}&durability=relaxed" if relaxed else "")
-    client = leasehold.Client(url)
-    pin = client.lock("probe-pin", ttl=60).acquire()
-    wall = p50_us(cycle(client.lock("probe", ttl=30)), 500)
-    pin.release()
-    client.close()
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        # Flush timing for every backend (a superuser setting, no restart).
+        admin.execute("ALTER SYSTEM SET track_wal_io_timing = on")
+        admin.execute("SELECT pg_reload_conf()")
+        client = leasehold.Client(url)
+        cycle(client.lock("probe-warm", ttl=30))()  # schema, pool and LISTEN in place
+        time.sleep(0.2)
+        before = _pg_counters(admin)
+        lock = client.lock("probe", ttl=30)
+        cpu = time.process_time()
+        wall = p50_us(cycle(lock), 1000)
+        cpu = (time.process_time() - cpu) / 1100 * 1e6
+        client.close()  # its backends exit and publish their counters
+        time.sleep(0.5)
+        after = _pg_counters(admin)
+    # Less the admin connection's own two reads.
+    trips, syncs, sync_ms, wal = ((b - a) / 1100 for a, b in zip(before, after, strict=True))
+    trips -= 2 / 1100
     with psycopg.connect(server.url, autocommit=True) as conn:
 
         def pair() -> None:
@@ -140,6 +167,11 @@ def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
         f"postgres ({mode}) p50: advisory pair {advisory:.0f} us, leasehold's "
         f"acquire{suffix}()+release{suffix}() SQL functions on a bare connection "
         f"{raw_sql:.0f} us, the leasehold client {wall:.0f} us"
+    )
+    print(
+        f"postgres ({mode}) per acquire+release by the client: {trips:.2f} round trips "
+        f"(transactions), {syncs:.2f} WAL flushes taking {sync_ms * 1000:.0f} us of server "
+        f"time (this disk), {wal:.0f} WAL bytes, client CPU {cpu:.0f} us (all threads)"
     )
     time.sleep(0.5)
     text = log.read_bytes()[start:].decode(errors="replace")

@@ -927,6 +927,8 @@ def test_create_schema_false_needs_the_migration(pg: PostgresServer) -> None:
 V1_SCHEMA_COMMIT = "b9b8456fa3bd04470b93a5044c6d5cc62eb1ab48"
 # Where schema.sql lived in those commits (it moved to leasehold/_shared/ later).
 SCHEMA_FILE = "src/leasehold/_scripts/postgres/schema.sql"
+# Where it is since schema version 6.
+MOVED_SCHEMA_FILE = "src/leasehold/_shared/postgres/schema.sql"
 
 
 def _v1_schema_sql() -> str:
@@ -938,13 +940,16 @@ def _schema_sql_at(commit: str, version_marker: str) -> str:
     root = Path(__file__).resolve().parent.parent
     if git is None or not (root / ".git").exists():
         pytest.skip("needs git and the repository history for older schemas")
-    proc = subprocess.run(
-        [git, "show", f"{commit}:{SCHEMA_FILE}"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    for path in (SCHEMA_FILE, MOVED_SCHEMA_FILE):
+        proc = subprocess.run(
+            [git, "show", f"{commit}:{path}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode == 0:
+            break
     if proc.returncode != 0:
         pytest.skip(f"schema of {commit} not in this checkout: {proc.stderr.strip()}")
     assert version_marker in proc.stdout  # what schema_version() returns there

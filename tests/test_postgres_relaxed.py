@@ -428,6 +428,39 @@ def test_upgrade_from_schema_version_5_starts_the_epoch_above_every_fence(
     assert pg.execute(f"SELECT count(*) FROM {schema}.epoch_marker") == [(0,)]
 
 
+# Version 6 of schema.sql: the start of the v7 upgrade (acquire and release rewritten).
+V6_SCHEMA_COMMIT = "f44bdec8bdf5df7f69a78352a7287c62373893f8"
+
+
+def test_upgrade_from_schema_version_6_keeps_holders_and_the_queue(pg: PostgresServer) -> None:
+    schema = "upgrade6_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg.url) as conn:
+        conn.execute(_for_schema(_schema_sql_at(V6_SCHEMA_COMMIT, "AS $$ SELECT 6 $$"), schema))
+    name, holder, waiter = unique(), tok(), tok()
+    call = (
+        f"SELECT granted, fence FROM {schema}.acquire(%s, %s, 'old', 'h', 1, 60, 1, %s, NULL, NULL)"
+    )
+    ((granted, old_fence),) = pg.execute(call, (name, holder, None))
+    assert granted is True
+    assert pg.execute(call, (name, waiter, 60.0)) == [(False, None)]  # queued by version 6
+    store = sstore(_url(pg, schema=schema))
+    try:
+        assert store.release(name, holder) is True  # installs version 7, hands over
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(7,)]
+        (info,) = store.holders(name)
+        assert info.fence > old_fence
+        confirmed = store.acquire(req(name, waiter))  # the waiter confirms its grant
+        assert isinstance(confirmed, Granted) and confirmed.fence == info.fence
+        semaphore = unique()
+        first = store.acquire(req(semaphore, tok(), limit=2))
+        second = store.acquire(req(semaphore, tok(), limit=2))
+        assert isinstance(first, Granted) and isinstance(second, Granted)
+        assert second.fence > first.fence > info.fence
+        assert isinstance(store.acquire(req(semaphore, tok(), limit=2)), Busy)
+    finally:
+        store.close()
+
+
 # -- crash tests -------------------------------------------------------------------------------
 
 
