@@ -116,27 +116,84 @@ def test_fences_and_versions_increase_across_a_wipe(own_etcd: Any) -> None:
 # -- batching and waking ----------------------------------------------------------------
 
 
-def test_renewal_of_many_leases_is_one_request(etcd_server: Any) -> None:
-    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
-    store = client.store
-    leases = [client.lock(_unique("b"), ttl=5, renew=False).acquire(timeout=5) for _ in range(12)]
+def _renewal_requests(store: Any, items: list[RenewItem]) -> tuple[list[bool], list[str]]:
+    """One renewal round of ``items``: its answers and the etcd requests it made,
+    counted where they leave the store (its HTTP client's ``call``)."""
     calls: list[str] = []
     original = store._http.call
 
-    def counting(path: str, body: Any) -> Any:
+    def counting(path: str, body: Any, **kwargs: Any) -> Any:
         calls.append(path)
-        return original(path, body)
+        return original(path, body, **kwargs)
 
     store._http.call = counting
     try:
-        answers = store.renew([RenewItem(lease.name, lease._token, 5.0) for lease in leases])
+        answers = store.renew(items)
     finally:
         del store._http.call
-    assert answers == [True] * 12
-    # One keepalive for the batch, and the read that confirms its Raft term.
-    assert calls == ["lease/keepalive", "kv/range"]
-    for lease in leases:
-        lease.release()
+    return answers, calls
+
+
+def _one_keepalive(calls: list[str]) -> bool:
+    """The session model's round: one keepalive, then one read (a transaction of
+    ranges, or one range) that confirms the term and every key."""
+    return calls in (["lease/keepalive", "kv/txn"], ["lease/keepalive", "kv/range"])
+
+
+def _hold(store: Any, count: int, ttl: float = 5.0) -> list[RenewItem]:
+    items = []
+    for _ in range(count):
+        name, token = _unique("b"), secrets.token_hex(16)
+        assert isinstance(store.acquire(AcquireRequest(name, token, HOLDER, ttl)), Granted)
+        items.append(RenewItem(name, token, ttl))
+    return items
+
+
+@pytest.mark.parametrize("count", [1, 100, 1000])
+def test_a_renewal_round_is_one_keepalive_however_many_leases(etcd_server: Any, count: int) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
+    store = client.store
+    items = _hold(store, count)
+    leases = {store._held[(i.name, i.token)].lease for i in items}
+    assert len(leases) == 1  # one session lease for every key of this TTL
+    store.renew(items)  # the first round may find a key to move (none expected)
+    answers, calls = _renewal_requests(store, items)
+    assert answers == [True] * count
+    assert _one_keepalive(calls), calls
+    for item in items:
+        store.release(item.name, item.token)
+    client.close()
+
+
+class _PerGrantLeases:
+    """The control's lease layout: every grant on an etcd lease of its own (the
+    design before session leases), through the real store and etcd."""
+
+    def __init__(self, sessions: Any) -> None:
+        self._sessions = sessions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sessions, name)
+
+    def current(self, seconds: int) -> Any:
+        return None  # no lease is shared
+
+    def fresh(self, seconds: int, since: float, ttl: float) -> Any:
+        self._sessions.forget()
+        return self._sessions.fresh(seconds, since, ttl)
+
+
+def test_control_the_round_counter_fires_on_one_lease_per_grant(etcd_server: Any) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
+    store = client.store
+    store._sessions = _PerGrantLeases(store._sessions)
+    items = _hold(store, 20)
+    assert len({store._held[(i.name, i.token)].lease for i in items}) == 20
+    answers, calls = _renewal_requests(store, items)
+    assert answers == [True] * 20
+    assert not _one_keepalive(calls), calls
+    for item in items:
+        store.release(item.name, item.token)
     client.close()
 
 
