@@ -5,8 +5,13 @@ A renewal round is one keepalive request for the session leases of the batch
 (one, in the common case of one TTL), then one read of every renewed key: a
 transaction of ranges, or one range spanning them all when there are more than a
 transaction may hold. The read is linearizable, so its Raft term confirms the
-keepalive's (a stale leader cannot answer it), and it tells that each key still
-exists with our create revision on the session lease that was just refreshed.
+keepalive's, and it tells that each key still exists with our create revision on
+the session lease that was just refreshed. Why the term: etcd before 3.4.26 /
+3.5.9 lets a leader that has lost its quorum (cut off, or frozen and not yet
+told) renew leases in its own memory only, and answer success; the real leader
+expires them on its own schedule. A read must be confirmed by a quorum, so a
+stale leader cannot answer it in its old term: a keepalive answered in another
+term than the read after it is not trusted (StoreUnavailable; the caller retries).
 A key on another lease (a leader change retired its session lease, a longer TTL,
 a key granted through another store object) moves to the current session lease
 in one transaction per ``MAX_TXN_OPS`` keys.
