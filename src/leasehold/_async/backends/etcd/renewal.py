@@ -105,11 +105,14 @@ class SessionKeys(EtcdConnection):
                     for key, entry in chunk
                 ]
                 await self._http.txn([], operations)
-        except StoreUnavailable:
+        except BaseException as exc:
             # Not known to be deleted: the next round tries again (until then,
-            # the session lease's own expiry is the bound).
+            # the session lease's own expiry is the bound). Only an outage is
+            # absorbed: the operation that swept goes on.
             with self._track_guard:
                 self._unswept.extend(pending)
+            if not isinstance(exc, StoreUnavailable):
+                raise
 
     # -- moving keys ---------------------------------------------------------------------
 

@@ -301,17 +301,16 @@ class EtcdStore(SessionKeys):
         waiter key's create revision. None if our place ended meanwhile or the
         epoch changed: the caller looks again.
 
-        A place is not a grant: its session lease is refreshed only when older
-        than a third of its TTL (each attempt of the waiter does this, and the
-        renewal rounds do too)."""
+        Each attempt of the waiter refreshes its session lease (unless something
+        else did since the attempt began), so that the place lasts ``queue_ttl``
+        from now, as it did on a lease of its own."""
         seconds = lease_seconds(queue_ttl)
         key = self._keys.waiter(pair[0], token_id(pair[1]))
         deadline = started + queue_ttl
-        recent = started - seconds / 3
         if queued is not None:
             session = self._sessions.current(seconds)
             if session is not None and queued.lease == session.lease:
-                session = self._sessions.fresh(seconds, recent, seconds)
+                session = self._sessions.fresh(seconds, started, queue_ttl)
             if session is None or queued.lease != session.lease:
                 # Another lease (a leader change, another store object): kept alive
                 # as it is, so the place is not lost.
@@ -322,7 +321,7 @@ class EtcdStore(SessionKeys):
                 self._queued, pair, Tracked(queued.lease, queued.create_revision, seconds, deadline)
             )
             return queued.create_revision
-        session = self._sessions.fresh(seconds, recent, seconds)
+        session = self._sessions.fresh(seconds, started, queue_ttl)
         # Tracked before it is sent: a place whose answer is lost is swept too.
         self._track(self._queued, pair, Tracked(session.lease, 0, seconds, deadline))
         response = self._http.txn(
