@@ -343,15 +343,31 @@ class EtcdStore(SessionKeys):
         tid = token_id(token)
         pair = (name, token)
         with self._track_guard:
-            self._held.pop(pair, None)
-            self._queued.pop(pair, None)
+            held = self._held.pop(pair, None)
+            queued = self._queued.pop(pair, None)
         self._waits.pop(pair, None)
-        response = self._http.txn(
-            [], [_delete(self._keys.holder(name, tid)), _delete(self._keys.waiter(name, tid))]
-        )
+        try:
+            response = self._http.txn(
+                [], [_delete(self._keys.holder(name, tid)), _delete(self._keys.waiter(name, tid))]
+            )
+        except BaseException:
+            # Not known to be deleted: the keys stay tracked, due now, so the next
+            # renewal round or acquire deletes them (the session lease, kept alive
+            # for other keys, must not keep them).
+            self._due_now(pair, held, queued)
+            raise
         responses = response.get("responses", [{}])
         deleted = responses[0].get("response_delete_range", {})
         return int(deleted.get("deleted", 0)) > 0
+
+    def _due_now(self, pair: tuple[str, str], held: Tracked | None, queued: Tracked | None) -> None:
+        now = self._clock.monotonic()
+        for table, entry in ((self._held, held), (self._queued, queued)):
+            if entry is not None:
+                with self._track_guard:
+                    if pair in table:
+                        continue  # granted again meanwhile
+                self._track(table, pair, Tracked(entry.lease, entry.created, entry.seconds, now))
 
     def break_lease(self, name: str) -> int:
         """Delete the name's holder keys (not revoke their leases: a session
