@@ -192,6 +192,7 @@ def test_control_the_round_counter_fires_on_one_lease_per_grant(etcd_server: Any
     assert len({store._held[(i.name, i.token)].lease for i in items}) == 20
     answers, calls = _renewal_requests(store, items)
     assert answers == [True] * 20
+    print(f"\none lease per grant, 20 leases: {calls}")
     assert not _one_keepalive(calls), calls
     for item in items:
         store.release(item.name, item.token)
@@ -245,6 +246,7 @@ EXPIRY_BOUND = 2.0 + 2.0 / 3 + 0.5
 def test_a_name_not_renewed_expires_while_its_session_lease_is_kept(etcd_server: Any) -> None:
     store = leasehold.Client(f"{etcd_server.url}?prefix=sweep/").store
     lived, held_throughout, shared = _unrenewed_key_life(store)
+    print(f"\nunrenewed 2 s key deleted {lived:.2f} s after its acquire (bound {EXPIRY_BOUND:.2f})")
     assert shared == 1  # both keys on one session lease, which the keeper kept alive
     assert held_throughout
     # Never before its own TTL (less the holder's margin), at most one interval after.
@@ -261,6 +263,7 @@ def test_control_without_the_sweep_the_unrenewed_name_lives_on(etcd_server: Any)
 
     store._sweep = no_sweep
     lived, held_throughout, shared = _unrenewed_key_life(store)
+    print(f"\nwithout the sweep: still there {lived:.2f} s after its acquire")
     assert shared == 1 and held_throughout
     assert lived > EXPIRY_BOUND
 
