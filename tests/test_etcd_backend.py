@@ -116,28 +116,176 @@ def test_fences_and_versions_increase_across_a_wipe(own_etcd: Any) -> None:
 # -- batching and waking ----------------------------------------------------------------
 
 
-def test_renewal_of_many_leases_is_one_request(etcd_server: Any) -> None:
-    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
-    store = client.store
-    leases = [client.lock(_unique("b"), ttl=5, renew=False).acquire(timeout=5) for _ in range(12)]
+def _renewal_requests(store: Any, items: list[RenewItem]) -> tuple[list[bool], list[str]]:
+    """One renewal round of ``items``: its answers and the etcd requests it made,
+    counted where they leave the store (its HTTP client's ``call``)."""
     calls: list[str] = []
     original = store._http.call
 
-    def counting(path: str, body: Any) -> Any:
+    def counting(path: str, body: Any, **kwargs: Any) -> Any:
         calls.append(path)
-        return original(path, body)
+        return original(path, body, **kwargs)
 
     store._http.call = counting
     try:
-        answers = store.renew([RenewItem(lease.name, lease._token, 5.0) for lease in leases])
+        answers = store.renew(items)
     finally:
         del store._http.call
-    assert answers == [True] * 12
-    # One keepalive for the batch, and the read that confirms its Raft term.
-    assert calls == ["lease/keepalive", "kv/range"]
-    for lease in leases:
-        lease.release()
+    return answers, calls
+
+
+def _one_keepalive(calls: list[str]) -> bool:
+    """The session model's round: one keepalive, then one read (a transaction of
+    ranges, or one range) that confirms the term and every key."""
+    return calls in (["lease/keepalive", "kv/txn"], ["lease/keepalive", "kv/range"])
+
+
+def _hold(store: Any, count: int, ttl: float = 5.0) -> list[RenewItem]:
+    items = []
+    for _ in range(count):
+        name, token = _unique("b"), secrets.token_hex(16)
+        assert isinstance(store.acquire(AcquireRequest(name, token, HOLDER, ttl)), Granted)
+        items.append(RenewItem(name, token, ttl))
+    return items
+
+
+@pytest.mark.parametrize("count", [1, 100, 1000])
+def test_a_renewal_round_is_one_keepalive_however_many_leases(etcd_server: Any, count: int) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
+    store = client.store
+    # A TTL longer than the acquires take: a key past its own deadline is swept.
+    items = _hold(store, count, ttl=60.0)
+    leases = {store._held[(i.name, i.token)].lease for i in items}
+    assert len(leases) == 1  # one session lease for every key of this TTL
+    store.renew(items)  # the first round may find a key to move (none expected)
+    answers, calls = _renewal_requests(store, items)
+    assert answers == [True] * count
+    assert _one_keepalive(calls), calls
+    for item in items:
+        store.release(item.name, item.token)
     client.close()
+
+
+class _PerGrantLeases:
+    """The control's lease layout: every grant on an etcd lease of its own (the
+    design before session leases), through the real store and etcd."""
+
+    def __init__(self, sessions: Any) -> None:
+        self._sessions = sessions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sessions, name)
+
+    def current(self, seconds: int) -> Any:
+        return None  # no lease is shared
+
+    def fresh(self, seconds: int, since: float, ttl: float) -> Any:
+        self._sessions.forget()
+        return self._sessions.fresh(seconds, since, ttl)
+
+
+def test_control_the_round_counter_fires_on_one_lease_per_grant(etcd_server: Any) -> None:
+    client = leasehold.Client(f"{etcd_server.url}?prefix=batch/")
+    store = client.store
+    store._sessions = _PerGrantLeases(store._sessions)
+    items = _hold(store, 20)
+    assert len({store._held[(i.name, i.token)].lease for i in items}) == 20
+    answers, calls = _renewal_requests(store, items)
+    assert answers == [True] * 20
+    print(f"\none lease per grant, 20 leases: {calls}")
+    assert not _one_keepalive(calls), calls
+    for item in items:
+        store.release(item.name, item.token)
+    client.close()
+
+
+def _key_of(store: Any, name: str, token: str) -> dict[str, Any] | None:
+    from leasehold._core.etcd import token_id
+
+    kvs = store._http.range(store._keys.holder(name, token_id(token))).get("kvs", [])
+    return kvs[0] if kvs else None
+
+
+def _unrenewed_key_life(store: Any) -> tuple[float, bool, int]:
+    """Two leases of one TTL on one session lease: ``kept`` renewed by the keeper,
+    ``dropped`` held with renewal off. How long the dropped one's key lived after
+    its acquire (capped), whether the kept one was held throughout, and how many
+    session leases their keys shared (1)."""
+    ttl = 2.0
+    client = leasehold.Client(store=store)
+    kept = client.lock(_unique("kept"), ttl=ttl).acquire(timeout=5)
+    sent = time.monotonic()
+    dropped = client.lock(_unique("dropped"), ttl=ttl, renew=False).acquire(timeout=5)
+    shared = {
+        int(_key_of(store, lease.name, lease._token)["lease"])  # type: ignore[index]
+        for lease in (kept, dropped)
+    }
+    lived = CAP
+    held_throughout = True
+    while time.monotonic() - sent < CAP:  # bounded: CAP seconds
+        held_throughout = held_throughout and kept.held
+        if _key_of(store, dropped.name, dropped._token) is None:
+            lived = time.monotonic() - sent
+            break
+        time.sleep(0.05)
+    held_throughout = (
+        held_throughout and kept.held and _key_of(store, kept.name, kept._token) is not None
+    )
+    kept.release()
+    dropped.release()
+    client.close()
+    return lived, held_throughout, len(shared)
+
+
+# Long enough to see a key outlive its TTL by far more than the bound.
+CAP = 6.0
+# TTL 2 s, renewal interval TTL/3, and room for the round's requests.
+EXPIRY_BOUND = 2.0 + 2.0 / 3 + 0.5
+
+
+def test_a_name_not_renewed_expires_while_its_session_lease_is_kept(etcd_server: Any) -> None:
+    store = leasehold.Client(f"{etcd_server.url}?prefix=sweep/").store
+    lived, held_throughout, shared = _unrenewed_key_life(store)
+    print(f"\nunrenewed 2 s key deleted {lived:.2f} s after its acquire (bound {EXPIRY_BOUND:.2f})")
+    assert shared == 1  # both keys on one session lease, which the keeper kept alive
+    assert held_throughout
+    # Never before its own TTL (less the holder's margin), at most one interval after.
+    assert 2.0 - 0.1 <= lived <= EXPIRY_BOUND, lived
+
+
+def test_control_without_the_sweep_the_unrenewed_name_lives_on(etcd_server: Any) -> None:
+    """The checker above fires when nothing deletes a key whose own deadline
+    passed: the session lease, kept alive for the other key, keeps it too."""
+    store = leasehold.Client(f"{etcd_server.url}?prefix=sweep/").store
+
+    def no_sweep(now: float, keep: Any) -> None:
+        del now, keep
+
+    store._sweep = no_sweep
+    lived, held_throughout, shared = _unrenewed_key_life(store)
+    print(f"\nwithout the sweep: still there {lived:.2f} s after its acquire")
+    assert shared == 1 and held_throughout
+    assert lived > EXPIRY_BOUND
+
+
+def test_close_revokes_the_session_lease(etcd_server: Any) -> None:
+    url = f"{etcd_server.url}?prefix=close/"
+    client = leasehold.Client(url)
+    lease = client.lock(_unique("c"), ttl=30, renew=False).acquire(timeout=5)
+    session = int(_key_of(client.store, lease.name, lease._token)["lease"])  # type: ignore[index]
+    watcher = leasehold.Client(url)
+    other = watcher.lock(_unique("w"), ttl=30, renew=False).acquire(timeout=5)
+    other_session = int(_key_of(watcher.store, other.name, other._token)["lease"])  # type: ignore[index]
+    # The checker's control: a session lease that is not closed is alive.
+    assert watcher.store._http.time_to_live(session) > 0
+    client.close()
+    assert watcher.store._http.time_to_live(session) == -1  # revoked, not left to expire
+    assert watcher.store._http.time_to_live(other_session) > 0
+    other.release()
+    watcher.close()
+    probe = leasehold.Client(url)
+    assert probe.store._http.time_to_live(other_session) == -1
+    probe.close()
 
 
 def test_a_long_renewal_batch_is_answered_whole(etcd_server: Any) -> None:
@@ -270,6 +418,9 @@ def test_a_forked_child_makes_its_own_connections(etcd_server: Any) -> None:
     client = leasehold.Client(f"{etcd_server.url}?prefix=fork/")
     held = client.lock(_unique("parent")).acquire(timeout=5)
     parent_http = client.store._http.http()
+    # The child must not put its keys on the parent's session lease (the parent
+    # renews it; closing, the parent revokes it).
+    parent_session = client.store._held[(held.name, held._token)].lease
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its own connections, none of the parent's grants
@@ -280,7 +431,11 @@ def test_a_forked_child_makes_its_own_connections(etcd_server: Any) -> None:
             lease.release()
             fresh = store._http.http() is not parent_http
             forgot = all(name != held.name for name, _token in store._held)
-            code = 0 if fresh and forgot else 2
+            mine = client.lock(_unique("child")).acquire(timeout=5)
+            child_lease = store._held[(mine.name, mine._token)].lease
+            mine.release()
+            own_session = child_lease != parent_session
+            code = 0 if fresh and forgot and own_session else 2
         finally:
             os.write(write, bytes([code]))
             os._exit(0)

@@ -129,3 +129,46 @@ def test_a_finished_request_leaves_its_pooled_connection_to_the_next_user(
     finally:
         proxy.pass_through()
         http.close()
+
+
+def test_a_release_that_never_reached_etcd_is_deleted_by_the_next_round(
+    etcd_server: Any, proxy: FaultProxy
+) -> None:
+    """A failed release leaves its key tracked and due now: the store's next
+    renewal round deletes it, although its own TTL (30 s) is far off and its
+    session lease would keep it (issue #20, session leases)."""
+    from leasehold._core.etcd import token_id
+
+    url = _url(etcd_server, proxy)
+    client = leasehold.Client(url, identity="release")
+    # Straight to etcd, not through the proxy: the test's own view.
+    direct = leasehold.Client(etcd_server.member_url(0) + "?" + url.split("?", 1)[1])
+    try:
+        kept = client.lock(f"kept-{uuid.uuid4().hex[:6]}", ttl=2).acquire(timeout=5)
+        dropped = client.lock(f"dropped-{uuid.uuid4().hex[:6]}", ttl=30, renew=False).acquire(
+            timeout=5
+        )
+        key = client.store._keys.holder(dropped.name, token_id(dropped._token))
+
+        def present() -> bool:
+            return bool(direct.store._http.range(key).get("kvs"))
+
+        proxy.stall()  # the delete never reaches etcd
+        assert dropped.release() is False
+        proxy.pass_through()
+        stall_ended = time.monotonic()
+        # The checker sees the key (the control: the failed release left it).
+        assert present()
+        gone_after = None
+        while time.monotonic() - stall_ended < 10.0:  # bounded: 10 s
+            if not present():
+                gone_after = time.monotonic() - stall_ended
+                break
+            time.sleep(0.05)
+        # The keeper's next round (every 2/3 s; one may have failed in the stall).
+        assert gone_after is not None and gone_after < 2.0 / 3 + 2 * SLACK, gone_after
+        assert kept.held
+        kept.release()
+    finally:
+        client.close()
+        direct.close()

@@ -4,10 +4,12 @@ No I/O and no clock reads; ``_async/backends/etcd`` does the talking.
 
 Key layout under the prefix ``P`` (default ``leasehold/``):
 
-* ``P n/<name>\\0h<tid>``: a holder of ``name``, attached to its own etcd lease;
-  its ``create_revision`` (plus the epoch, below) is the fence.
-* ``P n/<name>\\0q<tid>``: a waiter queued on ``name``, attached to an etcd lease of
-  the queue TTL; the queue is ordered by ``create_revision``.
+* ``P n/<name>\\0h<tid>``: a holder of ``name``, attached to its store's session
+  lease for its TTL (shared with the store's other keys of that TTL, see
+  ``_async/backends/etcd/leases.py``); its ``create_revision`` (plus the epoch,
+  below) is the fence.
+* ``P n/<name>\\0q<tid>``: a waiter queued on ``name``, attached to the session
+  lease of the queue TTL; the queue is ordered by ``create_revision``.
 * ``P r/<key>``: a record; its version is the epoch plus its ``mod_revision``.
 * ``P t/<topic>``: announcements (a put wakes the watchers of the prefix).
 * ``P epoch``: the epoch, see ``epoch_for``.

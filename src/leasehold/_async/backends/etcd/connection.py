@@ -5,11 +5,12 @@ store contract are in ``store.py``."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from leasehold._async._concurrency import sleep
 from leasehold._async.backends.etcd.client import AsyncEtcdHTTP, EtcdError, b64, unb64
-from leasehold._async.backends.etcd.leases import AsyncLeasePool
+from leasehold._async.backends.etcd.leases import SessionLeases, Tracked
 from leasehold._async.backends.etcd.txn import _compare, _kvs, _put, _range
 from leasehold._async.backends.etcd.watches import AsyncAnnouncementListener
 from leasehold._async.store import (
@@ -39,15 +40,25 @@ class EtcdConnection(AsyncStore):
         self._clock = clock
         self._http = AsyncEtcdHTTP(options, clock)
         self._keys = Keys(options.prefix)
-        self._pool = AsyncLeasePool(self._http, self._keys.epoch)
+        self._sessions = SessionLeases(self._http, self._keys.epoch, clock)
         self._epoch: int | None = None
-        # (name, token) -> (lease, create revision, lease seconds) of our grants.
-        self._held: dict[tuple[str, str], tuple[int, int, int]] = {}
+        # (name, token) -> our holder key: its lease, create revision, deadline.
+        self._held: dict[tuple[str, str], Tracked] = {}
         # (name, token) -> what a queued waiter watches: a key or range, and the
         # keys in it whose deletion (seen or missed) lets the waiter look again.
         self._waits: dict[tuple[str, str], tuple[bytes, bytes | None, tuple[bytes, ...]]] = {}
-        # (name, token) -> create revision of our waiter key, while queued.
-        self._queued: dict[tuple[str, str], int] = {}
+        # (name, token) -> our waiter key (its create revision: our place), while queued.
+        self._queued: dict[tuple[str, str], Tracked] = {}
+        # Guards the two maps above across threads (a sync store is shared by the
+        # keeper's thread and the caller's): a renewal, an acquire and a sweep
+        # each check and change an entry in one step; never held across I/O.
+        self._track_guard = threading.Lock()
+        # No tracked key's deadline is before this (a hint: a sweep looks only after it).
+        self._earliest = float("inf")
+        # (name, token) of holder keys swept lately: a renewal never takes one up again.
+        self._swept: dict[tuple[str, str], None] = {}
+        # Keys past their deadline that a sweep could not delete yet: (key, entry).
+        self._unswept: list[tuple[bytes, Tracked]] = []
         self._announce_lease = 0
         self._data_losses = 0  # epochs seen to change: etcd lost its data
         self._topics = TopicHub()
@@ -65,7 +76,12 @@ class EtcdConnection(AsyncStore):
         self._held = {}
         self._waits = {}
         self._queued = {}
+        self._track_guard = threading.Lock()
+        self._earliest = float("inf")
+        self._swept = {}
+        self._unswept = []
         self._announce_lease = 0
+        self._sessions._after_fork()
         self._topics.after_fork_in_child()
         self._pid = os.getpid()
 
@@ -108,7 +124,8 @@ class EtcdConnection(AsyncStore):
         self._data_losses += 1
         self._epoch = None
         self._held.clear()
-        self._pool.forget()
+        self._queued.clear()
+        self._sessions.forget()
         return True
 
     # -- keys read back ------------------------------------------------------------
@@ -181,6 +198,10 @@ class EtcdConnection(AsyncStore):
         return self._data_losses
 
     async def aclose(self) -> None:
+        if self._pid == os.getpid():
+            # Every key of ours goes with our session leases (a child leaves the
+            # parent's alone).
+            await self._sessions.aclose()
         await self._slot.aclose()
         await self._http.aclose()
 

@@ -7,33 +7,38 @@ How each operation maps onto etcd (key layout: ``leasehold._core.etcd``):
   R, the pure ``decide`` picks grant or wait, and the grant is a second
   transaction that commits only if no key of the name was written after R. The
   holder key's create revision is the fence: strictly increasing across the whole
-  cluster, never reused, through leader changes.
-* **renew**: one keepalive request for every lease of the batch (the gateway
-  streams one answer per lease), trusted once a read answers in the same Raft term
-  (``confirmed_keepalive``), and only for a lease granted in that term: after a
-  leader change the key moves to a lease of the new term (``_rehome``; an old
-  leader may still revoke the leases it knew, see ``leases.py``). A holder key is
-  removed only by its lease ending (expiry, ``break_lease`` revokes it) or by its
-  own release, so a lease that is still alive proves its key still holds.
+  cluster, never reused, through leader changes. The key goes on this store's
+  *session lease* for its TTL (``leases.py``), refreshed by a keepalive sent
+  after the acquire began (so the grant's etcd expiry comes after the caller's
+  send time + TTL) and trusted when the transaction commits in its grant's term.
+* **renew**: one keepalive of the session lease(s) of the batch, however many
+  keys, then one read of every renewed key that confirms the Raft term and that
+  each key still exists with our create revision (``renewal.py``). A key on
+  another lease (a leader change: an old leader may still revoke the leases it
+  knew, see ``leases.py``) moves to the current session lease in a few
+  transactions. Keys not renewed are deleted once their own deadline passed
+  (the sweep), so other keys keeping the session lease alive never keep them.
 * **release**: one transaction deletes the token's holder and waiter keys; the
-  released lease is kept as a spare for the next acquire (``leases.py``).
+  session lease stays (it is revoked by ``close``).
+* **break_lease** deletes the holder keys (a session lease carries others).
 * **wait**: a watch from the revision of the acquire's read, on the waiter just
   ahead, or at the head of the queue on the holders: a release wakes one waiter.
   Nothing committed after that read is missed, even before ``wait`` is called.
 * **records**: a key per record; compare-and-set on its mod revision.
 
-Expiry is etcd's: a lease ends on the leader's clock. No hand-over: a released
+Expiry is etcd's: a lease ends on the leader's clock (and a key whose holder
+stopped renewing it, in the renewal round after its own deadline). No hand-over: a released
 place goes to the woken head waiter at its next acquire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from leasehold._async._concurrency import sleep
 from leasehold._async.backends.etcd.client import revision, unb64
-from leasehold._async.backends.etcd.connection import EtcdConnection
+from leasehold._async.backends.etcd.leases import Session, Tracked
+from leasehold._async.backends.etcd.renewal import SessionKeys
 from leasehold._async.backends.etcd.txn import _compare, _delete, _kvs, _put, _range, _term
 from leasehold._core import validate
 from leasehold._core.etcd import (
@@ -54,7 +59,6 @@ from leasehold._core.records import (
     Granted,
     HolderInfo,
     Record,
-    RenewItem,
     WaiterInfo,
     WaitResult,
 )
@@ -65,7 +69,7 @@ from leasehold._errors import StoreUnavailable
 ACQUIRE_ATTEMPTS = 32
 
 
-class AsyncEtcdStore(EtcdConnection):
+class AsyncEtcdStore(SessionKeys):
     capabilities = Capabilities(
         server_clock=True,
         durable=True,
@@ -75,10 +79,11 @@ class AsyncEtcdStore(EtcdConnection):
         hand_over=False,
         notes=(
             "fences are etcd revisions: never reused, through leader changes and failover",
-            "renewal is one keepalive request per batch of up to about 15 leases and a read "
-            "that confirms the leader's term; a lease is trusted only in the term it was "
-            "granted in (a key moves to a new lease after a leader change); expiry by etcd "
-            "leases (whole seconds, rounded up)",
+            "keys share one etcd lease per TTL and Raft term (a session lease): renewal is "
+            "one keepalive and one read however many leases; a key not renewed is deleted "
+            "at most one renewal interval after its own TTL; a lease is trusted only in the "
+            "term it was granted in (keys move to a new lease after a leader change); expiry "
+            "by etcd leases (whole seconds, rounded up)",
             "a release wakes the head waiter by a watch on its predecessor",
             "fences stay increasing after etcd loses its data unless the server clock "
             "stepped back across it",
@@ -91,7 +96,12 @@ class AsyncEtcdStore(EtcdConnection):
 
     async def acquire(self, request: AcquireRequest) -> AcquireResult:
         validate.name(request.name)
+        self._after_fork()
+        # No later than the caller's send time: a grant's etcd expiry must come
+        # after this + ttl (the session lease is refreshed after it, ``fresh``).
+        started = self._clock.monotonic()
         name, token = request.name, request.token
+        pair = (name, token)
         keys = self._keys
         tid = token_id(token)
         seconds = lease_seconds(request.ttl)
@@ -99,14 +109,13 @@ class AsyncEtcdStore(EtcdConnection):
         name_end = prefix_end(name_key)
         holder_key = keys.holder(name, tid)
         waiter_key = keys.waiter(name, tid)
-        lease: int | None = None
-        lease_term = 0
+        session: Session | None = None
+        # Our keys past their own deadline go before the session lease is refreshed.
+        await self._sweep(started, set())
         try:
             state: dict[str, Any] | None = None
             for _attempt in range(ACQUIRE_ATTEMPTS):
                 epoch = await self._get_epoch()
-                if lease is None:
-                    lease, lease_term = await self._pool.take(seconds)
                 value = holder_value(
                     request.holder, request.limit, request.ttl, self._http.server_seconds or 0.0
                 )
@@ -114,30 +123,25 @@ class AsyncEtcdStore(EtcdConnection):
                 if state is None:
                     # An idle name (no holder, no waiter) is granted in one step; so
                     # is an exclusive lock to the head of its queue when nobody holds.
+                    if session is None:
+                        session = await self._sessions.fresh(seconds, started, request.ttl)
                     response = await self._http.txn(
                         self._fast_guards(request, epoch),
-                        [_put(holder_key, value, lease), _delete(waiter_key)],
+                        [_put(holder_key, value, session.lease), _delete(waiter_key)],
                         failure,
                     )
                     if response.get("succeeded"):
-                        granted = self._granted(name, token, lease, seconds, response)
-                        held_lease, lease = lease, None  # it holds our key now
-                        await self._confirm(
-                            name, token, held_lease, lease_term, seconds=seconds, response=response
-                        )
-                        return Granted(epoch + granted)
+                        created = await self._granted(request, session, started, response)
+                        return Granted(epoch + created)
                     state = response
                 if self._epoch_lost(epoch, _kvs(state, 1)):
                     state = None
-                    lease = None
+                    session = None
                     continue
                 seen = revision(state)
                 decision = decide(keys, name, self._entries(_kvs(state, 0)), tid, request.limit)
                 if decision.mine is not None:
-                    if lease is not None:  # _refresh takes its own if it needs one
-                        self._pool.give_back(seconds, lease)
-                        lease = None
-                    if not await self._refresh(name, token, decision.mine, seconds):
+                    if not await self._refresh(request, decision.mine, started):
                         state = None  # our key ended meanwhile: look again
                         continue
                     return Granted(epoch + decision.mine.create_revision)
@@ -156,84 +160,89 @@ class AsyncEtcdStore(EtcdConnection):
                         guards.append(
                             _compare("MOD", queue_key, "LESS", seen + 1, prefix_end(queue_key))
                         )
+                    if session is None:
+                        session = await self._sessions.fresh(seconds, started, request.ttl)
                     response = await self._http.txn(
                         guards,
-                        [_put(holder_key, value, lease), _delete(waiter_key)],
+                        [_put(holder_key, value, session.lease), _delete(waiter_key)],
                         failure,
                     )
                     if response.get("succeeded"):
-                        if decision.queued is not None and request.queue_ttl is not None:
-                            self._pool.give_back(
-                                lease_seconds(request.queue_ttl), decision.queued.lease
-                            )
-                        self._waits.pop((name, token), None)
-                        granted = self._granted(name, token, lease, seconds, response)
-                        held_lease, lease = lease, None
-                        await self._confirm(
-                            name, token, held_lease, lease_term, seconds=seconds, response=response
-                        )
-                        return Granted(epoch + granted)
+                        self._waits.pop(pair, None)
+                        created = await self._granted(request, session, started, response)
+                        return Granted(epoch + created)
                     state = response
                     continue
                 position: int | None = None
                 if request.queue_ttl is not None:
                     queued_at = await self._queue(
-                        waiter_key, value, decision.queued, request.queue_ttl, epoch
+                        pair,
+                        value,
+                        decision.queued,
+                        queue_ttl=request.queue_ttl,
+                        epoch=epoch,
+                        started=started,
                     )
                     if queued_at is None:
-                        self._queued.pop((name, token), None)
+                        with self._track_guard:
+                            self._queued.pop(pair, None)
                         state = None
                         continue
-                    self._queued[(name, token)] = queued_at
                     position = decision.position
                     if decision.watch is not None:
                         watch_key, watch_end, expected = decision.watch
-                        self._waits[(name, token)] = (watch_key, watch_end, expected)
+                        self._waits[pair] = (watch_key, watch_end, expected)
                 return Busy(retry_after=None, position=position)
             raise StoreUnavailable(
                 f"etcd: acquire {name!r} lost {ACQUIRE_ATTEMPTS} races in a row; try again"
             )
         except BaseException:
-            # A transaction whose answer was lost may have attached our key to the
-            # lease: it must never be handed to another key (a later break_lease
-            # revoking it would end both). It expires by itself, or holds our key.
-            # Which lease holds our key is unknown now: renew looks it up.
-            lease = None
-            self._held.pop((name, token), None)
+            # A transaction whose answer was lost may have put our holder key on
+            # the session lease: which revision is unknown, so it stays tracked
+            # without one. Renewed, a renewal takes it up; else it is swept once
+            # its deadline passes, and never outlives it on our renewals.
+            lease = session.lease if session is not None else 0
+            self._track(self._held, pair, Tracked(lease, 0, seconds, started + request.ttl))
             raise
-        finally:
-            if lease is not None:
-                self._pool.give_back(seconds, lease)
 
-    async def _confirm(
+    async def _granted(
         self,
-        name: str,
-        token: str,
-        lease: int,
-        lease_term: int,
-        *,
-        seconds: int,
+        request: AcquireRequest,
+        session: Session,
+        started: float,
         response: dict[str, Any],
-    ) -> None:
-        """A grant committed in the term its lease was granted (and, for a spare,
+    ) -> int:
+        """Remember a grant; its create revision (the txn's revision).
+
+        A grant committed in the term its session lease was granted (and
         refreshed) in is trusted: that term's leader still had its quorum after
         the refresh. Otherwise the leader changed meanwhile and an old leader may
-        still revoke the lease: move the key to a lease of the current term.
-        StoreUnavailable (the lock retries; our grant is found) if that fails."""
-        if lease_term == _term(response):
-            return
-        key = self._keys.holder(name, token_id(token))
+        still revoke the lease: the key moves to a session lease of the current
+        term. StoreUnavailable (the lock retries; our grant is found) if that fails."""
+        pair = (request.name, request.token)
         created = revision(response)
-        moved = await self._rehome(key, created, seconds)
-        if moved is None:
-            self._held.pop((name, token), None)
+        seconds = session.seconds
+        deadline = started + request.ttl
+        self._track(self._held, pair, Tracked(session.lease, created, seconds, deadline))
+        with self._track_guard:
+            self._queued.pop(pair, None)
+        if session.term == _term(response):
+            return created
+        self._sessions.retire(session)
+        key = self._keys.holder(request.name, token_id(request.token))
+        moved_to, moved = await self._rehome([(key, created)], seconds, started, request.ttl)
+        if key not in moved:
+            with self._track_guard:
+                self._held.pop(pair, None)
             raise StoreUnavailable("etcd: a grant's lease ended during a leader change")
-        self._held[(name, token)] = (moved, created, seconds)
+        self._track(self._held, pair, Tracked(moved_to.lease, created, seconds, deadline))
+        return created
 
     def _fast_guards(self, request: AcquireRequest, epoch: int) -> list[dict[str, Any]]:
         keys, name = self._keys, request.name
-        queued_at = self._queued.get((name, request.token))
-        if queued_at is None or request.limit != 1:
+        queued = self._queued.get((name, request.token))
+        queued_at = queued.created if queued is not None else 0
+        if not queued_at or request.limit != 1:
             start = keys.name(name)
             return [
                 self._epoch_guard(epoch),
@@ -249,187 +258,153 @@ class AsyncEtcdStore(EtcdConnection):
             _compare("CREATE", waiters, "GREATER", queued_at - 1, prefix_end(waiters)),
         ]
 
-    def _granted(
-        self,
-        name: str,
-        token: str,
-        lease: int,
-        seconds: int,
-        response: dict[str, Any],
-    ) -> int:
-        """Remember a grant; its create revision (the txn's revision)."""
-        created = revision(response)
-        self._held[(name, token)] = (lease, created, seconds)
-        self._queued.pop((name, token), None)
-        return created
-
-    async def _refresh(self, name: str, token: str, mine: Entry, seconds: int) -> bool:
-        """The token already holds: renew its lease to the requested TTL (on a
-        lease of the current term). False if the key is gone."""
-        confirmed, term = await self._http.confirmed_keepalive([mine.lease], self._keys.epoch)
-        remaining = confirmed.get(mine.lease, 0)
-        if remaining <= 0:
-            self._held.pop((name, token), None)
-            self._pool.drop(mine.lease)
+    async def _refresh(self, request: AcquireRequest, mine: Entry, started: float) -> bool:
+        """The token already holds (a retried acquire): its expiry now + ttl, on
+        the session lease of the current term. False if the key is gone."""
+        pair = (request.name, request.token)
+        seconds = lease_seconds(request.ttl)
+        key = self._keys.holder(request.name, mine.tid)
+        session = await self._sessions.fresh(seconds, started, request.ttl)
+        if mine.lease == session.lease:
+            # Still ours, answered in the session lease's term after its refresh.
+            response = await self._http.txn(
+                [_compare("CREATE", key, "EQUAL", mine.create_revision)], []
+            )
+            self._check_term(session, response)
+            held = bool(response.get("succeeded"))
+        else:
+            session, moved = await self._rehome(
+                [(key, mine.create_revision)], seconds, started, request.ttl
+            )
+            held = key in moved
+        if not held:
+            with self._track_guard:
+                self._held.pop(pair, None)
             return False
-        if remaining >= seconds and self._pool.term(mine.lease) == term:
-            self._held[(name, token)] = (mine.lease, mine.create_revision, seconds)
-            return True
-        key = self._keys.holder(name, mine.tid)
-        self._held.pop((name, token), None)  # which lease holds the key: unknown meanwhile
-        moved = await self._rehome(key, mine.create_revision, seconds)
-        if moved is None:
-            return False
-        self._pool.drop(mine.lease)
-        self._held[(name, token)] = (moved, mine.create_revision, seconds)
+        deadline = started + request.ttl
+        self._track(
+            self._held, pair, Tracked(session.lease, mine.create_revision, seconds, deadline)
+        )
         return True
 
-    async def _rehome(self, key: bytes, created: int, seconds: int) -> int | None:
-        """Attach our holder key to a lease of at least ``seconds`` granted in the
-        current Raft term (its fence stays): the lease an earlier leader knew may
-        be revoked by it (``leases.py``). The new lease, None if the key is gone.
-
-        The lease (granted, or a spare refreshed, inside the caller's call) counts
-        only if the move commits in the term of its grant: that term's leader then
-        still had its quorum after the refresh. Else StoreUnavailable: the caller
-        retries, and the next renewal moves the key again."""
-        lease, term = await self._pool.take(seconds)
-        try:
-            response = await self._http.txn(
-                [_compare("CREATE", key, "EQUAL", created)],
-                [_put(key, b"", lease, ignore_value=True)],
-            )
-        except BaseException:
-            # Its answer lost, the move may have happened: never reuse the lease.
-            self._pool.drop(lease)
-            raise
-        if not response.get("succeeded"):
-            self._pool.give_back(seconds, lease)
-            return None
-        if _term(response) != term:
-            raise StoreUnavailable(
-                "etcd: the leader changed while a holder's key moved to a new lease; retrying"
-            )
-        return lease
-
     async def _queue(
-        self, key: bytes, value: bytes, queued: Entry | None, queue_ttl: float, epoch: int
+        self,
+        pair: tuple[str, str],
+        value: bytes,
+        queued: Entry | None,
+        *,
+        queue_ttl: float,
+        epoch: int,
+        started: float,
     ) -> int | None:
-        """Keep our place (refreshing its expiry) or take one at the end; our waiter
-        key's create revision. None if our place ended meanwhile or the epoch
-        changed: the caller looks again."""
+        """Keep our place (its own deadline moves on) or take one at the end; our
+        waiter key's create revision. None if our place ended meanwhile or the
+        epoch changed: the caller looks again.
+
+        Each attempt of the waiter refreshes its session lease (unless something
+        else did since the attempt began), so that the place lasts ``queue_ttl``
+        from now, as it did on a lease of its own."""
         seconds = lease_seconds(queue_ttl)
+        key = self._keys.waiter(pair[0], token_id(pair[1]))
+        deadline = started + queue_ttl
         if queued is not None:
-            remaining = (await self._http.keepalive([queued.lease])).get(queued.lease, 0)
-            return queued.create_revision if remaining > 0 else None
-        lease, _granted_in = await self._pool.take(seconds)  # a queue place: not a grant
+            session = self._sessions.current(seconds)
+            if session is not None and queued.lease == session.lease:
+                session = await self._sessions.fresh(seconds, started, queue_ttl)
+            if session is None or queued.lease != session.lease:
+                # Another lease (a leader change, another store object): kept alive
+                # as it is, so the place is not lost.
+                remaining = (await self._http.keepalive([queued.lease])).get(queued.lease, 0)
+                if remaining <= 0:
+                    return None
+            self._track(
+                self._queued, pair, Tracked(queued.lease, queued.create_revision, seconds, deadline)
+            )
+            return queued.create_revision
+        session = await self._sessions.fresh(seconds, started, queue_ttl)
+        # Tracked before it is sent: a place whose answer is lost is swept too.
+        self._track(self._queued, pair, Tracked(session.lease, 0, seconds, deadline))
         response = await self._http.txn(
             [self._epoch_guard(epoch), _compare("CREATE", key, "EQUAL", 0)],
-            [_put(key, value, lease)],
+            [_put(key, value, session.lease)],
             [_range(self._keys.epoch)],
         )
         if response.get("succeeded"):
-            return revision(response)
-        self._pool.give_back(seconds, lease)
+            created = revision(response)
+            self._track(self._queued, pair, Tracked(session.lease, created, seconds, deadline))
+            return created
         self._epoch_lost(epoch, _kvs(response, 0))
         return None
 
-    # -- renew, release, break ----------------------------------------------------
-
-    async def renew(self, items: Sequence[RenewItem]) -> list[bool]:
-        self._after_fork()
-        keys = self._keys
-        unknown = [item for item in items if (item.name, item.token) not in self._held]
-        if unknown:
-            # Not granted through this store object: find the leases by key.
-            response = await self._http.txn(
-                [], [_range(keys.holder(i.name, token_id(i.token))) for i in unknown]
-            )
-            for index, item in enumerate(unknown):
-                kvs = _kvs(response, index)
-                if kvs:
-                    self._held[(item.name, item.token)] = (
-                        int(kvs[0].get("lease", 0)),
-                        int(kvs[0]["create_revision"]),
-                        0,
-                    )
-        known = [self._held.get((i.name, i.token)) for i in items]
-        leases = [entry[0] for entry in known if entry is not None]
-        remaining, term = (
-            await self._http.confirmed_keepalive(leases, keys.epoch) if leases else ({}, 0)
-        )
-        answers: list[bool] = []
-        for item, entry in zip(items, known, strict=True):
-            if entry is None or remaining.get(entry[0], 0) <= 0:
-                self._held.pop((item.name, item.token), None)
-                if entry is not None:
-                    self._pool.drop(entry[0])
-                answers.append(False)
-                continue
-            lease, created, _seconds = entry
-            wanted = lease_seconds(item.ttl)
-            if remaining[lease] < wanted or self._pool.term(lease) != term:
-                # A longer TTL than the lease has, or a lease of another term than
-                # this renewal's (a leader change): move the key to a new lease.
-                key = keys.holder(item.name, token_id(item.token))
-                # Which lease holds the key is unknown until the move answers:
-                # if it fails midway, the next renewal looks the key up.
-                self._held.pop((item.name, item.token), None)
-                moved = await self._rehome(key, created, wanted)
-                if moved is None:
-                    self._pool.drop(lease)
-                    answers.append(False)
-                    continue
-                self._pool.drop(lease)
-                self._held[(item.name, item.token)] = (moved, created, wanted)
-            answers.append(True)
-        return answers
+    # -- release, break -------------------------------------------------------------
 
     async def release(self, name: str, token: str) -> bool:
         self._after_fork()
         tid = token_id(token)
-        held = self._held.pop((name, token), None)
-        self._waits.pop((name, token), None)
-        self._queued.pop((name, token), None)
-        response = await self._http.txn(
-            [], [_delete(self._keys.holder(name, tid)), _delete(self._keys.waiter(name, tid))]
-        )
+        pair = (name, token)
+        with self._track_guard:
+            held = self._held.pop(pair, None)
+            queued = self._queued.pop(pair, None)
+        self._waits.pop(pair, None)
+        try:
+            response = await self._http.txn(
+                [], [_delete(self._keys.holder(name, tid)), _delete(self._keys.waiter(name, tid))]
+            )
+        except BaseException:
+            # Not known to be deleted: the keys stay tracked, due now, so the next
+            # renewal round or acquire deletes them (the session lease, kept alive
+            # for other keys, must not keep them).
+            self._due_now(pair, held, queued)
+            raise
         responses = response.get("responses", [{}])
         deleted = responses[0].get("response_delete_range", {})
-        released = int(deleted.get("deleted", 0)) > 0
-        if released and held is not None and held[2] > 0:
-            previous = deleted.get("prev_kvs", [{}])[0]
-            if int(previous.get("lease", 0)) == held[0]:
-                self._pool.give_back(held[2], held[0])
-        return released
+        return int(deleted.get("deleted", 0)) > 0
+
+    def _due_now(self, pair: tuple[str, str], held: Tracked | None, queued: Tracked | None) -> None:
+        now = self._clock.monotonic()
+        for table, entry in ((self._held, held), (self._queued, queued)):
+            if entry is not None:
+                with self._track_guard:
+                    if pair in table:
+                        continue  # granted again meanwhile
+                self._track(table, pair, Tracked(entry.lease, entry.created, entry.seconds, now))
 
     async def break_lease(self, name: str) -> int:
+        """Delete the name's holder keys (not revoke their leases: a session
+        lease carries its process's other keys too). Their holders learn it at
+        their next renewal, which reads each key."""
         self._after_fork()
         start = self._keys.holders(name)
-        kvs = (await self._http.range(start, prefix_end(start))).get("kvs", [])
-        count = 0
-        # Revoking (not deleting) keeps "lease alive" meaning "key held" for renew.
-        for lease in dict.fromkeys(int(kv.get("lease", 0)) for kv in kvs):
-            if lease and await self._http.revoke(lease):
-                count += 1
-        return count
+        response = await self._http.txn([], [_delete(start, prefix_end(start))])
+        deleted = response.get("responses", [{}])[0].get("response_delete_range", {})
+        return int(deleted.get("deleted", 0))
 
     # -- views ----------------------------------------------------------------------
 
     async def _infos(self, kvs: list[dict[str, Any]]) -> list[HolderInfo]:
         epoch = await self._get_epoch()
         now = self._http.server_seconds or 0.0
+        known: dict[int, int] = {}  # keys share session leases: ask once per lease
         infos = []
         for kv in kvs:
             parts = self._keys.split_name_key(unb64(kv["key"]))
             if parts is None or parts[1] != "h":
                 continue
             entry = self._entries([kv])[0]
-            expires_in = await self._http.time_to_live(entry.lease) if entry.lease else 0
+            expires_in = await self._time_to_live(entry.lease, known)
             if expires_in < 0:
                 continue  # ended since the read
             infos.append(holder_info(parts[0], entry, epoch, now, float(expires_in)))
         return infos
+
+    async def _time_to_live(self, lease: int, known: dict[int, int]) -> int:
+        """The lease's time to live (its session lease's, for a key of ours:
+        its own deadline may come earlier, see ``leases.py``)."""
+        if not lease:
+            return 0
+        if lease not in known:
+            known[lease] = await self._http.time_to_live(lease)
+        return known[lease]
 
     async def holders(self, name: str) -> list[HolderInfo]:
         self._after_fork()
@@ -458,10 +433,11 @@ class AsyncEtcdStore(EtcdConnection):
             if parts is not None and parts[1] == "q":
                 queued.setdefault(parts[0], []).extend(self._entries([kv]))
         infos: list[WaiterInfo] = []
+        known: dict[int, int] = {}
         for name in sorted(queued):
             position = 0
             for entry in sorted(queued[name], key=lambda e: e.create_revision):
-                expires_in = await self._http.time_to_live(entry.lease) if entry.lease else 0
+                expires_in = await self._time_to_live(entry.lease, known)
                 if expires_in < 0:
                     continue  # ended since the read
                 info = waiter_info(name, entry, position, float(expires_in))
@@ -523,7 +499,8 @@ class AsyncEtcdStore(EtcdConnection):
             operation = _delete(record_key)
         else:
             if ttl is not None:
-                lease, _granted_in = await self._pool.take(lease_seconds(ttl))
+                # A record's own lease (its expiry is its TTL, renewed by nobody).
+                lease, _granted_in = await self._sessions.grant(lease_seconds(ttl))
             operation = _put(record_key, value, lease)
         response = await self._http.txn(
             [self._epoch_guard(epoch), compare],
@@ -532,8 +509,7 @@ class AsyncEtcdStore(EtcdConnection):
             again=False,  # a second sending would fail on our own write
         )
         if not response.get("succeeded"):
-            if lease:
-                self._pool.give_back(lease_seconds(ttl or 0), lease)
+            # A lease granted for the record holds nothing: it expires by itself.
             self._epoch_lost(epoch, _kvs(response, 0))
             return None
         return epoch + revision(response)

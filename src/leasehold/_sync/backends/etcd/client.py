@@ -319,30 +319,6 @@ class EtcdHTTP:
             raise
         return True
 
-    def confirmed_keepalive(
-        self, leases: Sequence[int], probe: bytes
-    ) -> tuple[dict[int, int], int]:
-        """``keepalive``, trusted only if a linearizable read made after it answers
-        in the same Raft term: then the leader that renewed was the real one. Also
-        returns that term: a renewal counts only for a lease granted in it
-        (``leases.py`` says why).
-
-        etcd before 3.4.26 / 3.5.9 lets a leader that has lost its quorum (cut off,
-        or frozen and not yet told) renew leases in its own memory only, and answer
-        success; the real leader expires them on its own schedule. A read must be
-        confirmed by a quorum, so a stale leader cannot answer it in its old term.
-        Raises StoreUnavailable when the terms differ: the caller retries."""
-        terms: set[int] = set()
-        answers = self.keepalive(leases, terms)
-        read = self.range(probe, count_only=True)
-        term = int(read.get("header", {}).get("raft_term", 0))
-        if terms - {term}:
-            raise StoreUnavailable(
-                f"etcd {self.endpoint}: a renewal answered in another Raft term than the "
-                "read after it (a leader change): not trusted, retrying"
-            )
-        return answers, term
-
     def keepalive(self, leases: Sequence[int], terms: set[int] | None = None) -> dict[int, int]:
         """Refresh every lease: {lease: remaining ttl}, 0 for a lease that is gone.
 
