@@ -14,7 +14,7 @@ import pytest
 
 import leasehold
 from leasehold._core.records import AcquireRequest, Busy, Granted, Holder, RenewItem
-from leasehold._errors import InvalidArgument, StoreUnavailable
+from leasehold._errors import InvalidArgument, StoreMisconfigured, StoreUnavailable
 from tests.conftest import unavailable
 
 HOLDER = Holder(owner="t", host="h", pid=1)
@@ -365,12 +365,22 @@ def test_user_password_auth_and_token_refresh() -> None:
     cluster.start()
     try:
         password = "pw-" + secrets.token_hex(8)
+        cluster.post(0, "auth/user/add", {"name": "narrow", "password": password})
+        cluster.post(0, "auth/role/add", {"name": "narrow"})  # no permission at all
+        cluster.post(0, "auth/user/grant", {"user": "narrow", "role": "narrow"})
         _enable_auth(cluster, password)
         wrong = leasehold.Client(f"etcd://root:wrong-{password}@{cluster.endpoint(0)}")
-        with pytest.raises(StoreUnavailable) as info:
+        # A rejected password is misconfiguration: raised at once, never retried.
+        with pytest.raises(StoreMisconfigured) as info:
             wrong.lock("x").acquire(timeout=0)
         wrong.close()
         assert "user name or password" in str(info.value) and password not in str(info.value)
+        # A user whose roles do not cover leasehold's keys: the same, with its cause.
+        narrow = leasehold.Client(f"etcd://narrow:{password}@{cluster.endpoint(0)}")
+        with pytest.raises(StoreMisconfigured) as info:
+            narrow.lock("x").acquire(timeout=5)
+        narrow.close()
+        assert "permission denied" in str(info.value) and password not in str(info.value)
         client = leasehold.Client(f"etcd://root:{password}@{cluster.endpoint(0)}")
         first = client.lock(_unique("auth")).acquire(timeout=5)
         first.release()

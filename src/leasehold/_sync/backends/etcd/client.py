@@ -34,7 +34,7 @@ from leasehold._sync.backends.etcd.transport import bounded_transport, release
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
 from leasehold._core.server_clock import ServerClock
-from leasehold._errors import StoreUnavailable
+from leasehold._errors import StoreMisconfigured, StoreUnavailable
 
 # gRPC status codes etcd answers with (in the gateway's JSON "code").
 INVALID_ARGUMENT = 3
@@ -56,6 +56,11 @@ class EtcdError(StoreUnavailable):
     @property
     def lease_not_found(self) -> bool:
         return self.code == NOT_FOUND and "lease not found" in self.message
+
+
+class EtcdMisconfigured(EtcdError, StoreMisconfigured):
+    """etcd rejected the credentials or the user lacks a permission: raised at once,
+    never retried (waiting does not fix it)."""
 
 
 def b64(data: bytes) -> str:
@@ -201,6 +206,10 @@ class EtcdHTTP:
             code, message = 2, f"HTTP {response.status_code}"
         if code == INVALID_ARGUMENT and "authentication failed" in message:
             message = "authentication failed: etcd rejected the user name or password"
+            return EtcdMisconfigured(endpoint, code, message)
+        if code == PERMISSION_DENIED:
+            message = "permission denied: the etcd user's roles do not cover leasehold's keys"
+            return EtcdMisconfigured(endpoint, code, message)
         return EtcdError(endpoint, code, message)
 
     def _post(
