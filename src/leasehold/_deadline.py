@@ -47,32 +47,70 @@ MAX_OPERATION_TIMEOUT = 3600.0
 _GRANULARITY = 0.02
 
 _current: ContextVar[Deadline | None] = ContextVar("leasehold_deadline", default=None)
+_monotonic = time.monotonic
+_INF = float("inf")
 
 
 class Deadline:
-    """The end of one store operation (and of every operation nested in it)."""
+    """The end of one store operation (and of every operation nested in it).
 
-    __slots__ = ("_done", "_expired", "_fds", "_guard", "at", "seconds")
+    ``bounded(seconds)`` (this class) is also its context manager: a deadline
+    ``seconds`` from now (None: only the enclosing one's) for the code inside,
+    never later than an enclosing deadline. One object per guard, opened and
+    closed with a context variable: it runs around every store call.
+    """
 
-    def __init__(self, at: float, seconds: float) -> None:
+    __slots__ = ("_done", "_expired", "_fds", "_guard", "_token", "at", "seconds")
+    at: float
+    seconds: float
+
+    def __init__(self, seconds: float | None) -> None:
+        parent = _current.get()
+        if seconds is None:
+            at = given = _INF
+        else:
+            at = _monotonic() + (seconds if seconds > 0.0 else 0.0)
+            given = seconds
+        if parent is not None and parent.at < at:
+            at = parent.at
+            given = parent.seconds
         self.at = at
         # What the operation was given, for messages ("no answer within 5 s").
-        self.seconds = seconds
+        self.seconds = given
         # Made by the first attach (which arms the deadline): most operations of
-        # socket-less stores never need one. Only then can another thread (the
+        # socket-less stores never need them. Only then can another thread (the
         # watchdog) touch this object.
         self._guard: threading.Lock | None = None
-        self._fds: list[int] = []
+        self._fds: list[int] | None = None
         self._done = False
         self._expired = False
+        self._token: Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        token = self._token
+        if token is not None:
+            _current.reset(token)
+        guard = self._guard
+        if guard is None:
+            self._done = True
+            return
+        with guard:
+            # Under the guard: once this returns, the watchdog touches no socket
+            # of this operation (maybe back in a pool, serving another).
+            self._done = True
+            self._fds = None
 
     def remaining(self) -> float:
-        return max(0.0, self.at - time.monotonic())
+        return max(0.0, self.at - _monotonic())
 
     @property
     def expired(self) -> bool:
         """True once the deadline passed (whether or not the watchdog acted yet)."""
-        return self._expired or time.monotonic() >= self.at
+        return self._expired or _monotonic() >= self.at
 
     def attach(self, fd: int) -> None:
         """Shut ``fd``'s socket down when the deadline passes (at once if it has)."""
@@ -83,20 +121,24 @@ class Deadline:
             self._guard = threading.Lock()
         assert self._guard is not None
         with self._guard:
-            if self._expired or time.monotonic() >= self.at:
+            if self._expired or _monotonic() >= self.at:
                 self._expired = True
                 _shutdown(fd)
                 return
+            if self._fds is None:
+                self._fds = []
             self._fds.append(fd)
-        if arm and self.at != float("inf"):
+        if arm and self.at != _INF:
             _WATCHDOG.add(self)
 
     def detach(self, fd: int) -> None:
         """The operation is done with ``fd`` (it went back to a pool)."""
         if self._guard is None:
             return
-        with self._guard, contextlib.suppress(ValueError):
-            self._fds.remove(fd)
+        with self._guard:
+            fds = self._fds
+            if fds is not None and fd in fds:
+                fds.remove(fd)
 
     def _expire(self) -> None:
         assert self._guard is not None  # only armed deadlines reach the watchdog
@@ -104,20 +146,15 @@ class Deadline:
             if self._done:
                 return
             self._expired = True
-            fds, self._fds = self._fds, []
-            # Under the guard: once close() has returned, no socket of a finished
-            # operation (maybe back in a pool, serving another) is touched.
+            fds, self._fds = self._fds or [], None
+            # Under the guard: once the operation's exit has returned, no socket of
+            # a finished operation (maybe back in a pool, serving another) is touched.
             for fd in fds:
                 _shutdown(fd)
 
-    def close(self) -> None:
-        guard = self._guard
-        if guard is None:
-            self._done = True
-            return
-        with guard:
-            self._done = True
-            self._fds = []
+
+# A class, not a generator-based context manager: it runs around every store call.
+bounded = Deadline
 
 
 def current() -> Deadline | None:
@@ -149,36 +186,6 @@ def detach(fd: int | None) -> None:
     deadline = _current.get()
     if deadline is not None and fd is not None:
         deadline.detach(fd)
-
-
-class bounded:
-    """A deadline ``seconds`` from now (None: only the enclosing one's) for the
-    code inside; never later than an enclosing deadline. (A class, not a
-    generator-based context manager: it runs around every store call.)"""
-
-    __slots__ = ("_deadline", "_token")
-
-    def __init__(self, seconds: float | None) -> None:
-        parent = _current.get()
-        if seconds is None:
-            at = given = float("inf")
-        else:
-            at = time.monotonic() + max(0.0, seconds)
-            given = seconds
-        if parent is not None and parent.at < at:
-            at = parent.at
-            given = parent.seconds
-        self._deadline = Deadline(at, given)
-        self._token: Token[Deadline | None] | None = None
-
-    def __enter__(self) -> Deadline:
-        self._token = _current.set(self._deadline)
-        return self._deadline
-
-    def __exit__(self, *exc: object) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-        self._deadline.close()
 
 
 def _shutdown(fd: int) -> None:
