@@ -30,7 +30,6 @@ injectable clock keeps.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import socket
 import threading
@@ -47,77 +46,111 @@ MAX_OPERATION_TIMEOUT = 3600.0
 _GRANULARITY = 0.02
 
 _current: ContextVar[Deadline | None] = ContextVar("leasehold_deadline", default=None)
+_monotonic = time.monotonic
+_INF = float("inf")
 
 
 class Deadline:
-    """The end of one store operation (and of every operation nested in it)."""
+    """The end of one store operation (and of every operation nested in it).
 
-    __slots__ = ("_done", "_expired", "_fds", "_guard", "at", "seconds")
+    ``bounded(seconds)`` (this class) is also its context manager: a deadline
+    ``seconds`` from now (None: only the enclosing one's) for the code inside,
+    never later than an enclosing deadline. One object per guard, opened and
+    closed with a context variable: it runs around every store call.
 
-    def __init__(self, at: float, seconds: float) -> None:
+    An armed deadline (one with a socket attached) is one entry in the
+    watchdog's table of open deadlines from its first ``attach`` to its exit:
+    two dictionary operations under the watchdog's lock per store call, and no
+    work at all for the watchdog when the call ends in time.
+    """
+
+    __slots__ = ("_done", "_expired", "_fds", "_token", "at", "seconds")
+    at: float
+    seconds: float
+
+    def __init__(self, seconds: float | None) -> None:
+        parent = _current.get()
+        if seconds is None:
+            at = given = _INF
+        else:
+            at = _monotonic() + (seconds if seconds > 0.0 else 0.0)
+            given = seconds
+        if parent is not None and parent.at < at:
+            at = parent.at
+            given = parent.seconds
         self.at = at
         # What the operation was given, for messages ("no answer within 5 s").
-        self.seconds = seconds
-        # Made by the first attach (which arms the deadline): most operations of
-        # socket-less stores never need one. Only then can another thread (the
-        # watchdog) touch this object.
-        self._guard: threading.Lock | None = None
-        self._fds: list[int] = []
+        self.seconds = given
+        # The attached sockets: None until the first attach (most operations of
+        # socket-less stores never arm). Changed only under the watchdog's lock.
+        self._fds: list[int] | None = None
         self._done = False
         self._expired = False
+        self._token: Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        token = self._token
+        if token is not None:
+            _current.reset(token)
+        self._done = True
+        if self._fds is None:
+            return  # never armed: the watchdog never heard of it
+        with _WATCHDOG.lock:
+            # Under the lock: once this returns, the watchdog touches no socket of
+            # this operation (maybe back in a pool, serving another).
+            self._fds = None
+            _WATCHDOG.open.pop(id(self), None)
 
     def remaining(self) -> float:
-        return max(0.0, self.at - time.monotonic())
+        return max(0.0, self.at - _monotonic())
 
     @property
     def expired(self) -> bool:
         """True once the deadline passed (whether or not the watchdog acted yet)."""
-        return self._expired or time.monotonic() >= self.at
+        return self._expired or _monotonic() >= self.at
 
     def attach(self, fd: int) -> None:
         """Shut ``fd``'s socket down when the deadline passes (at once if it has)."""
-        if fd < 0 or self._done:
+        if fd < 0:
             return
-        arm = self._guard is None
-        if arm:
-            self._guard = threading.Lock()
-        assert self._guard is not None
-        with self._guard:
-            if self._expired or time.monotonic() >= self.at:
+        with _WATCHDOG.lock:
+            if self._done:
+                return
+            if self._expired or _monotonic() >= self.at:
                 self._expired = True
                 _shutdown(fd)
                 return
-            self._fds.append(fd)
-        if arm and self.at != float("inf"):
-            _WATCHDOG.add(self)
+            fds = self._fds
+            if fds is not None:
+                fds.append(fd)
+                return
+            self._fds = [fd]
+            if self.at != _INF:
+                _WATCHDOG.add(self)
 
     def detach(self, fd: int) -> None:
         """The operation is done with ``fd`` (it went back to a pool)."""
-        if self._guard is None:
+        if self._fds is None:
             return
-        with self._guard, contextlib.suppress(ValueError):
-            self._fds.remove(fd)
+        with _WATCHDOG.lock:
+            fds = self._fds
+            if fds is not None and fd in fds:
+                fds.remove(fd)
 
     def _expire(self) -> None:
-        assert self._guard is not None  # only armed deadlines reach the watchdog
-        with self._guard:
-            if self._done:
-                return
-            self._expired = True
-            fds, self._fds = self._fds, []
-            # Under the guard: once close() has returned, no socket of a finished
-            # operation (maybe back in a pool, serving another) is touched.
-            for fd in fds:
-                _shutdown(fd)
+        """Called by the watchdog, under its lock."""
+        self._expired = True
+        fds, self._fds = self._fds or [], []
+        for fd in fds:
+            _shutdown(fd)
 
-    def close(self) -> None:
-        guard = self._guard
-        if guard is None:
-            self._done = True
-            return
-        with guard:
-            self._done = True
-            self._fds = []
+
+# A class, not a generator-based context manager: it runs around every store call.
+bounded = Deadline
 
 
 def current() -> Deadline | None:
@@ -151,36 +184,6 @@ def detach(fd: int | None) -> None:
         deadline.detach(fd)
 
 
-class bounded:
-    """A deadline ``seconds`` from now (None: only the enclosing one's) for the
-    code inside; never later than an enclosing deadline. (A class, not a
-    generator-based context manager: it runs around every store call.)"""
-
-    __slots__ = ("_deadline", "_token")
-
-    def __init__(self, seconds: float | None) -> None:
-        parent = _current.get()
-        if seconds is None:
-            at = given = float("inf")
-        else:
-            at = time.monotonic() + max(0.0, seconds)
-            given = seconds
-        if parent is not None and parent.at < at:
-            at = parent.at
-            given = parent.seconds
-        self._deadline = Deadline(at, given)
-        self._token: Token[Deadline | None] | None = None
-
-    def __enter__(self) -> Deadline:
-        self._token = _current.set(self._deadline)
-        return self._deadline
-
-    def __exit__(self, *exc: object) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-        self._deadline.close()
-
-
 def _shutdown(fd: int) -> None:
     """Stop a connection's socket: every blocked read or write on it returns now.
 
@@ -196,45 +199,46 @@ def _shutdown(fd: int) -> None:
 
 
 class _Watchdog:
-    """One daemon thread that expires armed deadlines in time order."""
+    """One daemon thread that expires the open armed deadlines when they pass."""
 
     def __init__(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, Deadline]] = []
-        self._sequence = 0
-        self._wake_at = float("inf")
+        self.lock = threading.Lock()
+        self._condition = threading.Condition(self.lock)
+        # The armed deadlines whose operations still run, by id(): an operation
+        # that ends removes its own, so this holds only calls in flight.
+        self.open: dict[int, Deadline] = {}
+        self._wake_at = _INF
         self._thread: threading.Thread | None = None
 
     def add(self, deadline: Deadline) -> None:
-        with self._condition:
-            self._sequence += 1
-            heapq.heappush(self._heap, (deadline.at, self._sequence, deadline))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="leasehold-deadlines", daemon=True
-                )
-                self._thread.start()
-            elif deadline.at < self._wake_at:
-                self._condition.notify()
+        """Watch ``deadline`` (called under ``lock``)."""
+        self.open[id(deadline)] = deadline
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name="leasehold-deadlines", daemon=True
+            )
+            self._thread.start()
+        elif deadline.at < self._wake_at:
+            self._condition.notify()
 
     def _run(self) -> None:
         while True:
             with self._condition:
-                now = time.monotonic()
-                due: list[Deadline] = []
-                while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[2])
-                self._wake_at = self._heap[0][0] if self._heap else float("inf")
-                if not due:
-                    # Bounded sleeps: a lost notify costs at most a second. At
-                    # least _GRANULARITY: deadlines that fall due together (one
-                    # per store call, most of them long finished) are handled in
-                    # one pass, for a delay no caller notices.
-                    pause = min(1.0, max(_GRANULARITY, self._wake_at - now))
-                    self._condition.wait(pause)
-                    continue
-            for deadline in due:
-                deadline._expire()
+                now = _monotonic()
+                wake_at = _INF
+                for key, deadline in list(self.open.items()):
+                    if deadline.at <= now:
+                        # Under the lock: the operation has not exited (it would
+                        # have removed its entry), so its sockets are still its own.
+                        del self.open[key]
+                        deadline._expire()
+                    elif deadline.at < wake_at:
+                        wake_at = deadline.at
+                self._wake_at = wake_at
+                # Bounded sleeps: a lost notify costs at most a second. At least
+                # _GRANULARITY: deadlines that fall due together are handled in
+                # one pass, for a delay no caller notices.
+                self._condition.wait(min(1.0, max(_GRANULARITY, wake_at - now)))
 
     def after_fork_in_child(self) -> None:
         # The thread and whatever it guarded belong to the parent.

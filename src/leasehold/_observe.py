@@ -139,9 +139,18 @@ class Observer:
         return started
 
     def acquired(
-        self, primitive: events.Primitive, name: str, fence: int, started: float, handed_over: bool
+        self,
+        primitive: events.Primitive,
+        name: str,
+        fence: int,
+        started: float,
+        handed_over: bool,
+        *,
+        now: float | None = None,
     ) -> None:
-        now = self.clock.monotonic()
+        """Granted; ``now``: when the grant was heard of, if the caller read it."""
+        if now is None:
+            now = self.clock.monotonic()
         self.counters.add_timed("acquired", "wait_time", now - started)
         self.last_answer = now
         if events._subscriptions:

@@ -123,8 +123,9 @@ class AcquireFailed(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Renewed(Event):
-    """A renewal the store confirmed. ``duration`` is the round trip of the call
-    that carried it (one call may carry many leases)."""
+    """A renewal the store confirmed (not one answered after the lease was
+    released or lost). ``duration`` is the round trip of the call that carried it
+    (one call may carry many leases)."""
 
     fence: int
     duration: float

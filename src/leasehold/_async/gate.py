@@ -21,7 +21,9 @@ _HEAD = object()
 class AsyncGates:
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._queues: dict[tuple[str, int], deque[object]] = {}
+        # A name with one waiter (the common case) maps to _HEAD itself; a deque
+        # only once a second waiter joins.
+        self._queues: dict[tuple[str, int], object] = {}
 
     def join(self, key: tuple[str, int]) -> AsyncEvent | None:
         """Queue up. None: it is this waiter's turn already (the common case, which
@@ -29,8 +31,11 @@ class AsyncGates:
         with self._guard:
             queue = self._queues.get(key)
             if queue is None:
-                self._queues[key] = deque([_HEAD])
+                self._queues[key] = _HEAD
                 return None
+            if queue is _HEAD:
+                queue = self._queues[key] = deque([_HEAD])
+            assert isinstance(queue, deque)
             turn = AsyncEvent()
             queue.append(turn)
             return turn
@@ -42,6 +47,11 @@ class AsyncGates:
             queue = self._queues.get(key)
             if queue is None:
                 return
+            if queue is _HEAD:
+                if turn is None:  # the only waiter leaves
+                    del self._queues[key]
+                return
+            assert isinstance(queue, deque)
             mine = _HEAD if turn is None else turn
             was_head = bool(queue) and queue[0] is mine
             with contextlib.suppress(ValueError):  # already left
@@ -55,4 +65,7 @@ class AsyncGates:
 
     def waiting(self, key: tuple[str, int]) -> int:
         with self._guard:
-            return len(self._queues.get(key, ()))
+            queue = self._queues.get(key)
+            if queue is None:
+                return 0
+            return 1 if queue is _HEAD else len(queue)  # type: ignore[arg-type]

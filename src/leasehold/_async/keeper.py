@@ -52,10 +52,11 @@ class _Tracked(weakref.ref["AsyncLease"]):
 
     def __new__(cls, lease: AsyncLease, callback: Any) -> _Tracked:
         tracked = super().__new__(cls, lease, callback)
-        tracked.primitive = lease.primitive
-        tracked.name = lease.name
-        tracked.fence = lease.fence
-        tracked.owner = lease.owner
+        # The lease's own fields, not its properties: one per acquire.
+        tracked.primitive = lease._primitive
+        tracked.name = lease._name
+        tracked.fence = lease._fence
+        tracked.owner = lease._owner
         tracked.granted_at = lease._granted_at
         return tracked
 
@@ -95,18 +96,21 @@ class AsyncKeeper:
         self._reset()
 
     def track(self, lease: AsyncLease) -> None:
+        tracked = _Tracked(lease, self._dropped)
+        # Read before the guard: the lease is new, nobody else changes it yet.
+        sent = lease._last_sent
+        due = lease._deadline
+        if lease._renew:
+            due = min(due, sent + renew_interval(lease._term) * 0.9)
         with self._guard:
             if self._pid != os.getpid():
                 return
-            self._leases[id(lease)] = _Tracked(lease, self._dropped)
+            self._leases[id(lease)] = tracked
             self._stopped = False
             if not background_alive(self._handle):
                 self._handle = spawn(self._run, name="leasehold-keeper")
                 return
-            due = lease.deadline
-            if lease.renewing:
-                due = min(due, lease.last_sent + renew_interval(lease.term) * 0.9)
-            self._shortest_lead = min(self._shortest_lead, due - lease.last_sent)
+            self._shortest_lead = min(self._shortest_lead, due - sent)
             wake = due < self._next_wake
         if wake:
             self._wakeup.set()
@@ -264,8 +268,10 @@ class AsyncKeeper:
             if ok is None:
                 silent.append(lease)
             elif ok:
-                lease._renewed(sent, item.ttl)
-                renewed.append(lease)
+                # A lease released (or lost) while its renewal was on the way has
+                # had its last event: no Renewed after Released.
+                if lease._renewed(sent, item.ttl):
+                    renewed.append(lease)
             else:
                 lease._refused()
         if renewed:

@@ -90,6 +90,8 @@ class AsyncLease:
         self._last_error: str | None = None
         # Granted by a release's hand-over (no acquire call of its own).
         self._handed_over = False
+        # When the acquire heard of the grant (set by the lock that made it).
+        self._answered = sent_at
         self._owner = owner or context.holder.owner
         self._name = name
         self._token = token
@@ -227,9 +229,10 @@ class AsyncLease:
 
         Shielded from cancellation: once called, the release completes.
         """
-        if self._forked():
+        if os.getpid() != self._pid:  # _forked(), written out on the hot path
             return False  # never touch the parent's lease from a child
-        now = self._now()
+        context = self._context
+        now = context.clock.monotonic()
         if self._lost_reason is None and not self._released and now >= self._deadline:
             # Past its safe deadline before the keeper noticed: it is lost, and
             # says so (log, on_lost, statistics) before it is released.
@@ -240,13 +243,13 @@ class AsyncLease:
             was_lost = self._lost_reason is not None
             self._released = True
             event = self._lost_event
-        self._context.forget(self)
+        context.forget(self)
         if event is not None:
             event.set()
         # The holder let go now, not when the store answers.
         held_for = max(0.0, min(now, self._deadline) - self._granted_at)
         answered: float | None = now
-        store = self._context.store
+        store = context.store
         if was_lost:
             # Only a courtesy now (the store may still list us: our safe deadline
             # comes before the store's expiry), never worth more than a moment of
@@ -261,11 +264,11 @@ class AsyncLease:
             try:
                 held = await shielded(lambda: store.release(self._name, self._token))
             except StoreUnavailable as exc:
-                self._context.observer.release_failed(self, exc, self._ttl)
+                context.observer.release_failed(self, exc, self._ttl)
                 held = False
                 answered = None
         if not was_lost:  # a lost lease was counted (and its hold time ended) at the loss
-            self._context.observer.released(self, held_for, answered)
+            context.observer.released(self, held_for, answered)
         hook = self._after_release
         if hook is not None:
             await hook()
@@ -328,13 +331,16 @@ class AsyncLease:
         restarted = self._context.store.restarts(self._name) > self._restarts
         self._mark_lost(*refusal(restarted))
 
-    def _renewed(self, sent_at: float, ttl: float) -> None:
+    def _renewed(self, sent_at: float, ttl: float) -> bool:
+        """A renewal sent at ``sent_at`` succeeded. False if the lease was released
+        or lost meanwhile (the renewal came too late to tell anybody about)."""
         self._failures = 0
         with self._guard:
             if sent_at >= self._last_sent:
                 self._last_sent = sent_at
                 self._term = ttl
                 self._deadline = safe_deadline(sent_at, ttl, self._margin)
+            return not self._released and self._lost_reason is None
 
     def _mark_lost(self, cause: LossReason, reason: str) -> None:
         with self._guard:

@@ -6,8 +6,9 @@ A handle does no I/O until ``acquire``. ``limit`` > 1 makes it a semaphore.
 from __future__ import annotations
 
 import logging
-import secrets
+from base64 import urlsafe_b64encode
 from dataclasses import replace
+from os import urandom
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,15 @@ SLACK_SHARE = 0.3
 CLEANUP_SHARE = 0.1
 # How often ``with lock:`` asks again for a lease that expired before its body began.
 ENTER_ATTEMPTS = 3
+# An acquire attempt whose own bound is at least this much longer than the store's
+# operation timeout needs no guard of its own: the store's ends the call first.
+GUARD_REDUNDANT = 0.05
+
+
+def new_token() -> str:
+    """A secret owner token: 24 random bytes, URL-safe base64 (what
+    ``secrets.token_urlsafe(24)`` makes, a function call less)."""
+    return urlsafe_b64encode(urandom(24)).decode("ascii")
 
 
 def call_slack(timeout: float | None) -> float:
@@ -106,6 +116,8 @@ class AsyncLock:
         # election candidate's identity); the secret token stays per attempt.
         self._owner = None if owner is None else validate.name(owner, what="owner")
         self._entered: dict[int, list[AsyncLease]] = {}
+        # This handle's local queue (see AsyncGates).
+        self._gate_key = (self._name, self._limit)
 
     @property
     def name(self) -> str:
@@ -127,58 +139,88 @@ class AsyncLock:
         observer = self._context.observer
         started = observer.acquire_started(self._primitive, self._name, True)
         try:
-            lease = await self._acquire(checked, queue=checked != 0, started=started)
+            lease = await self._acquire(checked, queue=checked != 0, started=started, begun=started)
         except BaseException as exc:
             observer.acquire_failed(self._primitive, self._name, started, exc)
             raise
         if lease is None:
             observer.not_acquired(self._primitive, self._name, started, blocking=True)
             raise AcquireTimeout(self._name, checked or 0.0)
-        observer.acquired(self._primitive, self._name, lease._fence, started, lease._handed_over)
+        observer.acquired(
+            self._primitive,
+            self._name,
+            lease._fence,
+            started,
+            lease._handed_over,
+            now=lease._answered,
+        )
         return lease
 
     async def try_acquire(self) -> AsyncLease | None:
         """One attempt: the lease, or None if it is busy (the "skip if busy" path)."""
         started = self._context.observer.acquire_started(self._primitive, self._name, False)
-        return await self._observed(started, 0.0, blocking=False)
+        return await self._observed(started, 0.0, blocking=False, begun=started)
 
     async def _observed(
-        self, started: float, timeout: float | None, *, blocking: bool, final: bool = True
+        self,
+        started: float,
+        timeout: float | None,
+        *,
+        blocking: bool,
+        final: bool = True,
+        begun: float | None = None,
     ) -> AsyncLease | None:
         """One acquire, reported: exactly one outcome per ``acquire_started``
-        (``final=False``: a slice of a longer wait, whose timeout is not an outcome)."""
+        (``final=False``: a slice of a longer wait, whose timeout is not an outcome).
+        ``begun``: ``started`` when it was read just now (see ``_acquire``)."""
         observer = self._context.observer
         try:
-            lease = await self._acquire(timeout, queue=blocking and timeout != 0, started=started)
+            lease = await self._acquire(
+                timeout, queue=blocking and timeout != 0, started=started, begun=begun
+            )
         except BaseException as exc:
             observer.acquire_failed(self._primitive, self._name, started, exc)
             raise
         if lease is not None:
             observer.acquired(
-                self._primitive, self._name, lease._fence, started, lease._handed_over
+                self._primitive,
+                self._name,
+                lease._fence,
+                started,
+                lease._handed_over,
+                now=lease._answered,
             )
         elif final:
             observer.not_acquired(self._primitive, self._name, started, blocking=blocking)
         return lease
 
     async def _acquire(
-        self, timeout: float | None, *, queue: bool, started: float
+        self, timeout: float | None, *, queue: bool, started: float, begun: float | None = None
     ) -> AsyncLease | None:
-        if not queue:
-            return await self._attempts(timeout, queue=False)
+        """``begun``: a clock reading taken just before (the caller's ``started``
+        when ``timeout`` counts from it), from which the attempts count their
+        ``timeout`` when nothing was waited for before them: one clock read less on
+        the hot path. None: they read the clock."""
         context = self._context
         clock = context.clock
-        key = (self._name, self._limit)
-        turn = context.gates.join(key)
+        if not queue:
+            return await self._attempts(
+                timeout, queue=False, started=clock.monotonic() if begun is None else begun
+            )
+        key = self._gate_key
+        gates = context.gates
+        turn = gates.join(key)
         try:
+            if turn is None and begun is not None:
+                return await self._attempts(timeout, queue=True, started=begun)
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
-            return await self._attempts(remaining, queue=True)
+            return await self._attempts(remaining, queue=True, started=clock.monotonic())
         finally:
-            context.gates.leave(key, turn)
+            gates.leave(key, turn)
 
     def _request(self, token: str, holder: Holder, *, queue: bool) -> AcquireRequest:
         return AcquireRequest(
@@ -190,16 +232,19 @@ class AsyncLock:
             queue_ttl=QUEUE_TTL if queue else None,
         )
 
-    async def _attempts(self, timeout: float | None, *, queue: bool) -> AsyncLease | None:
+    async def _attempts(
+        self, timeout: float | None, *, queue: bool, started: float
+    ) -> AsyncLease | None:
+        """Attempts until granted or ``timeout`` seconds from ``started`` (a clock
+        reading taken just before) have passed."""
         context = self._context
         store = context.store
         clock = context.clock
         holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
-        token = secrets.token_urlsafe(24)
+        token = new_token()
         request = self._request(token, holder, queue=queue)
-        started = clock.monotonic()
         deadline = None if timeout is None else started + timeout
         slack = call_slack(timeout)
         attempt = 0
@@ -218,27 +263,37 @@ class AsyncLock:
                 return started + store.operation_timeout
             return None
 
-        def bound() -> float | None:
+        def bound(now: float) -> float | None:
             # Each store call ends by the time the caller gives up, plus a share
             # of the slack its bound allows (another share is for the clean-up,
             # the rest for the machine's own delays).
             limit = give_up_at()
             if limit is None:
                 return None
-            return max(0.0, limit - clock.monotonic()) + slack * SLACK_SHARE
+            return max(0.0, limit - now) + slack * SLACK_SHARE
 
+        # The first attempt is sent now: its send time is the start (a reading
+        # taken a moment earlier, so the lease's safe deadline errs early).
+        sent = started
         try:
             while True:
-                sent = clock.monotonic()
+                seconds = bound(sent)
+                call: _deadline.Deadline | None = None
                 try:
-                    with _deadline.bounded(bound()) as call:
+                    if seconds is None or seconds >= store.operation_timeout + GUARD_REDUNDANT:
+                        # The store call's own bound (its operation timeout) ends
+                        # it first: a guard of ours would change nothing.
                         result = await store.acquire(request)
+                    else:
+                        with _deadline.bounded(seconds) as call:
+                            result = await store.acquire(request)
                 except StoreMisconfigured:
                     raise  # waiting does not fix it
                 except StoreUnavailable as exc:
                     failures += 1
                     now = clock.monotonic()
-                    out_of_time = call.expired or isinstance(exc, NoAnswer)
+                    # A call ended by a deadline (ours or the store's) says NoAnswer.
+                    out_of_time = isinstance(exc, NoAnswer) or (call is not None and call.expired)
                     if out_of_time and deadline is not None and timeout and now >= deadline:
                         # The caller's own time ran out while the store was slow
                         # or silent: a timeout like any other (the grant it may
@@ -258,9 +313,10 @@ class AsyncLock:
                     pause = STORE_RETRY.delay(failures - 1)
                     if limit is not None:
                         pause = min(pause, limit - now)
-                    if await self._wait(token, pause, bound(), deadline) is None:
+                    if await self._wait(token, pause, bound(clock.monotonic()), deadline) is None:
                         await self._let_go(token, slack * CLEANUP_SHARE)
                         return None
+                    sent = clock.monotonic()
                     continue
                 reached_store = True
                 failures = 0
@@ -272,7 +328,7 @@ class AsyncLock:
                     # and ask again under a new token (a release of the old one
                     # still on its way must not remove the new grant).
                     self._let_go_later(token)
-                    token = secrets.token_urlsafe(24)
+                    token = new_token()
                     request = self._request(token, holder, queue=queue)
                     queued_at = None
                     result = Busy(retry_after=0.0, position=None)
@@ -286,7 +342,7 @@ class AsyncLock:
                 pause = self._pause(result, attempt, store.capabilities.notifications)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
-                woken = await self._wait(token, pause, bound(), deadline)
+                woken = await self._wait(token, pause, bound(clock.monotonic()), deadline)
                 if woken is None:
                     if queue:
                         await self._let_go(token, slack * CLEANUP_SHARE)
@@ -313,6 +369,7 @@ class AsyncLock:
                     if lease is not None:
                         return lease
                 attempt += 1
+                sent = clock.monotonic()
         except BaseException:
             # Cancelled, timed out or failed mid-call: the store may have granted or
             # queued us without our hearing the answer. Undo both: shielded, for
@@ -411,6 +468,7 @@ class AsyncLock:
             restarts=context.store.restarts(self._name),
         )
         lease._handed_over = term is not None  # only a hand-over passes a term
+        lease._answered = now  # when the grant was heard of (the acquire's end)
         context.track(lease)
         return lease
 

@@ -58,10 +58,15 @@ def bounded_operation(name: str, fn: F) -> F:
     """``fn`` (a store operation) under the store's operation timeout."""
     if getattr(fn, "__leasehold_bounded__", False):
         return fn
+    # Only renew and wait take a bound that depends on their arguments; every
+    # other operation takes the store's timeout as it is (the hot path: acquire
+    # and release read one attribute, no helper call).
+    sized = name in ("renew", "wait")
 
     @functools.wraps(fn)
     def operation(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _deadline.bounded(_limit(self, name, args, kwargs)) as deadline:
+        seconds = _limit(self, name, args, kwargs) if sized else self.operation_timeout
+        with _deadline.bounded(seconds) as deadline:
             try:
                 return fn(self, *args, **kwargs)
             except StoreMisconfigured:

@@ -23,7 +23,9 @@ _HEAD = object()
 class Gates:
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._queues: dict[tuple[str, int], deque[object]] = {}
+        # A name with one waiter (the common case) maps to _HEAD itself; a deque
+        # only once a second waiter joins.
+        self._queues: dict[tuple[str, int], object] = {}
 
     def join(self, key: tuple[str, int]) -> Event | None:
         """Queue up. None: it is this waiter's turn already (the common case, which
@@ -31,8 +33,11 @@ class Gates:
         with self._guard:
             queue = self._queues.get(key)
             if queue is None:
-                self._queues[key] = deque([_HEAD])
+                self._queues[key] = _HEAD
                 return None
+            if queue is _HEAD:
+                queue = self._queues[key] = deque([_HEAD])
+            assert isinstance(queue, deque)
             turn = Event()
             queue.append(turn)
             return turn
@@ -44,6 +49,11 @@ class Gates:
             queue = self._queues.get(key)
             if queue is None:
                 return
+            if queue is _HEAD:
+                if turn is None:  # the only waiter leaves
+                    del self._queues[key]
+                return
+            assert isinstance(queue, deque)
             mine = _HEAD if turn is None else turn
             was_head = bool(queue) and queue[0] is mine
             with contextlib.suppress(ValueError):  # already left
@@ -57,4 +67,7 @@ class Gates:
 
     def waiting(self, key: tuple[str, int]) -> int:
         with self._guard:
-            return len(self._queues.get(key, ()))
+            queue = self._queues.get(key)
+            if queue is None:
+                return 0
+            return 1 if queue is _HEAD else len(queue)  # type: ignore[arg-type]
