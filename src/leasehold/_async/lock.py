@@ -370,7 +370,11 @@ class AsyncLock:
                         return lease
                 attempt += 1
                 sent = clock.monotonic()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StoreMisconfigured) and not reached_store and not failures:
+                # The store's only answer refused the request (credentials, a
+                # permission): it did nothing, and a clean-up would be refused too.
+                raise
             # Cancelled, timed out or failed mid-call: the store may have granted or
             # queued us without our hearing the answer. Undo both: shielded, for
             # at most a share of the slack, then in the background.
