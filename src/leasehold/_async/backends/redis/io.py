@@ -44,6 +44,30 @@ from leasehold import _deadline
 _NO_LIMIT = 3600.0
 
 
+# Script calls skip redis-py's command layer (see RedisConnection._call): one
+# hiredis call packs the whole command; without hiredis, or for an argument it
+# cannot encode the way redis-py does (a str with lone surrogates), the
+# connection's own packer does it.
+_HIREDIS_PACK: Any = None
+try:
+    import hiredis
+
+    _HIREDIS_PACK = hiredis.pack_command
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    pass
+
+
+def pack_command(connection: Any, args: tuple[Any, ...]) -> Any:
+    """``args`` as RESP bytes for ``connection.send_packed_command``, the same
+    bytes redis-py's packer would produce."""
+    if _HIREDIS_PACK is not None:
+        try:
+            return [_HIREDIS_PACK(args)]
+        except (TypeError, UnicodeError):
+            pass
+    return connection.pack_command(*args)
+
+
 def cancellations() -> int:
     """Cancellation requests of the current task not yet taken back (0 outside a task)."""
     task = asyncio.current_task()
