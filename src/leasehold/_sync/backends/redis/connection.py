@@ -518,24 +518,23 @@ class RedisConnection(Store):
         """One command whose reply needs no parsing by redis-py (a script call).
 
         Standalone, it goes straight to a pooled connection: packed in one hiredis
-        call, sent, its reply read. redis-py's command layer (retry wrapper,
-        per-argument encoding, metrics hooks, reply callbacks) cost about 18 µs a
-        call on top, more than the server's work. What that layer did for us stays:
-        the connection class still attaches the socket to the operation's deadline
-        (redis/io.py); a connection that fails while sending or reading is
-        disconnected by redis-py's own send_packed_command / read_response (never
-        reused with a reply pending), and an error reply (NOSCRIPT, NOPERM, OOM)
-        is raised as redis-py's exception, the connection left clean; the pool
-        still waits up to socket_timeout for a free connection; nothing is
-        retried. In a cluster, redis-py's client routes the command (MOVED, ASK)."""
+        call, sent and its reply read by the connection's ``exchange`` (redis/io.py).
+        redis-py's command layer (retry wrapper, per-argument encoding, metrics
+        hooks, reply callbacks) cost about 18 µs a call on top (sync; more on
+        asyncio), more than the server's work. What that layer did for us stays:
+        the socket is attached to the operation's deadline; a connection that fails
+        while sending or reading is disconnected (never reused with a reply
+        pending), and an error reply (NOSCRIPT, NOPERM, OOM) is raised as
+        redis-py's exception, the connection left clean; the pool still waits up
+        to socket_timeout for a free connection; nothing is retried. In a cluster,
+        redis-py's client routes the command (MOVED, ASK)."""
         pool = connections.command_pool
         if pool is None:
             return self._execute(connections.commands, *command)
         before = cancellations()
         connection = pool.get_connection()
         try:
-            connection.send_packed_command(pack_command(connection, command))
-            reply = connection.read_response()
+            reply = connection.exchange(pack_command(connection, command))
         finally:
             pool.release(connection)
         # As in _execute: a cancellation swallowed while sending is raised again.

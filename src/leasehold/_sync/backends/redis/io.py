@@ -81,6 +81,12 @@ class _Bounded:
 
     _sock: Any
 
+    def exchange(self, packed: Any) -> Any:
+        """Send one packed command and read its reply. The sync connection has no
+        per-call timers to skip (its socket timeout is set once): see the async twin."""
+        self.send_packed_command(packed)
+        return self.read_response()  # type: ignore[attr-defined]
+
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         sock = self._sock
         if sock is not None:
