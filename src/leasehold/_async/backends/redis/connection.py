@@ -10,8 +10,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -358,6 +357,15 @@ class RedisConnection(AsyncStore):
         made, or its slot moved, during its call (see ``acquire``), so even that
         false alarm needs a proxy that hides restarts.
         """
+        if connections.cluster is None:
+            # Standalone, the common case: two dict reads, no lock, no coroutine.
+            # The generation first: _forget_run_id drops the run_id before it bumps
+            # the generation, so a run_id read after a generation is never older
+            # than it (a stamp taken meanwhile is then not current: see acquire).
+            generation = self._generations.get("", 0)
+            cached = self._run_ids.get("")
+            if cached is not None:
+                return _Stamp("", cached, generation)
         where, target = await self._owner(connections, key)
         with self._run_id_guard:
             cached = self._run_ids.get(where)
@@ -455,14 +463,8 @@ class RedisConnection(AsyncStore):
         kind = StoreMisconfigured if misconfigured else StoreUnavailable
         return kind(f"redis store {self.url.redacted}: {doing} failed: {self._scrub(detail)}")
 
-    @contextmanager
-    def _translated(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except _DRIVER_ERRORS as exc:
-            # `from None`: the driver's exception may carry connection details; what
-            # matters is already in the message.
-            raise self._unavailable(doing, exc) from None
+    def _translated(self, doing: str) -> _Translated:
+        return _Translated(self, doing)
 
     async def _execute(
         self,
@@ -623,6 +625,27 @@ class RedisConnection(AsyncStore):
                 node = random.choice(primaries)
                 return str(node.host), int(node.port)
         return self.options.host, self.options.port
+
+
+class _Translated:
+    """``with store._translated(doing):`` turns a driver error into the store's
+    (``_unavailable``). A class, not a generator-based context manager: it runs
+    around every store call."""
+
+    __slots__ = ("_doing", "_store")
+
+    def __init__(self, store: RedisConnection, doing: str) -> None:
+        self._store = store
+        self._doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if exc is not None and isinstance(exc, _DRIVER_ERRORS):
+            # `from None`: the driver's exception may carry connection details;
+            # what matters is already in the message.
+            raise self._store._unavailable(self._doing, exc) from None
 
 
 def _server_warnings(facts: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.cluster
 import redis.connection
+import redis.exceptions
 
 from leasehold import _deadline
 
@@ -81,11 +82,38 @@ class _Bounded:
 
     _sock: Any
 
+    _parser: Any
+    health_check_interval: Any
+
     def exchange(self, packed: Any) -> Any:
-        """Send one packed command and read its reply. The sync connection has no
-        per-call timers to skip (its socket timeout is set once): see the async twin."""
-        self.send_packed_command(packed)
-        return self.read_response()  # type: ignore[attr-defined]
+        """Send one packed command and read its reply (an error reply raised as
+        redis-py's exception), as send_packed_command + read_response do, without
+        their per-call bookkeeping (host strings for error messages, health-check
+        and timeout plumbing). The socket's own timeout (socket_timeout, set when
+        it connected) and the operation's deadline bound both steps; any failure
+        disconnects, and socket errors become redis-py's, as in redis-py."""
+        sock = self._sock
+        if sock is None or self.health_check_interval:
+            self.send_packed_command(packed)
+            return self.read_response()  # type: ignore[attr-defined]
+        _deadline.attach(sock.fileno())
+        try:
+            try:
+                for item in packed:
+                    sock.sendall(item)
+            except TimeoutError:
+                raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+            except OSError as exc:
+                raise redis.exceptions.ConnectionError(
+                    f"Error while writing to socket: {exc.args}"
+                ) from None
+            reply = self._parser.read_response()
+        except BaseException:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
+        return reply
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         sock = self._sock
