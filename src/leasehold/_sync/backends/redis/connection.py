@@ -92,6 +92,7 @@ class _Connections:
     # and the one connection they keep out of it between calls (see _call).
     command_pool: Any = None
     spare: list[Any] | None = None
+    blocking_pool: Any = None
 
 
 class _Stamp(NamedTuple):
@@ -273,6 +274,7 @@ class RedisConnection(Store):
             blocking=redis.Redis(connection_pool=blocking_pool),
             pools=(command_pool, blocking_pool),
             command_pool=command_pool,
+            blocking_pool=blocking_pool,
             # redis-py 5.1+ exposes the check the pool runs on every checkout; a
             # pool of one connection must never have it kept out of it.
             spare=(
@@ -525,7 +527,9 @@ class RedisConnection(Store):
                 self._load_script(connections, script, [keys[0]])
                 return self._call(connections, command)
 
-    def _call(self, connections: _Connections, command: tuple[Any, ...]) -> Any:
+    def _call(
+        self, connections: _Connections, command: tuple[Any, ...], blocking: bool = False
+    ) -> Any:
         """One command whose reply needs no parsing by redis-py (a script call).
 
         Standalone, it goes straight to a pooled connection: packed in one hiredis
@@ -547,12 +551,19 @@ class RedisConnection(Store):
         out (``ensure_connection``: reconnected if the server closed it or it has
         unread data), and it counts against max_connections like any connection in
         use; every caller takes it before asking the pool, and a pool of one
-        connection keeps none."""
-        pool = connections.command_pool
-        if pool is None:
-            return self._execute(connections.commands, *command)
+        connection keeps none.
+
+        ``blocking``: on a connection reserved for blocking calls (BLPOP; see
+        waiting.py), which fails at once when all are busy, and keeps no spare."""
+        if blocking:
+            pool, spare = connections.blocking_pool, None
+            if pool is None:
+                return self._execute(connections.blocking, *command, wait_for_connection=False)
+        else:
+            pool, spare = connections.command_pool, connections.spare
+            if pool is None:
+                return self._execute(connections.commands, *command)
         before = cancellations()
-        spare = connections.spare
         connection = None
         if spare:
             try:
