@@ -91,6 +91,7 @@ class _Connections:
     command_pool: Any = None
     spare: list[Any] | None = None
     blocking_pool: Any = None
+    blocking_spare: list[Any] | None = None
 
 
 class _Stamp(NamedTuple):
@@ -273,6 +274,9 @@ class RedisConnection(AsyncStore):
             pools=(command_pool, blocking_pool),
             command_pool=command_pool,
             blocking_pool=blocking_pool,
+            # The blocking pool never makes a caller wait for a connection (wait()
+            # polls when all are busy), so one kept out of it starves nobody.
+            blocking_spare=[] if hasattr(blocking_pool, "ensure_connection") else None,
             # redis-py 5.1+ exposes the check the pool runs on every checkout; a
             # pool of one connection must never have it kept out of it.
             spare=(
@@ -552,9 +556,9 @@ class RedisConnection(AsyncStore):
         connection keeps none.
 
         ``blocking``: on a connection reserved for blocking calls (BLPOP; see
-        waiting.py), which fails at once when all are busy, and keeps no spare."""
+        waiting.py), whose pool fails at once when all are busy."""
         if blocking:
-            pool, spare = connections.blocking_pool, None
+            pool, spare = connections.blocking_pool, connections.blocking_spare
             if pool is None:
                 return await self._execute(
                     connections.blocking, *command, wait_for_connection=False
