@@ -138,16 +138,20 @@ local function purge_queue(k, now)
     return waiting
 end
 
--- Give the queue keys a TTL covering the latest queue expiry in them (they vanish
--- by themselves once empty: Redis deletes empty zsets and hashes).
-local function settle_queue(k, now, waiting)
-    if waiting > 0 then
-        local top = redis.call('ZRANGE', k.queue_expiry, -1, -1, 'WITHSCORES')
-        local ms = ttl_ms(tonumber(top[2]), now)
-        redis.call('PEXPIRE', k.queue, ms)
-        redis.call('PEXPIRE', k.queue_expiry, ms)
-        redis.call('PEXPIRE', k.queue_info, ms)
-    end
+-- Make the queue keys live at least until `until_us` (the queue expiry of a waiter
+-- just queued or refreshed) plus the grace. Every entry passes here when it is
+-- added or moved later, so the keys' TTLs always cover every entry in them, and
+-- an entry leaving needs no TTL change: Redis deletes empty zsets and hashes, and
+-- a TTL longer than the rest needs only keeps them a little longer (scripts that
+-- only remove or hand over waiters run no TTL commands). `fresh`: nobody was
+-- queued, so the keys were just created and have no TTL yet; otherwise they have
+-- one (given in the script that created them), which GT only ever raises.
+local function cover_queue(k, until_us, now, fresh)
+    local ms = ttl_ms(until_us, now)
+    local only_raise = fresh and {} or {'GT'}
+    redis.call('PEXPIRE', k.queue, ms, unpack(only_raise))
+    redis.call('PEXPIRE', k.queue_expiry, ms, unpack(only_raise))
+    redis.call('PEXPIRE', k.queue_info, ms, unpack(only_raise))
 end
 
 local function find(list, token)
