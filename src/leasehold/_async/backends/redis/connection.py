@@ -235,9 +235,14 @@ class RedisConnection(AsyncStore):
         except that redis-py's sync cluster client discovers the cluster when built)."""
         if self._closed:
             raise StoreUnavailable(f"redis store {self.url.redacted}: the store is closed")
+        # Every call comes here: once made, this process's connections are read
+        # without the lock (one attribute read; replacing them happens under it).
+        current = self._connections
+        pid = os.getpid()
+        if current is not None and current.pid == pid:
+            return current
         with self._guard:
             current = self._connections
-            pid = os.getpid()
             if current is not None and current.pid == pid:
                 return current
             if current is not None:
@@ -414,8 +419,8 @@ class RedisConnection(AsyncStore):
         return self._restart_counts.get(where, 0)
 
     def _stamp_is_current(self, connections: _Connections, key: str, stamp: _Stamp) -> bool:
-        with self._run_id_guard:
-            fresh = self._generations.get(stamp.where, 0) == stamp.generation
+        # One dict read (atomic): generations only grow.
+        fresh = self._generations.get(stamp.where, 0) == stamp.generation
         return fresh and self._still_owner(connections, key, stamp.where)
 
     # -- errors --------------------------------------------------------------
