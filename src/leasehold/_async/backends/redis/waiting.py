@@ -9,12 +9,8 @@ from typing import Final
 from redis import exceptions as redis_errors
 
 from leasehold._async._concurrency import sleep
-from leasehold._async.backends.redis.connection import (
-    _DRIVER_ERRORS,
-    RedisConnection,
-    _Connections,
-    _pool_exhausted,
-)
+from leasehold._async.backends.redis.connection import RedisConnection, _Connections
+from leasehold._async.backends.redis.errors import _DRIVER_ERRORS, _pool_exhausted
 from leasehold._core.records import HandedOver, WaitResult
 
 # How late Redis may answer a BLPOP that timed out: one tick at the default hz 10.
