@@ -8,8 +8,12 @@
 -- * Times are microseconds on the Redis server's clock (TIME). Lua numbers are
 --   doubles, exact for integers below 2^53 (until the year 2255 in microseconds).
 -- * A holder is live while its expiry > now; a waiter while its queue expiry > now.
--- * Numbers that are stored as text or passed to commands go through fmt(), because
---   Lua's tostring() would write 1.7e+15.
+-- * Microsecond times and fences that are stored as text or passed to commands go
+--   through fmt(), because Lua's tostring() would write 1.7e+15 (it keeps 14
+--   digits). Milliseconds (TTLs) are small integers and are passed as they are.
+-- * Every command a script runs costs about a microsecond of server time on top of
+--   its own work (the scripting layer), more than most of the commands themselves:
+--   an uncontended acquire runs 7, a release 4 (see docs/backends.md).
 -- * A name's holders are ONE key, a MessagePack value read with one GET and written
 --   with one SET (plus its PX): a script costs a handful of commands, not dozens.
 --   cmsgpack stores integral numbers as integers, so microsecond times round-trip
@@ -68,8 +72,8 @@ end
 -- GT treats a key without a TTL as never expiring, hence the NX fallback (which
 -- also does nothing to a missing key).
 local function keep_alive(key, ms)
-    if redis.call('PEXPIRE', key, fmt(ms), 'GT') == 0 then
-        redis.call('PEXPIRE', key, fmt(ms), 'NX')
+    if redis.call('PEXPIRE', key, ms, 'GT') == 0 then
+        redis.call('PEXPIRE', key, ms, 'NX')
     end
 end
 
@@ -134,16 +138,20 @@ local function purge_queue(k, now)
     return waiting
 end
 
--- Give the queue keys a TTL covering the latest queue expiry in them (they vanish
--- by themselves once empty: Redis deletes empty zsets and hashes).
-local function settle_queue(k, now, waiting)
-    if waiting > 0 then
-        local top = redis.call('ZRANGE', k.queue_expiry, -1, -1, 'WITHSCORES')
-        local ms = fmt(ttl_ms(tonumber(top[2]), now))
-        redis.call('PEXPIRE', k.queue, ms)
-        redis.call('PEXPIRE', k.queue_expiry, ms)
-        redis.call('PEXPIRE', k.queue_info, ms)
-    end
+-- Make the queue keys live at least until `until_us` (the queue expiry of a waiter
+-- just queued or refreshed) plus the grace. Every entry passes here when it is
+-- added or moved later, so the keys' TTLs always cover every entry in them, and
+-- an entry leaving needs no TTL change: Redis deletes empty zsets and hashes, and
+-- a TTL longer than the rest needs only keeps them a little longer (scripts that
+-- only remove or hand over waiters run no TTL commands). `fresh`: nobody was
+-- queued, so the keys were just created and have no TTL yet; otherwise they have
+-- one (given in the script that created them), which GT only ever raises.
+local function cover_queue(k, until_us, now, fresh)
+    local ms = ttl_ms(until_us, now)
+    local only_raise = fresh and {} or {'GT'}
+    redis.call('PEXPIRE', k.queue, ms, unpack(only_raise))
+    redis.call('PEXPIRE', k.queue_expiry, ms, unpack(only_raise))
+    redis.call('PEXPIRE', k.queue_info, ms, unpack(only_raise))
 end
 
 local function find(list, token)
@@ -156,9 +164,16 @@ local function find(list, token)
 end
 
 -- The next fence of the name's bucket: max(floor + 1, now), recorded as the floor.
+-- One command in the common case (the floor is behind the clock): SET ... GET
+-- records `now` and returns the floor it replaced; only when that floor was not
+-- behind `now` (fences drawn in the same microsecond, a clock stepped back) is
+-- floor + 1 recorded instead, in the same atomic script.
 local function next_fence(k, now)
-    local floor = tonumber(redis.call('GET', k.floor) or '0')
-    local fence = math.max(floor + 1, now)
+    local floor = tonumber(redis.call('SET', k.floor, fmt(now), 'GET') or '0')
+    if floor < now then
+        return now
+    end
+    local fence = floor + 1
     redis.call('SET', k.floor, fmt(fence))
     return fence
 end
@@ -212,11 +227,20 @@ end
 
 -- Keep the bucket's name index in step with a grant or renewal: the name stays
 -- listed (for leases()) until `expiry`. Entries of names whose holders are gone are
--- dropped here as their scores pass, so the index stays as small as what is held.
+-- dropped as their scores pass, so the index stays as small as what is held.
+-- Fewest commands for the common cases: a name listed already only raises its score
+-- and the key's TTL (the key has one: every script that creates it gives it one in
+-- the same step); a name that creates the index (PEXPIRE NX succeeds: a key made
+-- just now by ZADD) has nothing to sweep; only a name new to an index with other
+-- entries sweeps those whose scores have passed.
 local function index_holder(k, expiry, now)
-    redis.call('ZREMRANGEBYSCORE', k.index, '-inf', fmt(now))
-    redis.call('ZADD', k.index, 'GT', fmt(expiry), k.name)
-    keep_alive(k.index, ttl_ms(expiry, now))
+    local ms = ttl_ms(expiry, now)
+    if redis.call('ZADD', k.index, 'GT', fmt(expiry), k.name) == 0 then
+        redis.call('PEXPIRE', k.index, ms, 'GT')
+    elseif redis.call('PEXPIRE', k.index, ms, 'NX') == 0 then
+        redis.call('ZREMRANGEBYSCORE', k.index, '-inf', fmt(now))
+        redis.call('PEXPIRE', k.index, ms, 'GT')
+    end
 end
 
 -- Write the holders back with a TTL that covers every expiry in them (so a name
@@ -229,6 +253,6 @@ local function save(s, k, now)
     if latest <= now then
         redis.call('DEL', k.state)
     else
-        redis.call('SET', k.state, cmsgpack.pack(s), 'PX', fmt(ttl_ms(latest, now)))
+        redis.call('SET', k.state, cmsgpack.pack(s), 'PX', ttl_ms(latest, now))
     end
 end

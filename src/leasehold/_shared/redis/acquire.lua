@@ -62,7 +62,6 @@ if mine then
     s[1] = limit
     index_holder(k, math.max(h[2], index_until or 0), now)
     save(s, k, now)
-    settle_queue(k, now, waiting)
     return {1, h[3]}
 end
 
@@ -83,11 +82,11 @@ if ahead < limit - #holders then
     s[1] = limit
     index_holder(k, math.max(now + ttl, index_until or 0), now)
     save(s, k, now)
-    settle_queue(k, now, waiting)
     return {1, fence}
 end
 
 if queue_ttl then
+    local fresh = waiting == 0
     if not position then
         local arrival = now
         if waiting > 0 then
@@ -102,7 +101,7 @@ if queue_ttl then
     end
     redis.call('ZADD', k.queue_expiry, fmt(now + queue_ttl), token)
     redis.call('HSET', k.queue_info, token, fmt(limit) .. ' ' .. fmt(ttl) .. ' ' .. holder)
-    settle_queue(k, now, waiting)
+    cover_queue(k, now + queue_ttl, now, fresh)
 end
 if index_until then
     index_holder(k, index_until, now)

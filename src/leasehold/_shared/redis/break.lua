@@ -22,12 +22,11 @@ for _, h in ipairs(s[2]) do
     end
 end
 s[2] = {}
-local index_until, left = hand_over(s, k, now, ARGV[3] or '', nil, waiting)
+local index_until = hand_over(s, k, now, ARGV[3] or '', nil, waiting)
 if index_until then
     index_holder(k, index_until, now)
 else
     redis.call('ZREM', k.index, k.name)
 end
 save(s, k, now)
-settle_queue(k, now, left)
 return removed

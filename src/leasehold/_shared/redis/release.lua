@@ -30,7 +30,9 @@ if mine then
         redis.call('DEL', k.signal_prefix .. token)
     end
 end
-if waiting > 0 and redis.call('ZREM', k.queue, token) == 1 then
+-- A holder is never queued (every grant unqueues its token), so only a token that
+-- holds nothing may be a waiter giving up.
+if waiting > 0 and not mine and redis.call('ZREM', k.queue, token) == 1 then
     redis.call('ZREM', k.queue_expiry, token)
     redis.call('HDEL', k.queue_info, token)
     waiting = waiting - 1
@@ -50,5 +52,4 @@ end
 if dirty then
     save(s, k, now)
 end
-settle_queue(k, now, waiting)
 return held

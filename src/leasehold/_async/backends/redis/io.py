@@ -36,12 +36,37 @@ from typing import Any
 import redis.asyncio.cluster
 import redis.asyncio.connection
 import redis.connection
+import redis.exceptions
 from redis.utils import HIREDIS_AVAILABLE
 
 from leasehold import _deadline
 
 # Outside any operation, the configured connect timeout alone bounds a connect.
 _NO_LIMIT = 3600.0
+
+
+# Script calls skip redis-py's command layer (see RedisConnection._call): one
+# hiredis call packs the whole command; without hiredis, or for an argument it
+# cannot encode the way redis-py does (a str with lone surrogates), the
+# connection's own packer does it.
+_HIREDIS_PACK: Any = None
+try:
+    import hiredis
+
+    _HIREDIS_PACK = hiredis.pack_command
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    pass
+
+
+def pack_command(connection: Any, args: tuple[Any, ...]) -> Any:
+    """``args`` as RESP bytes for ``connection.send_packed_command``, the same
+    bytes redis-py's packer would produce."""
+    if _HIREDIS_PACK is not None:
+        try:
+            return [_HIREDIS_PACK(args)]
+        except (TypeError, UnicodeError):
+            pass
+    return connection.pack_command(*args)
 
 
 def cancellations() -> int:
@@ -107,6 +132,38 @@ class _Bounded:
     sends on it (the handshake of a new connection included)."""
 
     _writer: Any
+    _parser: Any
+    socket_timeout: float | None
+    health_check_interval: float
+
+    async def exchange(self, packed: Any) -> Any:
+        """Send one packed command and read its reply (an error reply raised as
+        redis-py's exception), as send_packed_command + read_response do, without
+        their two asyncio timers per call (a task for ``wait_for`` around the send,
+        a timeout around the read: together about 25 µs, more than the rest of a
+        script call's client side). Under an operation deadline no later than
+        socket_timeout, that deadline bounds the call instead: the socket is
+        attached to it and shut down when it passes, which ends the read (see
+        leasehold._deadline). Elsewhere, and on connections with health checks,
+        the redis-py calls run. Any failure disconnects, as redis-py does."""
+        writer = self._writer
+        limit = self.socket_timeout or _NO_LIMIT
+        if writer is None or self.health_check_interval or _deadline.remaining(_NO_LIMIT) > limit:
+            await self.send_packed_command(packed)
+            return await self.read_response()  # type: ignore[attr-defined]
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            _deadline.attach(sock.fileno())
+        try:
+            writer.writelines(packed)
+            await writer.drain()
+            reply = await self._parser.read_response()
+        except BaseException:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
+        return reply
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         writer = self._writer
@@ -130,6 +187,12 @@ class _Bounded:
 
 class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
+        # redis-py splits a command name with spaces ("CLUSTER SLOTS") into words.
+        if _HIREDIS_PACK is not None and isinstance(args[0], str) and " " not in args[0]:
+            try:
+                return [_HIREDIS_PACK(args)]
+            except (TypeError, UnicodeError):
+                pass
         packed: list[bytes] = _HIREDIS_SERIALIZER.pack(*args)
         return packed
 

@@ -36,11 +36,10 @@ from redis import exceptions as redis_errors
 
 from leasehold._async._concurrency import sleep
 from leasehold._async.backends.redis.connection import (
-    _DRIVER_ERRORS,
     _POOL_POLL,
     _Connections,
-    _server_warnings,
 )
+from leasehold._async.backends.redis.errors import _DRIVER_ERRORS, _server_warnings
 from leasehold._async.backends.redis.io import (
     cancellations,
     close_cluster,

@@ -9,12 +9,8 @@ from typing import Final
 from redis import exceptions as redis_errors
 
 from leasehold._async._concurrency import sleep
-from leasehold._async.backends.redis.connection import (
-    _DRIVER_ERRORS,
-    RedisConnection,
-    _Connections,
-    _pool_exhausted,
-)
+from leasehold._async.backends.redis.connection import RedisConnection, _Connections
+from leasehold._async.backends.redis.errors import _DRIVER_ERRORS, _pool_exhausted
 from leasehold._core.records import HandedOver, WaitResult
 
 # How late Redis may answer a BLPOP that timed out: one tick at the default hz 10.
@@ -65,22 +61,21 @@ class RedisWaiting(RedisConnection):
             # 0, which means "forever".
             block_for = min(remaining - _BLPOP_OVERRUN, self._block_slice)
             if block_for < 0.01:
-                popped = await self._execute(connections.commands, "LPOP", signal)
+                popped = await self._call(connections, ("LPOP", signal))
                 if popped is not None or remaining <= 0:
                     return _signalled(popped)
                 await sleep(min(remaining, _TAIL_POLL))
                 continue
             blpop = ("BLPOP", signal, f"{block_for:.3f}")
             try:
-                popped = await self._execute(
-                    connections.blocking, *blpop, wait_for_connection=False
-                )
+                # Straight to the connection, as script calls (see _call).
+                popped = await self._call(connections, blpop, blocking=True)
             except redis_errors.ConnectionError as exc:
                 if not _pool_exhausted(exc):
                     raise
                 # Every blocking connection is in use: poll rather than fail (the
                 # signal stays in its list, so it is only noticed later, not lost).
-                popped = await self._execute(connections.commands, "LPOP", signal)
+                popped = await self._call(connections, ("LPOP", signal))
                 if popped is not None:
                     return _signalled(popped)
                 await sleep(min(remaining, _BUSY_POLL))

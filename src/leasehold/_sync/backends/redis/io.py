@@ -14,11 +14,36 @@ from typing import Any
 
 import redis.cluster
 import redis.connection
+import redis.exceptions
 
 from leasehold import _deadline
 
 # Outside any operation, the configured connect timeout alone bounds a connect.
 _NO_LIMIT = 3600.0
+
+
+# Script calls skip redis-py's command layer (see RedisConnection._call): one
+# hiredis call packs the whole command; without hiredis, or for an argument it
+# cannot encode the way redis-py does (a str with lone surrogates), the
+# connection's own packer does it.
+_HIREDIS_PACK: Any = None
+try:
+    import hiredis
+
+    _HIREDIS_PACK = hiredis.pack_command
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    pass
+
+
+def pack_command(connection: Any, args: tuple[Any, ...]) -> Any:
+    """``args`` as RESP bytes for ``connection.send_packed_command``, the same
+    bytes redis-py's packer would produce."""
+    if _HIREDIS_PACK is not None:
+        try:
+            return [_HIREDIS_PACK(args)]
+        except (TypeError, UnicodeError):
+            pass
+    return connection.pack_command(*args)
 
 
 def cancellations() -> int:
@@ -56,6 +81,39 @@ class _Bounded:
     sends on it (the handshake of a new connection included): see the async twin."""
 
     _sock: Any
+
+    _parser: Any
+    health_check_interval: Any
+
+    def exchange(self, packed: Any) -> Any:
+        """Send one packed command and read its reply (an error reply raised as
+        redis-py's exception), as send_packed_command + read_response do, without
+        their per-call bookkeeping (host strings for error messages, health-check
+        and timeout plumbing). The socket's own timeout (socket_timeout, set when
+        it connected) and the operation's deadline bound both steps; any failure
+        disconnects, and socket errors become redis-py's, as in redis-py."""
+        sock = self._sock
+        if sock is None or self.health_check_interval:
+            self.send_packed_command(packed)
+            return self.read_response()  # type: ignore[attr-defined]
+        _deadline.attach(sock.fileno())
+        try:
+            try:
+                for item in packed:
+                    sock.sendall(item)
+            except TimeoutError:
+                raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+            except OSError as exc:
+                raise redis.exceptions.ConnectionError(
+                    f"Error while writing to socket: {exc.args}"
+                ) from None
+            reply = self._parser.read_response()
+        except BaseException:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
+        return reply
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         sock = self._sock

@@ -38,11 +38,10 @@ from redis import exceptions as redis_errors
 
 from leasehold._sync._concurrency import sleep
 from leasehold._sync.backends.redis.connection import (
-    _DRIVER_ERRORS,
     _POOL_POLL,
     _Connections,
-    _server_warnings,
 )
+from leasehold._sync.backends.redis.errors import _DRIVER_ERRORS, _server_warnings
 from leasehold._sync.backends.redis.io import (
     cancellations,
     close_cluster,
