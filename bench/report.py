@@ -487,6 +487,31 @@ def _short(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")[:160]
 
 
+BREAKDOWN_INTRO = (
+    "What `python -m bench.probes` reports for one uncontended acquire + release, run "
+    "in this same run against the same servers, one process, nothing else running: "
+    "round trips, what the server ran and the time it spent, WAL flushes (PostgreSQL), "
+    "client CPU and Python function calls (cProfile counts; each resumption of a "
+    "coroutine counts as a call, so compare asyncio only with itself). Wall times here "
+    "are single-process p50s, not the table's medians of repeats."
+)
+BREAKDOWN_ORDER = ("redis", "postgres", "postgres-relaxed", "sqlite", "keeper")
+
+
+def breakdown_text(data: dict[str, Any]) -> str:
+    probes = data["results"]["breakdown"]["probes"]
+    blocks = [BREAKDOWN_INTRO, ""]
+    for which in BREAKDOWN_ORDER:
+        found = probes.get(which)
+        if found is None:
+            continue
+        if "error" in found:
+            blocks.append(f"- {which}: probe failed: {_short(found['error'])}")
+            continue
+        blocks.append(f"**{which}**\n\n```\n" + "\n".join(found["lines"]) + "\n```\n")
+    return "\n".join(blocks)
+
+
 def results_markdown(data: dict[str, Any], target_rows: list[dict[str, Any]]) -> str:
     res = data["results"]
     parts = [f"## Targets\n\n{targets_table(target_rows)}\n"]
@@ -506,6 +531,8 @@ def results_markdown(data: dict[str, Any], target_rows: list[dict[str, Any]]) ->
         parts.append("## 4. Herd: 1,000 asyncio waiters on one lock\n\n" + herd_table(data) + "\n")
     if "scale" in res:
         parts.append("## 5. Scale: many live names\n\n" + scale_table(data) + "\n")
+    if "breakdown" in res:
+        parts.append("## 6. Where the time goes\n\n" + breakdown_text(data) + "\n")
     if data["unavailable"]:
         rows = [[label(data, k), _short(v)] for k, v in data["unavailable"].items()]
         parts.append("## Not measured\n\n" + table(["subject", "why"], rows) + "\n")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import contention, herd, renewal, report, scale, uncontended
+from bench import breakdown, contention, herd, renewal, report, scale, uncontended
 from bench.common import isolated, machine
 from bench.servers import EtcdServer, PostgresServer, RedisServer, Unavailable
 from bench.subjects import BY_KEY, SUBJECTS, needs, version
@@ -37,6 +37,7 @@ SCENARIOS = {
     "renewal": renewal,
     "herd": herd,
     "scale": scale,
+    "breakdown": breakdown,  # last: its PostgreSQL probe changes server settings
 }
 
 
@@ -75,6 +76,7 @@ class Context:
     rng: random.Random
     available: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)  # the server objects, by name
 
     def __getattr__(self, name: str) -> Any:  # ctx.s1_seconds etc.
         return getattr(self.settings, name)
@@ -150,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         "--groups", default="", help="comma-separated subject groups: redis,postgres,etcd,local"
     )
     args = parser.parse_args(argv)
-    only = [s for s in args.only.split(",") if s] or list(SCENARIOS)
+    # The probes (breakdown) are left out of a quick run unless asked for.
+    only = [s for s in args.only.split(",") if s] or [
+        s for s in SCENARIOS if not (args.quick and s == "breakdown")
+    ]
     unknown = set(only) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if groups and name not in groups:
             continue
         try:
-            servers[name] = launcher()
+            servers[name] = ctx.servers[name] = launcher()
             ctx.env[name] = servers[name].url
             ctx.log(f"{name} at {servers[name].url}")
         except (Unavailable, OSError) as exc:

