@@ -72,8 +72,23 @@ def facts() -> dict[str, Any]:
         f"Linux {platform.release()}, Python {platform.python_version()}",
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "redis_server": _run(["redis-server", "--version"]),
+        "etcd_server": _etcd_version(),
         "versions": versions,
     }
+
+
+def _etcd_version() -> str:
+    """The etcd the fault suite starts (tests/servers/etcd.py picks it)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests.servers.etcd import etcd_binary
+
+        binary = etcd_binary()
+    finally:
+        sys.path.remove(str(ROOT))
+    if binary is None:
+        return "not installed"
+    return _run([binary, "--version"]).splitlines()[0]
 
 
 def run_suite(extra: list[str]) -> dict[str, Any]:
@@ -238,6 +253,7 @@ def render(data: dict[str, Any]) -> str:
         "{{LOAD}}": f"{run['load_before']} / {run.get('load_after', '?')}",
         "{{DURATION}}": f"{run['duration_s'] / 60:.1f} min",
         "{{SERVERS}}": run["redis_server"],
+        "{{ETCD}}": run.get("etcd_server") or "version not recorded by this run",
         "{{VERSIONS}}": ", ".join(f"{k} {v}" for k, v in sorted(run["versions"].items())),
         "{{PYTEST}}": "passed"
         if run["pytest_exit"] == 0
