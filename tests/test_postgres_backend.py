@@ -8,6 +8,7 @@ sync store runs a few of the same checks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1456,6 +1457,17 @@ def test_records_errors_are_store_unavailable() -> None:
         store.close()
 
 
+@contextlib.asynccontextmanager
+async def _operation_connection(store: Any) -> AsyncIterator[Any]:
+    """The connection the store's next call would use, taken the way its calls take
+    it (its spare one, kept out of the pool between calls, else the pool's)."""
+    conn, pooled = await store._getconn(store._pool)
+    try:
+        yield conn
+    finally:
+        await store._putconn(store._pool, conn, pooled)
+
+
 def test_records_in_pooler_mode(pg: PostgresServer) -> None:
     async def main() -> None:
         store = astore(_url(pg, pooler="transaction"))
@@ -1471,7 +1483,7 @@ def test_records_in_pooler_mode(pg: PostgresServer) -> None:
                 version = new
             assert store._listener is None
             assert store._pool is not None
-            async with store._pool.connection() as conn:
+            async with _operation_connection(store) as conn:
                 assert conn.prepare_threshold is None
         finally:
             await store.aclose()
@@ -1690,7 +1702,7 @@ def test_pooler_mode_polls_without_session_state(pg: PostgresServer) -> None:
             assert time.monotonic() - started >= 0.19
             assert isinstance(await store.acquire(req(name, waiter, queue_ttl=10)), Granted)
             assert store._pool is not None
-            async with store._pool.connection() as conn:
+            async with _operation_connection(store) as conn:
                 assert conn.prepare_threshold is None
                 options = (await (await conn.execute("SHOW statement_timeout")).fetchone())[0]
                 assert options == "0"  # no startup options behind a pooler

@@ -153,3 +153,33 @@ def test_control_unshared_stores_are_counted(postgres_server: Any, app_url: str)
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_pool_of_one_serves_threads_that_call_at_once(postgres_server: Any, app_url: str) -> None:
+    """Between calls the one operation connection waits in the store's spare slot,
+    outside psycopg_pool; a call that finds it busy waits in the pool, so the
+    connection must go back through the pool while anyone waits there, or that
+    caller would starve until its PoolTimeout (StoreUnavailable)."""
+    client = leasehold.Client(app_url)
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for _ in range(40):
+                client.lock(f"conn:spare:{index}", ttl=30).acquire(timeout=10).release()
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        store: Any = client.store
+        assert store._pool_waiting == 0
+        assert store._checked_out == 1  # the spare, idle again
+        assert connections(postgres_server, app_url) <= 2  # and the LISTEN one
+    finally:
+        client.close()

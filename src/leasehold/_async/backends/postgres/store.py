@@ -392,7 +392,11 @@ class AsyncPostgresStore(PostgresConnection):
         if listener is not None:
             await listener.aclose()
         await self._announcements.aclose()
+        with self._spare_guard:
+            spare, self._spare = self._spare, None
         if pool is not None:
+            if spare is not None:
+                await pool.putconn(spare)  # closed with the pool's others
             # psycopg_pool waits 5 s by default for each worker, which may be
             # trying to connect to a stalled server; closing keeps a tighter bound.
             await pool.close(timeout=min(_POOL_CLOSE, self.operation_timeout))

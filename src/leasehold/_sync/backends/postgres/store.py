@@ -394,7 +394,11 @@ class PostgresStore(PostgresConnection):
         if listener is not None:
             listener.close()
         self._announcements.close()
+        with self._spare_guard:
+            spare, self._spare = self._spare, None
         if pool is not None:
+            if spare is not None:
+                pool.putconn(spare)  # closed with the pool's others
             # psycopg_pool waits 5 s by default for each worker, which may be
             # trying to connect to a stalled server; closing keeps a tighter bound.
             pool.close(timeout=min(_POOL_CLOSE, self.operation_timeout))
