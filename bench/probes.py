@@ -227,6 +227,73 @@ def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
         print(f"  {sum(durations) / 200 * 1000:7.1f} us  x{len(durations) / 200:.0f}  {query}")
 
 
+def postgres_floor(server: PostgresServer) -> None:
+    """What this server and disk cost a durable grant by themselves, measured now: the
+    settings every commit depends on (the bench's server keeps PostgreSQL's defaults,
+    what a production install has), where the data directory is, and the p50 of a
+    one-row INSERT committed with and without waiting for its WAL flush, with the
+    server time of that flush (pg_stat_wal). The shared disk of a VM makes the flush
+    vary tenfold between runs (fdatasync: ~33 us idle, 300 us to 3.5 ms while other
+    jobs write), so read the durable rows of the same run against this one."""
+    import os
+
+    import psycopg
+
+    names = (
+        "wal_sync_method", "full_page_writes", "wal_buffers", "commit_delay",
+        "synchronous_commit", "wal_writer_delay", "wal_writer_flush_after", "fsync",
+    )  # fmt: skip
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)",
+            (list(names),),
+        ).fetchall()
+        settings = ", ".join(f"{name}={value}" for name, value in sorted(rows))
+        conn.execute("ALTER SYSTEM SET track_wal_io_timing = on")  # as postgres_probe
+        conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.2)
+        conn.execute("CREATE TABLE IF NOT EXISTS probe_flush (x integer)")
+        insert = "INSERT INTO probe_flush VALUES (1)"
+
+        def flushes() -> tuple[float, float]:
+            row = conn.execute("SELECT wal_sync, wal_sync_time FROM pg_stat_wal").fetchone()
+            return float(row[0]), float(row[1])
+
+        conn.execute(insert)
+        conn.execute("SELECT pg_stat_force_next_flush()")  # publish, before and after
+        syncs, sync_ms = flushes()
+        durable = p50_us(lambda: conn.execute(insert), 500)
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        syncs2, sync_ms2 = flushes()
+        conn.execute("SET synchronous_commit = off")
+        lazy = p50_us(lambda: conn.execute(insert), 500)
+        conn.execute("DROP TABLE probe_flush")
+    per_flush = (sync_ms2 - sync_ms) * 1000 / max(1.0, syncs2 - syncs)
+    stat = os.statvfs(server.data)
+    print(f"postgres server: {settings}; data directory {server.data} ({_filesystem(server.data)})")
+    print(
+        f"postgres floor p50: one-row INSERT {durable:.0f} us durable, {lazy:.0f} us with "
+        f"synchronous_commit=off; one WAL flush {per_flush:.0f} us of server time "
+        f"(this disk, now; {stat.f_bavail * stat.f_frsize >> 30} GiB free)"
+    )
+
+
+def _filesystem(path: Any) -> str:
+    """The mount (filesystem type and device) holding ``path``, from /proc/mounts."""
+    import os
+
+    best = ("", "?", "?")
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                device, point, kind = line.split()[:3]
+                if str(path).startswith(point) and len(point) >= len(best[0]):
+                    best = (point, kind, device)
+    except OSError:
+        return "unknown filesystem"
+    return f"{best[1]} on {best[2]}, mounted at {best[0] or os.sep}"
+
+
 def sqlite_probe(url: str) -> None:
     import leasehold
 
@@ -266,6 +333,7 @@ def main(argv: list[str]) -> int:
         if "redis" in wanted and redis_server:
             redis_probe(redis_server.url)
         if "postgres" in wanted and pg_server:
+            postgres_floor(pg_server)
             postgres_probe(pg_server)
             postgres_probe(pg_server, relaxed=True)
         if "sqlite" in wanted:
