@@ -36,6 +36,7 @@ psycopg = pytest.importorskip("psycopg")
 from leasehold import Client  # noqa: E402
 from leasehold._async.backends.postgres import options as pg_options  # noqa: E402
 from leasehold._async.backends.postgres import relaxed as apg_relaxed  # noqa: E402
+from leasehold._async.backends.postgres import schema as pg_schema  # noqa: E402
 from leasehold._async.backends.postgres import store as apg  # noqa: E402
 from leasehold._core.records import Busy, Granted, RenewItem  # noqa: E402
 from leasehold._core.url import parse  # noqa: E402
@@ -445,8 +446,8 @@ def test_upgrade_from_schema_version_6_keeps_holders_and_the_queue(pg: PostgresS
     assert pg.execute(call, (name, waiter, 60.0)) == [(False, None)]  # queued by version 6
     store = sstore(_url(pg, schema=schema))
     try:
-        assert store.release(name, holder) is True  # installs version 7, hands over
-        assert pg.execute(f"SELECT {schema}.schema_version()") == [(7,)]
+        assert store.release(name, holder) is True  # installs the current version, hands over
+        assert pg.execute(f"SELECT {schema}.schema_version()") == [(pg_schema.SCHEMA_VERSION,)]
         (info,) = store.holders(name)
         assert info.fence > old_fence
         confirmed = store.acquire(req(name, waiter))  # the waiter confirms its grant
