@@ -1028,7 +1028,17 @@ def test_three_candidate_processes_leader_paused_or_killed(
                 procs[identity] = start_candidate(url, name, identity, modes[len(procs)], events)
             # The successor was not disturbed by the resumed one: it still leads, or
             # its own renewals came too late (a stall of its process or disk on a
-            # loaded machine), never "refused" because the resumed one took over.
+            # loaded machine), never "refused" because the resumed one took over. A
+            # starved successor may record its loss only after the next grant.
+            if watcher.leaders()[-1] != successor:
+                wait_until(
+                    lambda s=successor: any(
+                        e[0] == s.identity and e[2] == "lost" and e[3] == s.term
+                        for e in read_events(events)
+                    ),
+                    5,
+                    f"term {successor.term}'s holder to record how it lost",
+                )
             assert undisturbed(successor, watcher.leaders(), read_events(events)), (
                 successor,
                 watcher.seen,
