@@ -32,8 +32,17 @@ def candidate(url: str, name: str, ttl: float, identity: str, mode: str, events:
     when the body learns the term is over."""
     pid = os.getpid()
 
-    def log(event: str, term: int) -> None:
-        append(events, [identity, pid, event, term, time.monotonic()])
+    def log(event: str, term: int, *detail: object) -> None:
+        append(events, [identity, pid, event, term, time.monotonic(), *detail])
+
+    def on_event(event: leasehold.events.Event) -> None:
+        # Why a term ended without this process resigning: "deadline" or "unreachable"
+        # when its own renewals came too late (a stalled process or disk), "refused"
+        # when the store says another took the name.
+        if isinstance(event, leasehold.events.Lost):
+            log("lost", event.fence, event.reason)
+
+    leasehold.events.subscribe(on_event)
 
     if mode == "sync":
         client = leasehold.Client(url)

@@ -38,7 +38,6 @@ from leasehold._errors import StoreMisconfigured, StoreUnavailable
 INVALID_ARGUMENT = 3
 NOT_FOUND = 5
 PERMISSION_DENIED = 7
-FAILED_PRECONDITION = 9
 UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 
