@@ -102,8 +102,54 @@ def redis_probe(url: str) -> None:
         f"redis   leasehold      {async_calls_per(url):5.0f} "
         "Python function calls per acquire+release (asyncio)"
     )
+    contended(url, raw)
     pin.release()
     client.close()
+
+
+def contended(url: str, raw: Any, rounds: int = 300) -> None:
+    """Two clients (threads) hand one lock back and forth, so (but for the first)
+    every acquisition waits and is handed the lock by a release: per acquisition
+    and its release, the round trips (the server's socket reads: one per client
+    write) and the commands they cost (the queueing acquire script, the BLPOP that
+    returns the handed-over fence, the release that hands over)."""
+    import threading
+
+    import leasehold
+
+    clients = [leasehold.Client(url) for _ in range(2)]
+    locks = [c.lock("probe-contended", ttl=30) for c in clients]
+
+    def player(lock: Any) -> None:
+        # Held a moment longer than a round trip: the other player is queued and
+        # blocked by the time of each release, so every acquisition is handed over.
+        for _ in range(rounds):
+            lease = lock.acquire()
+            time.sleep(0.002)
+            lease.release()
+
+    def run() -> None:
+        threads = [threading.Thread(target=player, args=(lock,)) for lock in locks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    run()  # warm: connections open, both handles have waited once
+    before = {k: v["calls"] for k, v in raw.info("commandstats").items()}
+    reads0 = raw.info("stats")["total_reads_processed"]
+    run()
+    reads1 = raw.info("stats")["total_reads_processed"]
+    after = {k: v["calls"] for k, v in raw.info("commandstats").items()}
+    n = 2 * rounds
+    calls = {k.removeprefix("cmdstat_"): (v - before.get(k, 0)) / n for k, v in after.items()}
+    calls = {k: round(v, 2) for k, v in calls.items() if v >= 0.01 and not k.startswith("info")}
+    print(
+        f"redis   leasehold contended: {(reads1 - reads0 - 1) / n:4.2f} round trips and "
+        f"{sum(calls.values()):5.1f} commands per handed-over acquisition + its release: {calls}"
+    )
+    for client in clients:
+        client.close()
 
 
 def _pg_counters(conn: Any) -> tuple[float, ...]:
