@@ -253,11 +253,7 @@ class AsyncEtcdHTTP:
             except httpx.HTTPError as exc:
                 self._rotate(endpoint)
                 tried += 1
-                # A pooled keep-alive connection the member closed just as it was
-                # reused ends without any answer (RemoteProtocolError, seen with 50
-                # threads on one member): sent once more even with one endpoint.
-                closed = tried == 1 and isinstance(exc, httpx.RemoteProtocolError)
-                if again and (tried < len(self._options.endpoints) or closed):
+                if again and tried < len(self._options.endpoints):
                     continue
                 raise StoreUnavailable(f"etcd {endpoint}: {type(exc).__name__}") from None
             self._note_date(response, sent)
