@@ -28,7 +28,7 @@ import httpx
 
 from leasehold import _deadline
 from leasehold._async._concurrency import AsyncMutex
-from leasehold._async.backends.etcd.transport import bounded_transport, release
+from leasehold._async.backends.etcd.transport import bounded_transport
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
 from leasehold._core.server_clock import ServerClock
@@ -238,7 +238,6 @@ class AsyncEtcdHTTP:
                 response = await client.post(
                     f"{endpoint}/v3/{path}", content=content, headers=headers
                 )
-                release(response)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._rotate(endpoint)
                 tried += 1
@@ -457,7 +456,6 @@ class AsyncEtcdHTTP:
             raise StoreUnavailable(f"etcd {endpoint}: a garbled watch answer") from None
         finally:
             await response.aclose()
-            release(response)
 
     async def _all_exist(self, keys: Sequence[bytes]) -> bool:
         body = {

@@ -30,7 +30,7 @@ import httpx
 
 from leasehold import _deadline
 from leasehold._sync._concurrency import Mutex
-from leasehold._sync.backends.etcd.transport import bounded_transport, release
+from leasehold._sync.backends.etcd.transport import bounded_transport
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
 from leasehold._core.server_clock import ServerClock
@@ -238,7 +238,6 @@ class EtcdHTTP:
             sent = self._clock.monotonic()
             try:
                 response = client.post(f"{endpoint}/v3/{path}", content=content, headers=headers)
-                release(response)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._rotate(endpoint)
                 tried += 1
@@ -451,7 +450,6 @@ class EtcdHTTP:
             raise StoreUnavailable(f"etcd {endpoint}: a garbled watch answer") from None
         finally:
             response.close()
-            release(response)
 
     def _all_exist(self, keys: Sequence[bytes]) -> bool:
         body = {
