@@ -178,6 +178,19 @@ class EtcdHTTP:
         with _CLOCKS_GUARD:
             return self.server_clock.calibrating(self._clock.monotonic(), precision)
 
+    def clock_width(self) -> float:
+        """How far apart the server clock's bounds are now (inf before any answer)."""
+        with _CLOCKS_GUARD:
+            return self.server_clock.width(self._clock.monotonic())
+
+    def claim_clock_probe(self, hold: float) -> bool:
+        with _CLOCKS_GUARD:
+            return self.server_clock.claim_probe(self._clock.monotonic(), hold)
+
+    def clock_probe_done(self) -> None:
+        with _CLOCKS_GUARD:
+            self.server_clock.probe_done()
+
     def _headers(self, *, refresh: bool = False) -> dict[str, str]:
         options = self._options
         if options.user is None:
