@@ -172,3 +172,149 @@ def test_a_release_that_never_reached_etcd_is_deleted_by_the_next_round(
     finally:
         client.close()
         direct.close()
+
+
+def _slow_return_in(http: Any, thread_name: str, pause: float, done: threading.Event) -> None:
+    """In thread ``thread_name``, each POST returns ``pause`` s after httpx has put its
+    connection back in the pool: the thread being descheduled at the worst moment,
+    made certain. (Earlier code detached the finished operation's deadline only
+    there, after another thread could have taken the connection.)"""
+    client = http.http()
+    post = client.post
+
+    def slow_post(*args: Any, **kwargs: Any) -> Any:
+        response = post(*args, **kwargs)
+        if threading.current_thread().name == thread_name:
+            done.set()
+            time.sleep(pause)
+        return response
+
+    client.post = slow_post
+
+
+def _one_connection_http(etcd_server: Any, proxy: FaultProxy) -> Any:
+    from leasehold._core.clock import SystemClock
+    from leasehold._core.etcd import parse_options
+    from leasehold._sync.backends.etcd.client import EtcdHTTP
+
+    http = EtcdHTTP(parse_options(proxy.rewrite_url(etcd_server.member_url(0))), SystemClock())
+    http.range(b"warm")  # one connection in the pool
+    return http
+
+
+def _run(*targets: tuple[str, Any]) -> None:
+    threads = [threading.Thread(target=target, name=name) for name, target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def test_a_deadline_passing_as_its_connection_is_reused_spares_the_next_user(
+    etcd_server: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first operation's deadline passes after httpx pooled its connection but
+    before its own code runs again, while the second operation has taken that
+    connection from the pool and not yet written: the second must not be cut off."""
+    from leasehold import _deadline
+    from leasehold._sync.backends.etcd import transport
+
+    http = _one_connection_http(etcd_server, proxy)
+    try:
+        answered = threading.Event()
+        _slow_return_in(http, "first", 0.8, answered)
+        write = transport._BoundedStream.write
+
+        def late_write(self: Any, *args: Any, **kwargs: Any) -> None:
+            if threading.current_thread().name == "second":
+                time.sleep(0.4)  # checked out, not written, as the first deadline passes
+            write(self, *args, **kwargs)
+
+        monkeypatch.setattr(transport._BoundedStream, "write", late_write)
+        second_result: list[object] = []
+
+        def first() -> None:
+            with _deadline.bounded(0.3):
+                http.range(b"a")
+
+        def second() -> None:
+            answered.wait(5)
+            proxy.delay(down=0.6)  # its reply comes after the first deadline passed
+            try:
+                with _deadline.bounded(5.0):
+                    second_result.append(http.range(b"b"))
+            except Exception as exc:  # the failure this test looks for
+                second_result.append(exc)
+
+        _run(("first", first), ("second", second))
+        assert len(second_result) == 1
+        assert isinstance(second_result[0], dict), second_result[0]
+    finally:
+        proxy.pass_through()
+        http.close()
+
+
+def test_a_slow_link_calibrates_the_server_clock_within_the_operation_time(
+    etcd_server: Any, proxy: FaultProxy
+) -> None:
+    """Round trips of 80 ms and more (a loaded machine, a distant member) never give
+    20 ms clock bounds: reading a record must still answer within its bound, with
+    the server's time as good as those round trips allow, also for many threads
+    calibrating together."""
+    url = f"{etcd_server.member_url(0)}?prefix=c{uuid.uuid4().hex[:8]}/"
+    client = leasehold.Client(proxy.rewrite_url(url) + "&operation_timeout=3", identity="clock")
+    proxy.delay(up=0.04, down=0.04)
+    answers: list[tuple[float, float, float]] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        started = time.monotonic()
+        try:
+            record = client.store.read_record("k")
+        except Exception as exc:  # the failure this test looks for
+            errors.append(exc)
+            return
+        answers.append((record.now, time.time(), time.monotonic() - started))
+
+    try:
+        threads = [threading.Thread(target=read) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        assert not errors, errors
+        assert len(answers) == 20
+        for server_now, wall, took in answers:
+            assert took < 3.0, took
+            # The etcd member runs on this machine: its clock is ours. The estimate
+            # is good to about two round trips; the wall clock is read after.
+            assert -0.5 < server_now - wall < 0.3, (server_now, wall)
+    finally:
+        proxy.pass_through()
+        client.close()
+
+
+def test_calibration_gives_way_to_a_short_operation_and_says_so(
+    etcd_server: Any, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With 0.3 s to answer and 80 ms round trips, waiting for a change of second
+    (up to a second) does not fit: the read answers in time with a wider estimate,
+    and a warning says how wide, unless a change of second happened to come first."""
+    from leasehold._sync.backends.etcd.client import shared_clock
+
+    url = f"{etcd_server.member_url(0)}?prefix=w{uuid.uuid4().hex[:8]}/"
+    client = leasehold.Client(proxy.rewrite_url(url) + "&operation_timeout=0.3", identity="clock")
+    proxy.delay(up=0.04, down=0.04)
+    try:
+        with caplog.at_level("WARNING", logger="leasehold"):
+            started = time.monotonic()
+            client.store.read_record("k")
+            took = time.monotonic() - started
+        assert took < 0.3 + SLACK, took
+        clock = shared_clock(client.store._options.endpoints)
+        warned = [r for r in caplog.records if "known only to within" in r.getMessage()]
+        assert len(warned) == (0 if clock.narrowed else 1), (clock, warned)
+    finally:
+        proxy.pass_through()
+        client.close()

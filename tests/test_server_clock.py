@@ -47,3 +47,44 @@ def test_a_clock_step_starts_afresh() -> None:
     estimate = clock.read(local)
     assert estimate is not None and abs(estimate - (local + 970.0)) <= 1.0
     assert clock.calibrating(local, 0.02)
+
+
+def test_slow_round_trips_end_the_calibration_at_the_first_change_of_second() -> None:
+    """One prober, answers 80 ms apart on a loaded machine: 20 ms bounds are out of
+    reach for good, so the first change of second ends the calibration, with an
+    estimate as good as those round trips allow."""
+    rng = random.Random(11)
+    for _trial in range(50):
+        offset = rng.uniform(-1e6, 1e6)
+        clock = ServerClock()
+        local = rng.uniform(0, 1000)
+        probes = 0
+        while clock.calibrating(local, 0.02):
+            assert probes < 40, "never calibrated"  # a second is about 11 probes
+            _answer(clock, local, offset, 0.08)
+            local += 0.08 + 0.01
+            probes += 1
+        assert clock.width(local) > 0.02  # the old rule (width alone) would still wait
+        assert clock.width(local) <= 2 * 0.08 + 0.01 + 0.001  # and a little DRIFT
+        estimate = clock.read(local)
+        assert estimate is not None and abs(estimate - (local + offset)) <= 0.09
+
+
+def test_answers_within_one_second_do_not_end_the_calibration() -> None:
+    clock = ServerClock()
+    local = 0.25  # server = local + 1000.0: answers of second 1000 until local 1.0
+    while local < 0.9:
+        _answer(clock, local, 1000.0, 0.002)
+        local += 0.011
+        assert clock.calibrating(local, 0.02)
+    assert 0.02 < clock.width(local) < 1.0
+
+
+def test_one_prober_at_a_time_and_a_stuck_one_is_replaced() -> None:
+    clock = ServerClock()
+    assert clock.claim_probe(10.0, 0.5)
+    assert not clock.claim_probe(10.1, 0.5)  # the others wait for its answer
+    clock.probe_done()
+    assert clock.claim_probe(10.2, 0.5)
+    assert not clock.claim_probe(10.69, 0.5)
+    assert clock.claim_probe(10.71, 0.5)  # its probe hangs: another one goes

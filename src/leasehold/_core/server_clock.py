@@ -9,6 +9,13 @@ once answers straddle a change of second (``calibrating`` tells when it has not
 yet). Bounds age by a generous clock-rate difference, and an answer that
 contradicts them (a server clock step, another member's clock) starts afresh.
 
+How narrow one change of second makes it depends on the round trips around it:
+the width is the time from sending the last answer of the old second to receiving
+the first of the new one, a couple of milliseconds on a quiet network, a few
+hundred on a machine too loaded to answer quickly. Waiting for a later change of
+second would not do better under the same load, so the first one ends the
+calibration whatever its width; later answers keep narrowing the bounds.
+
 Pure: the caller passes the local monotonic readings.
 """
 
@@ -26,12 +33,16 @@ class ServerClock:
     low_at: float = 0.0
     high: float | None = None
     high_at: float = 0.0
-    narrowed: bool = False  # once good to the precision asked for
+    narrowed: bool = False  # once good to the precision asked for, or straddled
+    last_date: float | None = None  # the Date of the latest consistent answer
+    straddled: bool = False  # answers of two different seconds, consistent
+    probe_until: float = float("-inf")  # a probe in flight, trusted until then
 
     def observe(self, sent: float, received: float, date: float) -> None:
         low, high = date - received, date + 1.0 - sent
         if self.low is None or self.high is None:
             self.low, self.low_at, self.high, self.high_at = low, received, high, received
+            self.last_date = date
             return
         current_low = self.low - DRIFT * (received - self.low_at)
         current_high = self.high + DRIFT * (received - self.high_at)
@@ -39,7 +50,12 @@ class ServerClock:
             # Contradiction: the server's clock stepped, or another member answered.
             self.low, self.low_at, self.high, self.high_at = low, received, high, received
             self.narrowed = False
+            self.straddled = False
+            self.last_date = date
             return
+        if date != self.last_date:
+            self.straddled = True
+            self.last_date = date
         if low > current_low:
             self.low, self.low_at = low, received
         if high < current_high:
@@ -51,13 +67,27 @@ class ServerClock:
         return (self.high + DRIFT * (now - self.high_at)) - (self.low - DRIFT * (now - self.low_at))
 
     def calibrating(self, now: float, precision: float) -> bool:
-        """True until the estimate has once been as narrow as ``precision``. Bounds
-        widen again while nothing refreshes them (by DRIFT), but a later answer
-        near a change of second narrows them again; an idle client is not made to
-        wait a second time."""
-        if self.width(now) <= precision:
+        """True until the estimate has once been as narrow as ``precision``, or
+        answers straddled a change of second (the best these round trips allow).
+        Bounds widen again while nothing refreshes them (by DRIFT), but a later
+        answer near a change of second narrows them again; an idle client is not
+        made to wait a second time."""
+        if self.straddled or self.width(now) <= precision:
             self.narrowed = True
         return not self.narrowed
+
+    def claim_probe(self, now: float, hold: float) -> bool:
+        """True if no probe is in flight (or the one in flight is older than
+        ``hold``): the caller probes, the others wait for its answer. One prober
+        at a time, so that many callers calibrating together do not slow every
+        round trip, and so the calibration, down."""
+        if now < self.probe_until:
+            return False
+        self.probe_until = now + hold
+        return True
+
+    def probe_done(self) -> None:
+        self.probe_until = float("-inf")
 
     def read(self, now: float) -> float | None:
         """The server's clock at local monotonic ``now`` (mid-estimate), None

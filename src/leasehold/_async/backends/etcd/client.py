@@ -28,7 +28,7 @@ import httpx
 
 from leasehold import _deadline
 from leasehold._async._concurrency import AsyncMutex
-from leasehold._async.backends.etcd.transport import bounded_transport, release
+from leasehold._async.backends.etcd.transport import bounded_transport
 from leasehold._core.clock import Clock
 from leasehold._core.etcd import EtcdOptions
 from leasehold._core.server_clock import ServerClock
@@ -176,6 +176,19 @@ class AsyncEtcdHTTP:
         with _CLOCKS_GUARD:
             return self.server_clock.calibrating(self._clock.monotonic(), precision)
 
+    def clock_width(self) -> float:
+        """How far apart the server clock's bounds are now (inf before any answer)."""
+        with _CLOCKS_GUARD:
+            return self.server_clock.width(self._clock.monotonic())
+
+    def claim_clock_probe(self, hold: float) -> bool:
+        with _CLOCKS_GUARD:
+            return self.server_clock.claim_probe(self._clock.monotonic(), hold)
+
+    def clock_probe_done(self) -> None:
+        with _CLOCKS_GUARD:
+            self.server_clock.probe_done()
+
     async def _headers(self, *, refresh: bool = False) -> dict[str, str]:
         options = self._options
         if options.user is None:
@@ -238,7 +251,6 @@ class AsyncEtcdHTTP:
                 response = await client.post(
                     f"{endpoint}/v3/{path}", content=content, headers=headers
                 )
-                release(response)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._rotate(endpoint)
                 tried += 1
@@ -457,7 +469,6 @@ class AsyncEtcdHTTP:
             raise StoreUnavailable(f"etcd {endpoint}: a garbled watch answer") from None
         finally:
             await response.aclose()
-            release(response)
 
     async def _all_exist(self, keys: Sequence[bytes]) -> bool:
         body = {

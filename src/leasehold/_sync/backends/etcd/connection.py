@@ -6,10 +6,12 @@ store contract are in ``store.py``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
 
+from leasehold import _deadline
 from leasehold._sync._concurrency import sleep
 from leasehold._sync.backends.etcd.client import EtcdHTTP, EtcdError, b64, unb64
 from leasehold._sync.backends.etcd.leases import SessionLeases, Tracked
@@ -28,11 +30,15 @@ from leasehold._core.etcd import Entry, EtcdOptions, Keys, epoch_for
 from leasehold._core.url import StoreURL
 from leasehold._errors import StoreUnavailable
 
+logger = logging.getLogger("leasehold")
+
 ANNOUNCE_LEASE_TTL = 60
 # Records carry the server's clock (``Record.now``); etcd tells it in whole seconds.
 CLOCK_PRECISION = 0.02
 CLOCK_PROBE_INTERVAL = 0.01
 CLOCK_PROBES = 150
+# A probe in flight longer than this no longer stops others from probing.
+CLOCK_PROBE_HOLD = 0.5
 
 
 class EtcdConnection(Store):
@@ -63,6 +69,7 @@ class EtcdConnection(Store):
         self._unswept: list[tuple[bytes, Tracked]] = []
         self._announce_lease = 0
         self._data_losses = 0  # epochs seen to change: etcd lost its data
+        self._clock_warned = False
         self._topics = TopicHub()
         self._slot = ListenerSlot(
             lambda: AnnouncementListener(self._http, self._keys, self._topics),
@@ -152,14 +159,34 @@ class EtcdConnection(Store):
     # -- the server clock -----------------------------------------------------------
 
     def _calibrate(self) -> None:
-        """Ask until the server clock estimate is good to CLOCK_PRECISION: at most
-        once a store's life takes up to a second (waiting for a Date header to
-        change its second), later answers keep it narrow."""
+        """Ask until the server clock estimate is good to CLOCK_PRECISION or has
+        seen a Date header change its second: at most once in a process's life
+        (the estimate is shared) this takes up to a second; later answers keep it
+        narrow. One caller probes at a time, the others wait for its answers.
+
+        Never at the cost of the operation: with less than half of its time left
+        it goes on with the estimate it has (and says so once)."""
+        deadline = _deadline.current()
         for _attempt in range(CLOCK_PROBES):
             if not self._http.clock_calibrating(CLOCK_PRECISION):
                 return
-            self._http.range(self._keys.epoch, count_only=True)
+            if deadline is not None and deadline.remaining() < deadline.seconds / 2:
+                break
+            if self._http.claim_clock_probe(CLOCK_PROBE_HOLD):
+                try:
+                    self._http.range(self._keys.epoch, count_only=True)
+                finally:
+                    self._http.clock_probe_done()
             sleep(CLOCK_PROBE_INTERVAL)
+        if not self._clock_warned:
+            self._clock_warned = True
+            logger.warning(
+                "etcd %s: the server's clock is known only to within %.2f s (its answers "
+                "came too slowly to calibrate it); presence and once expiry may be off "
+                "by half that until later answers narrow it",
+                self._http.endpoint,
+                self._http.clock_width(),
+            )
 
     # -- the rest ---------------------------------------------------------------------
 

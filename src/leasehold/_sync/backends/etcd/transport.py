@@ -5,21 +5,27 @@
 httpx bounds a request only per step (each read, each write, the connect, the wait
 for a pooled connection), each with the configured timeout: a reply that trickles
 in, or a request that reconnects and retries, can outlast any single one. So the
-transport's network backend is wrapped: every read and write of a connection first
-attaches its socket to the deadline of the operation that uses it, and never waits
-longer than that deadline has left. When the deadline passes, the watchdog shuts
-the socket down; httpx fails the request and drops the connection (a connection
-whose exchange did not finish is never put back in the pool). Connecting is capped
-the same way.
+transport's network backend is wrapped: every read and write of a connection waits
+no longer than the operation's deadline has left, and for the time of that one call
+its socket is attached to the deadline. When the deadline passes, the watchdog
+shuts the socket down; httpx fails the request and drops the connection (a
+connection whose exchange did not finish is never put back in the pool).
+Connecting is capped the same way.
 
-After a request, ``release(response)`` detaches its socket: the connection goes
-back to the pool, and this operation's deadline must not shut it down later, while
-another operation uses it. A connection that is closed detaches first, since its
-descriptor's number is soon reused for another socket.
+Why attached only during each call, not from a request's first write to its end:
+httpx puts a connection back in its pool as soon as the answer is read, before the
+caller regains control, and another thread may take it at once. A socket still
+attached to the finished operation's deadline would then be shut down under the
+next user when that deadline passed (and a late detach would take the next user's
+deadline off it). Between two calls of one request the socket is idle in this
+thread's hands, so nothing needs bounding there; a call that starts after the
+deadline passed finds its socket shut at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,6 +40,20 @@ def _cap(timeout: float | None) -> float | None:
     return max(0.001, _deadline.remaining(float("inf") if timeout is None else timeout))
 
 
+@contextlib.contextmanager
+def _attached(fd: int | None) -> Iterator[None]:
+    """The socket ``fd`` under the current operation's deadline, for one call."""
+    deadline = _deadline.current()
+    if deadline is None or fd is None:
+        yield
+        return
+    deadline.attach(fd)
+    try:
+        yield
+    finally:
+        deadline.detach(fd)
+
+
 class _BoundedStream:
     """One connection's stream; reads and writes keep the operation's bound."""
 
@@ -41,43 +61,25 @@ class _BoundedStream:
         self._stream = stream
         sock = stream.get_extra_info("socket")
         self.fd: int | None = sock.fileno() if sock is not None else None
-        # The deadline the socket is attached to, if any.
-        self._deadline: _deadline.Deadline | None = None
-
-    def _attach(self) -> None:
-        deadline = _deadline.current()
-        # Once per operation (a deadline keeps a list; detach takes one entry off),
-        # and to one operation at a time: the one using the connection now.
-        if deadline is not None and deadline is not self._deadline and self.fd is not None:
-            self.detach()
-            deadline.attach(self.fd)
-            self._deadline = deadline
-
-    def detach(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and self.fd is not None:
-            deadline.detach(self.fd)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        self._attach()
-        data: bytes = self._stream.read(max_bytes, _cap(timeout))
+        with _attached(self.fd):
+            data: bytes = self._stream.read(max_bytes, _cap(timeout))
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._attach()
-        self._stream.write(buffer, _cap(timeout))
+        with _attached(self.fd):
+            self._stream.write(buffer, _cap(timeout))
 
     def close(self) -> None:
-        # Before the descriptor is closed: its number may soon belong to another
-        # socket, which the deadline must never shut down.
-        self.detach()
         self._stream.close()
 
     def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
     ) -> _BoundedStream:
-        self._attach()
-        return _BoundedStream(self._stream.start_tls(ssl_context, server_hostname, _cap(timeout)))
+        with _attached(self.fd):
+            stream = self._stream.start_tls(ssl_context, server_hostname, _cap(timeout))
+        return _BoundedStream(stream)
 
     def get_extra_info(self, info: str) -> Any:
         return self._stream.get_extra_info(info)
@@ -113,10 +115,3 @@ def bounded_transport(verify: Any, limits: httpx.Limits) -> httpx.HTTPTransport:
     pool: Any = transport._pool
     pool._network_backend = _BoundedBackend(pool._network_backend)
     return transport
-
-
-def release(response: httpx.Response) -> None:
-    """The request is done: its connection no longer answers to this deadline."""
-    stream = response.extensions.get("network_stream")
-    if isinstance(stream, _BoundedStream):
-        stream.detach()
