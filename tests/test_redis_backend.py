@@ -457,6 +457,94 @@ def test_semaphore_release_wakes_as_many_as_places(server: RedisServer) -> None:
         admin.close()
 
 
+def test_a_head_granted_on_its_own_call_hands_the_next_waiter_its_place(
+    server: RedisServer,
+) -> None:
+    """A waiter at the head whose new, larger limit gives it a place on its own call
+    leaves the next waiter at the head; if that one has a place too, the same call
+    hands it over (acquire.lua otherwise looks at the head only when holders or
+    waiters expired)."""
+    lease = name("sem")
+    keys = redis_layout.KeyLayout().for_name(lease)
+    admin = server.client()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        for token in ("h1", "h2", "h3"):
+            fence_of(await store.acquire(req(lease, token, limit=3)))
+        assert isinstance(await store.acquire(req(lease, "w1", limit=1, queue_ttl=10)), Busy)
+        assert isinstance(await store.acquire(req(lease, "w2", limit=4, queue_ttl=10)), Busy)
+        # Two holders left: w2 (limit 4) would have a place, but waits behind w1 (FIFO).
+        assert await store.release(lease, "h1")
+        assert admin.exists(keys.signal("w1"), keys.signal("w2")) == 0
+        # w1 asks again with limit 4: it holds, and w2, now first, is handed a place.
+        fence_of(await store.acquire(req(lease, "w1", limit=4, queue_ttl=10)))
+        handed = await store.wait(lease, "w2", 0.5)
+        assert isinstance(handed, HandedOver), handed
+        assert admin.zcard(keys.queue) == 0
+
+    try:
+        with_store(server.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_hand_overs_skip_index_updates_and_a_name_released_is_listed_again(
+    private: Callable[..., RedisServer],
+) -> None:
+    """Hand-overs run fewer commands than the general path: the name index is
+    updated only when the time it covers runs short (a mark in the name's
+    state), the queue keys' TTLs only when they do not cover a new place, and the
+    queue's head is read once. The mark goes with the name's state: once the last
+    holder releases (and the name leaves the index), the next grant lists it again."""
+    server = private()  # its own command counts
+    lease = name("marks")
+    keys = redis_layout.KeyLayout().for_name(lease)
+    admin = server.client()
+
+    def commands() -> dict[str, int]:
+        stats = admin.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        holder = "t0"
+        fence_of(await store.acquire(req(lease, holder)))
+        waiting = [f"t{i}" for i in range(1, 5)]
+        for token in waiting:
+            assert isinstance(await store.acquire(req(lease, token, queue_ttl=10)), Busy)
+        serial = 5
+        for cycle in range(6):
+            if cycle == 1:
+                before = commands()
+            assert await store.release(lease, holder)
+            holder = waiting.pop(0)
+            assert isinstance(await store.wait(lease, holder, 1), HandedOver)
+            token = f"t{serial}"
+            serial += 1
+            assert isinstance(await store.acquire(req(lease, token, queue_ttl=10)), Busy)
+            waiting.append(token)
+        after = commands()
+        spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        # Five hand-overs (release, BLPOP, queueing acquire): no index or queue TTL
+        # command, no look at the head by an acquire.
+        assert spent.get("pexpire", 0) == 5, spent  # the signal list of each hand-over
+        assert "zrank" not in spent and "hget" not in spent, spent
+        assert spent["hmget"] == 5 and spent["pttl"] == 5, spent
+        assert admin.zscore(keys.index, lease) is not None
+        # Everyone leaves: unlisted, the state (and its mark) gone; a new grant lists it.
+        for token in waiting:
+            await store.release(lease, token)
+        assert await store.release(lease, holder)
+        assert admin.exists(keys.state) == 0 and admin.zscore(keys.index, lease) is None
+        fence_of(await store.acquire(req(lease, "again")))
+        assert admin.zscore(keys.index, lease) is not None
+        assert [info.name for info in await store.leases(lease)] == [lease]
+
+    try:
+        with_store(server.url, scenario)
+    finally:
+        admin.close()
+
+
 def test_break_lease(server: RedisServer) -> None:
     lease = name()
 

@@ -24,7 +24,10 @@
 --   index, so every script touches one slot. Signal lists (signal prefix .. token)
 --   carry the same hash tag, so they live in that slot too.
 --
--- The holders of a name: {limit_hint, holders}, holders in grant order, each
+-- The holders of a name: {limit_hint, holders, index_covered}, holders in grant
+--   order; index_covered (absent until set): the bucket's name index lists the
+--   name with a score, and keeps a TTL, covering at least this time (see
+--   cover_index). Each holder is
 --   {token, expiry_us, fence, acquired_us, limit, run_id, holder_json, handed}
 --   handed = 1 while a hand-over's signal may still sit in the waiter's list.
 -- Its waiters: queue zset (token -> arrival, strictly increasing), queue expiry zset
@@ -91,12 +94,13 @@ local function name_keys()
     }
 end
 
+-- The holders (see above), and whether the key existed.
 local function load(key)
     local raw = redis.call('GET', key)
     if not raw then
-        return {1, {}}
+        return {1, {}}, false
     end
-    return cmsgpack.unpack(raw)
+    return cmsgpack.unpack(raw), true
 end
 
 -- Drop expired holders, in place; true if any went. Only a hand-over has a signal
@@ -124,18 +128,35 @@ local function unqueue(k, token)
     redis.call('HDEL', k.queue_info, token)
 end
 
--- Drop expired waiters; returns the number of live waiters left. Costs one ZCARD
--- when nobody waits, which is the common case.
+-- Drop expired waiters; returns the number of live waiters left and whether any
+-- went. Costs one ZCARD when nobody waits, which is the common case.
 local function purge_queue(k, now)
     local waiting = redis.call('ZCARD', k.queue_expiry)
     if waiting == 0 then
-        return 0
+        return 0, false
     end
-    for _, token in ipairs(redis.call('ZRANGEBYSCORE', k.queue_expiry, '-inf', fmt(now))) do
+    local expired = redis.call('ZRANGEBYSCORE', k.queue_expiry, '-inf', fmt(now))
+    for _, token in ipairs(expired) do
         unqueue(k, token)
         waiting = waiting - 1
     end
-    return waiting
+    return waiting, #expired > 0
+end
+
+-- For a script that needs to know only whether anyone waits, not how many (release):
+-- one command when nobody's place has expired, by looking at the earliest queue
+-- expiry alone; purge_queue (two) only when one has. A large count stands for
+-- "some" (finite, so that taking one off shows): hand_over stops when the queue
+-- runs out.
+local function any_waiting(k, now)
+    local first = redis.call('ZRANGE', k.queue_expiry, 0, 0, 'WITHSCORES')
+    if #first == 0 then
+        return 0
+    end
+    if tonumber(first[2]) <= now then
+        return (purge_queue(k, now))
+    end
+    return 2 ^ 40
 end
 
 -- Make the queue keys live at least until `until_us` (the queue expiry of a waiter
@@ -145,9 +166,17 @@ end
 -- a TTL longer than the rest needs only keeps them a little longer (scripts that
 -- only remove or hand over waiters run no TTL commands). `fresh`: nobody was
 -- queued, so the keys were just created and have no TTL yet; otherwise they have
--- one (given in the script that created them), which GT only ever raises.
-local function cover_queue(k, until_us, now, fresh)
-    local ms = ttl_ms(until_us, now)
+-- one (given in the script that created them), which GT only ever raises. The
+-- three keys always get their TTLs together, so one PTTL tells whether they
+-- cover `until_us` already; when they do not, they are given `slack_us` more
+-- (the waiter's queue ttl): the waiters queued after it, whose places end a
+-- little later each, then cost that one PTTL instead of three PEXPIREs, and an
+-- abandoned queue outlives its last entry by at most that much more.
+local function cover_queue(k, until_us, now, fresh, slack_us)
+    if not fresh and redis.call('PTTL', k.queue_expiry) >= ttl_ms(until_us, now) then
+        return
+    end
+    local ms = ttl_ms(until_us + slack_us, now)
     local only_raise = fresh and {} or {'GT'}
     redis.call('PEXPIRE', k.queue, ms, unpack(only_raise))
     redis.call('PEXPIRE', k.queue_expiry, ms, unpack(only_raise))
@@ -192,9 +221,22 @@ end
 local function hand_over(s, k, now, run_id, caller, waiting)
     local holders = s[2]
     local latest = nil
+    local heads, infos, next_head = {}, {}, 1
     while waiting > 0 do
-        local token = redis.call('ZRANGE', k.queue, 0, 0)[1]
-        local info = redis.call('HGET', k.queue_info, token)
+        if next_head > #heads then
+            -- The queue's first two waiters at once: a lock handed to the first
+            -- learns from the second's limit that no place is left, with no more
+            -- commands. Nothing else changes the queue meanwhile, and every
+            -- waiter looked at leaves it (granted or unreadable) or ends the loop.
+            heads = redis.call('ZRANGE', k.queue, 0, 1)
+            if #heads == 0 then
+                break
+            end
+            infos = redis.call('HMGET', k.queue_info, unpack(heads))
+            next_head = 1
+        end
+        local token, info = heads[next_head], infos[next_head]
+        next_head = next_head + 1
         local limit, ttl, holder = nil, nil, nil
         if info then
             limit, ttl, holder = string.match(info, '^(%d+) (%d+) (.*)$')
@@ -241,6 +283,25 @@ local function index_holder(k, expiry, now)
         redis.call('ZREMRANGEBYSCORE', k.index, '-inf', fmt(now))
         redis.call('PEXPIRE', k.index, ms, 'GT')
     end
+end
+
+-- index_holder, skipped while the state's mark says the index covers `expiry`
+-- already. When it does not, the name is indexed for twice the time left, so the
+-- grants and hand-overs that follow (each a little later than the last) run no
+-- index command until half of that has passed; an entry of a name whose holders
+-- vanished without a release stays in the index at most that much longer. The
+-- mark is only trusted because the index never loses the name while the state
+-- lists holders: the entry's score and the key's TTL only grow (GT), sweeps drop
+-- scores already passed, and the scripts that unlist the name (release, break)
+-- do so when no holder is left, which deletes the state, mark and all. Every
+-- caller saves the state afterwards.
+local function cover_index(s, k, expiry, now)
+    if s[3] and expiry <= s[3] then
+        return
+    end
+    local cover = expiry + (expiry - now)
+    index_holder(k, cover, now)
+    s[3] = cover
 end
 
 -- Write the holders back with a TTL that covers every expiry in them (so a name

@@ -36,12 +36,19 @@ local holder = ARGV[7]
 local run_id = ARGV[8]
 
 local now = now_us()
-local s = load(k.state)
+local s, existed = load(k.state)
 local dirty = purge(s, k, now)
-local waiting = purge_queue(k, now)
+local waiting, dropped = purge_queue(k, now)
 -- Places freed by holders that expired go to the waiters at the head first (the
--- caller too, if it is one of them).
-local index_until, left = hand_over(s, k, now, run_id, token, waiting)
+-- caller too, if it is one of them). Every script that leaves holders and waiters
+-- behind has handed over what it could (see the end of the grant below), so the
+-- head can have a place now only if holders or waiters expired since, or the
+-- holders are gone altogether (their key expired, or was lost): otherwise the
+-- two commands that look at the head are saved.
+local index_until, left = nil, waiting
+if waiting > 0 and (dirty or dropped or not existed) then
+    index_until, left = hand_over(s, k, now, run_id, token, waiting)
+end
 dirty = dirty or left ~= waiting
 waiting = left
 local holders = s[2]
@@ -60,13 +67,15 @@ if mine then
     h[2] = now + ttl
     h[6] = run_id
     s[1] = limit
-    index_holder(k, math.max(h[2], index_until or 0), now)
+    cover_index(s, k, math.max(h[2], index_until or 0), now)
     save(s, k, now)
     return {1, h[3]}
 end
 
+-- The caller's place in the queue matters only if a place is free: otherwise it
+-- is looked up below, when queueing finds the caller queued already.
 local position = nil
-if waiting > 0 then
+if waiting > 0 and #holders < limit then
     position = redis.call('ZRANK', k.queue, token)
 end
 local ahead = position or waiting
@@ -80,7 +89,14 @@ if ahead < limit - #holders then
     local fence = next_fence(k, now)
     holders[#holders + 1] = {token, now + ttl, fence, now, limit, run_id, holder, 0}
     s[1] = limit
-    index_holder(k, math.max(now + ttl, index_until or 0), now)
+    if position == 0 and waiting > 0 then
+        -- The caller was the head: the next waiter may have a place too (with a
+        -- larger limit of its own), and is handed it now.
+        local granted
+        granted, waiting = hand_over(s, k, now, run_id, token, waiting)
+        index_until = math.max(index_until or 0, granted or 0)
+    end
+    cover_index(s, k, math.max(now + ttl, index_until or 0), now)
     save(s, k, now)
     return {1, fence}
 end
@@ -95,16 +111,20 @@ if queue_ttl then
                 arrival = tonumber(last[2]) + 1
             end
         end
-        redis.call('ZADD', k.queue, fmt(arrival), token)
-        position = waiting
-        waiting = waiting + 1
+        if redis.call('ZADD', k.queue, 'NX', fmt(arrival), token) == 1 then
+            position = waiting
+            waiting = waiting + 1
+        else
+            -- Queued already (a refresh): it keeps its place.
+            position = redis.call('ZRANK', k.queue, token)
+        end
     end
     redis.call('ZADD', k.queue_expiry, fmt(now + queue_ttl), token)
     redis.call('HSET', k.queue_info, token, fmt(limit) .. ' ' .. fmt(ttl) .. ' ' .. holder)
-    cover_queue(k, now + queue_ttl, now, fresh)
+    cover_queue(k, now + queue_ttl, now, fresh, queue_ttl)
 end
 if index_until then
-    index_holder(k, index_until, now)
+    cover_index(s, k, index_until, now)
 end
 if dirty then
     save(s, k, now)

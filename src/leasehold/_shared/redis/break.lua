@@ -24,7 +24,7 @@ end
 s[2] = {}
 local index_until = hand_over(s, k, now, ARGV[3] or '', nil, waiting)
 if index_until then
-    index_holder(k, index_until, now)
+    cover_index(s, k, index_until, now)
 else
     redis.call('ZREM', k.index, k.name)
 end

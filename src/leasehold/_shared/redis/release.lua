@@ -18,7 +18,7 @@ local token = ARGV[3]
 local now = now_us()
 local s = load(k.state)
 local dirty = purge(s, k, now)
-local waiting = purge_queue(k, now)
+local waiting = any_waiting(k, now)
 local held = 0
 local mine = find(s[2], token)
 if mine then
@@ -45,7 +45,7 @@ if waiting > 0 then
     waiting = left
 end
 if index_until then
-    index_holder(k, index_until, now)
+    cover_index(s, k, index_until, now)
 elseif #s[2] == 0 then
     redis.call('ZREM', k.index, k.name) -- nothing held: unlisted at once
 end

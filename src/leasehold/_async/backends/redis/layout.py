@@ -23,7 +23,7 @@ BUCKETS: Final = 1024
 class NameKeys:
     """The keys of one lease name (all in one cluster slot)."""
 
-    state: str  # MessagePack: limit hint, holders (see _prelude.lua)
+    state: str  # MessagePack: limit hint, holders, index mark (see _prelude.lua)
     floor: str  # per bucket: highest fence issued
     index: str  # per bucket: zset name -> latest holder expiry_us
     queue: str  # zset token -> arrival
