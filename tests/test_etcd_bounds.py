@@ -32,6 +32,15 @@ def _url(etcd_server: Any, proxy: FaultProxy) -> str:
     return proxy.rewrite_url(url) + f"&operation_timeout={OPERATION_TIMEOUT}"
 
 
+def _run(*targets: tuple[str, Any]) -> None:
+    threads = [threading.Thread(target=target, name=name) for name, target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert not any(thread.is_alive() for thread in threads)
+
+
 def test_a_held_back_reply_costs_the_operation_timeout_and_its_connection(
     etcd_server: Any, proxy: FaultProxy
 ) -> None:
@@ -119,11 +128,7 @@ def test_a_finished_request_leaves_its_pooled_connection_to_the_next_user(
             except Exception as exc:  # the failure this test looks for
                 second_result.append(exc)
 
-        threads = [threading.Thread(target=first), threading.Thread(target=second)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
+        _run(("first", first), ("second", second))
         assert len(second_result) == 1
         assert isinstance(second_result[0], dict), second_result[0]
     finally:
@@ -202,15 +207,6 @@ def _one_connection_http(etcd_server: Any, proxy: FaultProxy) -> Any:
     return http
 
 
-def _run(*targets: tuple[str, Any]) -> None:
-    threads = [threading.Thread(target=target, name=name) for name, target in targets]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(15)
-    assert not any(thread.is_alive() for thread in threads)
-
-
 def test_a_deadline_passing_as_its_connection_is_reused_spares_the_next_user(
     etcd_server: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -278,11 +274,7 @@ def test_a_slow_link_calibrates_the_server_clock_within_the_operation_time(
         answers.append((record.now, time.time(), time.monotonic() - started))
 
     try:
-        threads = [threading.Thread(target=read) for _ in range(20)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(15)
+        _run(*[(f"reader-{i}", read) for i in range(20)])
         assert not errors, errors
         assert len(answers) == 20
         for server_now, wall, took in answers:
