@@ -41,6 +41,36 @@ def _run(*targets: tuple[str, Any]) -> None:
     assert not any(thread.is_alive() for thread in threads)
 
 
+def _one_connection_http(etcd_server: Any, proxy: FaultProxy) -> Any:
+    from leasehold._core.clock import SystemClock
+    from leasehold._core.etcd import parse_options
+    from leasehold._sync.backends.etcd.client import EtcdHTTP
+
+    http = EtcdHTTP(parse_options(proxy.rewrite_url(etcd_server.member_url(0))), SystemClock())
+    http.range(b"warm")  # one connection in the pool
+    return http
+
+
+def _held_back_read(
+    http: Any, proxy: FaultProxy, after: threading.Event, result: list[object]
+) -> Any:
+    """The second operation of a reuse test: once ``after`` is set, one read whose
+    reply is held back until after the first operation's deadline (0.3 s); its
+    answer, or the error this kind of test looks for, goes to ``result``."""
+    from leasehold import _deadline
+
+    def second() -> None:
+        after.wait(5)
+        proxy.delay(down=0.6)
+        try:
+            with _deadline.bounded(5.0):
+                result.append(http.range(b"b"))
+        except Exception as exc:  # the failure these tests look for
+            result.append(exc)
+
+    return second
+
+
 def test_a_held_back_reply_costs_the_operation_timeout_and_its_connection(
     etcd_server: Any, proxy: FaultProxy
 ) -> None:
@@ -102,13 +132,9 @@ def test_a_finished_request_leaves_its_pooled_connection_to_the_next_user(
     """An operation's deadline shuts down only the connections it is still using: a
     connection it gave back to the pool serves another operation past that deadline."""
     from leasehold import _deadline
-    from leasehold._core.clock import SystemClock
-    from leasehold._core.etcd import parse_options
-    from leasehold._sync.backends.etcd.client import EtcdHTTP
 
-    http = EtcdHTTP(parse_options(proxy.rewrite_url(etcd_server.member_url(0))), SystemClock())
+    http = _one_connection_http(etcd_server, proxy)
     try:
-        http.range(b"warm")  # one connection in the pool
         first_done = threading.Event()
         second_result: list[object] = []
 
@@ -118,16 +144,7 @@ def test_a_finished_request_leaves_its_pooled_connection_to_the_next_user(
                 first_done.set()
                 time.sleep(0.8)  # still inside the operation when its deadline passes
 
-        def second() -> None:
-            first_done.wait(5)
-            proxy.delay(down=0.6)
-            try:
-                with _deadline.bounded(5.0):
-                    # Its reply is held back past the first operation's deadline.
-                    second_result.append(http.range(b"b"))
-            except Exception as exc:  # the failure this test looks for
-                second_result.append(exc)
-
+        second = _held_back_read(http, proxy, first_done, second_result)
         _run(("first", first), ("second", second))
         assert len(second_result) == 1
         assert isinstance(second_result[0], dict), second_result[0]
@@ -197,16 +214,6 @@ def _slow_return_in(http: Any, thread_name: str, pause: float, done: threading.E
     client.post = slow_post
 
 
-def _one_connection_http(etcd_server: Any, proxy: FaultProxy) -> Any:
-    from leasehold._core.clock import SystemClock
-    from leasehold._core.etcd import parse_options
-    from leasehold._sync.backends.etcd.client import EtcdHTTP
-
-    http = EtcdHTTP(parse_options(proxy.rewrite_url(etcd_server.member_url(0))), SystemClock())
-    http.range(b"warm")  # one connection in the pool
-    return http
-
-
 def test_a_deadline_passing_as_its_connection_is_reused_spares_the_next_user(
     etcd_server: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,15 +241,7 @@ def test_a_deadline_passing_as_its_connection_is_reused_spares_the_next_user(
             with _deadline.bounded(0.3):
                 http.range(b"a")
 
-        def second() -> None:
-            answered.wait(5)
-            proxy.delay(down=0.6)  # its reply comes after the first deadline passed
-            try:
-                with _deadline.bounded(5.0):
-                    second_result.append(http.range(b"b"))
-            except Exception as exc:  # the failure this test looks for
-                second_result.append(exc)
-
+        second = _held_back_read(http, proxy, answered, second_result)
         _run(("first", first), ("second", second))
         assert len(second_result) == 1
         assert isinstance(second_result[0], dict), second_result[0]
