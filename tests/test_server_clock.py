@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import random
 
-from leasehold._core.server_clock import ServerClock
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from leasehold._core.server_clock import DRIFT, ServerClock
 
 
 def _answer(clock: ServerClock, local: float, offset: float, rtt: float) -> None:
@@ -88,3 +91,43 @@ def test_one_prober_at_a_time_and_a_stuck_one_is_replaced() -> None:
     assert clock.claim_probe(10.2, 0.5)
     assert not clock.claim_probe(10.69, 0.5)
     assert clock.claim_probe(10.71, 0.5)  # its probe hangs: another one goes
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.floats(min_value=-1e6, max_value=1e6),
+    start=st.floats(min_value=0, max_value=1e4),
+    answers=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=0.4),  # sent after the previous sending
+            st.floats(min_value=0.0001, max_value=0.5),  # round trip
+            st.floats(min_value=0.0, max_value=1.0),  # where in it the server stamped
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_the_bounds_always_hold_the_true_offset(
+    offset: float, start: float, answers: list[tuple[float, float, float]]
+) -> None:
+    """Whatever the round trips, and with answers overlapping and arriving out of
+    order (many callers), the estimate never excludes the server's real clock: a
+    change of second that ends the calibration has narrowed it soundly."""
+    flights = []
+    sent = start
+    for gap, rtt, at in answers:
+        sent += gap
+        stamp = sent + at * rtt + offset
+        flights.append((sent + rtt, sent, float(math.floor(stamp))))
+    clock = ServerClock()
+    for received, sent_at, date in sorted(flights):
+        clock.observe(sent_at, received, date)
+        assert clock.low is not None and clock.high is not None
+        now = received
+        low = clock.low - DRIFT * (now - clock.low_at)
+        high = clock.high + DRIFT * (now - clock.high_at)
+        slack = 1e-6 * max(1.0, abs(offset))  # float rounding of large offsets
+        assert low - slack <= offset <= high + slack, (low, offset, high)
+        estimate = clock.read(now)
+        assert estimate is not None
+        assert abs(estimate - (now + offset)) <= clock.width(now) / 2 + slack
