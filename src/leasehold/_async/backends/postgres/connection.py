@@ -21,9 +21,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from leasehold import _deadline
 from leasehold._async._concurrency import AsyncMutex
+from leasehold._async.backends.postgres.direct import DirectCall, run_direct
 from leasehold._async.backends.postgres.listener import NotifyListener, connect_within
 from leasehold._async.backends.postgres.options import _scrub, parse_options
-from leasehold._async.backends.postgres.schema import SCHEMA_VERSION, _function_queries, _schema_sql
+from leasehold._async.backends.postgres.schema import (
+    SCHEMA_VERSION,
+    _direct_calls,
+    _function_queries,
+    _schema_sql,
+)
 from leasehold._async.backends.postgres.waiting import _AnnounceListener, _Waiter, announce_channel
 from leasehold._async.store import (
     AsyncStore,
@@ -163,6 +169,8 @@ class PostgresConnection(AsyncStore):
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
         self._queries = _function_queries(self._opts.schema, relaxed=self._opts.relaxed)
+        self._direct = _direct_calls(self._opts.schema, relaxed=self._opts.relaxed)
+        self._prepare = self._opts.pooler != "transaction"
         # Announcements: pg_notify on one channel per schema, the topic as payload;
         # subscribers share one more LISTEN connection, started on first subscribe.
         self._announce_channel = announce_channel(self._opts.schema)
@@ -401,7 +409,7 @@ class PostgresConnection(AsyncStore):
             _deadline.detach(fd)
             await self._putconn(pool, conn, pooled)
 
-    async def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def _run(self, query: bytes | DirectCall, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         pool = await self._ready_pool()
         conn, pooled = await self._getconn(pool)
         # A server that stops answering is noticed by the operation's deadline,
@@ -411,6 +419,8 @@ class PostgresConnection(AsyncStore):
         fd = conn.pgconn.socket
         _deadline.attach(fd)
         try:
+            if isinstance(query, DirectCall):
+                return await run_direct(conn, query, params, prepare=self._prepare)
             cur = await conn.execute(query, params)
             return list(await cur.fetchall())
         except psycopg.Error as exc:
@@ -425,10 +435,11 @@ class PostgresConnection(AsyncStore):
         self, what: str, function: str, params: Sequence[Any], *, idempotent: bool = True
     ) -> list[tuple[Any, ...]]:
         """Run ``SELECT * FROM schema.function(params)``; every driver error ends here."""
-        return await self._query(what, self._queries[function], params, idempotent=idempotent)
+        query = self._direct.get(function) or self._queries[function]
+        return await self._query(what, query, params, idempotent=idempotent)
 
     async def _query(
-        self, what: str, query: bytes, params: Sequence[Any], *, idempotent: bool
+        self, what: str, query: bytes | DirectCall, params: Sequence[Any], *, idempotent: bool
     ) -> list[tuple[Any, ...]]:
         # A connection that dies under a call (backend terminated, server restarted)
         # is retried once on a fresh connection when repeating cannot change the

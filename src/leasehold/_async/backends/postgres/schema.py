@@ -7,6 +7,8 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
+from leasehold._async.backends.postgres.direct import DirectCall, direct_call
+
 # What schema_version() in schema.sql returns. Bump both together whenever the file
 # changes; a store that finds an older version re-runs the (idempotent) file.
 SCHEMA_VERSION = 8
@@ -22,6 +24,19 @@ _FUNCTIONS = {
     "read_record": 1,
     "write_record": 4,
 }
+
+
+# The hot calls, sent through direct.py instead of psycopg's execute: their
+# argument and answer types, as in schema.sql (acquire's OUT parameters; release
+# RETURNS boolean). A changed signature in schema.sql must change here too.
+_DIRECT_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "acquire": (
+        ("text", "text", "text", "text", "integer", "double precision", "integer",
+         "double precision", "text", "text"),
+        ("boolean", "bigint", "double precision", "integer"),
+    ),
+    "release": (("text", "text"), ("boolean",)),
+}  # fmt: skip
 
 
 def _schema_sql() -> str:
@@ -49,6 +64,16 @@ def _function_queries(schema: str, *, relaxed: bool = False) -> dict[str, bytes]
         args = ", ".join(["%s"] * arity)
         queries[function] = f'SELECT * FROM "{schema}".{called}({args})'.encode()
     return queries
+
+
+def _direct_calls(schema: str, *, relaxed: bool = False) -> dict[str, DirectCall]:
+    """The DirectCall of each hot function (``_DIRECT_SIGNATURES``), built once per
+    store; ``schema`` is safe to quote, as in _function_queries."""
+    calls = {}
+    for function, (args, results) in _DIRECT_SIGNATURES.items():
+        called = f"{function}_relaxed" if relaxed and function in _RELAXED_TWINS else function
+        calls[function] = direct_call(schema, called, args, results)
+    return calls
 
 
 @lru_cache(maxsize=16)

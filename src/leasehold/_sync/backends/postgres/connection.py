@@ -23,9 +23,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from leasehold import _deadline
 from leasehold._sync._concurrency import Mutex
+from leasehold._sync.backends.postgres.direct import DirectCall, run_direct
 from leasehold._sync.backends.postgres.listener import NotifyListener, connect_within
 from leasehold._sync.backends.postgres.options import _scrub, parse_options
-from leasehold._sync.backends.postgres.schema import SCHEMA_VERSION, _function_queries, _schema_sql
+from leasehold._sync.backends.postgres.schema import (
+    SCHEMA_VERSION,
+    _direct_calls,
+    _function_queries,
+    _schema_sql,
+)
 from leasehold._sync.backends.postgres.waiting import _AnnounceListener, _Waiter, announce_channel
 from leasehold._sync.store import (
     Store,
@@ -165,6 +171,8 @@ class PostgresConnection(Store):
         self._next_sweep = float("-inf")
         self._schema = sql.Identifier(self._opts.schema)
         self._queries = _function_queries(self._opts.schema, relaxed=self._opts.relaxed)
+        self._direct = _direct_calls(self._opts.schema, relaxed=self._opts.relaxed)
+        self._prepare = self._opts.pooler != "transaction"
         # Announcements: pg_notify on one channel per schema, the topic as payload;
         # subscribers share one more LISTEN connection, started on first subscribe.
         self._announce_channel = announce_channel(self._opts.schema)
@@ -401,7 +409,7 @@ class PostgresConnection(Store):
             _deadline.detach(fd)
             self._putconn(pool, conn, pooled)
 
-    def _run(self, query: bytes, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _run(self, query: bytes | DirectCall, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         pool = self._ready_pool()
         conn, pooled = self._getconn(pool)
         # A server that stops answering is noticed by the operation's deadline,
@@ -411,6 +419,8 @@ class PostgresConnection(Store):
         fd = conn.pgconn.socket
         _deadline.attach(fd)
         try:
+            if isinstance(query, DirectCall):
+                return run_direct(conn, query, params, prepare=self._prepare)
             cur = conn.execute(query, params)
             return list(cur.fetchall())
         except psycopg.Error as exc:
@@ -425,10 +435,11 @@ class PostgresConnection(Store):
         self, what: str, function: str, params: Sequence[Any], *, idempotent: bool = True
     ) -> list[tuple[Any, ...]]:
         """Run ``SELECT * FROM schema.function(params)``; every driver error ends here."""
-        return self._query(what, self._queries[function], params, idempotent=idempotent)
+        query = self._direct.get(function) or self._queries[function]
+        return self._query(what, query, params, idempotent=idempotent)
 
     def _query(
-        self, what: str, query: bytes, params: Sequence[Any], *, idempotent: bool
+        self, what: str, query: bytes | DirectCall, params: Sequence[Any], *, idempotent: bool
     ) -> list[tuple[Any, ...]]:
         # A connection that dies under a call (backend terminated, server restarted)
         # is retried once on a fresh connection when repeating cannot change the
