@@ -324,6 +324,52 @@ def postgres_floor(server: PostgresServer) -> None:
     )
 
 
+def postgres_c_client(server: PostgresServer) -> None:
+    """The same pairs from a C client (pgbench, prepared statements, one session):
+    the advisory pair, and leasehold's acquire() + release() SQL functions in both
+    durabilities. What a client with no cost of its own would see, so the ratios
+    here are the most the client side can approach."""
+    import subprocess
+
+    from bench.servers import PG_BIN
+
+    pgbench = PG_BIN / "pgbench"
+    args = "'cprobe', 'token', 'o', 'h', 1, 30, 1, NULL, NULL, NULL"
+    pairs = {
+        "advisory pair": ["SELECT pg_advisory_lock(1);", "SELECT pg_advisory_unlock(1);"],
+        "durable acquire()+release()": [
+            f"SELECT * FROM leasehold.acquire({args});",
+            "SELECT * FROM leasehold.release('cprobe', 'token');",
+        ],
+        "relaxed acquire_relaxed()+release_relaxed()": [
+            f"SELECT * FROM leasehold_relaxed.acquire_relaxed({args});",
+            "SELECT * FROM leasehold_relaxed.release_relaxed('cprobe', 'token');",
+        ],
+    }
+    means: dict[str, list[float]] = {name: [] for name in pairs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(3):  # interleaved, medians
+            for name, statements in pairs.items():
+                script = f"{tmp}/pair.sql"
+                with open(script, "w") as handle:
+                    handle.write("\n".join(statements) + "\n")
+                out = subprocess.run(
+                    [str(pgbench), "-n", "-M", "prepared", "-T", "3", "-f", script, server.url],
+                    capture_output=True, text=True, timeout=60, check=False,
+                )  # fmt: skip
+                found = re.search(r"latency average = ([\d.]+) ms", out.stdout)
+                if found is None:
+                    print(f"postgres C client: pgbench failed: {out.stderr.strip()[-300:]}")
+                    return
+                means[name].append(float(found.group(1)) * 1000)
+    advisory = sorted(means["advisory pair"])[1]
+    shown = ", ".join(
+        f"{name} {sorted(values)[1]:.0f} us ({sorted(values)[1] / advisory:.2f}x)"
+        for name, values in means.items()
+    )
+    print(f"postgres from a C client (pgbench, mean latency, median of 3): {shown}")
+
+
 def _filesystem(path: Any) -> str:
     """The mount (filesystem type and device) holding ``path``, from /proc/mounts."""
     import os
@@ -382,6 +428,7 @@ def main(argv: list[str]) -> int:
             postgres_floor(pg_server)
             postgres_probe(pg_server)
             postgres_probe(pg_server, relaxed=True)
+            postgres_c_client(pg_server)
         if "sqlite" in wanted:
             sqlite_probe(urls["sqlite"])
     finally:

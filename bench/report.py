@@ -495,7 +495,7 @@ BREAKDOWN_INTRO = (
     "coroutine counts as a call, so compare asyncio only with itself). Wall times here "
     "are single-process p50s, not the table's medians of repeats."
 )
-BREAKDOWN_ORDER = ("redis", "postgres", "postgres-relaxed", "sqlite", "keeper")
+BREAKDOWN_ORDER = ("redis", "postgres", "postgres-relaxed", "postgres-c", "sqlite", "keeper")
 
 
 def breakdown_text(data: dict[str, Any]) -> str:
@@ -627,6 +627,10 @@ DOC_CAVEATS = """
 - `leasehold (relaxed)` is PostgreSQL with `?durability=relaxed` (docs/backends.md,
   "Relaxed durability"): grants commit without waiting for their WAL flush, and a crash
   costs a quarantine of the longest ttl instead. `leasehold` is the default, durable.
+- **postgres-c** in section 6 runs leasehold's SQL functions from pgbench, a C client
+  with no cost of its own, against the advisory pair from the same client. Its ratios
+  are the least any client could reach on this server and disk: where they are above a
+  PostgreSQL target, that target is out of reach of client work.
 - Contention runs use the sync flavour of every competitor; their asyncio twins wait the
   same way (polling with sleep) and are measured uncontended only. leasehold runs both.
 
