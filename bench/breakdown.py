@@ -1,10 +1,11 @@
 """Scenario 6: where the time of one acquire + release goes, for the page.
 
-Runs the probes of ``python -m bench.probes`` (Redis, PostgreSQL durable and relaxed
-and both from a C client, SQLite, the keeper) against this run's own servers and
-keeps what they print: round trips, commands or statements the server ran and its
-time, WAL flushes, client CPU and Python calls per acquire + release. It runs last:
-the PostgreSQL probe turns on WAL timing and auto_explain on the server.
+Runs the probes of ``python -m bench.probes`` (Redis, PostgreSQL durable and relaxed,
+both from a C client and both handing a lock over, SQLite, the keeper) against this
+run's own servers and keeps what they print: round trips, commands or statements the
+server ran and its time, WAL flushes, client CPU and Python calls per acquire +
+release. It runs last: the PostgreSQL probe turns on WAL timing and auto_explain on
+the server.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
             probes.postgres_probe(env["postgres_server"], relaxed=True)
         elif which == "postgres-c":
             probes.postgres_c_client(env["postgres_server"])
+        elif which == "postgres-contended":
+            probes.postgres_contended(env["postgres_server"])
+            probes.postgres_contended(env["postgres_server"], relaxed=True)
         elif which == "sqlite":
             probes.sqlite_probe(f"sqlite:///{tempfile.mkdtemp(prefix='leasehold-probe-')}/p.db")
         elif which == "keeper":
@@ -47,7 +51,7 @@ def run(ctx: Any) -> dict[str, Any]:
         wanted.insert(0, "redis")
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
-        wanted[1:1] = ["postgres", "postgres-relaxed", "postgres-c"]
+        wanted[1:1] = ["postgres", "postgres-relaxed", "postgres-c", "postgres-contended"]
     found: dict[str, Any] = {}
     for which in wanted:
         ctx.log(f"probe {which}")

@@ -273,6 +273,149 @@ def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
         print(f"  {sum(durations) / 200 * 1000:7.1f} us  x{len(durations) / 200:.0f}  {query}")
 
 
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _server_processes(postmaster: int) -> list[int]:
+    """The postmaster and its children (backends, WAL writer, checkpointer...)."""
+    import os
+
+    children = [
+        int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == postmaster
+    ]
+    return [postmaster, *children]
+
+
+def postgres_contended(server: PostgresServer, *, relaxed: bool = False, rounds: int = 600) -> None:
+    """Two clients (each its own store, pool and LISTEN connection, as two processes
+    have) hand one lock back and forth: the hand-over's latency and the release call
+    that makes it, and per handed-over acquisition + its release the transactions
+    (round trips), WAL flushes, and CPU in the clients, in the backends running
+    their calls, in their LISTEN backends (PostgreSQL signals every listener on
+    every NOTIFY) and in the server's other processes."""
+    import os
+    import threading
+
+    import psycopg
+
+    import leasehold
+
+    mode = "relaxed" if relaxed else "durable"
+    schema = "leasehold_relaxed" if relaxed else "leasehold"
+    tag = secrets.token_hex(4)
+    urls = [
+        f"{server.url}?schema={schema}&application_name=probe_{tag}_{i}"
+        + ("&durability=relaxed" if relaxed else "")
+        for i in range(2)
+    ]
+    clients = [leasehold.Client(url) for url in urls]
+    locks = [c.lock(f"probe-contended-{tag}", ttl=30) for c in clients]
+    calls = [0]  # the clients' round trips: every store call is one _run
+    for client in clients:
+        store = client._context.store
+        run = store._run
+
+        def counted(*args: Any, _run: Any = run) -> Any:
+            calls[0] += 1
+            return _run(*args)
+
+        store._run = counted
+    released = [0, -1]  # when, by whom
+    handoffs: list[int] = []
+    release_calls: list[int] = []
+    go = threading.Barrier(2)
+
+    def player(me: int, count: int) -> None:
+        lock = locks[me]
+        go.wait()
+        for _ in range(count):
+            lease = lock.acquire()
+            got = time.perf_counter_ns()
+            if released[1] not in (-1, me):
+                handoffs.append(got - released[0])
+            # Held a moment: the other player is queued and blocked by the release.
+            time.sleep(0.002)
+            start = released[0] = time.perf_counter_ns()
+            released[1] = me
+            lease.release()
+            release_calls.append(time.perf_counter_ns() - start)
+
+    def play(count: int) -> None:
+        threads = [threading.Thread(target=player, args=(i, count)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    play(20)  # connections, schema and LISTEN in place
+    handoffs.clear()
+    release_calls.clear()
+    calls[0] = 0
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid, query LIKE 'LISTEN%%' FROM pg_stat_activity "
+            "WHERE application_name LIKE %s",
+            (f"probe_{tag}_%",),
+        ).fetchall()
+        before = _pg_counters(admin)
+    backends = {int(pid): bool(listening) for pid, listening in rows}
+    postmaster = _parent(next(iter(backends)))
+    others = [pid for pid in _server_processes(postmaster) if pid not in backends]
+    ticks = {pid: _cpu_ticks(pid) for pid in [*backends, *others]}
+    cpu = time.process_time()
+    play(rounds)
+    cpu = time.process_time() - cpu
+    trips = calls[0] / (2 * rounds)
+    spent = {pid: _cpu_ticks(pid) - ticks[pid] for pid in ticks}
+    for client in clients:
+        client.close()  # its backends exit and publish their counters
+    time.sleep(0.5)
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        after = _pg_counters(admin)
+    n = len(handoffs)
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def us(total_ticks: float) -> float:
+        return total_ticks / hz * 1e6 / n
+
+    xacts, syncs, sync_ms, _ = ((b - a) / (2 * rounds) for a, b in zip(before, after, strict=True))
+    handoffs.sort()
+    release_calls.sort()
+    print(
+        f"postgres ({mode}) contended, 2 clients handing one lock over ({n} hand-overs): "
+        f"handoff p50 {handoffs[n // 2] / 1000:.0f} us (release called -> the next holder's "
+        f"acquire returned), of which the release call p50 "
+        f"{release_calls[len(release_calls) // 2] / 1000:.0f} us"
+    )
+    print(
+        f"postgres ({mode}) per handed-over acquisition + its release: {trips:.2f} round "
+        f"trips; {xacts:.2f} transactions in all (the others: LISTEN backends reading the "
+        f"notification queue, every listener at every NOTIFY); {syncs:.2f} WAL flushes "
+        f"taking {sync_ms * 1000:.0f} us; "
+        f"CPU {cpu * 1e6 / n:.0f} us in the clients (all threads), "
+        f"{us(sum(v for pid, v in spent.items() if backends.get(pid) is False)):.0f} us in "
+        f"their operation backends, "
+        f"{us(sum(v for pid, v in spent.items() if backends.get(pid) is True)):.0f} us in "
+        f"their LISTEN backends, {us(sum(spent[pid] for pid in others)):.0f} us in the "
+        f"server's other processes"
+    )
+
+
 def postgres_floor(server: PostgresServer) -> None:
     """What this server and disk cost a durable grant by themselves, measured now: the
     settings every commit depends on (the bench's server keeps PostgreSQL's defaults,
@@ -429,6 +572,8 @@ def main(argv: list[str]) -> int:
             postgres_probe(pg_server)
             postgres_probe(pg_server, relaxed=True)
             postgres_c_client(pg_server)
+            postgres_contended(pg_server)
+            postgres_contended(pg_server, relaxed=True)
         if "sqlite" in wanted:
             sqlite_probe(urls["sqlite"])
     finally:

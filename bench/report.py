@@ -488,14 +488,17 @@ def _short(text: str) -> str:
 
 
 BREAKDOWN_INTRO = (
-    "What `python -m bench.probes` reports for one uncontended acquire + release, run "
+    "What `python -m bench.probes` reports for one uncontended acquire + release (and, "
+    "for Redis and PostgreSQL, for a lock handed back and forth between two clients), run "
     "in this same run against the same servers, one process, nothing else running: "
     "round trips, what the server ran and the time it spent, WAL flushes (PostgreSQL), "
     "client CPU and Python function calls (cProfile counts; each resumption of a "
     "coroutine counts as a call, so compare asyncio only with itself). Wall times here "
     "are single-process p50s, not the table's medians of repeats."
 )
-BREAKDOWN_ORDER = ("redis", "postgres", "postgres-relaxed", "postgres-c", "sqlite", "keeper")
+BREAKDOWN_ORDER = (
+    "redis", "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "sqlite", "keeper",
+)  # fmt: skip
 
 
 def breakdown_text(data: dict[str, Any]) -> str:
