@@ -471,7 +471,10 @@ def postgres_c_client(server: PostgresServer) -> None:
     """The same pairs from a C client (pgbench, prepared statements, one session):
     the advisory pair, and leasehold's acquire() + release() SQL functions in both
     durabilities. What a client with no cost of its own would see, so the ratios
-    here are the most the client side can approach."""
+    here are the most the client side can approach. Beside them, the least any
+    lease kept in a table costs: a one-row INSERT and a DELETE by primary key, each
+    its own transaction, with and without waiting for the WAL flush (no fence, no
+    lock, no queue)."""
     import subprocess
 
     from bench.servers import PG_BIN
@@ -488,7 +491,29 @@ def postgres_c_client(server: PostgresServer) -> None:
             f"SELECT * FROM leasehold_relaxed.acquire_relaxed({args});",
             "SELECT * FROM leasehold_relaxed.release_relaxed('cprobe', 'token');",
         ],
+        "bare INSERT+DELETE durable": [
+            "INSERT INTO cprobe_floor VALUES ('x', 'token');",
+            "DELETE FROM cprobe_floor WHERE name = 'x';",
+        ],
+        "bare INSERT+DELETE synchronous_commit=off": [
+            "\\startpipeline",
+            "BEGIN;",
+            "SELECT set_config('synchronous_commit', 'off', true);",
+            "INSERT INTO cprobe_floor VALUES ('x', 'token');",
+            "COMMIT;",
+            "\\endpipeline",
+            "\\startpipeline",
+            "BEGIN;",
+            "SELECT set_config('synchronous_commit', 'off', true);",
+            "DELETE FROM cprobe_floor WHERE name = 'x';",
+            "COMMIT;",
+            "\\endpipeline",
+        ],
     }
+    import psycopg
+
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS cprobe_floor (name text PRIMARY KEY, token text)")
     means: dict[str, list[float]] = {name: [] for name in pairs}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(3):  # interleaved, medians
