@@ -633,7 +633,10 @@ DOC_CAVEATS = """
 - **postgres-c** in section 6 runs leasehold's SQL functions from pgbench, a C client
   with no cost of its own, against the advisory pair from the same client. Its ratios
   are the least any client could reach on this server and disk: where they are above a
-  PostgreSQL target, that target is out of reach of client work.
+  PostgreSQL target, that target is out of reach of client work. Its two "bare
+  INSERT+DELETE" rows are the least any lease kept in a table costs (no fence, no
+  per-name lock, no queue): where they are near or above a target, no table-kept lease
+  with those guarantees meets it here.
 - Contention runs use the sync flavour of every competitor; their asyncio twins wait the
   same way (polling with sleep) and are measured uncontended only. leasehold runs both.
 
