@@ -212,6 +212,11 @@ def test_celery_meetings_example(postgres_server: Any, redis_server: Any, tmp_pa
             outcome = second.get(timeout=60, propagate=False)
             assert type(outcome).__name__ == "Skipped", outcome
             assert isinstance(first.get(timeout=60), int)
+            # A late duplicate of a meeting whose run has ended (what a sweep that read
+            # it as open just before that run closed it enqueues): it finds the
+            # meeting closed under its lease and does nothing.
+            late = producer.send_task("meetings.process_meeting", args=(2,))
+            assert late.get(timeout=60) is None
         finally:
             producer.close()
         rows = wait_all_closed(db_url, 90)
@@ -219,6 +224,7 @@ def test_celery_meetings_example(postgres_server: Any, redis_server: Any, tmp_pa
     assert [runs for _, _, runs, _ in rows] == [2] + [1] * (meetings - 1), rows
     text = log.read_text()
     assert "skipped" in text and "is busy" in text
+    assert "meeting 2 is closed already: nothing to do" in text
     # Every write was fenced: a write with an older fence is refused by the database.
     import leasehold.fence
 

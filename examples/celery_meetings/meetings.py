@@ -17,12 +17,14 @@ import time
 
 import psycopg
 from celery import Celery
+from celery.utils.log import get_task_logger
 
 import leasehold.fence
 from leasehold.celery import SingletonTask, current_lease
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql:///meetings")
 SLOW_CALL_SECONDS = float(os.environ.get("SLOW_CALL_SECONDS", "3"))
+logger = get_task_logger(__name__)
 
 app = Celery("meetings", broker=os.environ.get("BROKER_URL"))
 app.conf.update(
@@ -41,8 +43,17 @@ def transcribe(meeting_id: int) -> str:
 
 
 @app.task(base=SingletonTask, lock_key="meeting:{meeting_id}", lock_ttl=2.0, when_busy="skip")
-def process_meeting(meeting_id: int) -> int:
+def process_meeting(meeting_id: int) -> int | None:
     lease = current_lease()
+    # The lease makes runs of one meeting take turns; this check makes a late one a
+    # no-op. A sweep that read the meeting as open just before the previous run
+    # closed it enqueues it once more after that run ended (dedupe covers queued and
+    # running tasks only), and that run finds it closed here, under the lease.
+    with psycopg.connect(DATABASE_URL) as conn:
+        row = conn.execute("SELECT status FROM meetings WHERE id = %s", (meeting_id,)).fetchone()
+    if row is None or row[0] != "open":
+        logger.info("meeting %s is %s already: nothing to do", meeting_id, row and row[0])
+        return None
     summary = transcribe(meeting_id)  # 3 s under a 2 s TTL: renewed in the background
     lease.check()  # still ours? (LeaseLost if not: nothing written)
     with psycopg.connect(DATABASE_URL) as conn, conn.transaction():
