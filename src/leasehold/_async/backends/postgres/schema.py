@@ -54,13 +54,19 @@ def _schema_sql() -> str:
 _RELAXED_TWINS = frozenset({"acquire", "renew", "release"})
 
 
+def _called(function: str, *, relaxed: bool) -> str:
+    """The function of schema.sql a store calls for ``function``: its relaxed twin
+    when the store is relaxed and it has one."""
+    return f"{function}_relaxed" if relaxed and function in _RELAXED_TWINS else function
+
+
 def _function_queries(schema: str, *, relaxed: bool = False) -> dict[str, bytes]:
     """``SELECT * FROM "schema".function(%s, ...)`` for every function, built once per
     store: the per-call path only looks one up. ``schema`` matched ``_SCHEMA_RE``
     (letters, digits, underscores), so double quotes make it a safe identifier."""
     queries = {}
     for function, arity in _FUNCTIONS.items():
-        called = f"{function}_relaxed" if relaxed and function in _RELAXED_TWINS else function
+        called = _called(function, relaxed=relaxed)
         args = ", ".join(["%s"] * arity)
         queries[function] = f'SELECT * FROM "{schema}".{called}({args})'.encode()
     return queries
@@ -71,8 +77,7 @@ def _direct_calls(schema: str, *, relaxed: bool = False) -> dict[str, DirectCall
     store; ``schema`` is safe to quote, as in _function_queries."""
     calls = {}
     for function, (args, results) in _DIRECT_SIGNATURES.items():
-        called = f"{function}_relaxed" if relaxed and function in _RELAXED_TWINS else function
-        calls[function] = direct_call(schema, called, args, results)
+        calls[function] = direct_call(schema, _called(function, relaxed=relaxed), args, results)
     return calls
 
 
