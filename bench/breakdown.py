@@ -1,11 +1,12 @@
 """Scenario 6: where the time of one acquire + release goes, for the page.
 
 Runs the probes of ``python -m bench.probes`` (Redis, PostgreSQL durable and relaxed,
-both from a C client and both handing a lock over, SQLite, the keeper) against this
-run's own servers and keeps what they print: round trips, commands or statements the
-server ran and its time, WAL flushes, client CPU and Python calls per acquire +
-release. It runs last: the PostgreSQL probe turns on WAL timing and auto_explain on
-the server.
+both from a C client and both handing a lock over, SQLite, the keeper) and the NOTIFY
+ring of ``python -m bench.ring`` (the ceiling of a hand-over that NOTIFY wakes, beside
+the advisory floor) against this run's own servers, and keeps what they print: round
+trips, commands or statements the server ran and its time, WAL flushes, client CPU
+and Python calls per acquire + release. It runs last: the PostgreSQL probe turns on
+WAL timing and auto_explain on the server.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import io
 import tempfile
 from typing import Any
 
-from bench import probes
+from bench import probes, ring
 from bench.common import isolated
 
 PROBE_TIMEOUT = 240.0
@@ -35,6 +36,11 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
         elif which == "postgres-contended":
             probes.postgres_contended(env["postgres_server"])
             probes.postgres_contended(env["postgres_server"], relaxed=True)
+        elif which == "postgres-ring":
+            rates = ring.measure(env["postgres"])
+            for line in ring.lines(rates):
+                print(line)
+            return {"lines": out.getvalue().rstrip("\n").splitlines(), "rates": rates}
         elif which == "sqlite":
             probes.sqlite_probe(f"sqlite:///{tempfile.mkdtemp(prefix='leasehold-probe-')}/p.db")
         elif which == "keeper":
@@ -51,7 +57,9 @@ def run(ctx: Any) -> dict[str, Any]:
         wanted.insert(0, "redis")
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
-        wanted[1:1] = ["postgres", "postgres-relaxed", "postgres-c", "postgres-contended"]
+        wanted[1:1] = [
+            "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "postgres-ring",
+        ]  # fmt: skip
     found: dict[str, Any] = {}
     for which in wanted:
         ctx.log(f"probe {which}")

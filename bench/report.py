@@ -381,6 +381,55 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
                  [[r["target"], r["measured"] or "-", marks[r["met"]]] for r in rows])  # fmt: skip
 
 
+PG_FLOORS_INTRO = (
+    "Not targets: the PostgreSQL rows above measured against what their own guarantees "
+    "cost on this server, in this run. Uncontended: a one-row INSERT + DELETE from the "
+    "same Python client (psycopg), durable and with `synchronous_commit=off` (a table-kept "
+    "lease's least cost: no fence, no expiry, no queue). 8 processes: the NOTIFY ring of "
+    "section 6 (the fastest any hand-over woken by NOTIFY can go, with and without a WAL "
+    "flush per hop), and that ring against the advisory floor: the most an 8-process "
+    "target against that floor could ask of a NOTIFY-woken hand-over here."
+)
+
+
+def pg_floors(data: dict[str, Any]) -> list[list[str]]:
+    """leasehold on PostgreSQL against floors with its own guarantees (see PG_FLOORS_INTRO)."""
+    res = data["results"]
+    s1 = res.get("uncontended", {}).get("summary", {})
+    s2 = res.get("contention", {}).get("summary", {})
+    probe = res.get("breakdown", {}).get("probes", {}).get("postgres-ring", {})
+    eight = probe.get("rates", {}).get("8", {})
+    rows: list[list[str]] = []
+
+    def p50(key: str) -> float:
+        return med(s1.get(key), "p50_us")
+
+    def rate(key: str) -> float:
+        return med(s2.get(f"{key}@8"), "throughput")
+
+    for mode, key, floor in (
+        ("durable", "leasehold-postgres", "pg-table"),
+        ("relaxed", "leasehold-postgres-relaxed", "pg-table-relaxed"),
+    ):
+        mine, base = p50(key), p50(floor)
+        if not (math.isnan(mine) or math.isnan(base)):
+            rows.append([f"{mode}, uncontended p50", f"{mine:.0f} us",
+                         f"one-row INSERT + DELETE{'' if mode == 'durable' else ' (relaxed)'}: "
+                         f"{base:.0f} us", xr(ratio(mine, base))])  # fmt: skip
+    advisory = rate("pg-advisory")
+    for mode, key, kind in (
+        ("durable", "leasehold-postgres", "durable ring"),
+        ("relaxed", "leasehold-postgres-relaxed", "ring"),
+    ):
+        mine, base = rate(key), float(eight.get(kind, NAN))
+        if not (math.isnan(mine) or math.isnan(base)):
+            rows.append([f"{mode}, 8 processes", f"{mine:,.0f} acq/s",
+                         f"NOTIFY {kind} of 8: {base:,.0f} hops/s "
+                         f"(= {xr(ratio(base, advisory))} the advisory floor)",
+                         xr(ratio(mine, base))])  # fmt: skip
+    return rows
+
+
 # -- plots ------------------------------------------------------------------------------
 
 
@@ -497,7 +546,8 @@ BREAKDOWN_INTRO = (
     "are single-process p50s, not the table's medians of repeats."
 )
 BREAKDOWN_ORDER = (
-    "redis", "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "sqlite", "keeper",
+    "redis", "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "postgres-ring",
+    "sqlite", "keeper",
 )  # fmt: skip
 
 
@@ -518,6 +568,11 @@ def breakdown_text(data: dict[str, Any]) -> str:
 def results_markdown(data: dict[str, Any], target_rows: list[dict[str, Any]]) -> str:
     res = data["results"]
     parts = [f"## Targets\n\n{targets_table(target_rows)}\n"]
+    floors = pg_floors(data)
+    if floors:
+        parts.append("### PostgreSQL against floors with its guarantees\n\n" + PG_FLOORS_INTRO
+                     + "\n\n" + table(["leasehold", "measured", "floor", "ratio"], floors)
+                     + "\n")  # fmt: skip
     if "uncontended" in res:
         parts.append("## 1. Uncontended acquire + release\n\nMedian over repeats; (min-max) "
                      "of the repeats in brackets. ⟵ marks leasehold.\n\n"
@@ -637,6 +692,16 @@ DOC_CAVEATS = """
   INSERT+DELETE" rows are the least any lease kept in a table costs (no fence, no
   per-name lock, no queue): where they are near or above a target, no table-kept lease
   with those guarantees meets it here.
+- **postgres-ring** in section 6 passes a token around a ring of processes by NOTIFY
+  alone: each LISTENs on its own channel and, woken, notifies the next one from its other
+  connection, as a leasehold process does. No table, no lock, no fence; the durable ring
+  also updates one row per hop, so every hop waits for a WAL flush, as a durable grant
+  does. A fair lock that hands its place over and wakes the next holder by NOTIFY hands
+  over no faster than this ring at the same process count: its ratio to the advisory
+  floor is the most the 8-process PostgreSQL targets could reach with NOTIFY wake-ups
+  here. (The advisory floor hands over inside the server: PostgreSQL's lock manager
+  grants the released lock to the first waiting backend and wakes it, and that
+  backend's blocked call answers its client; no notification, no second connection.)
 - Contention runs use the sync flavour of every competitor; their asyncio twins wait the
   same way (polling with sleep) and are measured uncontended only. leasehold runs both.
 

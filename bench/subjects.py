@@ -277,6 +277,33 @@ def _advisory(env: dict[str, Any], name: str) -> Handle:
     )
 
 
+def _pg_table(relaxed: bool) -> Callable[[dict[str, Any], str], Handle]:
+    """The least a lease kept in a table costs: one row inserted to take the name and
+    deleted (by name and token) to give it back, each its own transaction; no fence,
+    no expiry check, no queue. Relaxed: the session commits with synchronous_commit=off."""
+
+    def make(env: dict[str, Any], name: str) -> Handle:
+        import psycopg
+
+        conn = psycopg.connect(env["postgres"], autocommit=True)
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_table_floor "
+            "(name text PRIMARY KEY, token text NOT NULL)"
+        )
+        if relaxed:
+            conn.execute("SET synchronous_commit = off")
+        token = secrets.token_hex(16)
+        return Handle(
+            lambda: conn.execute("INSERT INTO bench_table_floor VALUES (%s, %s)", (name, token)),
+            lambda: conn.execute(
+                "DELETE FROM bench_table_floor WHERE name = %s AND token = %s", (name, token)
+            ),
+            conn.close,
+        )
+
+    return make
+
+
 def _advisory_async(env: dict[str, Any], name: str) -> Handle:
     import psycopg
 
@@ -471,6 +498,11 @@ SUBJECTS: list[Subject] = [
     # PostgreSQL
     _s("pg-advisory", "pg_advisory_lock pair", "postgres", "floor", "sync", "psycopg",
        "pg_advisory_lock/unlock on one persistent autocommit connection", _advisory),
+    _s("pg-table", "one-row INSERT + DELETE", "postgres", "floor", "sync", "psycopg",
+       "a row per held name, each its own durable transaction: the least a table-kept "
+       "lease costs (no fence, no expiry, no queue)", _pg_table(False), multiprocess=False),
+    _s("pg-table-relaxed", "one-row INSERT + DELETE (relaxed)", "postgres", "floor", "sync",
+       "psycopg", "the same with synchronous_commit=off", _pg_table(True), multiprocess=False),
     _s("tooz-postgres", "tooz (postgresql)", "postgres", "competitor", "sync", "tooz",
        "defaults: advisory lock, new psycopg2 connection per acquire", _tooz("postgres")),
     _s("sqlalchemy-dlock", "sqlalchemy-dlock", "postgres", "competitor", "sync",
