@@ -670,6 +670,10 @@ DOC_CAVEATS = """
 - This is a small shared VM: other jobs ran at the same time (see the load average
   above), so p99s are noisy and single repeats can be off by 2x; ratios within one run
   are more trustworthy than absolute numbers.
+- Ratios against a floor also move with the machine. A faster loopback makes the floors
+  (two plain commands, an advisory pair) faster, while the server work a lease adds
+  (Lua scripts, PL/pgSQL functions) does not shrink with it, so the same code reads a
+  higher ratio there. Compare runs made on the same machine.
 - Unfair locks (redis-py, sherlock, tooz, portalocker, filelock) often show *higher*
   throughput than fair ones under contention: the releasing process re-acquires its own
   lock before a sleeping waiter wakes, so most "acquisitions" are no handoff at all.
