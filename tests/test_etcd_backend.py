@@ -15,6 +15,7 @@ import pytest
 import leasehold
 from leasehold._core.records import AcquireRequest, Busy, Granted, Holder, RenewItem
 from leasehold._errors import InvalidArgument, StoreMisconfigured, StoreUnavailable
+from leasehold.testing import FakeClock
 from tests.conftest import unavailable
 
 HOLDER = Holder(owner="t", host="h", pid=1)
@@ -163,6 +164,84 @@ def test_a_renewal_round_is_one_keepalive_however_many_leases(etcd_server: Any, 
     assert _one_keepalive(calls), calls
     for item in items:
         store.release(item.name, item.token)
+    client.close()
+
+
+def _cycle_requests(store: Any, clock: Any, steps: list[float], ttl: float) -> list[list[str]]:
+    """An acquire + release of a fresh name after each clock step: the etcd
+    requests of each cycle, counted where they leave the store."""
+    cycles: list[list[str]] = []
+    original = store._http.call
+
+    def counting(path: str, body: Any, **kwargs: Any) -> Any:
+        cycles[-1].append(path)
+        return original(path, body, **kwargs)
+
+    store._http.call = counting
+    try:
+        for step in steps:
+            clock.advance(step)
+            cycles.append([])
+            name, token = _unique("s"), secrets.token_hex(16)
+            assert isinstance(store.acquire(AcquireRequest(name, token, HOLDER, ttl)), Granted)
+            assert store.release(name, token)
+    finally:
+        del store._http.call
+    return cycles
+
+
+def test_a_keepalive_sent_within_the_slack_covers_the_next_acquires(etcd_server: Any) -> None:
+    """The session lease lasts a tenth of the ttl longer than its keys' ttl, so an
+    acquire needs no keepalive of its own while the last refresh was sent less
+    than that before it: an acquire + release is two requests, and a process
+    acquiring in a loop with a 30 s ttl sends one keepalive every 3 s."""
+    from leasehold._core.etcd import session_seconds, session_slack
+
+    ttl = 30.0
+    slack = session_slack(session_seconds(ttl))
+    assert slack == 3
+    clock = FakeClock()
+    client = leasehold.Client(f"{etcd_server.url}?prefix=slack/", clock=clock)
+    store = client.store
+    first, *within, after = _cycle_requests(store, clock, [0.0] + [slack / 4] * 3 + [slack], ttl)
+    print(f"\nfirst {first}, then {within}, after the slack {after}")
+    assert "lease/grant" in first  # the session lease is granted once
+    assert within == [["kv/txn", "kv/txn"]] * 3  # the grant, the release
+    assert after == ["lease/keepalive", "kv/txn", "kv/txn"]
+    # Every grant's etcd expiry is after its send time + ttl: the session lease,
+    # refreshed at the last keepalive, has its whole length left from there.
+    session = store._sessions.current(session_seconds(ttl))
+    assert session is not None and store._http.time_to_live(session.lease) >= ttl
+    # What holders() reports is the key's time left, not the slack on top.
+    name = _unique("s")
+    assert isinstance(store.acquire(AcquireRequest(name, "tok", HOLDER, ttl)), Granted)
+    [info] = store.holders(name)
+    assert ttl - 2 <= info.expires_in <= ttl
+    store.release(name, "tok")
+    client.close()
+
+
+def test_slack_is_a_tenth_of_the_ttl_and_read_back_from_the_grant() -> None:
+    from leasehold._core.etcd import lease_seconds, session_seconds, session_slack
+
+    ttls = (0.5, 2.0, 9.9, 10.0, 10.5, 30.0, 60.5, 99.5, 100.0, 3600.0)
+    assert [session_seconds(t) for t in ttls] == [1, 2, 11, 11, 12, 33, 67, 110, 110, 3960]
+    for seconds in range(1, 5000):
+        assert session_slack(session_seconds(seconds)) == seconds // 10
+    assert all(session_slack(session_seconds(t)) == lease_seconds(t) // 10 for t in ttls)
+
+
+def test_control_without_slack_every_acquire_sends_a_keepalive(
+    etcd_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request counter above fires when the session lease is only as long as
+    the ttl: then only a keepalive sent after the acquire began covers it."""
+    monkeypatch.setattr("leasehold._core.etcd.SLACK_SHARE", 10**9)
+    clock = FakeClock()
+    client = leasehold.Client(f"{etcd_server.url}?prefix=slack/", clock=clock)
+    _first, *rest = _cycle_requests(client.store, clock, [0.0, 0.75, 0.75, 0.75], 30.0)
+    print(f"\nwithout slack: {rest}")
+    assert rest == [["lease/keepalive", "kv/txn", "kv/txn"]] * 3
     client.close()
 
 

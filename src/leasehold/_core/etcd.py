@@ -292,3 +292,28 @@ def lease_seconds(ttl: float) -> int:
     """etcd leases have whole seconds: round up, so etcd never expires a grant
     before the client's safe deadline."""
     return max(1, math.ceil(ttl - 1e-9))
+
+
+# How much longer a session lease lasts than the ttl of its keys: a tenth of the
+# ttl's whole seconds, rounded down (none for a ttl of 9 s or less). A grant needs a session
+# lease whose etcd expiry comes after the acquire's send time + ttl; without slack
+# only a keepalive sent after the acquire began gives that, one more request per
+# acquire. With it, a keepalive sent up to the slack before the acquire covers it,
+# so a process that acquires in a loop with a 30 s ttl sends one keepalive every
+# 3 s, not one per acquire. The price: a holder that dies, or a lease left to expire
+# by a process that renews nothing, keeps its name up to the slack longer (a lease
+# the process dropped while renewing others still goes at its own deadline: the
+# sweep, backends.md).
+SLACK_SHARE = 10
+
+
+def session_seconds(ttl: float) -> int:
+    """The length of the session lease that holds keys of ``ttl``."""
+    seconds = lease_seconds(ttl)
+    return seconds + seconds // SLACK_SHARE
+
+
+def session_slack(granted: int) -> int:
+    """The slack in a session lease granted for ``granted`` seconds: n + n // 10
+    grows with n, and (10a + b) + a = 11a + b with b < 10, so it is granted // 11."""
+    return granted // (SLACK_SHARE + 1)

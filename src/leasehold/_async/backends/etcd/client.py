@@ -389,8 +389,14 @@ class AsyncEtcdHTTP:
 
     async def time_to_live(self, lease: int) -> int:
         """Whole seconds the lease has left (etcd truncates), -1 if it has ended."""
+        return (await self.lease_times(lease))[0]
+
+    async def lease_times(self, lease: int) -> tuple[int, int]:
+        """The lease's time to live (as ``time_to_live``) and the seconds it was
+        granted for."""
         data = await self.call("lease/timetolive", {"ID": lease})
-        return int(data.get("TTL", 0))  # proto3 JSON omits a zero; an ended lease is -1
+        # proto3 JSON omits a zero; an ended lease has TTL -1
+        return int(data.get("TTL", 0)), int(data.get("grantedTTL", 0))
 
     async def watch_once(
         self,

@@ -48,6 +48,8 @@ from leasehold._core.etcd import (
     holder_value,
     lease_seconds,
     prefix_end,
+    session_seconds,
+    session_slack,
     token_id,
     waiter_info,
 )
@@ -83,7 +85,8 @@ class AsyncEtcdStore(SessionKeys):
             "one keepalive and one read however many leases; a key not renewed is deleted "
             "at most one renewal interval after its own TTL; a lease is trusted only in the "
             "term it was granted in (keys move to a new lease after a leader change); expiry "
-            "by etcd leases (whole seconds, rounded up)",
+            "by etcd leases (whole seconds, rounded up; above a 9 s TTL, plus a tenth so "
+            "that most acquires need no keepalive: a dead holder's keys go that much later)",
             "a release wakes the head waiter by a watch on its predecessor",
             "fences stay increasing after etcd loses its data unless the server clock "
             "stepped back across it",
@@ -104,7 +107,7 @@ class AsyncEtcdStore(SessionKeys):
         pair = (name, token)
         keys = self._keys
         tid = token_id(token)
-        seconds = lease_seconds(request.ttl)
+        seconds = session_seconds(request.ttl)
         name_key = keys.name(name)
         name_end = prefix_end(name_key)
         holder_key = keys.holder(name, tid)
@@ -262,7 +265,7 @@ class AsyncEtcdStore(SessionKeys):
         """The token already holds (a retried acquire): its expiry now + ttl, on
         the session lease of the current term. False if the key is gone."""
         pair = (request.name, request.token)
-        seconds = lease_seconds(request.ttl)
+        seconds = session_seconds(request.ttl)
         key = self._keys.holder(request.name, mine.tid)
         session = await self._sessions.fresh(seconds, started, request.ttl)
         if mine.lease == session.lease:
@@ -304,7 +307,7 @@ class AsyncEtcdStore(SessionKeys):
         Each attempt of the waiter refreshes its session lease (unless something
         else did since the attempt began), so that the place lasts ``queue_ttl``
         from now, as it did on a lease of its own."""
-        seconds = lease_seconds(queue_ttl)
+        seconds = session_seconds(queue_ttl)
         key = self._keys.waiter(pair[0], token_id(pair[1]))
         deadline = started + queue_ttl
         if queued is not None:
@@ -398,12 +401,16 @@ class AsyncEtcdStore(SessionKeys):
         return infos
 
     async def _time_to_live(self, lease: int, known: dict[int, int]) -> int:
-        """The lease's time to live (its session lease's, for a key of ours:
-        its own deadline may come earlier, see ``leases.py``)."""
+        """The time to live of a key on ``lease``, -1 if the lease has ended: its
+        session lease's, less the session lease's slack (the key's own deadline
+        came that much earlier; it may come earlier still, see ``leases.py``)."""
         if not lease:
             return 0
         if lease not in known:
-            known[lease] = await self._http.time_to_live(lease)
+            remaining, granted = await self._http.lease_times(lease)
+            known[lease] = (
+                remaining if remaining < 0 else max(0, remaining - session_slack(granted))
+            )
         return known[lease]
 
     async def holders(self, name: str) -> list[HolderInfo]:

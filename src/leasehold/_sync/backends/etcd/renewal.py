@@ -28,7 +28,7 @@ from leasehold._sync.backends.etcd.client import b64, unb64
 from leasehold._sync.backends.etcd.connection import EtcdConnection
 from leasehold._sync.backends.etcd.leases import Session, Tracked
 from leasehold._sync.backends.etcd.txn import _compare, _delete, _kvs, _put, _term
-from leasehold._core.etcd import lease_seconds, token_id
+from leasehold._core.etcd import session_seconds, token_id
 from leasehold._core.records import RenewItem
 from leasehold._errors import StoreUnavailable
 
@@ -190,7 +190,7 @@ class SessionKeys(EtcdConnection):
         }
         self._sweep(started, keep)
         keys = [self._keys.holder(item.name, token_id(item.token)) for item in items]
-        wanted = [lease_seconds(item.ttl) for item in items]
+        wanted = [session_seconds(item.ttl) for item in items]
         sessions: dict[int, Session | None] = {s: self._sessions.current(s) for s in wanted}
         live = [session for session in sessions.values() if session is not None]
         sent = self._clock.monotonic()
