@@ -255,6 +255,26 @@ def test_scripts_start_with_a_contract() -> None:
             assert part in text.split("\nlocal ", 1)[0], (script_name, part)
 
 
+def test_scripts_write_microsecond_times_and_fences_exactly(server: RedisServer) -> None:
+    """fmt() (the prelude) writes every integral value below 2^53 digit for digit;
+    the control shows what Lua's own number-to-text conversion would write."""
+    from importlib import resources
+
+    prelude = (resources.files("leasehold") / "_shared" / "redis" / "_prelude.lua").read_text(
+        encoding="utf-8"
+    )
+    values = [0, 1, 1_765_012_345_678_901, 2**53 - 1]
+    probe = "return {" + ", ".join(f"fmt({v})" for v in values) + ", tostring(ARGV[1] + 0)}"
+    admin = server.client()
+    try:
+        *written, plain = admin.eval(f"{prelude}\n{probe}", 0, str(values[2]))
+    finally:
+        admin.close()
+    assert [int(text) for text in written] == values
+    assert written == [str(v) for v in values]
+    assert plain != str(values[2])  # the control: 1.7650123456789e+15
+
+
 # ---------------------------------------------------------- the contract, directly
 
 

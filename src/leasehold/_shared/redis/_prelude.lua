@@ -10,7 +10,11 @@
 -- * A holder is live while its expiry > now; a waiter while its queue expiry > now.
 -- * Microsecond times and fences that are stored as text or passed to commands go
 --   through fmt(), because Lua's tostring() would write 1.7e+15 (it keeps 14
---   digits). Milliseconds (TTLs) are small integers and are passed as they are.
+--   digits). Every value fmt() gets is integral, so it formats with %d (a C long:
+--   exact to 2^63), not %.0f: glibc prints a double the slow way. fmt() runs twice
+--   in an uncontended acquire + release; %d saved 6,000 of the 239,000
+--   instructions the two scripts cost Redis (callgrind, 2.5 %). Milliseconds
+--   (TTLs) are small integers and are passed as they are.
 -- * Every command a script runs costs about a microsecond of server time on top of
 --   its own work (the scripting layer), more than most of the commands themselves:
 --   an uncontended acquire runs 7, a release 4 (see docs/backends.md).
@@ -40,7 +44,7 @@ local GRACE_MS = 1000 -- keys outlive the last expiry they hold by this much
 local H_TOKEN, H_EXPIRY, H_FENCE, H_ACQUIRED, H_LIMIT, H_RUN, H_HOLDER, H_HANDED = 1, 2, 3, 4, 5, 6, 7, 8
 
 local function fmt(n)
-    return string.format('%.0f', n)
+    return string.format('%d', n)
 end
 
 local function now_us()
