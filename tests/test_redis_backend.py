@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from redis import exceptions as redis_exceptions
 from redis.crc import key_slot
 
 from leasehold._async.backends.redis import layout as redis_layout
 from leasehold._async.backends.redis import options as redis_options
+from leasehold._async.backends.redis import scripts as redis_scripts
 from leasehold._async.backends.redis import store as async_redis
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import (
@@ -113,9 +115,10 @@ def fence_of(result: object) -> int:
     return result.fence
 
 
-def evalsha_calls(admin: Any) -> int:
+def script_calls(admin: Any) -> int:
+    """Script calls the server ran: as functions (FCALL) or as scripts (EVALSHA)."""
     stats = admin.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("fcall", "evalsha"))
 
 
 # ----------------------------------------------------------------- URL and options
@@ -596,10 +599,10 @@ def test_renew_ten_thousand_items_in_one_call(server: RedisServer) -> None:
         items = [RenewItem(n, "tok", 30) for n in names]
         items[17] = RenewItem(names[17], "not-the-holder", 30)
         await store.renew(items[:1])  # the first call per server loads the script
-        before = evalsha_calls(admin)
+        before = script_calls(admin)
         answers = await store.renew(items)
         # One round trip: scripts of RENEW_CHUNK items each, pipelined.
-        assert evalsha_calls(admin) - before == len(items) // async_redis.RENEW_CHUNK
+        assert script_calls(admin) - before == len(items) // async_redis.RENEW_CHUNK
         assert answers.count(True) == 9_999 and answers[17] is False
         infos = await store.holders(names[5000])
         assert infos[0].expires_in > 25
@@ -988,7 +991,7 @@ def test_wrong_password_never_shows_the_password(private: Callable[..., RedisSer
 # The permissions docs/backends.md (Redis) lists for a dedicated ACL user.
 ACL_RULES = (
     "on resetkeys ~leasehold:* resetchannels -@all "
-    "+evalsha +script|load +blpop +lpop +ping +time +info +client|setname "
+    "+fcall +function|load +blpop +lpop +ping +time +info +client|setname "
     "+select +zadd +zrem +zscore +zrank +zcard +zrange +zrangebyscore +zremrangebyscore "
     "+hget +hmget +hset +hdel +get +set +del +exists +lpush +pexpire +pttl "
     "&leasehold:* +publish +subscribe"
@@ -1021,6 +1024,156 @@ def test_acl_user_with_documented_permissions(private: Callable[..., RedisServer
     limited = f"redis://limited:lim@127.0.0.1:{instance.port}/0"
     with pytest.raises(StoreUnavailable, match="permission"):
         with_store(limited, lambda store: store.acquire(req(name(), "t")))
+
+
+def _script_commands(admin: Any) -> dict[str, int]:
+    stats = admin.info("commandstats")
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("fcall", "evalsha")}
+
+
+def _every_operation(lease: str) -> Callable[[async_redis.AsyncRedisStore], Awaitable[None]]:
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        first = fence_of(await store.acquire(req(lease, "t1")))
+        assert isinstance(await store.acquire(req(lease, "t2", queue_ttl=5)), Busy)
+        assert await store.renew([RenewItem(lease, "t1", 5)]) == [True]
+        assert [i.fence for i in await store.holders(lease)] == [first]
+        assert len(await store.leases(lease)) == 1 and len(await store.waiters(lease)) == 1
+        assert await store.release(lease, "t1")
+        assert isinstance(await store.wait(lease, "t2", 1), HandedOver)
+        assert await store.break_lease(lease) == 1
+        version = await store.write_record(lease, 0, b"v")
+        assert (await store.read_record(lease)).version == version
+
+    return scenario
+
+
+def test_a_standalone_server_runs_the_scripts_as_functions(
+    private: Callable[..., RedisServer],
+) -> None:
+    """One library, loaded once; every operation an FCALL, none an EVALSHA."""
+    instance = private()
+    admin = instance.client()
+    store = async_redis.from_url(parse(instance.url), SYSTEM_CLOCK)
+    try:
+        with_store(instance.url, _every_operation(name("fn")))
+        calls = _script_commands(admin)
+        assert calls["evalsha"] == 0 and calls["fcall"] >= 10, calls
+        libraries = admin.execute_command("FUNCTION", "LIST")
+        assert [entry["library_name"] for entry in libraries] == [redis_scripts._library().name]
+        [library] = libraries
+        flags = {f["name"].rsplit("_", 1)[-1]: f["flags"] for f in library["functions"]}
+        assert flags["release"] == ["allow-oom"] and flags["holders"] == ["no-writes"], flags
+        assert store.warnings() == []
+    finally:
+        admin.close()
+
+
+def test_functions_are_loaded_again_after_function_flush(
+    private: Callable[..., RedisServer],
+) -> None:
+    instance = private()
+    admin = instance.client()
+    lease = name()
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        fences = [fence_of(await store.acquire(req(lease, "t0")))]
+        admin.execute_command("FUNCTION", "FLUSH")
+        # The control: the server really lost the function.
+        with pytest.raises(redis_exceptions.ResponseError, match="Function not found"):
+            admin.execute_command("FCALL", redis_scripts._script("holders").function, 1, "k")
+        assert await store.release(lease, "t0")
+        fences.append(fence_of(await store.acquire(req(lease, "t1"))))
+        admin.execute_command("FUNCTION", "FLUSH")
+        assert await store.renew([RenewItem(lease, "t1", 5)] * 2) == [True, True]
+        assert fences == sorted(set(fences))
+        assert _script_commands(admin)["evalsha"] == 0
+
+    try:
+        with_store(instance.url, scenario)
+    finally:
+        admin.close()
+
+
+@pytest.mark.parametrize(
+    "refused", ["-fcall", "-function|load", "-@scripting +evalsha +script|load"]
+)
+def test_a_user_refused_functions_runs_scripts_and_says_so(
+    private: Callable[..., RedisServer], refused: str
+) -> None:
+    """FCALL (or FUNCTION LOAD) refused by the ACL: the store falls back to
+    EVALSHA for good, every operation works, and warnings() tells why."""
+    instance = private()
+    admin = instance.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "old", "on", ">old-pw", "~*", "&*", "+@all", *refused.split()
+    )
+    url = f"redis://old:old-pw@127.0.0.1:{instance.port}/0"
+    store = async_redis.from_url(parse(url), SYSTEM_CLOCK)
+    try:
+
+        async def scenario(live: async_redis.AsyncRedisStore) -> list[str]:
+            await _every_operation(name("old"))(live)
+            return live.warnings()
+
+        found = with_store(url, scenario)
+        calls = _script_commands(admin)
+        assert calls["evalsha"] >= 10, calls
+        assert any("functions refused" in warning for warning in found), found
+        # The control: a store that made no call yet has nothing to say.
+        assert not any("functions refused" in warning for warning in store.warnings())
+    finally:
+        admin.close()
+
+
+def test_clients_calling_functions_and_scripts_share_leases(server: RedisServer) -> None:
+    lease = name("mixed")
+
+    async def scenario(functions: async_redis.AsyncRedisStore) -> None:
+        scripts = async_redis.from_url(parse(server.url), SYSTEM_CLOCK)
+        scripts._use_scripts(RuntimeError("as a cluster or an old ACL would"))
+        try:
+            first = fence_of(await functions.acquire(req(lease, "f")))
+            assert isinstance(await scripts.acquire(req(lease, "s", queue_ttl=5)), Busy)
+            assert await functions.release(lease, "f")
+            assert isinstance(await scripts.wait(lease, "s", 1), HandedOver)
+            [info] = await functions.holders(lease)
+            assert info.fence > first
+            assert await scripts.release(lease, "s")
+            assert await functions.holders(lease) == []
+        finally:
+            await scripts.aclose()
+
+    with_store(server.url, scenario)
+
+
+def test_out_of_memory_a_release_still_runs_and_an_acquire_is_refused(
+    private: Callable[..., RedisServer],
+) -> None:
+    """Functions refused out of memory are refused before they run; release
+    (allow-oom) frees a name, and reads (no-writes) keep working."""
+    instance = private()
+    admin = instance.client()
+    lease = name("oom")
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        fence_of(await store.acquire(req(lease, "t1")))
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        try:
+            with pytest.raises(StoreUnavailable, match=r"(?i)oom|memory"):
+                await store.acquire(req(name("other"), "t2"))
+            assert len(await store.holders(lease)) == 1
+            assert await store.renew([RenewItem(lease, "t1", 5)]) == [True]
+            assert await store.release(lease, "t1")
+            assert await store.holders(lease) == []
+        finally:
+            admin.config_set("maxmemory", "0")
+        fence_of(await store.acquire(req(lease, "t3")))
+
+    try:
+        with_store(instance.url, scenario)
+    finally:
+        admin.close()
 
 
 def test_acl_user_announces_and_subscribes(private: Callable[..., RedisServer]) -> None:

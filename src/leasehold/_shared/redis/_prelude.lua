@@ -1,6 +1,7 @@
--- _prelude.lua: helpers shared by the lease scripts. The store prepends this file
--- to every script before loading it (Redis Lua has no `require`), so each loaded
--- script stays one self-contained EVALSHA.
+-- _prelude.lua: helpers shared by the lease scripts. Redis Lua has no `require`:
+-- the store loads this file once at the head of a function library whose
+-- functions are the scripts (FCALL), or prepends it to each script it loads as a
+-- script (EVALSHA; see redis/scripts.py).
 --
 -- KEYS, ARGV, returns: none of its own; see each script's header.
 --
@@ -84,17 +85,18 @@ local function keep_alive(key, ms)
     end
 end
 
--- The keys and names of one lease name, in the order acquire/release/break take them.
-local function name_keys()
+-- The keys and names of one lease name, in the order acquire/release/break take them
+-- (their KEYS and ARGV: passed in, since a function gets them as parameters).
+local function name_keys(keys, argv)
     return {
-        state = KEYS[1], -- string: the MessagePack holders above
-        floor = KEYS[2], -- string: highest fence issued in this bucket
-        index = KEYS[3], -- zset: name -> latest holder expiry_us (for leases())
-        queue = KEYS[4], -- zset: token -> arrival
-        queue_expiry = KEYS[5], -- zset: token -> queue expiry_us
-        queue_info = KEYS[6], -- hash: token -> "<limit> <ttl_us> <holder json>"
-        name = ARGV[1],
-        signal_prefix = ARGV[2], -- signal list of a waiter: signal_prefix .. token
+        state = keys[1], -- string: the MessagePack holders above
+        floor = keys[2], -- string: highest fence issued in this bucket
+        index = keys[3], -- zset: name -> latest holder expiry_us (for leases())
+        queue = keys[4], -- zset: token -> arrival
+        queue_expiry = keys[5], -- zset: token -> queue expiry_us
+        queue_info = keys[6], -- hash: token -> "<limit> <ttl_us> <holder json>"
+        name = argv[1],
+        signal_prefix = argv[2], -- signal list of a waiter: signal_prefix .. token
     }
 end
 

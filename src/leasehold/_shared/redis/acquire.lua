@@ -27,7 +27,7 @@
 -- across that loss. Floors are per bucket, so they stay bounded (one per bucket)
 -- however many names are ever used.
 
-local k = name_keys()
+local k = name_keys(KEYS, ARGV)
 local token = ARGV[3]
 local ttl = tonumber(ARGV[4])
 local limit = tonumber(ARGV[5])

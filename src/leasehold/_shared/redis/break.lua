@@ -10,7 +10,7 @@
 -- Returns     the number of live holders removed. The places go to the first
 --             waiters, as on release.
 
-local k = name_keys()
+local k = name_keys(KEYS, ARGV)
 local now = now_us()
 local s = load(k.state)
 purge(s, k, now)

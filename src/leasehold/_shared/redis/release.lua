@@ -13,7 +13,7 @@
 -- Then hands the free places to the first waiters in the same step (one, for a
 -- lock; see hand_over in the prelude): the waiter holds without another call.
 
-local k = name_keys()
+local k = name_keys(KEYS, ARGV)
 local token = ARGV[3]
 local now = now_us()
 local s = load(k.state)

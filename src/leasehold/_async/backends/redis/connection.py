@@ -38,7 +38,13 @@ from leasehold._async.backends.redis.io import (
 from leasehold._async.backends.redis.layout import KeyLayout, _bucket_slot, _node_name
 from leasehold._async.backends.redis.options import RedisOptions
 from leasehold._async.backends.redis.pubsub import PubSubListener
-from leasehold._async.backends.redis.scripts import _Script, _script
+from leasehold._async.backends.redis.scripts import (
+    _library,
+    _Script,
+    _script,
+    function_missing,
+    functions_refused,
+)
 from leasehold._async.store import (
     AsyncStore,
     ListenerSlot,
@@ -55,6 +61,10 @@ _ANNOUNCE_RETRY: Final = 5.0
 # one this often, for up to socket_timeout (redis-py's cluster client fails at once
 # where the standalone store's pool waits).
 _POOL_POLL: Final = 0.005
+
+# A script call runs at most this often: once more after loading the library or
+# the script, once more after falling back from functions to scripts.
+_SCRIPT_ATTEMPTS: Final = 3
 
 # For standalone servers (the cluster client picks its own): see redis/io.py.
 _TCP_CONNECTION, _TLS_CONNECTION, _UNIX_CONNECTION = connection_classes()
@@ -118,6 +128,11 @@ class RedisConnection(AsyncStore):
         # sockets belong to the parent), only kept from the garbage collector.
         self._inherited: list[_Connections] = []
         self._closed = False
+        # Scripts run as functions of a library (FCALL) on a standalone server, as
+        # scripts (EVALSHA) in a cluster and once the server or the ACL refused
+        # functions; why, for warnings() (see scripts.py).
+        self._functions = not options.cluster
+        self._functions_refused: str | None = None
         # INFO of each server ("" standalone; each primary's "host:port" in a cluster).
         self._server_facts: dict[str, dict[str, Any]] = {}
         # wait() blocks in slices of this, so a silent server is noticed.
@@ -467,16 +482,31 @@ class RedisConnection(AsyncStore):
         """Run a script once (in a cluster, on the node that owns its keys' slot)."""
         script = _script(name)
         connections = self._connect()
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         with self._translated(name):
-            try:
-                return await self._call(connections, command)
-            except redis_errors.NoScriptError:
-                # A restart, a failover or SCRIPT FLUSH emptied the script cache. The
-                # script did not run, so loading it and running it again is safe. A
-                # restart may also mean another run_id.
-                await self._load_script(connections, script, [keys[0]])
-                return await self._call(connections, command)
+            for attempt in range(_SCRIPT_ATTEMPTS):
+                try:
+                    return await self._call(connections, self._script_call(script, keys, args))
+                except redis_errors.ResponseError as exc:
+                    if attempt == _SCRIPT_ATTEMPTS - 1 or not self._script_not_run(exc):
+                        raise
+                    await self._load_script(connections, script, [keys[0]], exc)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _script_call(
+        self, script: _Script, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> tuple[Any, ...]:
+        if self._functions:
+            return ("FCALL", script.function, len(keys), *keys, *args)
+        return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _script_not_run(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the server did not run the script at all, so that
+        running it again, once it is loaded (or as a script), is safe: NOSCRIPT or
+        no such function (a restart, a failover or a flush emptied the server's
+        cache), or FCALL refused."""
+        if isinstance(exc, redis_errors.NoScriptError):
+            return True
+        return self._functions and (function_missing(exc) or functions_refused(exc))
 
     async def _call(
         self, connections: _Connections, command: tuple[Any, ...], blocking: bool = False
@@ -545,17 +575,43 @@ class RedisConnection(AsyncStore):
         return reply
 
     async def _load_script(
-        self, connections: _Connections, script: _Script, keys: Sequence[str]
+        self,
+        connections: _Connections,
+        script: _Script,
+        keys: Sequence[str],
+        cause: BaseException,
     ) -> None:
-        """After NOSCRIPT: load the script on the server(s) that own ``keys`` (one
-        key per call that met NOSCRIPT) and forget their run_ids."""
+        """After ``cause`` (see _script_not_run): load the library, or the script, on
+        the server(s) that own ``keys`` (one key per call that was not run) and
+        forget their run_ids. A server or user that refuses functions gets scripts
+        from then on."""
+        if self._functions and functions_refused(cause):
+            self._use_scripts(cause)
+            return  # the next attempt runs EVALSHA, and loads the script if need be
         owners: dict[str, dict[str, Any]] = {}
         for key in keys:
             where, target = await self._owner(connections, key)
             owners[where] = target
         for where, target in owners.items():
             self._forget_run_id(where)
+            if self._functions:
+                try:
+                    await self._execute(
+                        connections.commands,
+                        "FUNCTION",
+                        "LOAD",
+                        "REPLACE",
+                        _library().source,
+                        **target,
+                    )
+                    continue
+                except redis_errors.ResponseError as exc:
+                    self._use_scripts(exc)
             await self._execute(connections.commands, "SCRIPT", "LOAD", script.source, **target)
+
+    def _use_scripts(self, cause: BaseException) -> None:
+        self._functions = False
+        self._functions_refused = f"{cause}"[:200]
 
     def _malformed(self, what: str, reply: object) -> StoreUnavailable:
         return StoreUnavailable(
