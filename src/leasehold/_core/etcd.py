@@ -295,10 +295,10 @@ def lease_seconds(ttl: float) -> int:
 
 
 # How much longer a session lease lasts than the ttl of its keys: a tenth of the
-# ttl's whole seconds, rounded down (none for a ttl of 9 s or less). A grant needs a session
-# lease whose etcd expiry comes after the acquire's send time + ttl; without slack
-# only a keepalive sent after the acquire began gives that, one more request per
-# acquire. With it, a keepalive sent up to the slack before the acquire covers it,
+# ttl's whole seconds, rounded down (none for a ttl of 9 s or less). A grant needs
+# a session lease whose etcd expiry comes after the acquire's send time + ttl;
+# without slack only a keepalive sent after the acquire began gives that, one more
+# request per acquire. With it, a keepalive sent up to the slack before the acquire covers it,
 # so a process that acquires in a loop with a 30 s ttl sends one keepalive every
 # 3 s, not one per acquire. The price: a holder that dies, or a lease left to expire
 # by a process that renews nothing, keeps its name up to the slack longer (a lease

@@ -18,10 +18,13 @@ exists (``store.py``). Two promises need more than the lease:
   is unaffected: the holder's safe deadline (send time + TTL - margin) is never
   later than the tracked deadline.
 * **The client's safe deadline before etcd's expiry.** A key on a session lease
-  last refreshed at K (the keepalive's *send* time) may vanish at K + TTL. So a
-  grant is only attached to a session lease refreshed (or granted) after the
-  acquire began (``fresh``): its etcd expiry is then after the acquire's send
-  time + TTL, like a lease of its own.
+  last refreshed at K (the keepalive's *send* time) may vanish at K + its length.
+  So a grant is only attached to a session lease refreshed (or granted) late
+  enough that this comes after the acquire's send time + TTL (``fresh``), like a
+  lease of its own. A session lease is a tenth longer than its keys' TTL (above a
+  9 s TTL, ``session_seconds``), so a refresh sent that much before the acquire
+  began is late enough, and a process acquiring in a loop does not send a
+  keepalive per acquire.
 
 **A lease is trusted only in the Raft term it was granted in.** etcd before 3.4.31
 / 3.5.13 (etcd issue 15247) lets a leader that stalled (frozen, slow disk, CPU
@@ -126,9 +129,10 @@ class SessionLeases:
 
     async def fresh(self, seconds: int, since: float, ttl: float) -> Session:
         """The session lease for ``seconds`` whose etcd expiry is surely after
-        ``since + ttl``: refreshed by a keepalive sent at or after ``since`` (or
-        granted after it). Its keepalive answered in its grant's term; the caller
-        trusts it once a quorum answer in that term comes after this call."""
+        ``since + ttl``: refreshed by a keepalive sent at or after ``since + ttl -
+        seconds`` (or granted after it). Its keepalive answered in its grant's
+        term; the caller trusts it once a quorum answer in that term comes after
+        this call."""
         self._after_fork()
         session = self._current.get(seconds)
         if session is not None:
