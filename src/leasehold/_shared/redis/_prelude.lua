@@ -275,7 +275,8 @@ end
 
 -- Keep the bucket's name index in step with a grant or renewal: the name stays
 -- listed (for leases()) until `expiry`. Entries of names whose holders are gone are
--- dropped as their scores pass, so the index stays as small as what is held.
+-- dropped as their scores pass, so the index stays as small as what was held
+-- lately (about the last two ttls).
 -- Fewest commands for the common cases: a name listed already only raises its score
 -- and the key's TTL (the key has one: every script that creates it gives it one in
 -- the same step); a name that creates the index (PEXPIRE NX succeeds: a key made
@@ -298,9 +299,9 @@ end
 -- vanished without a release stays in the index at most that much longer. The
 -- mark is only trusted because the index never loses the name while the state
 -- lists holders: the entry's score and the key's TTL only grow (GT), sweeps drop
--- scores already passed, and the scripts that unlist the name (release, break)
--- do so when no holder is left, which deletes the state, mark and all. Every
--- caller saves the state afterwards.
+-- scores already passed, and the one script that unlists the name (break) does so
+-- when no holder is left, which deletes the state, mark and all (release leaves
+-- it listed: see release.lua). Every caller saves the state afterwards.
 local function cover_index(s, k, expiry, now)
     if s[3] and expiry <= s[3] then
         return

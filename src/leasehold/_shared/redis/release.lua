@@ -44,10 +44,12 @@ if waiting > 0 then
     dirty = dirty or left ~= waiting
     waiting = left
 end
+-- A name nobody holds any more stays listed in the index until its score passes:
+-- leases() skips a listed name without holders, and the name's next grant finds
+-- itself listed (one ZADD, one PEXPIRE) instead of listing itself anew, which in an
+-- index that lists other names costs a sweep too (four commands, and one here).
 if index_until then
     cover_index(s, k, index_until, now)
-elseif #s[2] == 0 then
-    redis.call('ZREM', k.index, k.name) -- nothing held: unlisted at once
 end
 if dirty then
     save(s, k, now)
