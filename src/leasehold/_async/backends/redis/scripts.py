@@ -27,8 +27,9 @@ from redis import exceptions as redis_errors
 # Redis treats the call, not what the Lua does). A script with no flags is refused
 # before it runs while Redis is out of memory (maxmemory reached): acquire and the
 # record writes, which add data. "allow-oom": release, break and renew shrink or
-# rewrite what exists, and ran under EVALSHA too (their first write is one Redis
-# allows then). "no-writes": the read-only views, allowed out of memory as before.
+# rewrite what exists (under EVALSHA, release and break ran out of memory too,
+# their first write being one Redis allows then; renew's SET was refused).
+# "no-writes": the read-only views, allowed out of memory as before.
 SCRIPT_FLAGS: Final[dict[str, tuple[str, ...]]] = {
     "acquire": (),
     "release": ("allow-oom",),
