@@ -18,7 +18,7 @@
 --   (TTLs) are small integers and are passed as they are.
 -- * Every command a script runs costs about a microsecond of server time on top of
 --   its own work (the scripting layer), more than most of the commands themselves:
---   an uncontended acquire runs 7, a release 4 (see docs/backends.md).
+--   an uncontended acquire runs 6, a release 4 (see docs/backends.md).
 -- * A name's holders are ONE key, a MessagePack value read with one GET and written
 --   with one SET (plus its PX): a script costs a handful of commands, not dozens.
 --   cmsgpack stores integral numbers as integers, so microsecond times round-trip
@@ -303,6 +303,19 @@ end
 -- when no holder is left, which deletes the state, mark and all (release leaves
 -- it listed: see release.lua). Every caller saves the state afterwards.
 local function cover_index(s, k, expiry, now)
+    if not s[3] then
+        -- No mark: the state is new (its last holder released, deleting state and
+        -- mark, or it never existed). A name taken again soon after its release is
+        -- still listed (release leaves it: see release.lua), often for long enough:
+        -- one ZSCORE then saves the ZADD and PEXPIRE. The listed score is a mark
+        -- like any other: it only grew (GT), the key's TTL was raised to cover it
+        -- when it was set, and a sweep or break never drops a score not yet passed
+        -- while the name has holders.
+        local listed = redis.call('ZSCORE', k.index, k.name)
+        if listed then
+            s[3] = tonumber(listed)
+        end
+    end
     if s[3] and expiry <= s[3] then
         return
     end
