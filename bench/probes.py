@@ -1,7 +1,8 @@
 """Where the time goes: small probes behind the numbers in docs/benchmarks.md.
 
     python -m bench.probes            # all probes
-    python -m bench.probes redis      # one of: keeper, redis, postgres, sqlite
+    python -m bench.probes redis      # one of: keeper, redis, redis-instructions,
+                                      # postgres, sqlite
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
@@ -16,6 +17,8 @@ import cProfile
 import pstats
 import re
 import secrets
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,6 +108,62 @@ def redis_probe(url: str) -> None:
     contended(url, raw)
     pin.release()
     client.close()
+
+
+CALLGRIND_CYCLES = 300
+
+
+def redis_instructions() -> None:
+    """The instructions a Redis server executes per uncontended acquire + release,
+    leasehold's and redis-py Lock's, counted by callgrind from the moment a request
+    is parsed to its reply (``processCommand``: lookup, checks, the command or
+    script and every command it runs; not reading the socket or writing the reply).
+    A count, not a timing: the same for the same code on any machine however busy,
+    so a change to the scripts shows here when wall times are lost in noise. The
+    server is its own, under valgrind (about 50 times slower)."""
+    import redis
+
+    import leasehold
+
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        print("redis   instructions: not measured (valgrind is not installed)")
+        return
+    out = tempfile.mkdtemp(prefix="leasehold-callgrind-") + "/callgrind.out"
+    server = RedisServer(
+        wrapper=(valgrind, "--tool=callgrind", f"--callgrind-out-file={out}",
+                 "--toggle-collect=processCommand")
+    )  # fmt: skip
+    dumps = 0
+
+    def counted(fn: Callable[[], Any]) -> float:
+        nonlocal dumps
+        for _ in range(20):
+            fn()
+        subprocess.run([control, "-z", str(server.process.pid)], check=True, capture_output=True)
+        for _ in range(CALLGRIND_CYCLES):
+            fn()
+        subprocess.run([control, "-d", str(server.process.pid)], check=True, capture_output=True)
+        dumps += 1
+        with open(f"{out}.{dumps}", encoding="utf-8") as dump:
+            summary = next(line for line in dump if line.startswith("summary:"))
+        return int(summary.split()[1]) / CALLGRIND_CYCLES
+
+    try:
+        client = leasehold.Client(server.url)
+        raw = redis.Redis.from_url(server.url)
+        ours = counted(cycle(client.lock("probe", ttl=30)))
+        lock = raw.lock("probe-redis-py", timeout=30)
+        theirs = counted(lambda: (lock.acquire(), lock.release()))
+        client.close()
+        raw.close()
+    finally:
+        server.stop()
+    for label, count in (("leasehold", ours), ("redis-py Lock", theirs)):
+        print(
+            f"redis   {label:14s} {count:9,.0f} instructions in Redis per acquire+release "
+            f"(callgrind, {CALLGRIND_CYCLES} cycles)"
+        )
 
 
 def contended(url: str, raw: Any, rounds: int = 300) -> None:
@@ -592,6 +651,8 @@ def main(argv: list[str]) -> int:
             keeper(urls)
         if "redis" in wanted and redis_server:
             redis_probe(redis_server.url)
+        if "redis-instructions" in wanted:
+            redis_instructions()
         if "postgres" in wanted and pg_server:
             postgres_floor(pg_server)
             postgres_probe(pg_server)

@@ -546,8 +546,8 @@ BREAKDOWN_INTRO = (
     "are single-process p50s, not the table's medians of repeats."
 )
 BREAKDOWN_ORDER = (
-    "redis", "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "postgres-ring",
-    "sqlite", "keeper",
+    "redis", "redis-instructions", "postgres", "postgres-relaxed", "postgres-c",
+    "postgres-contended", "postgres-ring", "sqlite", "keeper",
 )  # fmt: skip
 
 

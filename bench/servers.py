@@ -44,18 +44,21 @@ def _wait_port(port: int, process: subprocess.Popen[bytes] | None, timeout: floa
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """``wrapper``: a command the server runs under (the instructions probe runs it
+    under callgrind), given more time to start."""
+
+    def __init__(self, wrapper: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise Unavailable("redis-server is not installed")
         self.dir = tempfile.mkdtemp(prefix="leasehold-bench-redis-")
         self.port = free_port()
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [*wrapper, binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        _wait_port(self.port, self.process, 20)
+        _wait_port(self.port, self.process, 120 if wrapper else 20)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.version = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, check=False
