@@ -212,6 +212,45 @@ def test_closed_store_refuses_calls() -> None:
         store.ping()
 
 
+def test_a_call_that_outlives_close_leaves_no_connection_open(server: RedisServer) -> None:
+    """A call that took the store's connections just before another thread closed
+    the store (a background clean-up, a keeper's last renewal) and reaches Redis
+    only after the pools were disconnected makes a connection anew; the call must
+    close it, or its socket stays open until the garbage collector finds it (a
+    ResourceWarning, the file descriptor and the server's client slot held until
+    then). Counted on the server: its clients besides the counting one."""
+    admin = server.client()
+
+    def others() -> int:
+        return len(admin.client_list()) - 1
+
+    def settled(expected: int) -> int:
+        # The server notices a closed socket on its next event-loop turn.
+        deadline = time.monotonic() + 5
+        while others() != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return others()
+
+    store = sync_store(server.url)
+    try:
+        assert settled(0) == 0
+        store.ping()
+        assert settled(1) == 1  # the connection the ping used
+        connections = store._connect()  # taken by the call in flight
+        store.close()
+        assert settled(0) == 0  # close() closed what the store had
+        # The call goes on, on the pools close() disconnected: a script call, a
+        # blocking wait, a plain command. Control: each is answered (the call
+        # really reached Redis on a new connection).
+        assert store._call(connections, ("PING",)) in (b"PONG", "PONG", True)
+        assert store._call(connections, ("BLPOP", name("nothing"), "0.01"), blocking=True) is None
+        assert store._execute(connections.commands, "PING")
+        assert settled(0) == 0, admin.client_list()
+    finally:
+        store.close()
+        admin.close()
+
+
 # -------------------------------------------------------------------- key layout
 
 

@@ -29,6 +29,7 @@ from leasehold._async.backends.redis.errors import (
 )
 from leasehold._async.backends.redis.io import (
     cancellations,
+    close_cluster,
     cluster_client,
     cluster_ready,
     connection_classes,
@@ -128,6 +129,8 @@ class RedisConnection(AsyncStore):
         # sockets belong to the parent), only kept from the garbage collector.
         self._inherited: list[_Connections] = []
         self._closed = False
+        # The connections close() disconnected, for calls that outlive it.
+        self._abandoned: _Connections | None = None
         # Scripts run as functions of a library (FCALL) on a standalone server, as
         # scripts (EVALSHA) in a cluster and once the server or the ACL refused
         # functions; why, for warnings() (see scripts.py).
@@ -449,13 +452,17 @@ class RedisConnection(AsyncStore):
         ``wait_for_connection`` is false."""
         before = cancellations()
         deadline: float | None = None
-        while True:
-            try:
-                reply = await client.execute_command(*args, **options)
-                break
-            except redis_errors.ConnectionError as exc:
-                deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
-                await sleep(_POOL_POLL)
+        try:
+            while True:
+                try:
+                    reply = await client.execute_command(*args, **options)
+                    break
+                except redis_errors.ConnectionError as exc:
+                    deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
+                    await sleep(_POOL_POLL)
+        finally:
+            if self._closed:
+                await self._disconnect_late()
         # A cancellation that arrived while redis-py was sending can be lost (see
         # redis/io.py); raise it here so a cancelled caller never carries on.
         raise_if_cancelled_since(before)
@@ -553,26 +560,51 @@ class RedisConnection(AsyncStore):
                 connection = spare.pop()
             except IndexError:  # another thread took it meanwhile
                 connection = None
-        if connection is None:
-            connection = await pool.get_connection()
-        else:
+        try:
+            if connection is None:
+                connection = await pool.get_connection()
+            else:
+                try:
+                    await pool.ensure_connection(connection)
+                except BaseException:
+                    await pool.release(connection)
+                    raise
             try:
-                await pool.ensure_connection(connection)
+                reply = await connection.exchange(pack_command(connection, command))
             except BaseException:
                 await pool.release(connection)
                 raise
-        try:
-            reply = await connection.exchange(pack_command(connection, command))
-        except BaseException:
-            await pool.release(connection)
-            raise
-        if spare is not None and not spare:
-            spare.append(connection)
-        else:
-            await pool.release(connection)
+            if spare is not None and not spare:
+                spare.append(connection)
+            else:
+                await pool.release(connection)
+        finally:
+            if self._closed:
+                await self._disconnect_late()
         # As in _execute: a cancellation swallowed while sending is raised again.
         raise_if_cancelled_since(before)
         return reply
+
+    async def _disconnect_late(self) -> None:
+        """Close what a call made after the store closed. A call that took this
+        process's connections just before close() (on another thread or task: a
+        background clean-up, the keeper's last renewal) and reached the pools only
+        after close() disconnected them connected anew; nobody else would close that
+        connection, which would hold its socket, file descriptor and server slot
+        until the garbage collector found it. Every call checks ``_closed`` when it
+        ends: one that ended before close() set it left its connection in a pool
+        that close() then disconnects. Closing twice is harmless."""
+        current = self._abandoned
+        if current is not None:
+            await self._disconnect(current)
+
+    async def _disconnect(self, connections: _Connections) -> None:
+        for pool in connections.pools:
+            with self._translated("close"):
+                await pool.disconnect()
+        for client in connections.clusters:
+            with self._translated("close"):
+                await close_cluster(client)
 
     async def _load_script(
         self,

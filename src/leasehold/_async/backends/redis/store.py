@@ -45,7 +45,6 @@ from leasehold._async.backends.redis.connection import (
 from leasehold._async.backends.redis.errors import _DRIVER_ERRORS, _server_warnings
 from leasehold._async.backends.redis.io import (
     cancellations,
-    close_cluster,
     raise_if_cancelled_since,
 )
 from leasehold._async.backends.redis.layout import KeyLayout, _bucket_slot
@@ -523,16 +522,13 @@ class AsyncRedisStore(RedisWaiting):
     async def aclose(self) -> None:
         await self._announcements.aclose()
         with self._guard:
-            self._closed = True
             current, self._connections = self._connections, None
+            if current is not None and current.pid == os.getpid():
+                self._abandoned = current
+            self._closed = True
         if current is None or current.pid != os.getpid():
             return
-        for pool in current.pools:
-            with self._translated("close"):
-                await pool.disconnect()
-        for client in current.clusters:
-            with self._translated("close"):
-                await close_cluster(client)
+        await self._disconnect(current)
 
     def warnings(self) -> list[str]:
         found: list[str] = []

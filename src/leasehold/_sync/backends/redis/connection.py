@@ -31,6 +31,7 @@ from leasehold._sync.backends.redis.errors import (
 )
 from leasehold._sync.backends.redis.io import (
     cancellations,
+    close_cluster,
     cluster_client,
     cluster_ready,
     connection_classes,
@@ -130,6 +131,8 @@ class RedisConnection(Store):
         # sockets belong to the parent), only kept from the garbage collector.
         self._inherited: list[_Connections] = []
         self._closed = False
+        # The connections close() disconnected, for calls that outlive it.
+        self._abandoned: _Connections | None = None
         # Scripts run as functions of a library (FCALL) on a standalone server, as
         # scripts (EVALSHA) in a cluster and once the server or the ACL refused
         # functions; why, for warnings() (see scripts.py).
@@ -451,13 +454,17 @@ class RedisConnection(Store):
         ``wait_for_connection`` is false."""
         before = cancellations()
         deadline: float | None = None
-        while True:
-            try:
-                reply = client.execute_command(*args, **options)
-                break
-            except redis_errors.ConnectionError as exc:
-                deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
-                sleep(_POOL_POLL)
+        try:
+            while True:
+                try:
+                    reply = client.execute_command(*args, **options)
+                    break
+                except redis_errors.ConnectionError as exc:
+                    deadline = self._wait_for_connection(exc, deadline, wait_for_connection)
+                    sleep(_POOL_POLL)
+        finally:
+            if self._closed:
+                self._disconnect_late()
         # A cancellation that arrived while redis-py was sending can be lost (see
         # redis/io.py); raise it here so a cancelled caller never carries on.
         raise_if_cancelled_since(before)
@@ -553,26 +560,51 @@ class RedisConnection(Store):
                 connection = spare.pop()
             except IndexError:  # another thread took it meanwhile
                 connection = None
-        if connection is None:
-            connection = pool.get_connection()
-        else:
+        try:
+            if connection is None:
+                connection = pool.get_connection()
+            else:
+                try:
+                    pool.ensure_connection(connection)
+                except BaseException:
+                    pool.release(connection)
+                    raise
             try:
-                pool.ensure_connection(connection)
+                reply = connection.exchange(pack_command(connection, command))
             except BaseException:
                 pool.release(connection)
                 raise
-        try:
-            reply = connection.exchange(pack_command(connection, command))
-        except BaseException:
-            pool.release(connection)
-            raise
-        if spare is not None and not spare:
-            spare.append(connection)
-        else:
-            pool.release(connection)
+            if spare is not None and not spare:
+                spare.append(connection)
+            else:
+                pool.release(connection)
+        finally:
+            if self._closed:
+                self._disconnect_late()
         # As in _execute: a cancellation swallowed while sending is raised again.
         raise_if_cancelled_since(before)
         return reply
+
+    def _disconnect_late(self) -> None:
+        """Close what a call made after the store closed. A call that took this
+        process's connections just before close() (on another thread or task: a
+        background clean-up, the keeper's last renewal) and reached the pools only
+        after close() disconnected them connected anew; nobody else would close that
+        connection, which would hold its socket, file descriptor and server slot
+        until the garbage collector found it. Every call checks ``_closed`` when it
+        ends: one that ended before close() set it left its connection in a pool
+        that close() then disconnects. Closing twice is harmless."""
+        current = self._abandoned
+        if current is not None:
+            self._disconnect(current)
+
+    def _disconnect(self, connections: _Connections) -> None:
+        for pool in connections.pools:
+            with self._translated("close"):
+                pool.disconnect()
+        for client in connections.clusters:
+            with self._translated("close"):
+                close_cluster(client)
 
     def _load_script(
         self,

@@ -47,7 +47,6 @@ from leasehold._sync.backends.redis.connection import (
 from leasehold._sync.backends.redis.errors import _DRIVER_ERRORS, _server_warnings
 from leasehold._sync.backends.redis.io import (
     cancellations,
-    close_cluster,
     raise_if_cancelled_since,
 )
 from leasehold._sync.backends.redis.layout import KeyLayout, _bucket_slot
@@ -521,16 +520,13 @@ class RedisStore(RedisWaiting):
     def close(self) -> None:
         self._announcements.close()
         with self._guard:
-            self._closed = True
             current, self._connections = self._connections, None
+            if current is not None and current.pid == os.getpid():
+                self._abandoned = current
+            self._closed = True
         if current is None or current.pid != os.getpid():
             return
-        for pool in current.pools:
-            with self._translated("close"):
-                pool.disconnect()
-        for client in current.clusters:
-            with self._translated("close"):
-                close_cluster(client)
+        self._disconnect(current)
 
     def warnings(self) -> list[str]:
         found: list[str] = []
