@@ -5,6 +5,7 @@ translation, script calls and the announcement listener. The store operations
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -593,10 +594,12 @@ class RedisConnection(AsyncStore):
         connection, which would hold its socket, file descriptor and server slot
         until the garbage collector found it. Every call checks ``_closed`` when it
         ends: one that ended before close() set it left its connection in a pool
-        that close() then disconnects. Closing twice is harmless."""
+        that close() then disconnects. Closing twice is harmless; a failure to
+        close must not replace the call's own answer or error."""
         current = self._abandoned
         if current is not None:
-            await self._disconnect(current)
+            with contextlib.suppress(StoreUnavailable):
+                await self._disconnect(current)
 
     async def _disconnect(self, connections: _Connections) -> None:
         for pool in connections.pools:
