@@ -18,6 +18,9 @@ import pytest
 
 from leasehold.testing import BackendHarness, FakeClock
 
+# Garbage is collected after every test module (see tests/_garbage.py).
+pytest_plugins = ["tests._garbage"]
+
 REQUIRE_SERVERS = os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1"
 BACKENDS = ["memory", "sqlite", "redis", "postgres", "etcd"]
 
