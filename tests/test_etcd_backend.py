@@ -412,6 +412,65 @@ def test_a_release_wakes_only_the_head_waiter(etcd_server: Any) -> None:
     client.close()
 
 
+def _txns(store: Any) -> list[bool]:
+    """Record whether each transaction ``store`` sends succeeds."""
+    outcomes: list[bool] = []
+    real = store._http.txn
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        response = real(*args, **kwargs)
+        outcomes.append(bool(response.get("succeeded")))
+        return response
+
+    store._http.txn = counted
+    return outcomes
+
+
+def test_a_waiter_whose_predecessor_was_granted_waits_for_the_release(etcd_server: Any) -> None:
+    """The second waiter watches the first one's queue key. When the first is
+    granted (its queue key goes), the second is head, but a holder stands in its
+    way: its wait() reads the name once and watches the holders instead of waking
+    its caller for an attempt that would fail (a transaction etcd commits through
+    Raft, with a WAL write). The release then wakes it, and its attempt succeeds:
+    no failed transaction. Control: the wait does not end at the first one's grant
+    (it did before), and it does end, promptly, at the release."""
+    client = leasehold.Client(f"{etcd_server.url}?prefix=next/")
+    store = client.store
+    name = _unique("next")
+    holder, first, second = (secrets.token_urlsafe(24) for _ in range(3))
+    assert isinstance(store.acquire(AcquireRequest(name, holder, HOLDER, ttl=30)), Granted)
+    for position, token in enumerate((first, second)):
+        result = store.acquire(AcquireRequest(name, token, HOLDER, ttl=30, queue_ttl=30))
+        assert result == Busy(retry_after=None, position=position)
+    ended: list[tuple[bool, float]] = []
+
+    def wait() -> None:
+        woken = bool(store.wait(name, second, 5.0))
+        ended.append((woken, time.monotonic()))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)  # its watch is in place (and would replay the events anyway)
+    assert store.release(name, holder)
+    outcomes = _txns(store)
+    granted = store.acquire(AcquireRequest(name, first, HOLDER, ttl=30, queue_ttl=30))
+    assert isinstance(granted, Granted)
+    time.sleep(0.5)
+    assert ended == [], "woken by the grant of its predecessor"
+    released = time.monotonic()
+    assert store.release(name, first)
+    thread.join(10)
+    assert len(ended) == 1 and ended[0][0] is True
+    assert ended[0][1] - released < 1.0
+    assert isinstance(
+        store.acquire(AcquireRequest(name, second, HOLDER, ttl=30, queue_ttl=30)), Granted
+    )
+    # The grant, the release and the second's grant: no transaction failed.
+    assert outcomes == [True, True, True], outcomes
+    store.release(name, second)
+    client.close()
+
+
 def test_a_wake_up_before_wait_is_not_lost(etcd_server: Any) -> None:
     client = leasehold.Client(f"{etcd_server.url}?prefix=early/")
     store = client.store

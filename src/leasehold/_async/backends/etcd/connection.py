@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, TypeAlias
 
 from leasehold import _deadline
 from leasehold._async._concurrency import sleep
@@ -27,6 +27,10 @@ from leasehold._core.clock import Clock
 from leasehold._core.etcd import Entry, EtcdOptions, Keys, epoch_for
 from leasehold._core.url import StoreURL
 from leasehold._errors import StoreUnavailable
+
+# What a queued waiter watches (see ``_waits``): a key or a range (key, range end),
+# the keys in it that must still exist, and the waiter's limit.
+Watch: TypeAlias = tuple[bytes, bytes | None, tuple[bytes, ...], int]
 
 logger = logging.getLogger("leasehold")
 
@@ -50,9 +54,10 @@ class EtcdConnection(AsyncStore):
         self._epoch: int | None = None
         # (name, token) -> our holder key: its lease, create revision, deadline.
         self._held: dict[tuple[str, str], Tracked] = {}
-        # (name, token) -> what a queued waiter watches: a key or range, and the
-        # keys in it whose deletion (seen or missed) lets the waiter look again.
-        self._waits: dict[tuple[str, str], tuple[bytes, bytes | None, tuple[bytes, ...]]] = {}
+        # (name, token) -> what a queued waiter watches: a key or range, the keys in
+        # it whose deletion (seen or missed) lets the waiter look again, and the
+        # waiter's limit (to tell, after its predecessor left, whether it has a place).
+        self._waits: dict[tuple[str, str], Watch] = {}
         # (name, token) -> our waiter key (its create revision: our place), while queued.
         self._queued: dict[tuple[str, str], Tracked] = {}
         # Guards the two maps above across threads (a sync store is shared by the

@@ -26,6 +26,9 @@ How each operation maps onto etcd (key layout: ``leasehold._core.etcd``):
 * **wait**: a watch from the revision of the acquire's read, on the waiter just
   ahead, or at the head of the queue on the holders: a release wakes one waiter.
   Nothing committed after that read is missed, even before ``wait`` is called.
+  When the waiter ahead leaves (granted, usually), one read tells whether a holder
+  still stands in the way; if so the wait goes on, on the holders, instead of
+  waking its caller for an attempt that would fail.
 * **records**: a key per record; compare-and-set on its mod revision.
 
 Expiry is etcd's: a lease ends on the leader's clock (and a key whose holder
@@ -39,6 +42,7 @@ from typing import Any
 
 from leasehold._sync._concurrency import sleep
 from leasehold._sync.backends.etcd.client import revision, unb64
+from leasehold._sync.backends.etcd.connection import Watch
 from leasehold._sync.backends.etcd.leases import Session, Tracked
 from leasehold._sync.backends.etcd.renewal import SessionKeys
 from leasehold._sync.backends.etcd.txn import _compare, _delete, _kvs, _put, _range, _term
@@ -196,7 +200,7 @@ class EtcdStore(SessionKeys):
                     position = decision.position
                     if decision.watch is not None:
                         watch_key, watch_end, expected = decision.watch
-                        self._waits[pair] = (watch_key, watch_end, expected)
+                        self._waits[pair] = (watch_key, watch_end, expected, request.limit)
                 return Busy(retry_after=None, position=position)
             raise StoreUnavailable(
                 f"etcd: acquire {name!r} lost {ACQUIRE_ATTEMPTS} races in a row; try again"
@@ -456,20 +460,52 @@ class EtcdStore(SessionKeys):
 
     def wait(self, name: str, token: str, timeout: float) -> WaitResult:
         self._after_fork()
-        watch = self._waits.get((name, token))
+        pair = (name, token)
+        watch = self._waits.get(pair)
         if watch is None:
             sleep(timeout)
             return False
-        key, range_end, expected = watch
+        deadline = self._clock.monotonic() + timeout
+        while True:
+            key, range_end, expected, limit = watch
+            remaining = max(0.0, deadline - self._clock.monotonic())
+            try:
+                woken = self._http.watch_once(key, range_end, remaining, ["NOPUT"], expected)
+            except StoreUnavailable:
+                # The caller's next acquire meets the outage and retries it with backoff.
+                sleep(min(remaining, 0.05))
+                return True
+            if not woken:
+                return False
+            self._waits.pop(pair, None)
+            if range_end is not None or self._clock.monotonic() >= deadline:
+                return True  # the holders changed: the caller looks again
+            # Our predecessor in the queue left: granted (it holds now, the common
+            # case under contention) or gone. While a holder still stands in our
+            # way, an attempt would fail, and a failed attempt is a transaction etcd
+            # commits through Raft (a WAL write); one read tells instead, and we
+            # watch what stands in the way (test_etcd_backend: a waiter whose
+            # predecessor was granted waits for the release).
+            watch = self._next_watch(name, token, limit)
+            if watch is None:
+                return True
+            self._waits[pair] = watch
+
+    def _next_watch(self, name: str, token: str, limit: int) -> Watch | None:
+        """What a queued waiter watches once its predecessor left; None when it may
+        have a place (or lost its own), so that its caller attempts at once. A
+        linearizable read; the watch it returns checks that the keys seen still
+        exist once in place, so no change after the read is missed."""
+        start = self._keys.name(name)
         try:
-            woken = self._http.watch_once(key, range_end, timeout, ["NOPUT"], expected)
+            kvs = (self._http.range(start, prefix_end(start))).get("kvs", [])
         except StoreUnavailable:
-            # The caller's next acquire meets the outage and retries it with backoff.
-            sleep(min(timeout, 0.05))
-            return True
-        if woken:
-            self._waits.pop((name, token), None)
-        return woken
+            return None
+        decision = decide(self._keys, name, self._entries(kvs), token_id(token), limit)
+        if decision.grant or decision.queued is None or decision.watch is None:
+            return None
+        key, range_end, expected = decision.watch
+        return (key, range_end, expected, limit)
 
     # -- records ----------------------------------------------------------------------
 
