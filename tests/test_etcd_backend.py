@@ -412,14 +412,20 @@ def test_a_release_wakes_only_the_head_waiter(etcd_server: Any) -> None:
     client.close()
 
 
-def _txns(store: Any) -> list[bool]:
-    """Record whether each transaction ``store`` sends succeeds."""
+def _txns(store: Any, kinds: list[str] | None = None) -> list[bool]:
+    """Record whether each transaction ``store`` sends succeeds (and, in ``kinds``,
+    "read" for one of reads only, which etcd serves without a Raft entry, else
+    "write")."""
     outcomes: list[bool] = []
     real = store._http.txn
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        response = real(*args, **kwargs)
+    def counted(compare: Any, success: Any, failure: Any = (), **kwargs: Any) -> Any:
+        response = real(compare, success, failure, **kwargs)
         outcomes.append(bool(response.get("succeeded")))
+        if kinds is not None:
+            ops = [*success, *failure]
+            reads = not compare and all("request_range" in op for op in ops)
+            kinds.append("read" if reads else "write")
         return response
 
     store._http.txn = counted
@@ -468,6 +474,48 @@ def test_a_waiter_whose_predecessor_was_granted_waits_for_the_release(etcd_serve
     # The grant, the release and the second's grant: no transaction failed.
     assert outcomes == [True, True, True], outcomes
     store.release(name, second)
+    client.close()
+
+
+def test_a_newcomer_to_a_name_with_waiters_reads_instead_of_failing(etcd_server: Any) -> None:
+    """Once the store has seen waiters on a name, a token that is not queued asks
+    with a transaction of reads only (no Raft entry) instead of a one-step grant
+    that would fail (a Raft entry all the same), then queues. A name seen without
+    waiters goes back to the one-step grant, after one read. Control: the first
+    newcomer, before any waiter was seen, sends the one-step grant, which fails."""
+    client = leasehold.Client(f"{etcd_server.url}?prefix=crowd/")
+    store = client.store
+    name = _unique("crowd")
+    tokens = [secrets.token_urlsafe(24) for _ in range(6)]
+    holder, first, second, third, later, last = tokens
+
+    def ask(token: str, queue: bool = True) -> Any:
+        return store.acquire(
+            AcquireRequest(name, token, HOLDER, ttl=30, queue_ttl=30 if queue else None)
+        )
+
+    assert isinstance(ask(holder), Granted)
+    kinds: list[str] = []
+    outcomes = _txns(store, kinds)
+    assert ask(first) == Busy(retry_after=None, position=0)  # sees a holder, no waiter
+    assert list(zip(kinds, outcomes, strict=True)) == [("write", False), ("write", True)]
+    del kinds[:], outcomes[:]
+    assert ask(second) == Busy(retry_after=None, position=1)  # sees the first waiter
+    assert list(zip(kinds, outcomes, strict=True)) == [("write", False), ("write", True)]
+    del kinds[:], outcomes[:]
+    assert ask(third) == Busy(retry_after=None, position=2)  # the name is crowded now
+    assert list(zip(kinds, outcomes, strict=True)) == [("read", True), ("write", True)]
+    assert store.release(name, holder)
+    for token in (first, second, third):
+        store.release(name, token)  # waiters giving up (False: they held nothing)
+    del kinds[:], outcomes[:]
+    assert isinstance(ask(later), Granted)  # a read finds it free: granted after it
+    assert list(zip(kinds, outcomes, strict=True)) == [("read", True), ("write", True)]
+    assert store.release(name, later)
+    del kinds[:], outcomes[:]
+    assert isinstance(ask(last), Granted)  # no longer crowded: one step
+    assert list(zip(kinds, outcomes, strict=True)) == [("write", True)]
+    store.release(name, last)
     client.close()
 
 

@@ -58,6 +58,9 @@ class EtcdConnection(AsyncStore):
         # it whose deletion (seen or missed) lets the waiter look again, and the
         # waiter's limit (to tell, after its predecessor left, whether it has a place).
         self._waits: dict[tuple[str, str], Watch] = {}
+        # Names that had waiters at our last look (a hint for acquire: insertion
+        # order, at most _CROWDED_NAMES).
+        self._crowded: dict[str, None] = {}
         # (name, token) -> our waiter key (its create revision: our place), while queued.
         self._queued: dict[tuple[str, str], Tracked] = {}
         # Guards the two maps above across threads (a sync store is shared by the
@@ -87,6 +90,7 @@ class EtcdConnection(AsyncStore):
         # The parent's grants stay the parent's: a child never renews or releases them.
         self._held = {}
         self._waits = {}
+        self._crowded = {}
         self._queued = {}
         self._track_guard = threading.Lock()
         self._earliest = float("inf")

@@ -73,6 +73,8 @@ from leasehold._errors import StoreUnavailable
 # Attempts of one acquire whose grant transaction lost a race (each loss means
 # another client changed the name meanwhile, so this bounds nothing but bad luck).
 ACQUIRE_ATTEMPTS = 32
+# How many names acquire remembers as having had waiters (see _note_crowd).
+_CROWDED_NAMES = 1024
 
 
 class AsyncEtcdStore(SessionKeys):
@@ -127,6 +129,13 @@ class AsyncEtcdStore(SessionKeys):
                     request.holder, request.limit, request.ttl, self._http.server_seconds or 0.0
                 )
                 failure = [_range(name_key, name_end), _range(keys.epoch)]
+                if state is None and name in self._crowded and pair not in self._queued:
+                    # Waiters were queued for this name at our last look, so a
+                    # newcomer's one-step grant would likely fail, and a failed
+                    # transaction that could have written is still a Raft entry (a
+                    # WAL write): read instead (a transaction of reads only, which
+                    # etcd serves without one), then grant or queue as below.
+                    state = await self._http.txn([], failure)
                 if state is None:
                     # An idle name (no holder, no waiter) is granted in one step; so
                     # is an exclusive lock to the head of its queue when nobody holds.
@@ -146,7 +155,9 @@ class AsyncEtcdStore(SessionKeys):
                     session = None
                     continue
                 seen = revision(state)
-                decision = decide(keys, name, self._entries(_kvs(state, 0)), tid, request.limit)
+                entries = self._entries(_kvs(state, 0))
+                self._note_crowd(name, entries)
+                decision = decide(keys, name, entries, tid, request.limit)
                 if decision.mine is not None:
                     if not await self._refresh(request, decision.mine, started):
                         state = None  # our key ended meanwhile: look again
@@ -244,6 +255,19 @@ class AsyncEtcdStore(SessionKeys):
             raise StoreUnavailable("etcd: a grant's lease ended during a leader change")
         self._track(self._held, pair, Tracked(moved_to.lease, created, seconds, deadline))
         return created
+
+    def _note_crowd(self, name: str, entries: list[Entry]) -> None:
+        """Remember whether ``name`` had waiters at this look (see acquire). A
+        hint only, for at most _CROWDED_NAMES names: a wrong guess costs one read
+        (a name no longer crowded: one round trip more) or one failed transaction."""
+        crowded = self._crowded
+        if any(entry.kind == "q" for entry in entries):
+            if name not in crowded:
+                if len(crowded) >= _CROWDED_NAMES:
+                    del crowded[next(iter(crowded))]  # the longest known
+                crowded[name] = None
+        else:
+            crowded.pop(name, None)
 
     def _fast_guards(self, request: AcquireRequest, epoch: int) -> list[dict[str, Any]]:
         keys, name = self._keys, request.name
