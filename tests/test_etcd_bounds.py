@@ -250,6 +250,54 @@ def test_a_deadline_passing_as_its_connection_is_reused_spares_the_next_user(
         http.close()
 
 
+def test_a_reply_read_after_the_deadline_shut_its_socket_fails_and_is_not_pooled(
+    etcd_server: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply is already in the socket's buffer when the operation's deadline
+    passes (its thread descheduled on a loaded machine): the watchdog shuts the
+    socket, and the kernel still hands over the queued bytes. The request must fail,
+    as every call past its deadline does, so that httpx closes its connection: put
+    back in the pool, a connection that turns idle during another thread's
+    assignment is handed out unchecked, and that operation's write then fails with
+    time to spare (a CI run: a presence open among fifty threads failed so)."""
+    from httpcore._backends.sync import SyncStream
+
+    from leasehold import _deadline
+    from leasehold._errors import StoreUnavailable
+
+    http = _one_connection_http(etcd_server, proxy)
+    try:
+        read = SyncStream.read
+        late: list[bool] = []
+
+        def descheduled_read(self: Any, *args: Any, **kwargs: Any) -> bytes:
+            if threading.current_thread().name == "late" and not late:
+                late.append(True)
+                time.sleep(0.6)  # the reply arrives meanwhile; the 0.3 s deadline passes
+            data: bytes = read(self, *args, **kwargs)
+            return data
+
+        monkeypatch.setattr(SyncStream, "read", descheduled_read)
+        result: list[object] = []
+
+        def call() -> None:
+            try:
+                with _deadline.bounded(0.3):
+                    result.append(http.range(b"a"))
+            except StoreUnavailable as exc:
+                result.append(exc)
+
+        _run(("late", call))
+        assert late, "the read was never slowed down"
+        # Before the fix the reply came back (a dict) past the deadline, and its shut
+        # connection went back to the pool (where, alone, httpx's check drops it).
+        assert isinstance(result[0], StoreUnavailable), result[0]
+        assert isinstance(http.range(b"b"), dict)  # a new connection serves the next
+    finally:
+        proxy.pass_through()
+        http.close()
+
+
 def test_a_slow_link_calibrates_the_server_clock_within_the_operation_time(
     etcd_server: Any, proxy: FaultProxy
 ) -> None:

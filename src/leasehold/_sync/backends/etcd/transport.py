@@ -9,8 +9,9 @@ transport's network backend is wrapped: every read and write of a connection wai
 no longer than the operation's deadline has left, and for the time of that one call
 its socket is attached to the deadline. When the deadline passes, the watchdog
 shuts the socket down; httpx fails the request and drops the connection (a
-connection whose exchange did not finish is never put back in the pool).
-Connecting is capped the same way.
+connection whose exchange did not finish is never put back in the pool). A call
+that returns after the deadline passed fails too, even with bytes in hand (see
+``_attached``). Connecting is capped the same way.
 
 Why attached only during each call, not from a request's first write to its end:
 httpx puts a connection back in its pool as soon as the answer is read, before the
@@ -28,6 +29,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import httpcore
 import httpx
 
 from leasehold import _deadline
@@ -41,8 +43,20 @@ def _cap(timeout: float | None) -> float | None:
 
 
 @contextlib.contextmanager
-def _attached(fd: int | None) -> Iterator[None]:
-    """The socket ``fd`` under the current operation's deadline, for one call."""
+def _attached(fd: int | None, error: type[Exception]) -> Iterator[None]:
+    """The socket ``fd`` under the current operation's deadline, for one call; the
+    call fails with ``error`` if that deadline has passed when it returns.
+
+    Why fail a call that worked: once the deadline passed, the watchdog shut the
+    socket down (or is about to), yet the kernel still hands over bytes it had
+    queued before. A reply that was already waiting when the thread got the CPU
+    back would complete the request, and httpx would put the shut connection back
+    in its pool; its check for a dead idle connection runs before it hands one out,
+    but a connection that turns idle during another thread's assignment is handed
+    out unchecked, and that operation's write then fails with time to spare (a
+    loaded CI machine: fifty threads opening one presence room). Failed here, the
+    request ends as every call past its deadline does (``NoAnswer``), and httpx
+    closes the connection."""
     deadline = _deadline.current()
     if deadline is None or fd is None:
         yield
@@ -52,6 +66,8 @@ def _attached(fd: int | None) -> Iterator[None]:
         yield
     finally:
         deadline.detach(fd)
+    if deadline.expired:
+        raise error("the operation's deadline passed; its connection was shut down")
 
 
 class _BoundedStream:
@@ -63,12 +79,12 @@ class _BoundedStream:
         self.fd: int | None = sock.fileno() if sock is not None else None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        with _attached(self.fd):
+        with _attached(self.fd, httpcore.ReadError):
             data: bytes = self._stream.read(max_bytes, _cap(timeout))
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        with _attached(self.fd):
+        with _attached(self.fd, httpcore.WriteError):
             self._stream.write(buffer, _cap(timeout))
 
     def close(self) -> None:
@@ -77,7 +93,7 @@ class _BoundedStream:
     def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
     ) -> _BoundedStream:
-        with _attached(self.fd):
+        with _attached(self.fd, httpcore.ConnectError):
             stream = self._stream.start_tls(ssl_context, server_hostname, _cap(timeout))
         return _BoundedStream(stream)
 
