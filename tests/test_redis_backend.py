@@ -251,6 +251,81 @@ def test_a_call_that_outlives_close_leaves_no_connection_open(server: RedisServe
         admin.close()
 
 
+# Busy for 0.6 s on the server's clock, then answers 1: a call still in flight when
+# an earlier operation's 0.3 s deadline passes.
+_SLOW_SCRIPT = (
+    "local t = redis.call('TIME') local s = t[1] + t[2] / 1e6 "
+    "while true do local u = redis.call('TIME') "
+    "if u[1] + u[2] / 1e6 - s > 0.6 then return 1 end end"
+)
+
+
+def test_a_connection_given_back_is_not_shut_by_the_deadline_it_served(
+    server: RedisServer,
+) -> None:
+    """One operation makes a call and goes on within its deadline (wait() polls with
+    LPOP, then sleeps); the connection it gave back (the spare the next call takes
+    first) serves another operation when that deadline passes, and must not be shut
+    down under it. Control: before script calls detached their socket, the second
+    call failed with a connection error. Sync (threads) and asyncio (tasks)."""
+    from leasehold import _deadline
+
+    store = sync_store(server.url)
+    try:
+        connections = store._connect()
+        store._call(connections, ("PING",))  # one connection, kept as the spare
+        given_back = threading.Event()
+        answers: list[object] = []
+
+        def first() -> None:
+            with _deadline.bounded(0.3):
+                store._call(connections, ("LPOP", name("signal")))
+                given_back.set()
+                time.sleep(0.8)  # still inside the operation when its deadline passes
+
+        def second() -> None:
+            given_back.wait(5)
+            try:
+                with _deadline.bounded(5.0):
+                    answers.append(store._call(connections, ("EVAL", _SLOW_SCRIPT, 0)))
+            except Exception as exc:  # the failure this test looks for
+                answers.append(exc)
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert answers == [1]
+    finally:
+        store.close()
+
+    async def tasks(store: async_redis.AsyncRedisStore) -> list[object]:
+        connections = store._connect()
+        await store._call(connections, ("PING",))
+        given_back = asyncio.Event()
+        answers: list[object] = []
+
+        async def first() -> None:
+            with _deadline.bounded(0.3):
+                await store._call(connections, ("LPOP", name("signal")))
+                given_back.set()
+                await asyncio.sleep(0.8)
+
+        async def second() -> None:
+            await asyncio.wait_for(given_back.wait(), 5)
+            try:
+                with _deadline.bounded(5.0):
+                    answers.append(await store._call(connections, ("EVAL", _SLOW_SCRIPT, 0)))
+            except Exception as exc:
+                answers.append(exc)
+
+        await asyncio.wait_for(asyncio.gather(first(), second()), 10)
+        return answers
+
+    assert with_store(server.url, tasks) == [1]
+
+
 # -------------------------------------------------------------------- key layout
 
 

@@ -17,8 +17,11 @@ discovers the cluster in its constructor (I/O).
 Deadlines. Every command a connection sends attaches its socket to the current
 operation's deadline (``leasehold._deadline``), so a server that stops answering
 costs the caller its operation timeout, not redis-py's socket timeout, and the
-connection is shut down and replaced instead of reused. The connection classes
-below do it for standalone and cluster clients alike.
+connection is shut down and replaced instead of reused. A script call detaches
+its socket once the reply is in, before the connection goes back to the pool,
+and every disconnect detaches before the socket closes: a deadline shuts down only
+the connections its operation is still using. The connection classes below do it
+for standalone and cluster clients alike.
 
 Packing commands. redis-py's sync connections pack a command with hiredis; its
 asyncio connections do it in Python, about 2 µs per argument, and every script
@@ -152,15 +155,22 @@ class _Bounded:
             await self.send_packed_command(packed)
             return await self.read_response()  # type: ignore[attr-defined]
         sock = writer.get_extra_info("socket")
-        if sock is not None:
-            _deadline.attach(sock.fileno())
+        fd = None if sock is None else sock.fileno()
+        _deadline.attach(fd)
         try:
             writer.writelines(packed)
             await writer.drain()
             reply = await self._parser.read_response()
         except BaseException:
-            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            await self.disconnect(nowait=True)  # detaches the socket too
             raise
+        # Detached before the connection goes back to the pool: this operation may
+        # go on (wait() polls, then sleeps, within one deadline) while the
+        # connection serves another, which this operation's deadline must not shut
+        # down when it passes. (redis-py's own path, send_packed_command, stays
+        # attached to the end of the operation: it serves operations of one call,
+        # and pipelines, whose every reply the deadline must bound.)
+        _deadline.detach(fd)
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply
         return reply
@@ -172,6 +182,15 @@ class _Bounded:
             if sock is not None:
                 _deadline.attach(sock.fileno())
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        # A closed socket's number soon belongs to another connection: this
+        # operation's deadline must not shut that one down when it passes.
+        writer = self._writer
+        sock = None if writer is None else writer.get_extra_info("socket")
+        if sock is not None:
+            _deadline.detach(sock.fileno())
+        await super().disconnect(*args, **kwargs)  # type: ignore[misc]
 
     socket_connect_timeout: float | None
 

@@ -96,7 +96,8 @@ class _Bounded:
         if sock is None or self.health_check_interval:
             self.send_packed_command(packed)
             return self.read_response()  # type: ignore[attr-defined]
-        _deadline.attach(sock.fileno())
+        fd = sock.fileno()
+        _deadline.attach(fd)
         try:
             try:
                 for item in packed:
@@ -109,8 +110,10 @@ class _Bounded:
                 ) from None
             reply = self._parser.read_response()
         except BaseException:
-            self.disconnect()  # type: ignore[attr-defined]
+            self.disconnect()  # detaches the socket too
             raise
+        # Detached before the connection goes back to the pool: see the async twin.
+        _deadline.detach(fd)
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply
         return reply
@@ -120,6 +123,13 @@ class _Bounded:
         if sock is not None:
             _deadline.attach(sock.fileno())
         super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        # See the async twin.
+        sock = self._sock
+        if sock is not None:
+            _deadline.detach(sock.fileno())
+        super().disconnect(*args, **kwargs)  # type: ignore[misc]
 
     socket_connect_timeout: float | None
 
