@@ -1,7 +1,8 @@
 """Scenario 6: where the time of one acquire + release goes, for the page.
 
-Runs the probes of ``python -m bench.probes`` (Redis, and the instructions Redis
-executes per cycle under callgrind, PostgreSQL durable and relaxed,
+Runs the probes of ``python -m bench.probes`` (Redis, its asyncio cycle decomposed,
+and the instructions Redis executes per cycle under callgrind, PostgreSQL durable
+and relaxed,
 both from a C client and both handing a lock over, SQLite, the keeper) and the NOTIFY
 ring of ``python -m bench.ring`` (the ceiling of a hand-over that NOTIFY wakes, beside
 the advisory floor) against this run's own servers, and keeps what they print: round
@@ -28,6 +29,8 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
     with contextlib.redirect_stdout(out):
         if which == "redis":
             probes.redis_probe(env["redis"])
+        elif which == "redis-asyncio":
+            probes.redis_asyncio(env["redis"])
         elif which == "redis-instructions":
             probes.redis_instructions()
         elif which == "postgres":
@@ -57,7 +60,7 @@ def run(ctx: Any) -> dict[str, Any]:
     env = {k: ctx.env[k] for k in ("redis", "postgres") if k in ctx.env}
     wanted = ["keeper", "sqlite"]
     if "redis" in env:
-        wanted[:0] = ["redis", "redis-instructions"]
+        wanted[:0] = ["redis", "redis-asyncio", "redis-instructions"]
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
         wanted[1:1] = [

@@ -1,8 +1,8 @@
 """Where the time goes: small probes behind the numbers in docs/benchmarks.md.
 
     python -m bench.probes            # all probes
-    python -m bench.probes redis      # one of: keeper, redis, redis-instructions,
-                                      # postgres, sqlite
+    python -m bench.probes redis      # one of: keeper, redis, redis-asyncio,
+                                      # redis-instructions, postgres, sqlite
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
@@ -108,6 +108,83 @@ def redis_probe(url: str) -> None:
     contended(url, raw)
     pin.release()
     client.close()
+
+
+def redis_asyncio(url: str, n: int = N) -> None:
+    """The asyncio gap, decomposed per acquire + release: wall p50, the client's own
+    CPU (process time: the server is another process), the server's CPU, and how
+    often the event loop polled its selector (each poll is a return to the loop:
+    a reply waited for, or a task switch)."""
+    import asyncio
+
+    import redis
+    import redis.asyncio
+
+    import leasehold
+
+    raw = redis.Redis.from_url(url)
+
+    def server_cpu() -> float:
+        cpu = raw.info("cpu")
+        return float(cpu["used_cpu_sys"] + cpu["used_cpu_user"])
+
+    async def measure(name: str, fn: Callable[[], Any]) -> None:
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        polls = [0]
+        select = selector.select
+
+        def counted(timeout: float | None = None) -> Any:
+            polls[0] += 1
+            return select(timeout)
+
+        for _ in range(100):
+            await fn()
+        samples = []
+        cpu0, server0 = time.process_time(), server_cpu()
+        selector.select = counted
+        try:
+            for _ in range(n):
+                start = time.perf_counter_ns()
+                await fn()
+                samples.append(time.perf_counter_ns() - start)
+        finally:
+            selector.select = select
+        cpu1, server1 = time.process_time(), server_cpu()
+        samples.sort()
+        print(
+            f"redis   asyncio {name:22s} p50 {samples[n // 2] / 1000:6.0f} us, "
+            f"client CPU {(cpu1 - cpu0) / n * 1e6:5.0f} us, "
+            f"server CPU {(server1 - server0) / n * 1e6:4.0f} us, "
+            f"{polls[0] / n:4.1f} selector polls per acquire+release"
+        )
+
+    async def run() -> None:
+        client = leasehold.AsyncClient(url)
+        pin = await client.lock("probe-async-pin", ttl=60).acquire()  # keeper stays up
+        lock = client.lock("probe-async", ttl=30)
+        r = redis.asyncio.Redis.from_url(url)
+        rlock = r.lock("probe-async-redis-py", timeout=30)
+
+        async def leasehold_cycle() -> None:
+            await (await lock.acquire()).release()
+
+        async def redis_py_cycle() -> None:
+            await rlock.acquire()
+            await rlock.release()
+
+        async def pings() -> None:
+            await r.ping()
+            await r.ping()
+
+        await measure("2xPING floor", pings)
+        await measure("redis-py asyncio Lock", redis_py_cycle)
+        await measure("leasehold", leasehold_cycle)
+        await pin.release()
+        await client.aclose()
+        await r.aclose()
+
+    asyncio.run(run())
+    raw.close()
 
 
 CALLGRIND_CYCLES = 300
@@ -639,7 +716,7 @@ def sqlite_probe(url: str) -> None:
 def main(argv: list[str]) -> int:
     wanted = set(argv) or {"keeper", "redis", "postgres", "sqlite"}
     tmp = tempfile.mkdtemp(prefix="leasehold-probe-")
-    redis_server = RedisServer() if wanted & {"keeper", "redis"} else None
+    redis_server = RedisServer() if wanted & {"keeper", "redis", "redis-asyncio"} else None
     pg_server = PostgresServer() if wanted & {"keeper", "postgres"} else None
     try:
         urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/probe.db"}
@@ -651,6 +728,8 @@ def main(argv: list[str]) -> int:
             keeper(urls)
         if "redis" in wanted and redis_server:
             redis_probe(redis_server.url)
+        if "redis-asyncio" in wanted and redis_server:
+            redis_asyncio(redis_server.url)
         if "redis-instructions" in wanted:
             redis_instructions()
         if "postgres" in wanted and pg_server:

@@ -542,11 +542,14 @@ BREAKDOWN_INTRO = (
     "in this same run against the same servers, one process, nothing else running: "
     "round trips, what the server ran and the time it spent, WAL flushes (PostgreSQL), "
     "client CPU and Python function calls (cProfile counts; each resumption of a "
-    "coroutine counts as a call, so compare asyncio only with itself). Wall times here "
-    "are single-process p50s, not the table's medians of repeats."
+    "coroutine counts as a call, so compare asyncio only with itself). The asyncio "
+    "Redis block sets the client's CPU (process time, which includes the kernel's "
+    "loopback work for what it sends) and the server's beside the wall time, with "
+    "the event loop's returns to its selector. Wall times here are single-process "
+    "p50s, not the table's medians of repeats."
 )
 BREAKDOWN_ORDER = (
-    "redis", "redis-instructions", "postgres", "postgres-relaxed", "postgres-c",
+    "redis", "redis-asyncio", "redis-instructions", "postgres", "postgres-relaxed", "postgres-c",
     "postgres-contended", "postgres-ring", "sqlite", "keeper",
 )  # fmt: skip
 
