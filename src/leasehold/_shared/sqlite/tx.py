@@ -220,12 +220,16 @@ class SQLiteTables(SQLiteConnection):
                 (name, token),
             ).fetchone()
             held = row is not None and float(row[1]) > now
-            conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
             wakes: Wakes = []
+            # Nobody queued for the name (the common case) is one read: then the
+            # token is no waiter either, and there is nothing to hand over.
             (queued,) = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM lh_waiter WHERE name = ?)", (name,)
             ).fetchone()
             if queued:
+                # A waiter giving up leaves the queue (a holder is never queued: every
+                # grant unqueues its token).
+                conn.execute("DELETE FROM lh_waiter WHERE name = ? AND token = ?", (name, token))
                 # The departing holder or waiter may have been what kept the next
                 # out: hand the free places over in this same transaction.
                 self._purge(conn, name, now)
