@@ -3,7 +3,8 @@
 Runs the probes of ``python -m bench.probes`` (Redis, its asyncio cycle decomposed,
 and the instructions Redis executes per cycle under callgrind, PostgreSQL durable
 and relaxed,
-both from a C client and both handing a lock over, SQLite, the keeper) and the NOTIFY
+both from a C client and both handing a lock over, 8 processes' hand-over chain
+link by link, SQLite, the keeper) and the NOTIFY
 ring of ``python -m bench.ring`` (the ceiling of a hand-over that NOTIFY wakes, beside
 the advisory floor) against this run's own servers, and keeps what they print: round
 trips, commands or statements the server ran and its time, WAL flushes, client CPU
@@ -18,7 +19,7 @@ import io
 import tempfile
 from typing import Any
 
-from bench import probes, ring
+from bench import hops, probes, ring
 from bench.common import isolated
 
 PROBE_TIMEOUT = 240.0
@@ -42,6 +43,9 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
         elif which == "postgres-contended":
             probes.postgres_contended(env["postgres_server"])
             probes.postgres_contended(env["postgres_server"], relaxed=True)
+        elif which == "postgres-hops":
+            for relaxed in (False, True):
+                print("\n".join(hops.measure(env["postgres_server"], relaxed=relaxed)))
         elif which == "postgres-ring":
             rates = ring.measure(env["postgres"])
             for line in ring.lines(rates):
@@ -64,7 +68,8 @@ def run(ctx: Any) -> dict[str, Any]:
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
         wanted[1:1] = [
-            "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "postgres-ring",
+            "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "postgres-hops",
+            "postgres-ring",
         ]  # fmt: skip
     found: dict[str, Any] = {}
     for which in wanted:

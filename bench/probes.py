@@ -2,7 +2,8 @@
 
     python -m bench.probes            # all probes
     python -m bench.probes redis      # one of: keeper, redis, redis-asyncio,
-                                      # redis-instructions, postgres, sqlite
+                                      # redis-instructions, postgres, postgres-hops,
+                                      # sqlite
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench import hops
 from bench.servers import PostgresServer, RedisServer
 
 N = 2000
@@ -717,7 +719,7 @@ def main(argv: list[str]) -> int:
     wanted = set(argv) or {"keeper", "redis", "postgres", "sqlite"}
     tmp = tempfile.mkdtemp(prefix="leasehold-probe-")
     redis_server = RedisServer() if wanted & {"keeper", "redis", "redis-asyncio"} else None
-    pg_server = PostgresServer() if wanted & {"keeper", "postgres"} else None
+    pg_server = PostgresServer() if wanted & {"keeper", "postgres", "postgres-hops"} else None
     try:
         urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/probe.db"}
         if redis_server:
@@ -732,6 +734,9 @@ def main(argv: list[str]) -> int:
             redis_asyncio(redis_server.url)
         if "redis-instructions" in wanted:
             redis_instructions()
+        if "postgres-hops" in wanted and pg_server:
+            for relaxed in (False, True):
+                print("\n".join(hops.measure(pg_server, relaxed=relaxed)))
         if "postgres" in wanted and pg_server:
             postgres_floor(pg_server)
             postgres_probe(pg_server)
