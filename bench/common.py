@@ -115,6 +115,24 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def paired_order(
+    items: Sequence[str], rng: Any, group_of: Callable[[str], str | None]
+) -> list[str]:
+    """``items`` in a random order in which the items of one group run one after
+    another (in a random order of their own): a target compares leasehold with its
+    reference, and side by side the two meet the same load on this shared machine,
+    which drifts over the minutes a repeat takes. ``group_of`` gives an item's
+    group, or None for an item compared with nothing."""
+    units: dict[str, list[str]] = {}
+    for item in items:
+        units.setdefault(group_of(item) or f"alone:{item}", []).append(item)
+    ordered = list(units.values())
+    rng.shuffle(ordered)
+    for unit in ordered:
+        rng.shuffle(unit)
+    return [item for unit in ordered for item in unit]
+
+
 def now_ns() -> int:
     # CLOCK_MONOTONIC is system-wide on Linux: comparable between processes on a host.
     return time.monotonic_ns()

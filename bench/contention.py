@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from bench import external
-from bench.common import FORK, now_ns, percentile, spread
+from bench.common import FORK, now_ns, paired_order, percentile, spread
 from bench.subjects import BY_KEY, Handle
 
 COUNTER, LAST_RELEASE, LAST_HOLDER, START, END = range(5)
@@ -203,6 +203,21 @@ CONTENDERS = ("redis-blpop", "redis-py", "python-redis-lock", "pottery", "sherlo
 METRICS = ("throughput", "handoff_p50_us", "handoff_p99_us", "wait_p99_us", "fairness")
 
 
+# The subjects each contention target compares (see report.targets), per process count.
+TARGET_GROUPS = {
+    "leasehold-redis": "redis", "python-redis-lock": "redis", "redis-blpop": "redis",
+    "leasehold-postgres": "postgres", "leasehold-postgres-relaxed": "postgres",
+    "pg-advisory": "postgres",
+    "leasehold-etcd": "etcd", "etcd-v3lock": "etcd",
+}  # fmt: skip
+
+
+def _target_group(cell: str) -> str | None:
+    key, procs = cell.split("@")
+    group = TARGET_GROUPS.get(key)
+    return None if group is None else f"{group}@{procs}"
+
+
 def run(ctx: Any) -> dict[str, Any]:
     keys = [
         k
@@ -211,9 +226,7 @@ def run(ctx: Any) -> dict[str, Any]:
     ]
     runs: dict[str, list[dict[str, Any]]] = {f"{k}@{n}": [] for k in keys for n in ctx.s2_procs}
     for repeat in range(ctx.repeats):
-        cells = list(runs)
-        ctx.rng.shuffle(cells)
-        for cell in cells:
+        for cell in paired_order(list(runs), ctx.rng, _target_group):
             key, procs = cell.split("@")
             result = _measure(key, ctx.env, int(procs), ctx.s2_seconds)
             ctx.log(f"s2 r{repeat} {cell}: {_fmt(result)}")

@@ -657,8 +657,9 @@ How it measures:
 
 - Every measurement runs in its own process (forked) with a time bound; a library that
   hangs or crashes costs at most that bound and is reported as failed, never faked.
-- Subjects run in a shuffled order on every repeat; tables show the median over repeats
-  and (min-max) across them.
+- Subjects run in a shuffled order on every repeat, except that the subjects a target
+  compares run one after another (in a random order of their own), so that both sides
+  meet the same load; tables show the median over repeats and (min-max) across them.
 - Handoff latency: the releasing process stamps `time.monotonic_ns()` just before it calls
   release; the next holder stamps when its acquire returns. CLOCK_MONOTONIC is system-wide
   on Linux, so the two stamps are comparable across processes.

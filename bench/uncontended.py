@@ -2,7 +2,8 @@
 
 Every subject is measured in its own forked process for a fixed time; the order of
 subjects is shuffled on every repeat so drift (CPU heat, server caches) is spread
-evenly instead of always hitting the same library.
+evenly instead of always hitting the same library, and the two sides of a target
+(TARGET_GROUPS) run next to each other, so they meet the same load.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import isolated, percentile, spread
+from bench.common import isolated, paired_order, percentile, spread
 from bench.subjects import BY_KEY, Handle
 
 WARMUP = 0.2  # seconds: connections, prepared statements, script loads
+
+# The subjects each uncontended target compares (see report.targets).
+TARGET_GROUPS = {
+    "leasehold-redis": "redis", "redis-py": "redis",
+    "leasehold-redis-async": "redis-async", "redis-py-async": "redis-async",
+    "leasehold-postgres": "postgres", "leasehold-postgres-relaxed": "postgres",
+    "pg-advisory": "postgres",
+    "leasehold-etcd": "etcd", "etcd-putdel": "etcd",
+    "leasehold-sqlite": "sqlite", "filelock": "sqlite",
+}  # fmt: skip
 
 
 def _summary(samples: list[int], elapsed: float, cpu: float) -> dict[str, Any]:
@@ -90,8 +101,7 @@ def run(ctx: Any) -> dict[str, Any]:
     keys = list(ctx.available)
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
     for repeat in range(ctx.repeats):
-        ctx.rng.shuffle(keys)
-        for key in keys:
+        for key in paired_order(keys, ctx.rng, TARGET_GROUPS.get):
             result = isolated(measure, key, ctx.env, ctx.s1_seconds, timeout=ctx.s1_seconds + 60)
             ctx.log(f"s1 r{repeat} {key}: {_fmt(result)}")
             runs[key].append(result)
