@@ -230,6 +230,10 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(target: str, value: float, limit: float, *, at_most: bool, shown: str = "") -> None:
         met = None if math.isnan(value) else (value <= limit if at_most else value >= limit)
+        if not shown and xr(value) == xr(limit) and value != limit:
+            # Two decimals would show the limit itself beside "missed" (or "met" for a
+            # hair over it): a third tells which side of it the run fell.
+            shown = f"{value:.3f}x"
         out.append({"target": target, "measured": shown or xr(value), "value": value, "met": met})
 
     def p50(key: str) -> float:
