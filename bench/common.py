@@ -133,6 +133,16 @@ def paired_order(
     return [item for unit in ordered for item in unit]
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
 def now_ns() -> int:
     # CLOCK_MONOTONIC is system-wide on Linux: comparable between processes on a host.
     return time.monotonic_ns()

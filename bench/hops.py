@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import now_ns
+from bench.common import cpu_ticks, now_ns
 from bench.servers import PostgresServer
 
 _ROOT = Path(__file__).resolve().parent.parent  # where ``-m bench.hops`` imports from
@@ -48,16 +48,6 @@ _STAMP = struct.Struct("qq")
 
 def _hz() -> int:
     return os.sysconf("SC_CLK_TCK")
-
-
-def _ticks(pid: int) -> int:
-    """utime + stime of a process, all its threads, in clock ticks (0 once gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
 
 
 def _machine() -> tuple[int, int]:
@@ -165,10 +155,10 @@ def measure(server: PostgresServer, *, relaxed: bool = False) -> list[str]:
         backends = {int(pid): bool(listening) for pid, listening in rows}
         time.sleep(max(0.0, start_at + WARMUP - time.time()))
         clients = [worker.pid for worker in workers]
-        before = {pid: _ticks(pid) for pid in [*clients, *backends]}
+        before = {pid: cpu_ticks(pid) for pid in [*clients, *backends]}
         machine = _machine()
         time.sleep(WINDOW)
-        spent = {pid: _ticks(pid) - ticks for pid, ticks in before.items()}
+        spent = {pid: cpu_ticks(pid) - ticks for pid, ticks in before.items()}
         idle, total = (b - a for a, b in zip(machine, _machine(), strict=True))
         results = []
         for worker in workers:

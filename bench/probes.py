@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import hops
+from bench.common import cpu_ticks
 from bench.servers import PostgresServer, RedisServer
 
 N = 2000
@@ -411,16 +412,6 @@ def postgres_probe(server: PostgresServer, *, relaxed: bool = False) -> None:
         print(f"  {sum(durations) / 200 * 1000:7.1f} us  x{len(durations) / 200:.0f}  {query}")
 
 
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime of a process, in clock ticks (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
 def _parent(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -514,12 +505,12 @@ def postgres_contended(server: PostgresServer, *, relaxed: bool = False, rounds:
     backends = {int(pid): bool(listening) for pid, listening in rows}
     postmaster = _parent(next(iter(backends)))
     others = [pid for pid in _server_processes(postmaster) if pid not in backends]
-    ticks = {pid: _cpu_ticks(pid) for pid in [*backends, *others]}
+    ticks = {pid: cpu_ticks(pid) for pid in [*backends, *others]}
     cpu = time.process_time()
     play(rounds)
     cpu = time.process_time() - cpu
     trips = calls[0] / (2 * rounds)
-    spent = {pid: _cpu_ticks(pid) - ticks[pid] for pid in ticks}
+    spent = {pid: cpu_ticks(pid) - ticks[pid] for pid in ticks}
     for client in clients:
         client.close()  # its backends exit and publish their counters
     time.sleep(0.5)
