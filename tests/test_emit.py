@@ -178,7 +178,7 @@ def test_failed_renewals_then_loss_as_unreachable() -> None:
     try:
         lease = client.lock("u", ttl=0.6).acquire()
         store.fail("renew", times=None)
-        wait_until(lambda: lease.lost)
+        wait_until(lambda: lease.lost and seen.of(events.Lost))
         lease.release()
     finally:
         seen.close()
@@ -198,7 +198,7 @@ def test_refused_renewal_is_a_loss_not_a_renewal(client: leasehold.Client, seen:
     lease = client.lock("x", ttl=0.6).acquire()
     renewed_before = client.statistics().renewed
     assert client.break_lease("x") == 1
-    wait_until(lambda: lease.lost)
+    wait_until(lambda: lease.lost and seen.of(events.Lost))
     lease.release()
     [lost] = seen.of(events.Lost)
     assert lost.reason == "refused" and "no longer held" in lost.detail
@@ -268,7 +268,7 @@ def test_election_events(client: leasehold.Client, seen: Recorder) -> None:
 def test_election_lost_is_not_resigned(client: leasehold.Client, seen: Recorder) -> None:
     lease = client.election("e2", ttl=0.6).campaign()
     client.break_lease("e2")
-    wait_until(lambda: lease.lost)
+    wait_until(lambda: lease.lost and seen.of(events.ElectionEnded))
     [ended] = seen.of(events.ElectionEnded)
     assert not ended.resigned
     kinds = seen.kinds()
@@ -391,7 +391,7 @@ def test_redis_restart_is_the_loss_reason(redis_server: Any) -> None:
         try:
             lease = client.lock("r", ttl=3).acquire(timeout=5)
             server.restart()  # no persistence: the lease is gone with the data
-            wait_until(lambda: lease.lost, timeout=15)
+            wait_until(lambda: lease.lost and seen.of(events.Lost), timeout=15)
             with pytest.raises(leasehold.LeaseLost, match="restarted"):
                 lease.check()
             lease.release()
@@ -412,7 +412,7 @@ def test_redis_restart_with_persistence_is_the_loss_reason(redis_server: Any) ->
         try:
             lease = client.lock("r", ttl=3).acquire(timeout=5)
             server.restart()  # the grant survives, stamped by the old server process
-            wait_until(lambda: lease.lost, timeout=15)
+            wait_until(lambda: lease.lost and seen.of(events.Lost), timeout=15)
             lease.release()
         finally:
             seen.close()
@@ -428,7 +428,7 @@ def test_redis_break_is_refused_not_restart(redis_server: Any) -> None:
     try:
         lease = client.lock(name, ttl=1).acquire(timeout=5)
         client.break_lease(name)
-        wait_until(lambda: lease.lost)
+        wait_until(lambda: lease.lost and seen.of(events.Lost))
         lease.release()
     finally:
         seen.close()
