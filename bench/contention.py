@@ -25,6 +25,7 @@ from typing import Any
 from bench import external
 from bench.common import FORK, now_ns, paired_order, percentile, spread
 from bench.subjects import BY_KEY, Handle
+from bench.targets import side_by_side
 
 COUNTER, LAST_RELEASE, LAST_HOLDER, START, END = range(5)
 GRACE = 15.0  # seconds after the window before a stuck worker is killed
@@ -203,13 +204,8 @@ CONTENDERS = ("redis-blpop", "redis-py", "python-redis-lock", "pottery", "sherlo
 METRICS = ("throughput", "handoff_p50_us", "handoff_p99_us", "wait_p99_us", "fairness")
 
 
-# The subjects each contention target compares (see report.targets), per process count.
-TARGET_GROUPS = {
-    "leasehold-redis": "redis", "python-redis-lock": "redis", "redis-blpop": "redis",
-    "leasehold-postgres": "postgres", "leasehold-postgres-relaxed": "postgres",
-    "pg-advisory": "postgres",
-    "leasehold-etcd": "etcd", "etcd-v3lock": "etcd",
-}  # fmt: skip
+# The subjects each contention target compares run side by side, per process count.
+TARGET_GROUPS = side_by_side("contention")
 
 
 def _target_group(cell: str) -> str | None:

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.targets import COMPARED, Target
+
 GROUPS = {
     "redis": "Redis",
     "postgres": "PostgreSQL",
@@ -236,92 +238,20 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             shown = f"{value:.3f}x"
         out.append({"target": target, "measured": shown or xr(value), "value": value, "met": met})
 
-    def p50(key: str) -> float:
-        return med(s1.get(key), "p50_us")
+    def measured(target: Target, key: str) -> float:
+        if target.scenario == "uncontended":
+            return med(s1.get(key), target.metric)
+        return med(s2.get(f"{key}@8"), target.metric)
 
-    def s2m(key: str, metric: str) -> float:
-        return med(s2.get(f"{key}@8"), metric)
-
-    # Issue #16's targets: against the peers users choose between, and the floors.
-    add(
-        "Redis: uncontended sync p50 ≤ 1.10x redis-py Lock",
-        ratio(p50("leasehold-redis"), p50("redis-py")),
-        1.10,
-        at_most=True,
-    )
-    add(
-        "Redis: uncontended asyncio p50 ≤ 1.20x redis-py asyncio Lock",
-        ratio(p50("leasehold-redis-async"), p50("redis-py-async")),
-        1.20,
-        at_most=True,
-    )
-    add(
-        "Redis: 8 processes, throughput ≥ 1.2x python-redis-lock",
-        ratio(s2m("leasehold-redis", "throughput"), s2m("python-redis-lock", "throughput")),
-        1.2,
-        at_most=False,
-    )
-    add(
-        "Redis: 8 processes, throughput ≥ 0.5x BLPOP floor",
-        ratio(s2m("leasehold-redis", "throughput"), s2m("redis-blpop", "throughput")),
-        0.5,
-        at_most=False,
-    )
-    add(
-        "Redis: 8 processes, handoff p50 ≤ 2.0x BLPOP floor",
-        ratio(s2m("leasehold-redis", "handoff_p50_us"), s2m("redis-blpop", "handoff_p50_us")),
-        2.0,
-        at_most=True,
-    )
-    fair = s2m("leasehold-redis", "fairness")
-    add("Redis: 8 processes, fairness ≥ 0.9", fair, 0.9, at_most=False, shown=num(fair, 2))
-    add(
-        "PostgreSQL (durable): uncontended ≤ 2.5x advisory lock pair",
-        ratio(p50("leasehold-postgres"), p50("pg-advisory")),
-        2.5,
-        at_most=True,
-    )
-    add(
-        "PostgreSQL (durable): 8 processes, throughput ≥ 0.2x advisory floor",
-        ratio(s2m("leasehold-postgres", "throughput"), s2m("pg-advisory", "throughput")),
-        0.2,
-        at_most=False,
-    )
-    fair = s2m("leasehold-postgres", "fairness")
-    add("PostgreSQL (durable): 8 processes, fairness ≥ 0.9", fair, 0.9, at_most=False,
-        shown=num(fair, 2))  # fmt: skip
-    add(
-        "PostgreSQL (?durability=relaxed): uncontended ≤ 1.5x advisory lock pair",
-        ratio(p50("leasehold-postgres-relaxed"), p50("pg-advisory")),
-        1.5,
-        at_most=True,
-    )
-    add(
-        "PostgreSQL (?durability=relaxed): 8 processes, throughput ≥ 0.5x advisory floor",
-        ratio(s2m("leasehold-postgres-relaxed", "throughput"), s2m("pg-advisory", "throughput")),
-        0.5,
-        at_most=False,
-    )
-    add(
-        "etcd: uncontended sync p50 ≤ 2x put + delete floor",
-        ratio(p50("leasehold-etcd"), p50("etcd-putdel")),
-        2.0,
-        at_most=True,
-    )
-    add(
-        "etcd: 8 processes, throughput ≥ 0.5x etcd v3lock",
-        ratio(s2m("leasehold-etcd", "throughput"), s2m("etcd-v3lock", "throughput")),
-        0.5,
-        at_most=False,
-    )
-    fair = s2m("leasehold-etcd", "fairness")
-    add("etcd: 8 processes, fairness ≥ 0.8", fair, 0.8, at_most=False, shown=num(fair, 2))
-    add(
-        "SQLite: uncontended ≤ 1.0x filelock",
-        ratio(p50("leasehold-sqlite"), p50("filelock")),
-        1.0,
-        at_most=True,
-    )
+    # Issue #16's targets (bench/targets.py): against the peers users choose between,
+    # and the floors.
+    for goal in COMPARED:
+        mine = measured(goal, goal.subject)
+        if goal.reference is None:
+            add(goal.text, mine, goal.limit, at_most=goal.at_most, shown=num(mine, 2))
+        else:
+            reference = measured(goal, goal.reference)
+            add(goal.text, ratio(mine, reference), goal.limit, at_most=goal.at_most)
     cells = [e for c, e in s2.items() if c.startswith("leasehold-sqlite@") and "error" not in e]
     worst = min((med(e, "fairness") for e in cells), default=NAN)
     add(

@@ -15,18 +15,12 @@ from typing import Any
 
 from bench.common import isolated, paired_order, percentile, spread
 from bench.subjects import BY_KEY, Handle
+from bench.targets import side_by_side
 
 WARMUP = 0.2  # seconds: connections, prepared statements, script loads
 
-# The subjects each uncontended target compares (see report.targets).
-TARGET_GROUPS = {
-    "leasehold-redis": "redis", "redis-py": "redis",
-    "leasehold-redis-async": "redis-async", "redis-py-async": "redis-async",
-    "leasehold-postgres": "postgres", "leasehold-postgres-relaxed": "postgres",
-    "pg-advisory": "postgres",
-    "leasehold-etcd": "etcd", "etcd-putdel": "etcd",
-    "leasehold-sqlite": "sqlite", "filelock": "sqlite",
-}  # fmt: skip
+# The subjects each uncontended target compares run side by side.
+TARGET_GROUPS = side_by_side("uncontended")
 
 
 def _summary(samples: list[int], elapsed: float, cpu: float) -> dict[str, Any]:
