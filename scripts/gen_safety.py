@@ -3,7 +3,7 @@
 python scripts/gen_safety.py                 # full run (~8 min on 2 cores), then the page
 python scripts/gen_safety.py --from-results  # only re-render from the last results file
 
-The full run is ``LEASEHOLD_SAFETY_FULL=1 python -m pytest tests/faults``: every
+The full run is ``LEASEHOLD_SAFETY_FULL=1 python -m pytest tests/faults -n 0``: every
 scenario on every backend, sync and asyncio, several trials each, plus the naive-lock
 controls. Every trial appends its summary (tests/faults/history.py ``summary``) as one
 JSON line; this script collects them into tests/faults/results/results.json (with
@@ -95,7 +95,10 @@ def run_suite(extra: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="leasehold-safety-") as tmp:
         lines = Path(tmp) / "trials.jsonl"
         env = dict(os.environ, LEASEHOLD_SAFETY_FULL="1", LEASEHOLD_SAFETY_RESULTS=str(lines))
-        cmd = [sys.executable, "-m", "pytest", "tests/faults", "-q", "-p", "no:cacheprovider"]
+        # -n 0: in one process, alone on the machine, as every page so far: the
+        # trials time what they inject and how soon each loss is noticed.
+        cmd = [sys.executable, "-m", "pytest", "tests/faults", "-q", "-p", "no:cacheprovider",
+               "-n", "0"]  # fmt: skip
         info = facts()
         started = time.monotonic()
         proc = subprocess.run([*cmd, *extra], cwd=ROOT, env=env, check=False)

@@ -25,6 +25,16 @@ REQUIRE_SERVERS = os.environ.get("LEASEHOLD_REQUIRE_SERVERS") == "1"
 BACKENDS = ["memory", "sqlite", "redis", "postgres", "etcd"]
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """How many workers ``-n auto`` (pyproject's addopts) starts: two per core, at
+    most eight. The tests mostly wait (on ttls, timeouts, servers restarting and
+    faults healing): run one at a time, the machine stands nearly idle. Each worker
+    starts its own servers. PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist reads it
+    return min(8, 2 * len(os.sched_getaffinity(0)))
+
+
 def unavailable(reason: str) -> None:
     if REQUIRE_SERVERS:
         pytest.fail(f"{reason} (LEASEHOLD_REQUIRE_SERVERS=1 forbids skipping)")
