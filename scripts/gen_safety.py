@@ -1,6 +1,6 @@
 """Run the full network-fault suite and regenerate docs/safety.md from its results.
 
-python scripts/gen_safety.py                 # full run (~8 min on 2 cores), then the page
+python scripts/gen_safety.py                 # full run (~12 min on 2 cores), then the page
 python scripts/gen_safety.py --from-results  # only re-render from the last results file
 
 The full run is ``LEASEHOLD_SAFETY_FULL=1 python -m pytest tests/faults -n 0``: every
