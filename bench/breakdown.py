@@ -1,7 +1,8 @@
 """Scenario 6: where the time of one acquire + release goes, for the page.
 
 Runs the probes of ``python -m bench.probes`` (Redis, its asyncio cycle decomposed,
-and the instructions Redis executes per cycle under callgrind, PostgreSQL durable
+the instructions Redis executes per cycle under callgrind, and what one round trip
+fewer per contended acquisition would give 8 processes, PostgreSQL durable
 and relaxed,
 both from a C client and both handing a lock over, 8 processes' hand-over chain
 link by link, SQLite, the keeper) and the NOTIFY
@@ -19,7 +20,7 @@ import io
 import tempfile
 from typing import Any
 
-from bench import hops, probes, ring
+from bench import hops, pipeline, probes, ring
 from bench.common import isolated
 
 PROBE_TIMEOUT = 240.0
@@ -34,6 +35,8 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
             probes.redis_asyncio(env["redis"])
         elif which == "redis-instructions":
             probes.redis_instructions()
+        elif which == "redis-pipeline":
+            print("\n".join(pipeline.measure(env["redis"])))
         elif which == "postgres":
             probes.postgres_probe(env["postgres_server"])
         elif which == "postgres-relaxed":
@@ -64,7 +67,7 @@ def run(ctx: Any) -> dict[str, Any]:
     env = {k: ctx.env[k] for k in ("redis", "postgres") if k in ctx.env}
     wanted = ["keeper", "sqlite"]
     if "redis" in env:
-        wanted[:0] = ["redis", "redis-asyncio", "redis-instructions"]
+        wanted[:0] = ["redis", "redis-asyncio", "redis-instructions", "redis-pipeline"]
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
         wanted[1:1] = [

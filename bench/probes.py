@@ -2,8 +2,8 @@
 
     python -m bench.probes            # all probes
     python -m bench.probes redis      # one of: keeper, redis, redis-asyncio,
-                                      # redis-instructions, postgres, postgres-hops,
-                                      # sqlite
+                                      # redis-instructions, redis-pipeline, postgres,
+                                      # postgres-hops, sqlite
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import hops
+from bench import hops, pipeline
 from bench.common import cpu_ticks
 from bench.servers import PostgresServer, RedisServer
 
@@ -709,7 +709,9 @@ def sqlite_probe(url: str) -> None:
 def main(argv: list[str]) -> int:
     wanted = set(argv) or {"keeper", "redis", "postgres", "sqlite"}
     tmp = tempfile.mkdtemp(prefix="leasehold-probe-")
-    redis_server = RedisServer() if wanted & {"keeper", "redis", "redis-asyncio"} else None
+    redis_server = (
+        RedisServer() if wanted & {"keeper", "redis", "redis-asyncio", "redis-pipeline"} else None
+    )
     pg_server = PostgresServer() if wanted & {"keeper", "postgres", "postgres-hops"} else None
     try:
         urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/probe.db"}
@@ -725,6 +727,8 @@ def main(argv: list[str]) -> int:
             redis_asyncio(redis_server.url)
         if "redis-instructions" in wanted:
             redis_instructions()
+        if "redis-pipeline" in wanted and redis_server:
+            print("\n".join(pipeline.measure(redis_server.url)))
         if "postgres-hops" in wanted and pg_server:
             for relaxed in (False, True):
                 print("\n".join(hops.measure(pg_server, relaxed=relaxed)))

@@ -480,13 +480,18 @@ BREAKDOWN_INTRO = (
     "Redis block sets the client's CPU (process time, which includes the kernel's "
     "loopback work for what it sends) and the server's beside the wall time, with "
     "the event loop's returns to its selector. Wall times here are single-process "
-    "p50s, not the table's medians of repeats. **postgres-hops** runs 8 processes on "
+    "p50s, not the table's medians of repeats. **redis-pipeline** runs leasehold's Redis "
+    "scripts from 8 processes on one lock over raw connections, with the queueing acquire "
+    "and its BLPOP sent one after the other (3 round trips per contended acquisition, as "
+    "the client does) and together (2): what that idea of issue #16 would give here. "
+    "**postgres-hops** runs 8 processes on "
     "one lock, as section 2 does, and times each hand-over link by link: what bounds "
     "the 8-process PostgreSQL rows, and whether it is CPU (then the CPUs stand busy) or "
     "the chain's latency (then they stand partly idle)."
 )
 BREAKDOWN_ORDER = (
-    "redis", "redis-asyncio", "redis-instructions", "postgres", "postgres-relaxed", "postgres-c",
+    "redis", "redis-asyncio", "redis-instructions", "redis-pipeline", "postgres",
+    "postgres-relaxed", "postgres-c",
     "postgres-contended", "postgres-hops", "postgres-ring", "sqlite", "keeper",
 )  # fmt: skip
 
