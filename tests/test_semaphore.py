@@ -270,6 +270,7 @@ def test_threads_never_exceed_the_limit(lh_backend: BackendHarness) -> None:
     peak = 0
     store_peak = 0
     guard = threading.Lock()
+    full = threading.Event()  # `limit` holders were inside at once
 
     def worker() -> None:
         nonlocal inside, peak, store_peak
@@ -279,9 +280,13 @@ def test_threads_never_exceed_the_limit(lh_backend: BackendHarness) -> None:
                 with guard:
                     inside += 1
                     peak = max(peak, inside)
+                    if inside >= limit:
+                        full.set()
                 store_peak = max(store_peak, len(client.holders(name)))
-                # Held longer than a hand-off takes on the slowest store (etcd: a few
-                # round trips), so that the limit is surely reached.
+                # Until the limit has been reached once, each holder stays (a bounded
+                # time) for the others: however slow a hand-off (etcd on a loaded
+                # machine), a semaphore that admits `limit` holders reaches it.
+                full.wait(2)
                 time.sleep(random.uniform(0.005, 0.03))
                 with guard:
                     inside -= 1
