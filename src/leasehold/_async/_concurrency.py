@@ -217,6 +217,26 @@ async def wait_readable(fd: int, timeout: float) -> bool:
     return True
 
 
+def cancellations() -> int:
+    """Cancellation requests pending on the running task (``Task.cancelling``): read
+    it before an await that may drop one, and pass it to ``resume_cancellation``."""
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
+
+
+def resume_cancellation(before: int) -> None:
+    """Raise the CancelledError that an await dropped. Python 3.11's
+    ``asyncio.wait_for`` returns its result when that arrives in the same pass of the
+    event loop as a cancellation, and the task runs on with the request pending
+    (CPython gh-86296, fixed in 3.12). psycopg_pool waits for a connection with it:
+    a keeper that gives a connection back and then cancels the body of a lease it
+    found lost does exactly that, and the body would run on under the lost lease.
+    ``before``: what ``cancellations()`` read before the await."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+
+
 def current_actor() -> object:
     """The unit of execution the caller runs in: its task (async) or thread (sync)."""
     return asyncio.current_task()

@@ -141,6 +141,15 @@ def wait_readable(fd: int, timeout: float) -> bool:
     return bool(readable)
 
 
+def cancellations() -> int:
+    """Threads are never cancelled (see the async twin)."""
+    return 0
+
+
+def resume_cancellation(before: int) -> None:
+    """Threads are never cancelled: nothing to resume (see the async twin)."""
+
+
 def current_actor() -> object:
     return threading.current_thread()
 

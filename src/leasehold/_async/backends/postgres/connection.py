@@ -20,7 +20,7 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from leasehold import _deadline
-from leasehold._async._concurrency import AsyncMutex
+from leasehold._async._concurrency import AsyncMutex, cancellations, resume_cancellation
 from leasehold._async.backends.postgres.direct import DirectCall, run_direct
 from leasehold._async.backends.postgres.listener import NotifyListener, connect_within
 from leasehold._async.backends.postgres.options import _scrub, parse_options
@@ -274,6 +274,7 @@ class PostgresConnection(AsyncStore):
     ) -> tuple[AsyncConnection[tuple[Any, ...]], bool]:
         waited = False
         for _ in range(self._opts.pool_max_size + 1):
+            before = cancellations()
             try:
                 # Never past the operation's deadline (a pool that cannot connect
                 # to a stalled server would otherwise keep the caller waiting).
@@ -294,6 +295,13 @@ class PostgresConnection(AsyncStore):
                 # call connects by itself; that also makes an error name the real
                 # cause (refused, authentication, DNS) instead of "timeout".
                 return await self._connect(), False
+            try:
+                # A cancellation that arrived with the connection (the pool waits
+                # with asyncio.wait_for, which drops it on Python 3.11).
+                resume_cancellation(before)
+            except BaseException:
+                await pool.putconn(conn)
+                raise
             if not _looks_dead(conn):
                 self._checked_out += 1
                 return conn, True

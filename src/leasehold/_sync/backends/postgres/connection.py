@@ -22,7 +22,7 @@ from psycopg import Connection, sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from leasehold import _deadline
-from leasehold._sync._concurrency import Mutex
+from leasehold._sync._concurrency import Mutex, cancellations, resume_cancellation
 from leasehold._sync.backends.postgres.direct import DirectCall, run_direct
 from leasehold._sync.backends.postgres.listener import NotifyListener, connect_within
 from leasehold._sync.backends.postgres.options import _scrub, parse_options
@@ -276,6 +276,7 @@ class PostgresConnection(Store):
     ) -> tuple[Connection[tuple[Any, ...]], bool]:
         waited = False
         for _ in range(self._opts.pool_max_size + 1):
+            before = cancellations()
             try:
                 # Never past the operation's deadline (a pool that cannot connect
                 # to a stalled server would otherwise keep the caller waiting).
@@ -296,6 +297,13 @@ class PostgresConnection(Store):
                 # call connects by itself; that also makes an error name the real
                 # cause (refused, authentication, DNS) instead of "timeout".
                 return self._connect(), False
+            try:
+                # A cancellation that arrived with the connection (the pool waits
+                # with asyncio.wait_for, which drops it on Python 3.11).
+                resume_cancellation(before)
+            except BaseException:
+                pool.putconn(conn)
+                raise
             if not _looks_dead(conn):
                 self._checked_out += 1
                 return conn, True
