@@ -80,10 +80,16 @@ def test_loss_is_logged_at_error_with_its_cause_and_fields(
     lease = client.lock("job:1", ttl=0.6).acquire()
     token = lease._token
     client.break_lease("job:1")
-    wait_until(lambda: lease.lost)
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "leasehold_event", None) == "lost"]
+
+    # The keeper logs the loss just after it marks the lease lost, so `lease.lost`
+    # alone may be seen before the record exists (a parallel run met that).
+    wait_until(lambda: lease.lost and bool(logged()))
     lease.release()
     client.close()
-    [record] = [r for r in caplog.records if getattr(r, "leasehold_event", None) == "lost"]
+    [record] = logged()
     assert record.levelno == logging.ERROR
     assert "no longer held" in record.getMessage() and "refused" in record.getMessage()
     for field in FIELDS:
