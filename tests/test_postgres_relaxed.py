@@ -609,13 +609,29 @@ def test_a_backend_crash_restart_is_detected_too(tmp_path: Path) -> None:
             name = unique()
             assert isinstance(store.acquire(req(name, tok(), ttl=1.5)), Granted)
             ((started,),) = server.execute("SELECT pg_postmaster_start_time()")
-            ((victim,),) = server.execute(
-                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend' LIMIT 1"
-            )
-            os.kill(int(victim), signal.SIGKILL)
-            deadline = time.monotonic() + 60
-            while True:  # the postmaster restarts the cluster by itself
+            # A connection of our own that only the postmaster's crash handling ends:
+            # until it is gone, a new connection may still reach the old processes
+            # (the postmaster learns of the death a moment later) and see the cluster
+            # before its restart, as a parallel run did.
+            witness = psycopg.connect(server.url, autocommit=True, connect_timeout=10)
+            try:
+                ((victim,),) = server.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND pid <> %s AND backend_type = 'client backend' LIMIT 1",
+                    (witness.info.backend_pid,),
+                )
+                os.kill(int(victim), signal.SIGKILL)
+                deadline = time.monotonic() + 60
+                while True:  # the postmaster ends every backend, the witness too
+                    try:
+                        witness.execute("SELECT 1")
+                    except psycopg.OperationalError:
+                        break
+                    assert time.monotonic() < deadline, "the crash was not handled"
+                    time.sleep(0.05)
+            finally:
+                witness.close()
+            while True:  # then restarts the cluster by itself
                 try:
                     ((now_started,),) = server.execute("SELECT pg_postmaster_start_time()")
                     break
