@@ -579,7 +579,7 @@ the floor each store allows, all in the same run on the same machine.
 pip install -e '.[all]' -r bench/requirements.txt
 python -m venv .venv-mithril && .venv-mithril/bin/pip install mithril-locks  # pins redis<8
 export LEASEHOLD_BENCH_MITHRIL_PYTHON=.venv-mithril/bin/python
-python -m bench            # full run, about 13 minutes on 2 cores
+python -m bench            # full run, about 20 minutes on 2 cores
 python -m bench --quick    # smoke run, under 2 minutes
 python -m bench --only uncontended,contention --no-docs   # a subset
 python -m bench --only uncontended --subjects redis-py,leasehold-redis --no-docs --out /tmp/rows

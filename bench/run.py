@@ -1,6 +1,6 @@
 """Run every benchmark scenario and write bench/results/ and docs/benchmarks.md.
 
-    python -m bench            # the full run (about 13 minutes on 2 cores)
+    python -m bench            # the full run (about 20 minutes on 2 cores)
     python -m bench --quick    # a smoke run (under 2 minutes)
     python -m bench --only uncontended,contention --subjects redis-py,leasehold-redis \
         --no-docs --out /tmp/some-rows   # some rows only
