@@ -1689,3 +1689,76 @@ def test_a_kept_connection_the_server_closed_is_replaced(
         with_store(instance.url, scenario)
     finally:
         admin.close()
+
+
+def test_a_kept_sync_connection_is_checked_without_the_pools_layers(
+    private: Callable[..., RedisServer],
+) -> None:
+    """The sync client's lean check of its kept connection (``reusable``) passes a
+    clean connection and refuses one with a reply left on it or one the server
+    closed, so those go through the pool's check and are replaced, and the next
+    call is answered."""
+    import redis.exceptions
+
+    from leasehold._sync.backends.redis.io import pack_command
+
+    instance = private()
+    admin = instance.client()
+    store = sync_store(instance.url)
+    try:
+        connections = store._connect()
+        assert connections.spare is not None and connections.command_pool is not None
+        pool = connections.command_pool
+        lease = name()
+        fence = fence_of(store.acquire(req(lease, "t")))
+        (kept,) = connections.spare
+        assert kept.reusable()  # clean: the pool's check is skipped
+        checked: list[object] = []
+        real_check = pool.ensure_connection
+
+        def counting_check(connection: object) -> None:
+            checked.append(connection)
+            real_check(connection)
+
+        pool.ensure_connection = counting_check  # type: ignore[method-assign]
+        assert store.holders(lease)
+        assert checked == []
+
+        # A reply nobody read (a PING sent here by hand) is seen, and the pool's
+        # check replaces the connection instead of handing it to the next call.
+        kept = connections.spare[0]
+        for item in pack_command(kept, ("PING",)):
+            kept._sock.sendall(item)
+        deadline = time.monotonic() + 5
+        while kept.reusable():
+            assert time.monotonic() < deadline, "the PONG never arrived"
+            time.sleep(0.005)
+        assert fence_of(store.acquire(req(lease, "t"))) == fence  # not the PONG
+        assert checked[0] is kept  # then others: a new connection reads the run_id
+
+        # A connection the server closed: refused by the check; the control shows
+        # it really is broken; and the store's next call is answered.
+        kept = connections.spare[0]
+        admin.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        deadline = time.monotonic() + 5
+        while kept.reusable():
+            assert time.monotonic() < deadline, "the close never arrived"
+            time.sleep(0.005)
+        broken = connections.spare.pop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            broken.exchange(pack_command(broken, ("PING",)))
+        pool.release(broken)
+        fence = fence_of(store.acquire(req(lease, "t")))
+        kept = connections.spare[0]
+        admin.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        deadline = time.monotonic() + 5
+        while kept.reusable():
+            assert time.monotonic() < deadline, "the close never arrived"
+            time.sleep(0.005)
+        checked.clear()
+        assert store.release(lease, "t")
+        assert checked[0] is kept and connections.spare
+        assert fence_of(store.acquire(req(lease, "u"))) > fence
+    finally:
+        store.close()
+        admin.close()

@@ -538,9 +538,10 @@ class RedisConnection(AsyncStore):
         giving it back cost 7-9 µs (sync) or ~15 µs (asyncio), twice per acquire
         and release. It is checked as the pool checks every connection it hands
         out (``ensure_connection``: reconnected if the server closed it or it has
-        unread data), and it counts against max_connections like any connection in
-        use; every caller takes it before asking the pool, and a pool of one
-        connection keeps none.
+        unread data), on sync by a leaner test of the same (``reusable`` in io.py)
+        that leaves only a connection that fails it to the pool's check; it counts
+        against max_connections like any connection in use; every caller takes it
+        before asking the pool, and a pool of one connection keeps none.
 
         ``blocking``: on a connection reserved for blocking calls (BLPOP; see
         waiting.py), whose pool fails at once when all are busy."""
@@ -564,7 +565,7 @@ class RedisConnection(AsyncStore):
         try:
             if connection is None:
                 connection = await pool.get_connection()
-            else:
+            elif not connection.reusable():
                 try:
                     await pool.ensure_connection(connection)
                 except BaseException:

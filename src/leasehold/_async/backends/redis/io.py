@@ -139,6 +139,14 @@ class _Bounded:
     socket_timeout: float | None
     health_check_interval: float
 
+    def reusable(self) -> bool:
+        """Whether a connection kept out of the pool between calls may skip the
+        pool's check before the next command: on asyncio, never. The check must
+        also see what the event loop has already read into the connection's stream,
+        which only redis-py's parser reads (a zero-timeout read); the sync twin
+        polls its socket instead."""
+        return False
+
     async def exchange(self, packed: Any) -> Any:
         """Send one packed command and read its reply (an error reply raised as
         redis-py's exception), as send_packed_command + read_response do, without

@@ -540,9 +540,10 @@ class RedisConnection(Store):
         giving it back cost 7-9 µs (sync) or ~15 µs (asyncio), twice per acquire
         and release. It is checked as the pool checks every connection it hands
         out (``ensure_connection``: reconnected if the server closed it or it has
-        unread data), and it counts against max_connections like any connection in
-        use; every caller takes it before asking the pool, and a pool of one
-        connection keeps none.
+        unread data), on sync by a leaner test of the same (``reusable`` in io.py)
+        that leaves only a connection that fails it to the pool's check; it counts
+        against max_connections like any connection in use; every caller takes it
+        before asking the pool, and a pool of one connection keeps none.
 
         ``blocking``: on a connection reserved for blocking calls (BLPOP; see
         waiting.py), whose pool fails at once when all are busy."""
@@ -564,7 +565,7 @@ class RedisConnection(Store):
         try:
             if connection is None:
                 connection = pool.get_connection()
-            else:
+            elif not connection.reusable():
                 try:
                     pool.ensure_connection(connection)
                 except BaseException:
