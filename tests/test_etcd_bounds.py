@@ -337,20 +337,22 @@ def test_a_slow_link_calibrates_the_server_clock_within_the_operation_time(
 def test_calibration_gives_way_to_a_short_operation_and_says_so(
     etcd_server: Any, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With 0.3 s to answer and 80 ms round trips, waiting for a change of second
+    """With 0.6 s to answer and 80 ms round trips, waiting for a change of second
     (up to a second) does not fit: the read answers in time with a wider estimate,
-    and a warning says how wide, unless a change of second happened to come first."""
+    and a warning says how wide, unless a change of second happened to come first.
+    (0.3 s was too tight for a loaded machine: a parallel run's read, its
+    connection and calibration included, got no answer within it.)"""
     from leasehold._sync.backends.etcd.client import shared_clock
 
     url = f"{etcd_server.member_url(0)}?prefix=w{uuid.uuid4().hex[:8]}/"
-    client = leasehold.Client(proxy.rewrite_url(url) + "&operation_timeout=0.3", identity="clock")
+    client = leasehold.Client(proxy.rewrite_url(url) + "&operation_timeout=0.6", identity="clock")
     proxy.delay(up=0.04, down=0.04)
     try:
         with caplog.at_level("WARNING", logger="leasehold"):
             started = time.monotonic()
             client.store.read_record("k")
             took = time.monotonic() - started
-        assert took < 0.3 + SLACK, took
+        assert took < 0.6 + SLACK, took
         clock = shared_clock(client.store._options.endpoints)
         warned = [r for r in caplog.records if "known only to within" in r.getMessage()]
         assert len(warned) == (0 if clock.narrowed else 1), (clock, warned)
