@@ -528,7 +528,8 @@ def results_markdown(data: dict[str, Any], target_rows: list[dict[str, Any]]) ->
     if "renewal" in res:
         r = res["renewal"]
         parts.append(f"## 3. Renewal cost (ttl {r['ttl']:g} s, so the keeper's interval is "
-                     f"{r['ttl'] / 3:g} s; measured over {r['window']:g} s)\n\n"
+                     f"{r['ttl'] / 3:g} s; measured over {r['window']:g} s and on to the end of "
+                     "the next renew call, from just after one ended)\n\n"
                      + renewal_table(data) + "\n")  # fmt: skip
     if "herd" in res:
         parts.append("## 4. Herd: 1,000 asyncio waiters on one lock\n\n" + herd_table(data) + "\n")
