@@ -1705,6 +1705,14 @@ def test_a_kept_sync_connection_is_checked_without_the_pools_layers(
     instance = private()
     admin = instance.client()
     store = sync_store(instance.url)
+
+    def refused(connection: Any, what: str) -> None:
+        # Until the server's bytes arrive, the connection still looks clean.
+        deadline = time.monotonic() + 5
+        while connection.reusable():
+            assert time.monotonic() < deadline, f"{what} never arrived"
+            time.sleep(0.005)
+
     try:
         connections = store._connect()
         assert connections.spare is not None and connections.command_pool is not None
@@ -1729,10 +1737,7 @@ def test_a_kept_sync_connection_is_checked_without_the_pools_layers(
         kept = connections.spare[0]
         for item in pack_command(kept, ("PING",)):
             kept._sock.sendall(item)
-        deadline = time.monotonic() + 5
-        while kept.reusable():
-            assert time.monotonic() < deadline, "the PONG never arrived"
-            time.sleep(0.005)
+        refused(kept, "the PONG")
         assert fence_of(store.acquire(req(lease, "t"))) == fence  # not the PONG
         assert checked[0] is kept  # then others: a new connection reads the run_id
 
@@ -1740,10 +1745,7 @@ def test_a_kept_sync_connection_is_checked_without_the_pools_layers(
         # it really is broken; and the store's next call is answered.
         kept = connections.spare[0]
         admin.execute_command("CLIENT", "KILL", "SKIPME", "yes")
-        deadline = time.monotonic() + 5
-        while kept.reusable():
-            assert time.monotonic() < deadline, "the close never arrived"
-            time.sleep(0.005)
+        refused(kept, "the close")
         broken = connections.spare.pop()
         with pytest.raises(redis.exceptions.ConnectionError):
             broken.exchange(pack_command(broken, ("PING",)))
@@ -1751,10 +1753,7 @@ def test_a_kept_sync_connection_is_checked_without_the_pools_layers(
         fence = fence_of(store.acquire(req(lease, "t")))
         kept = connections.spare[0]
         admin.execute_command("CLIENT", "KILL", "SKIPME", "yes")
-        deadline = time.monotonic() + 5
-        while kept.reusable():
-            assert time.monotonic() < deadline, "the close never arrived"
-            time.sleep(0.005)
+        refused(kept, "the close")
         checked.clear()
         assert store.release(lease, "t")
         assert checked[0] is kept and connections.spare
