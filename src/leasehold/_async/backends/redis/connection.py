@@ -21,7 +21,7 @@ from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 
 from leasehold import _deadline
-from leasehold._async._concurrency import sleep
+from leasehold._async._concurrency import cancellations, resume_cancellation, sleep
 from leasehold._async.backends.redis.errors import (
     _pool_exhausted,
     _too_old,
@@ -29,13 +29,11 @@ from leasehold._async.backends.redis.errors import (
     unavailable,
 )
 from leasehold._async.backends.redis.io import (
-    cancellations,
     close_cluster,
     cluster_client,
     cluster_ready,
     connection_classes,
     pack_command,
-    raise_if_cancelled_since,
 )
 from leasehold._async.backends.redis.layout import KeyLayout, _bucket_slot, _node_name
 from leasehold._async.backends.redis.options import RedisOptions
@@ -466,7 +464,7 @@ class RedisConnection(AsyncStore):
                 await self._disconnect_late()
         # A cancellation that arrived while redis-py was sending can be lost (see
         # redis/io.py); raise it here so a cancelled caller never carries on.
-        raise_if_cancelled_since(before)
+        resume_cancellation(before)
         return reply
 
     def _wait_for_connection(
@@ -584,7 +582,7 @@ class RedisConnection(AsyncStore):
             if self._closed:
                 await self._disconnect_late()
         # As in _execute: a cancellation swallowed while sending is raised again.
-        raise_if_cancelled_since(before)
+        resume_cancellation(before)
         return reply
 
     async def _disconnect_late(self) -> None:

@@ -7,8 +7,9 @@ Python 3.11, ``wait_for`` returns the inner result when a cancellation arrives j
 as the inner operation completes, and the cancellation is lost: the command's
 caller carries on as if never cancelled (a cancelled lock acquire would keep
 waiting). The store counts the task's cancellation requests around each command
-and raises a swallowed one again. Threads cannot be cancelled, so the sync twin
-does nothing.
+and raises a swallowed one again (``cancellations`` and ``resume_cancellation`` in
+_async/_concurrency.py, which the PostgreSQL store uses around its pool's wait too).
+Threads cannot be cancelled, so the sync twins do nothing.
 
 Cluster clients. The asyncio ``RedisCluster`` takes no ``redis_connect_func`` and
 discovers the cluster on first use; the sync one takes the hook as an argument and
@@ -32,7 +33,6 @@ serializer, the one its sync connections use: the same bytes on the wire.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -70,19 +70,6 @@ def pack_command(connection: Any, args: tuple[Any, ...]) -> Any:
         except (TypeError, UnicodeError):
             pass
     return connection.pack_command(*args)
-
-
-def cancellations() -> int:
-    """Cancellation requests of the current task not yet taken back (0 outside a task)."""
-    task = asyncio.current_task()
-    return 0 if task is None else task.cancelling()
-
-
-def raise_if_cancelled_since(before: int) -> None:
-    """Raise CancelledError if the task was cancelled since ``cancellations()`` was
-    ``before`` and the cancellation never reached us."""
-    if cancellations() > before:
-        raise asyncio.CancelledError("cancelled during a Redis command")
 
 
 def cluster_client(kwargs: dict[str, Any], on_new_connection: Callable[[Any], None]) -> Any:

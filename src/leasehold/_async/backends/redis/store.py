@@ -36,17 +36,13 @@ from typing import Any, Final
 
 from redis import exceptions as redis_errors
 
-from leasehold._async._concurrency import sleep
+from leasehold._async._concurrency import cancellations, resume_cancellation, sleep
 from leasehold._async.backends.redis.connection import (
     _POOL_POLL,
     _SCRIPT_ATTEMPTS,
     _Connections,
 )
 from leasehold._async.backends.redis.errors import _DRIVER_ERRORS, _server_warnings
-from leasehold._async.backends.redis.io import (
-    cancellations,
-    raise_if_cancelled_since,
-)
 from leasehold._async.backends.redis.layout import KeyLayout, _bucket_slot
 from leasehold._async.backends.redis.options import parse_options
 from leasehold._async.backends.redis.scripts import _Script, _script
@@ -370,7 +366,7 @@ class AsyncRedisStore(RedisWaiting):
                 deadline = self._wait_for_connection(exc, deadline, True)
                 await sleep(_POOL_POLL)
         # As in _execute: a cancellation swallowed while sending is raised again.
-        raise_if_cancelled_since(before)
+        resume_cancellation(before)
         return list(replies)
 
     async def release(self, name: str, token: str) -> bool:

@@ -47,14 +47,6 @@ def pack_command(connection: Any, args: tuple[Any, ...]) -> Any:
     return connection.pack_command(*args)
 
 
-def cancellations() -> int:
-    return 0
-
-
-def raise_if_cancelled_since(before: int) -> None:
-    del before
-
-
 def cluster_client(kwargs: dict[str, Any], on_new_connection: Callable[[Any], None]) -> Any:
     """A redis-py cluster client; ``on_new_connection(connection)`` runs after the
     handshake of every connection it makes, to any node. Connects to discover the
