@@ -43,6 +43,8 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
             probes.postgres_probe(env["postgres_server"], relaxed=True)
         elif which == "postgres-c":
             probes.postgres_c_client(env["postgres_server"])
+        elif which == "postgres-notify":
+            probes.postgres_notify_fanout(env["postgres_server"])
         elif which == "postgres-contended":
             probes.postgres_contended(env["postgres_server"])
             probes.postgres_contended(env["postgres_server"], relaxed=True)
@@ -71,7 +73,8 @@ def run(ctx: Any) -> dict[str, Any]:
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
         wanted[1:1] = [
-            "postgres", "postgres-relaxed", "postgres-c", "postgres-contended", "postgres-hops",
+            "postgres", "postgres-relaxed", "postgres-c", "postgres-notify", "postgres-contended",
+            "postgres-hops",
             "postgres-ring",
         ]  # fmt: skip
     found: dict[str, Any] = {}

@@ -3,7 +3,7 @@
     python -m bench.probes            # all probes
     python -m bench.probes redis      # one of: keeper, redis, redis-asyncio,
                                       # redis-instructions, redis-pipeline, postgres,
-                                      # postgres-hops, sqlite
+                                      # postgres-hops, postgres-notify, sqlite
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
@@ -14,6 +14,7 @@ change to see it move.
 from __future__ import annotations
 
 import collections
+import contextlib
 import cProfile
 import pstats
 import re
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench import hops, pipeline
@@ -667,6 +668,105 @@ def postgres_c_client(server: PostgresServer) -> None:
     print(f"postgres from a C client (pgbench, mean latency, median of 3): {shown}")
 
 
+NOTIFY_OTHERS = 7  # the listeners of the other 7 processes at 8 processes
+
+
+@contextlib.contextmanager
+def _listening(url: str, channels: tuple[str, ...]) -> Iterator[None]:
+    """One connection per channel, LISTENing on it, each read by a thread of its own
+    (as a leasehold store's listener reads), for the duration."""
+    import threading
+
+    import psycopg
+
+    stop = threading.Event()
+
+    def drain(conn: Any) -> None:
+        while not stop.is_set():
+            for _ in conn.notifies(timeout=0.2):
+                pass
+
+    connections = [psycopg.connect(url, autocommit=True) for _ in channels]
+    threads = []
+    try:
+        for conn, channel in zip(connections, channels, strict=True):
+            conn.execute(f"LISTEN {channel}")
+            threads.append(threading.Thread(target=drain, args=(conn,), daemon=True))
+            threads[-1].start()
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        for conn in connections:
+            conn.close()
+
+
+def postgres_notify_fanout(server: PostgresServer) -> None:
+    """What a release that hands the lock over costs in the server, against the
+    number of LISTEN connections open in the database: the hand-over's NOTIFY goes
+    to one waiter's channel, yet PostgreSQL (up to 18 at least) signals every
+    backend that listens on any channel of the database, and the release's commit
+    sends those signals. From pgbench (``-r``, per-statement mean latency), one
+    session: a holder is granted, a second token queues (with the waiter's channel),
+    the holder releases (the hand-over: that statement is reported), the new holder
+    releases. Listeners: none (the NOTIFY finds nobody), the waiter's own, and the
+    waiter's plus seven others on channels of their own, as at 8 processes (each
+    leasehold process LISTENs on one channel of its own)."""
+    import leasehold
+    from bench.servers import PG_BIN
+
+    waiter = "cprobe_waiter"
+    others = tuple(f"cprobe_other_{i}" for i in range(NOTIFY_OTHERS))
+    setups = {
+        "none": (),
+        "the waiter's": (waiter,),
+        f"the waiter's + {NOTIFY_OTHERS} others": (waiter, *others),
+    }
+    handover = re.compile(r"^\s+([\d.]+)\s+\d+\s+SELECT \* FROM \S+\('cnotify', 't1'\)", re.M)
+    for relaxed in (False, True):
+        schema, suffix = ("leasehold_relaxed", "_relaxed") if relaxed else ("leasehold", "")
+        url = server.url + (f"?schema={schema}&durability=relaxed" if relaxed else "")
+        client = leasehold.Client(url)
+        client.lock("probe-notify-warm", ttl=30).acquire().release()  # the schema in place
+        client.close()
+        acquire, release = f"{schema}.acquire{suffix}", f"{schema}.release{suffix}"
+        statements = [
+            f"SELECT * FROM {acquire}('cnotify', 't1', 'o', 'h', 1, 30, 1, NULL, NULL, NULL);",
+            f"SELECT * FROM {acquire}('cnotify', 't2', 'o', 'h', 1, 30, 1, 10, '{waiter}', 'k');",
+            f"SELECT * FROM {release}('cnotify', 't1');",
+            f"SELECT * FROM {release}('cnotify', 't2');",
+        ]
+        means: dict[str, list[float]] = {name: [] for name in setups}
+        with tempfile.TemporaryDirectory() as tmp:
+            script = f"{tmp}/handover.sql"
+            with open(script, "w") as handle:
+                handle.write("\n".join(statements) + "\n")
+            for _ in range(3):  # interleaved, medians
+                for name, channels in setups.items():
+                    with _listening(server.url, channels):
+                        out = subprocess.run(
+                            [str(PG_BIN / "pgbench"), "-n", "-M", "prepared", "-r", "-T", "3",
+                             "-f", script, server.url],
+                            capture_output=True, text=True, timeout=60, check=False,
+                        )  # fmt: skip
+                    found = handover.search(out.stdout)
+                    if found is None:
+                        print(f"postgres NOTIFY: pgbench failed: {out.stderr.strip()[-300:]}")
+                        return
+                    means[name].append(float(found.group(1)) * 1000)
+        alone = sorted(means["none"])[1]
+        shown = ", ".join(
+            f"{name} {sorted(values)[1]:.0f} us ({sorted(values)[1] - alone:+.0f})"
+            for name, values in means.items()
+        )
+        print(
+            f"postgres ({'relaxed' if relaxed else 'durable'}) the release that hands over, "
+            "from a C client (pgbench, mean, median of 3), by the LISTEN connections in the "
+            f"database: {shown}"
+        )
+
+
 def _filesystem(path: Any) -> str:
     """The mount (filesystem type and device) holding ``path``, from /proc/mounts."""
     import os
@@ -712,7 +812,11 @@ def main(argv: list[str]) -> int:
     redis_server = (
         RedisServer() if wanted & {"keeper", "redis", "redis-asyncio", "redis-pipeline"} else None
     )
-    pg_server = PostgresServer() if wanted & {"keeper", "postgres", "postgres-hops"} else None
+    pg_server = (
+        PostgresServer()
+        if wanted & {"keeper", "postgres", "postgres-hops", "postgres-notify"}
+        else None
+    )
     try:
         urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/probe.db"}
         if redis_server:
@@ -732,6 +836,8 @@ def main(argv: list[str]) -> int:
         if "postgres-hops" in wanted and pg_server:
             for relaxed in (False, True):
                 print("\n".join(hops.measure(pg_server, relaxed=relaxed)))
+        if "postgres-notify" in wanted and pg_server:
+            postgres_notify_fanout(pg_server)
         if "postgres" in wanted and pg_server:
             postgres_floor(pg_server)
             postgres_probe(pg_server)

@@ -487,11 +487,16 @@ BREAKDOWN_INTRO = (
     "**postgres-hops** runs 8 processes on "
     "one lock, as section 2 does, and times each hand-over link by link: what bounds "
     "the 8-process PostgreSQL rows, and whether it is CPU (then the CPUs stand busy) or "
-    "the chain's latency (then they stand partly idle)."
+    "the chain's latency (then they stand partly idle). **postgres-notify** times, from "
+    "pgbench, the release that hands the lock over with no LISTEN connection in the "
+    "database, with the waiter's alone, and with the waiter's and seven others on channels "
+    "of their own (as at 8 processes): PostgreSQL signals every listening backend of the "
+    "database at each NOTIFY, whatever its channel, and the release's commit sends those "
+    "signals, inside the hand-over chain."
 )
 BREAKDOWN_ORDER = (
     "redis", "redis-asyncio", "redis-instructions", "redis-pipeline", "postgres",
-    "postgres-relaxed", "postgres-c",
+    "postgres-relaxed", "postgres-c", "postgres-notify",
     "postgres-contended", "postgres-hops", "postgres-ring", "sqlite", "keeper",
 )  # fmt: skip
 
@@ -580,7 +585,7 @@ the floor each store allows, all in the same run on the same machine.
 pip install -e '.[all]' -r bench/requirements.txt
 python -m venv .venv-mithril && .venv-mithril/bin/pip install mithril-locks  # pins redis<8
 export LEASEHOLD_BENCH_MITHRIL_PYTHON=.venv-mithril/bin/python
-python -m bench            # full run, about 20 minutes on 2 cores
+python -m bench            # full run, about 30 minutes on 2 cores
 python -m bench --quick    # smoke run, under 2 minutes
 python -m bench --only uncontended,contention --no-docs   # a subset
 python -m bench --only uncontended --subjects redis-py,leasehold-redis --no-docs --out /tmp/rows
