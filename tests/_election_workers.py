@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import sys
@@ -29,7 +30,8 @@ def append(path: str, record: list[object]) -> None:
 def candidate(url: str, name: str, ttl: float, identity: str, mode: str, events: str) -> None:
     """Run ``election.run(body)`` forever. Records, as [identity, pid, event, term, t]:
     ``lead`` when a term starts; ``cancelled`` (async) or ``check-raised`` (sync)
-    when the body learns the term is over."""
+    when the body learns the term is over; ``lost`` (with a reason) when a term
+    ends without a resignation, or its grant came too late to start one."""
     pid = os.getpid()
 
     def log(event: str, term: int, *detail: object) -> None:
@@ -43,6 +45,17 @@ def candidate(url: str, name: str, ttl: float, identity: str, mode: str, events:
             log("lost", event.fence, event.reason)
 
     leasehold.events.subscribe(on_event)
+
+    class LateGrants(logging.Handler):
+        # A grant answered past its safe deadline never becomes a lease (no body
+        # runs, no Lost event): the store still listed the term for a moment, so
+        # it is recorded as lost by this process's own lateness, from the
+        # documented log record (docs/events.md).
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "leasehold_event", None) == "late_grant":
+                log("lost", int(getattr(record, "leasehold_fence", 0)), "late_grant")
+
+    logging.getLogger("leasehold").addHandler(LateGrants(logging.WARNING))
 
     if mode == "sync":
         client = leasehold.Client(url)
