@@ -1431,6 +1431,16 @@ def test_tls_verified_and_wrong_ca(private: Callable[..., RedisServer], tmp_path
     assert instance.url.startswith("rediss://")
     fence_of(with_store(instance.url, lambda store: store.acquire(req(name(), "t"))))
 
+    async def kept_reusable(store: async_redis.AsyncRedisStore) -> bool:
+        await store.acquire(req(name(), "t"))
+        spare = store._connect().spare
+        assert spare
+        return bool(spare[0].reusable())
+
+    # Over TLS the kept connection always goes through the pool's own check: the
+    # transport may hold part of a record that the lean check cannot see.
+    assert not with_store(instance.url, kept_reusable)
+
     other = make_tls_files(tmp_path / "other", "other")
     wrong_ca = instance.url.replace(
         urllib.parse.quote(str(instance.tls_files.ca_cert), safe=""),
@@ -1683,6 +1693,89 @@ def test_a_kept_connection_the_server_closed_is_replaced(
         await kill_every_other_client()
         assert await store.release(lease, "t")
         assert connections.spare
+        assert fence_of(await store.acquire(req(lease, "u"))) > fence
+
+    try:
+        with_store(instance.url, scenario)
+    finally:
+        admin.close()
+
+
+def test_a_kept_asyncio_connection_is_checked_without_the_pools_layers(
+    private: Callable[..., RedisServer],
+) -> None:
+    """The asyncio twin of the test below: the lean check (``reusable``) passes a
+    clean kept connection and refuses one with a reply left on it (still on the
+    socket, or already read by the event loop into the stream) or one the server
+    closed; those go through the pool's check and are replaced, and the next call
+    is answered."""
+    import redis.exceptions
+
+    from leasehold._async.backends.redis.io import pack_command
+
+    instance = private()
+    admin = instance.client()
+
+    async def refused(connection: Any, what: str) -> None:
+        # Until the server's bytes arrive, the connection still looks clean.
+        deadline = time.monotonic() + 5
+        while connection.reusable():
+            assert time.monotonic() < deadline, f"{what} never arrived"
+            await asyncio.sleep(0.005)
+
+    async def scenario(store: async_redis.AsyncRedisStore) -> None:
+        connections = store._connect()
+        assert connections.spare is not None and connections.command_pool is not None
+        pool = connections.command_pool
+        lease = name()
+        fence = fence_of(await store.acquire(req(lease, "t")))
+        (kept,) = connections.spare
+        assert kept.reusable()  # clean: the pool's check is skipped
+        checked: list[object] = []
+        real_check = pool.ensure_connection
+
+        async def counting_check(connection: object) -> None:
+            checked.append(connection)
+            await real_check(connection)
+
+        pool.ensure_connection = counting_check  # type: ignore[method-assign]
+        assert await store.holders(lease)
+        assert checked == []
+
+        # A reply nobody read: refused while it waits on the socket, and once the
+        # event loop has read it into the connection's stream; the pool's check
+        # replaces the connection instead of handing it to the next call.
+        for stage in ("socket", "stream"):
+            kept = connections.spare[0]
+            kept._writer.writelines(pack_command(kept, ("PING",)))
+            await refused(kept, "the PONG")
+            if stage == "stream":
+                stream = kept._parser._stream
+                deadline = time.monotonic() + 5
+                while not stream._buffer:  # the loop's turn: socket -> stream
+                    assert time.monotonic() < deadline, "the PONG never reached the stream"
+                    await asyncio.sleep(0.005)
+                assert not kept.reusable()
+            checked.clear()
+            assert fence_of(await store.acquire(req(lease, "t"))) == fence  # not the PONG
+            assert checked[0] is kept  # then others: a new connection reads the run_id
+
+        # A connection the server closed: refused by the check; the control shows
+        # it really is broken; and the store's next call is answered.
+        kept = connections.spare[0]
+        admin.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        await refused(kept, "the close")
+        broken = connections.spare.pop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await broken.exchange(pack_command(broken, ("PING",)))
+        await pool.release(broken)
+        fence = fence_of(await store.acquire(req(lease, "t")))
+        kept = connections.spare[0]
+        admin.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        await refused(kept, "the close")
+        checked.clear()
+        assert await store.release(lease, "t")
+        assert checked[0] is kept and connections.spare
         assert fence_of(await store.acquire(req(lease, "u"))) > fence
 
     try:

@@ -536,8 +536,9 @@ class RedisConnection(AsyncStore):
         giving it back cost 7-9 µs (sync) or ~15 µs (asyncio), twice per acquire
         and release. It is checked as the pool checks every connection it hands
         out (``ensure_connection``: reconnected if the server closed it or it has
-        unread data), on sync by a leaner test of the same (``reusable`` in io.py)
-        that leaves only a connection that fails it to the pool's check; it counts
+        unread data), first by a leaner test of the same (``reusable`` in io.py),
+        which passes a clean one without the pool's layers, reconnects a dirty one
+        and leaves the pool's check to decide when it cannot tell; it counts
         against max_connections like any connection in use; every caller takes it
         before asking the pool, and a pool of one connection keeps none.
 
@@ -563,8 +564,12 @@ class RedisConnection(AsyncStore):
         try:
             if connection is None:
                 connection = await pool.get_connection()
-            elif not connection.reusable():
+            elif (clean := connection.reusable()) is not True:
                 try:
+                    if clean is False:
+                        # Dirty: reconnected here, since the pool's check may not
+                        # see it yet (asyncio: a close still on the socket).
+                        await connection.disconnect()
                     await pool.ensure_connection(connection)
                 except BaseException:
                     await pool.release(connection)

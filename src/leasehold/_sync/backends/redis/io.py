@@ -81,22 +81,25 @@ class _Bounded:
     _poller: Any = None
     _polled: Any = None
 
-    def reusable(self) -> bool:
+    def reusable(self) -> bool | None:
         """Whether a connection kept out of the pool between calls can carry the next
-        command as it is: connected, no health checks due, no reply bytes buffered
-        by the hiredis parser or by TLS, and nothing readable on its socket (a
-        reply left over, or the server's close: a restart, CLIENT KILL, an idle
-        timeout). That is the pool's own check (``ensure_connection``) in the
-        common case, without its layers (a connect() through the retry wrapper, a
-        new poll object per check), which cost about a tenth of the throughput at 8
-        processes on one lock on the benchmark's 2-core host. False: the pool checks
-        it, and reconnects it if need be."""
+        command as it is. True: connected, no health checks due, no reply bytes
+        buffered by the hiredis parser or by TLS, and nothing readable on its socket.
+        False: it is dirty (a reply left over, or the server's close: a restart,
+        CLIENT KILL, an idle timeout), and the caller reconnects it. None: this
+        check cannot tell (not connected, health checks, no hiredis), and the pool's
+        own check (``ensure_connection``) decides. True is that check's answer in
+        the common case, without its layers (a connect() through the retry wrapper,
+        a new poll object per check), which cost about a tenth of the throughput at
+        8 processes on one lock on the benchmark's 2-core host."""
         sock = self._sock
         if sock is None or self.health_check_interval:
-            return False
+            return None
         reader = getattr(self._parser, "_reader", None)
-        if reader is None or not hasattr(reader, "has_data") or reader.has_data():
-            return False  # no hiredis, or a reply partly read
+        if reader is None or not hasattr(reader, "has_data"):
+            return None  # no hiredis
+        if reader.has_data():
+            return False  # a reply partly read
         pending = getattr(sock, "pending", None)
         if pending is not None and pending():
             return False
