@@ -597,6 +597,30 @@ def postgres_floor(server: PostgresServer) -> None:
     )
 
 
+_MEAN = re.compile(r"latency average = ([\d.]+) ms")
+
+
+def _pgbench_us(
+    url: str, script: str, found_in: re.Pattern[str], *, what: str, per_statement: bool = False
+) -> float | None:
+    """µs: the mean latency (ms, the one group of ``found_in``) in the report of pgbench
+    running ``script`` for 3 s in one session with prepared statements (and timing
+    each statement: ``per_statement``). None, and pgbench's error printed, if it
+    failed."""
+    from bench.servers import PG_BIN
+
+    timing = ["-r"] if per_statement else []
+    out = subprocess.run(
+        [str(PG_BIN / "pgbench"), "-n", "-M", "prepared", *timing, "-T", "3", "-f", script, url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    found = found_in.search(out.stdout)
+    if found is None:
+        print(f"{what}: pgbench failed: {out.stderr.strip()[-300:]}")
+        return None
+    return float(found.group(1)) * 1000
+
+
 def postgres_c_client(server: PostgresServer) -> None:
     """The same pairs from a C client (pgbench, prepared statements, one session):
     the advisory pair, and leasehold's acquire() + release() SQL functions in both
@@ -605,11 +629,7 @@ def postgres_c_client(server: PostgresServer) -> None:
     lease kept in a table costs: a one-row INSERT and a DELETE by primary key, each
     its own transaction, with and without waiting for the WAL flush (no fence, no
     lock, no queue)."""
-    import subprocess
 
-    from bench.servers import PG_BIN
-
-    pgbench = PG_BIN / "pgbench"
     args = "'cprobe', 'token', 'o', 'h', 1, 30, 1, NULL, NULL, NULL"
     pairs = {
         "advisory pair": ["SELECT pg_advisory_lock(1);", "SELECT pg_advisory_unlock(1);"],
@@ -651,15 +671,10 @@ def postgres_c_client(server: PostgresServer) -> None:
                 script = f"{tmp}/pair.sql"
                 with open(script, "w") as handle:
                     handle.write("\n".join(statements) + "\n")
-                out = subprocess.run(
-                    [str(pgbench), "-n", "-M", "prepared", "-T", "3", "-f", script, server.url],
-                    capture_output=True, text=True, timeout=60, check=False,
-                )  # fmt: skip
-                found = re.search(r"latency average = ([\d.]+) ms", out.stdout)
-                if found is None:
-                    print(f"postgres C client: pgbench failed: {out.stderr.strip()[-300:]}")
+                mean = _pgbench_us(server.url, script, _MEAN, what="postgres C client")
+                if mean is None:
                     return
-                means[name].append(float(found.group(1)) * 1000)
+                means[name].append(mean)
     advisory = sorted(means["advisory pair"])[1]
     shown = ", ".join(
         f"{name} {sorted(values)[1]:.0f} us ({sorted(values)[1] / advisory:.2f}x)"
@@ -714,7 +729,6 @@ def postgres_notify_fanout(server: PostgresServer) -> None:
     waiter's plus seven others on channels of their own, as at 8 processes (each
     leasehold process LISTENs on one channel of its own)."""
     import leasehold
-    from bench.servers import PG_BIN
 
     waiter = "cprobe_waiter"
     others = tuple(f"cprobe_other_{i}" for i in range(NOTIFY_OTHERS))
@@ -745,20 +759,15 @@ def postgres_notify_fanout(server: PostgresServer) -> None:
             for _ in range(3):  # interleaved, medians
                 for name, channels in setups.items():
                     with _listening(server.url, channels):
-                        out = subprocess.run(
-                            [str(PG_BIN / "pgbench"), "-n", "-M", "prepared", "-r", "-T", "3",
-                             "-f", script, server.url],
-                            capture_output=True, text=True, timeout=60, check=False,
-                        )  # fmt: skip
-                    found = handover.search(out.stdout)
-                    if found is None:
-                        print(f"postgres NOTIFY: pgbench failed: {out.stderr.strip()[-300:]}")
+                        mean = _pgbench_us(
+                            server.url, script, handover, what="postgres NOTIFY", per_statement=True
+                        )
+                    if mean is None:
                         return
-                    means[name].append(float(found.group(1)) * 1000)
-        alone = sorted(means["none"])[1]
+                    means[name].append(mean)
+        medians = {name: sorted(values)[1] for name, values in means.items()}
         shown = ", ".join(
-            f"{name} {sorted(values)[1]:.0f} us ({sorted(values)[1] - alone:+.0f})"
-            for name, values in means.items()
+            f"{name} {us:.0f} us ({us - medians['none']:+.0f})" for name, us in medians.items()
         )
         print(
             f"postgres ({'relaxed' if relaxed else 'durable'}) the release that hands over, "
