@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 import leasehold
+from leasehold._async import _concurrency as concurrency
+from leasehold._async.backends.memory import AsyncMemoryStore
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import RenewItem
 from leasehold._core.url import parse
@@ -356,6 +358,46 @@ def test_cancelled_release_still_releases(lh_backend: BackendHarness) -> None:
                 assert await client.holders(lease.name) == []
 
     asyncio.run(scenario())
+
+
+class _StallingFirstRelease(AsyncMemoryStore):
+    """Its first release never reaches the store: it waits until cancelled."""
+
+    stalls = 1
+
+    async def release(self, name: str, token: str) -> bool:
+        if self.stalls:
+            self.stalls -= 1
+            await asyncio.sleep(3600)
+        return await super().release(name, token)
+
+
+@pytest.mark.parametrize("restarts", [True, False], ids=["restarted", "control-not-restarted"])
+def test_a_release_cancelled_before_the_store_saw_it_runs_again(
+    monkeypatch: pytest.MonkeyPatch, restarts: bool
+) -> None:
+    """A store whose calls cancel cleanly runs a release in the caller's task (no
+    task of its own): cancelled there, the release starts again in the background.
+    The control drops that restart, and the name stays held."""
+    assert AsyncMemoryStore.capabilities.cancels_cleanly
+    if not restarts:
+        monkeypatch.setattr(concurrency, "in_background", lambda fn: None)
+
+    async def scenario() -> list[object]:
+        store = _StallingFirstRelease(parse("memory://"), SYSTEM_CLOCK)
+        async with leasehold.AsyncClient(store=store) as client:
+            lease = await client.lock("stalled-release").acquire(timeout=5)
+            task = asyncio.ensure_future(lease.release())
+            await asyncio.sleep(0.01)
+            assert not task.done()  # waiting inside the store's release
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.05)
+            return list(await client.holders("stalled-release"))
+
+    holders = asyncio.run(scenario())
+    assert (holders == []) is restarts, holders
 
 
 @pytest.mark.slow

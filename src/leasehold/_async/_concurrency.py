@@ -115,7 +115,7 @@ def background_alive(handle: object) -> bool:
         return False
 
 
-async def shielded(fn: Callable[[], Awaitable[T]]) -> T:
+async def shielded(fn: Callable[[], Awaitable[T]], *, restartable: bool = False) -> T:
     """Run ``fn`` to completion even if the caller is cancelled meanwhile.
 
     The caller still sees its CancelledError, after the work is done or handed to
@@ -125,7 +125,18 @@ async def shielded(fn: Callable[[], Awaitable[T]]) -> T:
     a database query can take seconds), which hands its outcome to the caller's
     future itself: one pass of the event loop less than ``asyncio.shield`` (whose
     outcome travels by two done-callbacks).
+
+    ``restartable``: ``fn`` may be cancelled at any point and run again (a store
+    with ``capabilities.cancels_cleanly``; a release is idempotent). It then runs in
+    the caller's task, which saves the task's two passes of the event loop; if the
+    caller is cancelled meanwhile, ``fn`` starts again in the background.
     """
+    if restartable:
+        try:
+            return await fn()
+        except asyncio.CancelledError:
+            in_background(fn)
+            raise
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[T] = loop.create_future()
     task = loop.create_task(_told(fn, outcome))

@@ -256,13 +256,19 @@ class AsyncLease:
             # the caller's time when the store may be the reason for the loss.
             try:
                 with _deadline.bounded(LOST_RELEASE_WAIT):
-                    await shielded(lambda: store.release(self._name, self._token))
+                    await shielded(
+                        lambda: store.release(self._name, self._token),
+                        restartable=store.capabilities.cancels_cleanly,
+                    )
             except StoreUnavailable:
                 in_background(lambda: store.release(self._name, self._token))
             held = False
         else:
             try:
-                held = await shielded(lambda: store.release(self._name, self._token))
+                held = await shielded(
+                    lambda: store.release(self._name, self._token),
+                    restartable=store.capabilities.cancels_cleanly,
+                )
             except StoreUnavailable as exc:
                 context.observer.release_failed(self, exc, self._ttl)
                 held = False

@@ -411,7 +411,10 @@ class AsyncLock:
         store = self._context.store
         try:
             with _deadline.bounded(seconds):
-                await shielded(lambda: store.release(self._name, token))
+                await shielded(
+                    lambda: store.release(self._name, token),
+                    restartable=store.capabilities.cancels_cleanly,
+                )
         except StoreUnavailable as exc:
             # Before the store ever answered (a wrong URL, say) there is nothing
             # to undo worth a word; the caller sees the real error.

@@ -154,3 +154,8 @@ class Capabilities:
     # A grant survives the loss of a server (a consensus store commits it on a
     # quorum), so a failover cannot hand a held name to a second client.
     failover_safe: bool = False
+    # A call cancelled midway returns at once (nothing to wait for on the server's
+    # side: no query to cancel) and may simply run again. Releases then run in the
+    # caller's task, restarted in the background if cancelled, instead of in a task
+    # of their own (two passes of the event loop per release).
+    cancels_cleanly: bool = False

@@ -63,8 +63,8 @@ def background_alive(handle: object) -> bool:
     return isinstance(handle, threading.Thread) and handle.is_alive()
 
 
-def shielded(fn: Callable[[], T]) -> T:
-    return fn()
+def shielded(fn: Callable[[], T], *, restartable: bool = False) -> T:
+    return fn()  # a thread is never cancelled midway: nothing to shield
 
 
 _CALLS: ThreadPoolExecutor | None = None

@@ -256,13 +256,19 @@ class Lease:
             # the caller's time when the store may be the reason for the loss.
             try:
                 with _deadline.bounded(LOST_RELEASE_WAIT):
-                    shielded(lambda: store.release(self._name, self._token))
+                    shielded(
+                        lambda: store.release(self._name, self._token),
+                        restartable=store.capabilities.cancels_cleanly,
+                    )
             except StoreUnavailable:
                 in_background(lambda: store.release(self._name, self._token))
             held = False
         else:
             try:
-                held = shielded(lambda: store.release(self._name, self._token))
+                held = shielded(
+                    lambda: store.release(self._name, self._token),
+                    restartable=store.capabilities.cancels_cleanly,
+                )
             except StoreUnavailable as exc:
                 context.observer.release_failed(self, exc, self._ttl)
                 held = False

@@ -63,6 +63,7 @@ class MemoryStore(Store):
         hand_over=True,
         notes=("one process only", "state is lost with the process"),
         announcements=True,
+        cancels_cleanly=True,
     )
 
     def __init__(self, url: StoreURL, clock: Clock, store_name: str = "") -> None:

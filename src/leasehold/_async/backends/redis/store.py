@@ -145,6 +145,7 @@ class AsyncRedisStore(RedisWaiting):
             "maxmemory-policy must be noeviction",
         ),
         announcements=True,
+        cancels_cleanly=True,
     )
 
     # -- the contract --------------------------------------------------------

@@ -147,6 +147,7 @@ class RedisStore(RedisWaiting):
             "maxmemory-policy must be noeviction",
         ),
         announcements=True,
+        cancels_cleanly=True,
     )
 
     # -- the contract --------------------------------------------------------

@@ -78,6 +78,8 @@ class SQLiteStore(Store):
             "expiry on the host boot-time clock (immune to wall-clock jumps)",
         ),
         announcements=_wake.SUPPORTED,
+        # A call on the worker thread runs on there if its caller is cancelled.
+        cancels_cleanly=True,
     )
 
     def __init__(
