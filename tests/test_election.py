@@ -36,6 +36,8 @@ from leasehold._core.election import (
     watch_delay,
 )
 from leasehold._core.records import HolderInfo
+from leasehold._sync.election import CAMPAIGN_SLICE
+from leasehold._sync.lock import Lock
 from leasehold.testing import BackendHarness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -602,6 +604,72 @@ def test_async_run_and_observe(lh_backend: BackendHarness) -> None:
     assert not reached_after_loss
 
 
+def _queue_orders(url: str, name: str, runner: Runner) -> tuple[list[tuple[str, ...]], str]:
+    """Two sync candidates queue behind a leader, ``first`` 0.2 s before ``second``;
+    the queue's order (by owner) sampled over three campaign slices, then who leads
+    after the leader resigns."""
+    led: list[str] = []
+
+    def body_for(identity: str) -> Callable[[leasehold.Lease], None]:
+        def body(lease: leasehold.Lease) -> None:
+            led.append(identity)
+
+        return body
+
+    with leasehold.Client(url) as c0, leasehold.Client(url) as c1, leasehold.Client(url) as c2:
+        leader = c0.election(name, ttl=5, identity="leader")
+        leader.campaign(timeout=5)
+        first = c1.election(name, ttl=5, identity="first")
+        runner.start(first, body_for("first"))
+        wait_until(lambda: [w.owner for w in c0.waiters(name)] == ["first"], 5, "first queued")
+        time.sleep(0.2)
+        second = c2.election(name, ttl=5, identity="second")
+        runner.start(second, body_for("second"))
+        wait_until(lambda: len(c0.waiters(name)) == 2, 5, "second queued")
+        orders = []
+        end = time.monotonic() + 3 * CAMPAIGN_SLICE
+        for _ in range(1000):
+            if time.monotonic() >= end:
+                break
+            waiting = sorted(c0.waiters(name), key=lambda w: w.position)
+            orders.append(tuple(w.owner for w in waiting))
+            time.sleep(0.01)
+        leader.resign()
+        wait_until(lambda: led, 5, "a new leader")
+        for election in (first, second):
+            election.stop()
+    return orders, led[0]
+
+
+def test_sync_candidates_keep_their_queue_places_across_slices(
+    lh_backend: BackendHarness, runner: Runner
+) -> None:
+    """A sync campaign waits in 0.5 s slices; each goes on in the place the last
+    one queued (QueuePlace), so the queue order among candidates holds and the
+    first to queue leads next."""
+    orders, next_leader = _queue_orders(shared_url(lh_backend), lh_backend.unique("el"), runner)
+    assert len(orders) > 20, orders
+    assert all(order.index("first") < order.index("second") for order in orders if len(order) == 2)
+    assert next_leader == "first"
+
+
+def test_queue_order_check_fires_when_slices_queue_anew(
+    tmp_path: Path, runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: slices that forget their place (as before QueuePlace) requeue at
+    the back at every slice's end, and the order check above sees ``second`` ahead."""
+    attempts = Lock._attempts
+
+    def forgetful(
+        self: Lock, timeout: float | None, *, queue: bool, started: float, place: Any = None
+    ) -> Any:
+        return attempts(self, timeout, queue=queue, started=started)
+
+    monkeypatch.setattr(Lock, "_attempts", forgetful)
+    orders, _ = _queue_orders(f"sqlite:///{tmp_path / 'control.db'}", "el-control", runner)
+    assert any(order == ("second", "first") for order in orders), orders
+
+
 def test_stop_while_campaigning_and_misuse(lh_backend: BackendHarness, runner: Runner) -> None:
     url = shared_url(lh_backend)
     name = lh_backend.unique("el")
@@ -618,6 +686,7 @@ def test_stop_while_campaigning_and_misuse(lh_backend: BackendHarness, runner: R
         thread.join(5)
         assert time.monotonic() - stopped < 1.5  # a sync campaign looks up twice a second
         assert waiting.stopped and not waiting.leading
+        assert client.waiters(name) == []  # the place kept between slices is given up
         waiting.run(lambda lease: None)  # stopped is final: returns at once
         assert list(waiting.observe()) == []
         assert holder.leading

@@ -22,6 +22,7 @@ import pytest
 
 import leasehold
 from leasehold._core import presence as core
+from leasehold._sync.lock import Lock
 from leasehold.testing import BackendHarness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +201,75 @@ def test_waiters_get_the_creators_epoch(lh_backend: BackendHarness) -> None:
     assert len(create.calls) == 1
     assert results[0].number == create.calls[0]
     assert all(epoch == results[0] for epoch in results)
+
+
+def _opener_orders(url: str, room: str) -> list[tuple[str, ...]]:
+    """A creator holds the creation lease of ``room`` for 1.5 s while two openers
+    wait for it, ``first`` 0.2 s before ``second``: the queue's order (by owner)
+    sampled meanwhile. Openers wait in slices (50 ms growing) and re-read the room
+    between them."""
+    release = threading.Event()
+    with (
+        leasehold.Client(url) as c0,
+        leasehold.Client(url, identity="first") as c1,
+        leasehold.Client(url, identity="second") as c2,
+    ):
+
+        def create(number: int) -> dict[str, int]:
+            release.wait(10)
+            return {"n": number}
+
+        name = f"presence-create:{room}"
+        openers = [threading.Thread(target=c0.presence(room).open, args=(create,), daemon=True)]
+        openers[0].start()
+        for _ in range(500):  # the creator holds the creation lease
+            if c0.holders(name):
+                break
+            time.sleep(0.01)
+        for client in (c1, c2):
+            opener = threading.Thread(target=client.presence(room).open, args=(create,))
+            opener.daemon = True
+            opener.start()
+            openers.append(opener)
+            time.sleep(0.2)
+        orders: list[tuple[str, ...]] = []
+        end = time.monotonic() + 1.5
+        for _ in range(1000):
+            if time.monotonic() >= end:
+                break
+            waiting = sorted(c0.waiters(name), key=lambda w: w.position)
+            orders.append(tuple(w.owner.split(":")[0] for w in waiting))
+            time.sleep(0.01)
+        release.set()
+        for opener in openers:
+            opener.join(10)
+        assert c0.waiters(name) == [] and c0.holders(name) == []
+    return orders
+
+
+def test_openers_keep_their_queue_places_across_slices(lh_backend: BackendHarness) -> None:
+    url = lh_backend.fresh_url() if lh_backend.fake_clock else lh_backend.url
+    orders = _opener_orders(url, lh_backend.unique("room"))
+    assert len(orders) > 20, orders
+    both = [order for order in orders if len(order) == 2]
+    assert both, orders
+    assert all(order == ("first", "second") for order in both), orders
+
+
+def test_opener_order_check_fires_when_slices_queue_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: openers whose slices forget their place requeue at the back."""
+    attempts = Lock._attempts
+
+    def forgetful(
+        self: Lock, timeout: float | None, *, queue: bool, started: float, place: Any = None
+    ) -> Any:
+        return attempts(self, timeout, queue=queue, started=started)
+
+    monkeypatch.setattr(Lock, "_attempts", forgetful)
+    orders = _opener_orders(f"sqlite:///{tmp_path / 'control.db'}", "control")
+    assert ("second", "first") in orders, orders
 
 
 # -- members ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from leasehold import events
 from leasehold._async._concurrency import IS_ASYNC, AsyncBodyGuard, AsyncEvent, spawn
 from leasehold._async.lease import AsyncLease
-from leasehold._async.lock import AsyncLock
+from leasehold._async.lock import AsyncLock, QueuePlace
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.election import (
@@ -344,10 +344,15 @@ class AsyncElection:
             spawn(self._announce_in_store, name="leasehold-announce")
 
     async def _campaign(
-        self, owner: str, timeout: float | None, started: float | None = None
+        self,
+        owner: str,
+        timeout: float | None,
+        started: float | None = None,
+        place: QueuePlace | None = None,
     ) -> AsyncLease:
         """``started``: the start of a campaign that ``_campaign_until_stopped``
-        waits out in slices (one acquire as events and statistics see it)."""
+        waits out in slices (one acquire as events and statistics see it), keeping
+        its queue ``place`` from one slice to the next."""
         with self._state:
             current = self._lease
             if current is not None and current.held:
@@ -360,20 +365,13 @@ class AsyncElection:
             self._campaigning = True
         term = _Term(self, owner)
         try:
-            lock = AsyncLock(
-                self._context,
-                self._name,
-                ttl=self._ttl,
-                limit=1,
-                margin=self._margin,
-                owner=owner,
-                on_lost=term.lost,
-                primitive="election",
-            )
+            lock = self._lock(owner, term)
             if started is None:
                 lease = await lock.acquire(timeout)
             else:
-                found = await lock._observed(started, timeout, blocking=True, final=False)
+                found = await lock._observed(
+                    started, timeout, blocking=True, final=False, place=place
+                )
                 if found is None:
                     raise AcquireTimeout(self._name, timeout or 0.0)
                 lease = found
@@ -393,7 +391,28 @@ class AsyncElection:
         await self._announce()
         return lease
 
+    def _lock(self, owner: str, term: _Term) -> AsyncLock:
+        return AsyncLock(
+            self._context,
+            self._name,
+            ttl=self._ttl,
+            limit=1,
+            margin=self._margin,
+            owner=owner,
+            on_lost=term.lost,
+            primitive="election",
+        )
+
     async def _campaign_until_stopped(self, owner: str) -> AsyncLease | None:
+        place = QueuePlace()
+        try:
+            return await self._campaign_in_slices(owner, place)
+        finally:
+            if place.token is not None:
+                # Stopped while queued: the place kept between slices goes.
+                await self._lock(owner, _Term(self, owner))._leave_queue(place)
+
+    async def _campaign_in_slices(self, owner: str, place: QueuePlace) -> AsyncLease | None:
         failures = 0
         observer = self._context.observer
         started: float | None = None  # the campaign as events and statistics see it
@@ -404,13 +423,13 @@ class AsyncElection:
             try:
                 async with phase:
                     return await self._campaign(
-                        owner, None if IS_ASYNC else CAMPAIGN_SLICE, started
+                        owner, None if IS_ASYNC else CAMPAIGN_SLICE, started, place
                     )
                 # stop() interrupted the campaign; the acquire reported its cancellation.
                 started = None
             except AcquireTimeout:
                 # The end of a slice, not a timeout anybody asked for: the same
-                # campaign goes on.
+                # campaign goes on, in the same queue place.
                 continue
             except StoreMisconfigured:
                 raise  # waiting does not fix it

@@ -70,6 +70,23 @@ def new_token() -> str:
     return urlsafe_b64encode(urandom(24)).decode("ascii")
 
 
+class QueuePlace:
+    """A place in a name's wait queue kept from one acquire to the next.
+
+    A sync election campaign waits in slices (so that it hears ``stop()``); each
+    slice goes on with the token the last one queued, so the candidate keeps its
+    place and a hand-over that reaches it between slices is taken by the next
+    slice (the store answers a holder's token with its grant) instead of being
+    given back. ``token``: the token queued, None before the first slice and once
+    the place was given up or became a lease. Whoever keeps a place gives it up
+    (``AsyncLock._leave_queue``) when it stops waiting without a lease."""
+
+    __slots__ = ("token",)
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+
+
 def call_slack(timeout: float | None) -> float:
     """How far past its timeout an acquire may return: max(0.5 s, 10 % of it)."""
     return max(0.5, 0.1 * (timeout or 0.0))
@@ -169,14 +186,20 @@ class AsyncLock:
         blocking: bool,
         final: bool = True,
         begun: float | None = None,
+        place: QueuePlace | None = None,
     ) -> AsyncLease | None:
         """One acquire, reported: exactly one outcome per ``acquire_started``
         (``final=False``: a slice of a longer wait, whose timeout is not an outcome).
-        ``begun``: ``started`` when it was read just now (see ``_acquire``)."""
+        ``begun``: ``started`` when it was read just now (see ``_acquire``).
+        ``place``: a queue place kept when the timeout passes (see QueuePlace)."""
         observer = self._context.observer
         try:
             lease = await self._acquire(
-                timeout, queue=blocking and timeout != 0, started=started, begun=begun
+                timeout,
+                queue=blocking and timeout != 0,
+                started=started,
+                begun=begun,
+                place=place,
             )
         except BaseException as exc:
             observer.acquire_failed(self._primitive, self._name, started, exc)
@@ -195,7 +218,13 @@ class AsyncLock:
         return lease
 
     async def _acquire(
-        self, timeout: float | None, *, queue: bool, started: float, begun: float | None = None
+        self,
+        timeout: float | None,
+        *,
+        queue: bool,
+        started: float,
+        begun: float | None = None,
+        place: QueuePlace | None = None,
     ) -> AsyncLease | None:
         """``begun``: a clock reading taken just before (the caller's ``started``
         when ``timeout`` counts from it), from which the attempts count their
@@ -212,13 +241,15 @@ class AsyncLock:
         turn = gates.join(key)
         try:
             if turn is None and begun is not None:
-                return await self._attempts(timeout, queue=True, started=begun)
+                return await self._attempts(timeout, queue=True, started=begun, place=place)
             if turn is not None and not turn.is_set():
                 wait = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
                 if not await turn.wait(wait):
                     return None
             remaining = None if timeout is None else max(0.0, started + timeout - clock.monotonic())
-            return await self._attempts(remaining, queue=True, started=clock.monotonic())
+            return await self._attempts(
+                remaining, queue=True, started=clock.monotonic(), place=place
+            )
         finally:
             gates.leave(key, turn)
 
@@ -233,17 +264,27 @@ class AsyncLock:
         )
 
     async def _attempts(
-        self, timeout: float | None, *, queue: bool, started: float
+        self,
+        timeout: float | None,
+        *,
+        queue: bool,
+        started: float,
+        place: QueuePlace | None = None,
     ) -> AsyncLease | None:
         """Attempts until granted or ``timeout`` seconds from ``started`` (a clock
-        reading taken just before) have passed."""
+        reading taken just before) have passed. With a ``place``, they go on with
+        its token, and when the timeout passes the queue place stays (the caller
+        gives it up); any other way out (a lease, an error, a cancellation) leaves
+        the place with nothing to give up."""
         context = self._context
         store = context.store
         clock = context.clock
         holder = context.holder
         if self._owner is not None:
             holder = replace(holder, owner=self._owner)
-        token = new_token()
+        token = new_token() if place is None or place.token is None else place.token
+        if place is not None:
+            place.token = token
         request = self._request(token, holder, queue=queue)
         deadline = None if timeout is None else started + timeout
         slack = call_slack(timeout)
@@ -304,7 +345,8 @@ class AsyncLock:
                             exc,
                             extra=log_fields("acquire_no_answer", self._primitive, self._name),
                         )
-                        await self._let_go(token, slack * CLEANUP_SHARE)
+                        if place is None:
+                            await self._let_go(token, slack * CLEANUP_SHARE)
                         return None
                     limit = give_up_at()
                     if limit is not None and now >= limit:
@@ -314,7 +356,8 @@ class AsyncLock:
                     if limit is not None:
                         pause = min(pause, limit - now)
                     if await self._wait(token, pause, bound(clock.monotonic()), deadline) is None:
-                        await self._let_go(token, slack * CLEANUP_SHARE)
+                        if place is None:
+                            await self._let_go(token, slack * CLEANUP_SHARE)
                         return None
                     sent = clock.monotonic()
                     continue
@@ -323,12 +366,16 @@ class AsyncLock:
                 if isinstance(result, Granted):
                     lease = self._granted(token, fence=result.fence, owner=holder.owner, sent=sent)
                     if lease is not None:
+                        if place is not None:
+                            place.token = None  # the lease's now
                         return lease
                     # The answer came too late to hold anything: let that grant go
                     # and ask again under a new token (a release of the old one
                     # still on its way must not remove the new grant).
                     self._let_go_later(token)
                     token = new_token()
+                    if place is not None:
+                        place.token = token
                     request = self._request(token, holder, queue=queue)
                     queued_at = None
                     result = Busy(retry_after=0.0, position=None)
@@ -336,7 +383,7 @@ class AsyncLock:
                     queued_at = sent
                 now = clock.monotonic()
                 if deadline is not None and now >= deadline:
-                    if queue:
+                    if queue and place is None:
                         await self._let_go(token, slack * CLEANUP_SHARE)
                     return None
                 pause = self._pause(result, attempt, store.capabilities.notifications)
@@ -344,7 +391,7 @@ class AsyncLock:
                     pause = min(pause, deadline - now)
                 woken = await self._wait(token, pause, bound(clock.monotonic()), deadline)
                 if woken is None:
-                    if queue:
+                    if queue and place is None:
                         await self._let_go(token, slack * CLEANUP_SHARE)
                     return None
                 term = min(self._ttl, QUEUE_TTL)
@@ -367,10 +414,14 @@ class AsyncLock:
                         term=term,
                     )
                     if lease is not None:
+                        if place is not None:
+                            place.token = None
                         return lease
                 attempt += 1
                 sent = clock.monotonic()
         except BaseException as exc:
+            if place is not None:
+                place.token = None  # given up here
             if isinstance(exc, StoreMisconfigured) and not reached_store and not failures:
                 # The store's only answer refused the request (credentials, a
                 # permission): it did nothing, and a clean-up would be refused too.
@@ -429,6 +480,14 @@ class AsyncLock:
                 self._let_go_later(token)
             return False
         return True
+
+    async def _leave_queue(self, place: QueuePlace) -> None:
+        """Give up a place kept by slices that ended without a lease (the token may
+        also have been handed the name meanwhile: releasing it passes it on)."""
+        token = place.token
+        if token is not None:
+            place.token = None
+            await self._let_go(token, call_slack(None) * CLEANUP_SHARE)
 
     def _let_go_later(self, token: str) -> None:
         store = self._context.store

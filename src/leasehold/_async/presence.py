@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from leasehold import events
 from leasehold._async._concurrency import IS_ASYNC, sleep
 from leasehold._async.lease import AsyncLease
-from leasehold._async.lock import AsyncLock
+from leasehold._async.lock import AsyncLock, QueuePlace
 from leasehold._core import presence as core
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
@@ -117,6 +117,9 @@ class AsyncPresence:
         lock = self._lock
         waiting: float | None = None
         attempt = 0
+        # The slices keep one queue place (FIFO among openers; a hand-over between
+        # slices goes to the next slice), given up when the wait ends without it.
+        place = QueuePlace()
         try:
             while True:
                 opened = await self.current()
@@ -134,7 +137,7 @@ class AsyncPresence:
                     waiting = observer.acquire_started("presence", lock.name, True)
                 # The slice reports its own errors: not pending while it runs.
                 started, waiting = waiting, None
-                lease = await lock._observed(started, wait, blocking=True, final=False)
+                lease = await lock._observed(started, wait, blocking=True, final=False, place=place)
                 if lease is None:
                     attempt += 1
                     if deadline is not None and clock.monotonic() >= deadline:
@@ -152,6 +155,9 @@ class AsyncPresence:
             if waiting is not None:
                 observer.acquire_failed("presence", lock.name, waiting, exc)
             raise
+        finally:
+            if place.token is not None:
+                await lock._leave_queue(place)
 
     async def _create(self, lease: AsyncLease, create: Create) -> Epoch | None:
         """Under the creation lease: claim, create, commit. None if superseded."""

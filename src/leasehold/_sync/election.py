@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from leasehold import events
 from leasehold._sync._concurrency import IS_ASYNC, BodyGuard, Event, spawn
 from leasehold._sync.lease import Lease
-from leasehold._sync.lock import Lock
+from leasehold._sync.lock import Lock, QueuePlace
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
 from leasehold._core.election import (
@@ -343,9 +343,16 @@ class Election:
         with contextlib.suppress(RuntimeError):
             spawn(self._announce_in_store, name="leasehold-announce")
 
-    def _campaign(self, owner: str, timeout: float | None, started: float | None = None) -> Lease:
+    def _campaign(
+        self,
+        owner: str,
+        timeout: float | None,
+        started: float | None = None,
+        place: QueuePlace | None = None,
+    ) -> Lease:
         """``started``: the start of a campaign that ``_campaign_until_stopped``
-        waits out in slices (one acquire as events and statistics see it)."""
+        waits out in slices (one acquire as events and statistics see it), keeping
+        its queue ``place`` from one slice to the next."""
         with self._state:
             current = self._lease
             if current is not None and current.held:
@@ -358,20 +365,11 @@ class Election:
             self._campaigning = True
         term = _Term(self, owner)
         try:
-            lock = Lock(
-                self._context,
-                self._name,
-                ttl=self._ttl,
-                limit=1,
-                margin=self._margin,
-                owner=owner,
-                on_lost=term.lost,
-                primitive="election",
-            )
+            lock = self._lock(owner, term)
             if started is None:
                 lease = lock.acquire(timeout)
             else:
-                found = lock._observed(started, timeout, blocking=True, final=False)
+                found = lock._observed(started, timeout, blocking=True, final=False, place=place)
                 if found is None:
                     raise AcquireTimeout(self._name, timeout or 0.0)
                 lease = found
@@ -391,7 +389,28 @@ class Election:
         self._announce()
         return lease
 
+    def _lock(self, owner: str, term: _Term) -> Lock:
+        return Lock(
+            self._context,
+            self._name,
+            ttl=self._ttl,
+            limit=1,
+            margin=self._margin,
+            owner=owner,
+            on_lost=term.lost,
+            primitive="election",
+        )
+
     def _campaign_until_stopped(self, owner: str) -> Lease | None:
+        place = QueuePlace()
+        try:
+            return self._campaign_in_slices(owner, place)
+        finally:
+            if place.token is not None:
+                # Stopped while queued: the place kept between slices goes.
+                self._lock(owner, _Term(self, owner))._leave_queue(place)
+
+    def _campaign_in_slices(self, owner: str, place: QueuePlace) -> Lease | None:
         failures = 0
         observer = self._context.observer
         started: float | None = None  # the campaign as events and statistics see it
@@ -401,12 +420,14 @@ class Election:
                 started = observer.acquire_started("election", self._name, True)
             try:
                 with phase:
-                    return self._campaign(owner, None if IS_ASYNC else CAMPAIGN_SLICE, started)
+                    return self._campaign(
+                        owner, None if IS_ASYNC else CAMPAIGN_SLICE, started, place
+                    )
                 # stop() interrupted the campaign; the acquire reported its cancellation.
                 started = None
             except AcquireTimeout:
                 # The end of a slice, not a timeout anybody asked for: the same
-                # campaign goes on.
+                # campaign goes on, in the same queue place.
                 continue
             except StoreMisconfigured:
                 raise  # waiting does not fix it

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from leasehold import events
 from leasehold._sync._concurrency import IS_ASYNC, sleep
 from leasehold._sync.lease import Lease
-from leasehold._sync.lock import Lock
+from leasehold._sync.lock import Lock, QueuePlace
 from leasehold._core import presence as core
 from leasehold._core import validate
 from leasehold._core.backoff import Backoff
@@ -119,6 +119,9 @@ class Presence:
         lock = self._lock
         waiting: float | None = None
         attempt = 0
+        # The slices keep one queue place (FIFO among openers; a hand-over between
+        # slices goes to the next slice), given up when the wait ends without it.
+        place = QueuePlace()
         try:
             while True:
                 opened = self.current()
@@ -136,7 +139,7 @@ class Presence:
                     waiting = observer.acquire_started("presence", lock.name, True)
                 # The slice reports its own errors: not pending while it runs.
                 started, waiting = waiting, None
-                lease = lock._observed(started, wait, blocking=True, final=False)
+                lease = lock._observed(started, wait, blocking=True, final=False, place=place)
                 if lease is None:
                     attempt += 1
                     if deadline is not None and clock.monotonic() >= deadline:
@@ -154,6 +157,9 @@ class Presence:
             if waiting is not None:
                 observer.acquire_failed("presence", lock.name, waiting, exc)
             raise
+        finally:
+            if place.token is not None:
+                lock._leave_queue(place)
 
     def _create(self, lease: Lease, create: Create) -> Epoch | None:
         """Under the creation lease: claim, create, commit. None if superseded."""
