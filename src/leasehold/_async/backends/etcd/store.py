@@ -99,6 +99,8 @@ class AsyncEtcdStore(SessionKeys):
         ),
         announcements=True,
         failover_safe=True,
+        # An HTTP request cancelled midway closes its connection; release is one txn.
+        cancels_cleanly=True,
     )
 
     # -- acquire ------------------------------------------------------------------

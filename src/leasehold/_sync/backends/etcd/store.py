@@ -101,6 +101,8 @@ class EtcdStore(SessionKeys):
         ),
         announcements=True,
         failover_safe=True,
+        # An HTTP request cancelled midway closes its connection; release is one txn.
+        cancels_cleanly=True,
     )
 
     # -- acquire ------------------------------------------------------------------
