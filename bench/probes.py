@@ -236,6 +236,7 @@ def redis_instructions() -> None:
         ours = counted(cycle(client.lock("probe", ttl=30)))
         lock = raw.lock("probe-redis-py", timeout=30)
         theirs = counted(lambda: (lock.acquire(), lock.release()))
+        empty = counted(_empty_script_calls(raw, client))
         client.close()
         raw.close()
     finally:
@@ -245,6 +246,37 @@ def redis_instructions() -> None:
             f"redis   {label:14s} {count:9,.0f} instructions in Redis per acquire+release "
             f"(callgrind, {CALLGRIND_CYCLES} cycles)"
         )
+    print(
+        f"redis   leasehold: {empty:,.0f} of them are the two FCALLs' own cost (an empty "
+        f"function called with the same keys and arguments), {ours - empty:,.0f} the "
+        "scripts' work (their commands, Lua, MessagePack)"
+    )
+
+
+def _empty_script_calls(raw: Any, client: Any) -> Callable[[], None]:
+    """An acquire's and a release's FCALL, with the keys and arguments leasehold
+    sends (the same sizes: its key layout, a token, the holder, a run id), of a
+    function that does nothing: what calling a script costs Redis before it runs."""
+    from leasehold._sync.backends.redis.store import _holder_json
+    from leasehold._sync.lock import new_token
+
+    raw.function_load(
+        "#!lua name=leasehold_probe_empty\n"
+        "redis.register_function('leasehold_probe_empty', function(keys, args) return 1 end)",
+        replace=True,
+    )
+    layout = client.store.keys.for_name("probe")
+    keys = layout.script_keys()
+    token, run_id = new_token(), "0" * 40
+    holder = _holder_json(client._context.holder)
+    acquire = ["probe", layout.signal_prefix, token, 30_000_000, 1, 3_000_000, holder, run_id]
+    release = ["probe", layout.signal_prefix, token, run_id]
+
+    def calls() -> None:
+        raw.fcall("leasehold_probe_empty", len(keys), *keys, *acquire)
+        raw.fcall("leasehold_probe_empty", len(keys), *keys, *release)
+
+    return calls
 
 
 def contended(url: str, raw: Any, rounds: int = 300) -> None:
