@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -18,6 +19,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,7 @@ from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import RenewItem
 from leasehold._core.url import parse
 from leasehold._sync.backends import open_store
+from leasehold._sync.keeper import Keeper
 from leasehold._sync.store import Store
 from leasehold.testing import BackendHarness, CountingStore, FaultyStore
 
@@ -398,6 +401,59 @@ def test_a_release_cancelled_before_the_store_saw_it_runs_again(
 
     holders = asyncio.run(scenario())
     assert (holders == []) is restarts, holders
+
+
+def _keeper_rounds_under_a_long_lease(monkeypatch: pytest.MonkeyPatch) -> tuple[int, float]:
+    """Rounds the keeper runs while 50 short locks are taken and released, one
+    every 2 ms, beside one long lease (as a leader's beside its jobs' locks), and
+    the seconds that took."""
+    rounds = 0
+    original = Keeper._round
+
+    def counted(self: Keeper) -> float:
+        nonlocal rounds
+        rounds += 1
+        return original(self)
+
+    monkeypatch.setattr(Keeper, "_round", counted)
+    with leasehold.Client("memory://keeper-rounds") as client:
+        long = client.lock("long", ttl=60).acquire()
+        time.sleep(0.05)  # the keeper's first round, then asleep until it is due
+        before, started = rounds, time.monotonic()
+        for i in range(50):
+            client.lock(f"short-{i}", ttl=3).acquire().release()
+            time.sleep(0.002)
+        during, elapsed = rounds - before, time.monotonic() - started
+        long.release()
+    return during, elapsed
+
+
+def test_short_locks_beside_a_long_lease_do_not_wake_the_keeper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The keeper sleeps no longer than the shortest lead time (grant to first
+    renewal) it has seen, so a short lock granted while a long lease is held is due
+    after the keeper's next look and wakes nothing: the first short lock wakes it,
+    then it looks by itself every 0.9 s (a ttl of 3 s renews every second, from
+    0.9 s on)."""
+    rounds, elapsed = _keeper_rounds_under_a_long_lease(monkeypatch)
+    assert rounds <= 2 + elapsed / 0.9, (rounds, elapsed)
+
+
+def test_keeper_wake_check_fires_when_the_keeper_sleeps_past_new_leases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Control: a keeper that forgets the lead times (so it sleeps until the long
+    lease is due) is woken by nearly every short lock."""
+    track = Keeper.track
+
+    def forgetful(self: Keeper, lease: Any) -> None:
+        track(self, lease)
+        self._shortest_lead = math.inf
+
+    monkeypatch.setattr(Keeper, "track", forgetful)
+    rounds, elapsed = _keeper_rounds_under_a_long_lease(monkeypatch)
+    assert rounds >= 25, (rounds, elapsed)
 
 
 @pytest.mark.slow

@@ -186,7 +186,12 @@ class AsyncKeeper:
                     delay = min(KEEPER_LINGER - idle_for, self._shortest_lead)
                 else:
                     idle_since = None
-                    delay = await self._round()
+                    # Never longer than a new lease's lead either: a long-lived
+                    # lease (a leader's, say) would otherwise let the keeper sleep
+                    # past the first renewal of every short lock taken meanwhile,
+                    # and each acquire would wake it (a thread switch and ~15
+                    # futex calls per acquire + release, sync).
+                    delay = min(await self._round(), self._shortest_lead)
                 if delay > 0:
                     self._next_wake = clock.monotonic() + delay
                     await self._wakeup.wait(delay)
