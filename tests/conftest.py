@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from leasehold._sync.lock import Lock
 from leasehold.testing import BackendHarness, FakeClock
 
 # Garbage is collected after every test module (see tests/_garbage.py).
@@ -206,3 +207,18 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     process only, so it is not a parameter here rather than a skip)."""
     for harness in param_harness(request, tmp_path):
         yield harness.fresh_url()
+
+
+@pytest.fixture
+def forgetful_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits in slices (sync election campaigns, presence openers) forget their
+    queue place between slices, as before QueuePlace: the controls of the tests
+    that check the queue order holds."""
+    attempts = Lock._attempts
+
+    def forgetful(
+        self: Lock, timeout: float | None, *, queue: bool, started: float, place: object = None
+    ) -> Any:
+        return attempts(self, timeout, queue=queue, started=started)
+
+    monkeypatch.setattr(Lock, "_attempts", forgetful)

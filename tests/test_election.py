@@ -37,7 +37,6 @@ from leasehold._core.election import (
 )
 from leasehold._core.records import HolderInfo
 from leasehold._sync.election import CAMPAIGN_SLICE
-from leasehold._sync.lock import Lock
 from leasehold.testing import BackendHarness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -654,18 +653,10 @@ def test_sync_candidates_keep_their_queue_places_across_slices(
 
 
 def test_queue_order_check_fires_when_slices_queue_anew(
-    tmp_path: Path, runner: Runner, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, runner: Runner, forgetful_slices: None
 ) -> None:
     """Control: slices that forget their place (as before QueuePlace) requeue at
     the back at every slice's end, and the order check above sees ``second`` ahead."""
-    attempts = Lock._attempts
-
-    def forgetful(
-        self: Lock, timeout: float | None, *, queue: bool, started: float, place: Any = None
-    ) -> Any:
-        return attempts(self, timeout, queue=queue, started=started)
-
-    monkeypatch.setattr(Lock, "_attempts", forgetful)
     orders, _ = _queue_orders(f"sqlite:///{tmp_path / 'control.db'}", "el-control", runner)
     assert any(order == ("second", "first") for order in orders), orders
 

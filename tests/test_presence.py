@@ -22,7 +22,6 @@ import pytest
 
 import leasehold
 from leasehold._core import presence as core
-from leasehold._sync.lock import Lock
 from leasehold.testing import BackendHarness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,17 +256,9 @@ def test_openers_keep_their_queue_places_across_slices(lh_backend: BackendHarnes
 
 
 def test_opener_order_check_fires_when_slices_queue_anew(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, forgetful_slices: None
 ) -> None:
     """Control: openers whose slices forget their place requeue at the back."""
-    attempts = Lock._attempts
-
-    def forgetful(
-        self: Lock, timeout: float | None, *, queue: bool, started: float, place: Any = None
-    ) -> Any:
-        return attempts(self, timeout, queue=queue, started=started)
-
-    monkeypatch.setattr(Lock, "_attempts", forgetful)
     orders = _opener_orders(f"sqlite:///{tmp_path / 'control.db'}", "control")
     assert ("second", "first") in orders, orders
 
