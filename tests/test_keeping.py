@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import statistics
@@ -29,6 +28,7 @@ from leasehold._async.backends.memory import AsyncMemoryStore
 from leasehold._core.clock import SYSTEM_CLOCK
 from leasehold._core.records import RenewItem
 from leasehold._core.url import parse
+from leasehold._sync._concurrency import Event
 from leasehold._sync.backends import open_store
 from leasehold._sync.keeper import Keeper
 from leasehold._sync.store import Store
@@ -403,10 +403,67 @@ def test_a_release_cancelled_before_the_store_saw_it_runs_again(
     assert (holders == []) is restarts, holders
 
 
-def _keeper_rounds_under_a_long_lease(monkeypatch: pytest.MonkeyPatch) -> tuple[int, float]:
-    """Rounds the keeper runs while 50 short locks are taken and released, one
-    every 2 ms, beside one long lease (as a leader's beside its jobs' locks), and
-    the seconds that took."""
+def _keeper_wakeups_under_a_long_lease(monkeypatch: pytest.MonkeyPatch) -> tuple[int, float]:
+    """How often the keeper was woken (its sleep ended early) while 50 short locks
+    were taken and released, one every 2 ms, beside one long lease (as a leader's
+    beside its jobs' locks), and the seconds that took."""
+    woken = 0
+    original = Event.wait
+
+    def counted(self: Event, timeout: float | None = None) -> bool:
+        nonlocal woken
+        early = original(self, timeout)
+        woken += early
+        return early
+
+    with leasehold.Client("memory://keeper-wakeups") as client:
+        long = client.lock("long", ttl=60).acquire()
+        time.sleep(0.05)  # the keeper's first round, then asleep
+        # Only the keeper's event: other events (a lease's) are not counted.
+        monkeypatch.setattr(
+            client._context.keeper._wakeup, "wait", counted.__get__(client._context.keeper._wakeup)
+        )
+        started = time.monotonic()
+        for i in range(50):
+            client.lock(f"short-{i}", ttl=3).acquire().release()
+            time.sleep(0.002)
+        during, elapsed = woken, time.monotonic() - started
+        long.release()
+    return during, elapsed
+
+
+def test_short_locks_beside_a_long_lease_do_not_wake_the_keeper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The keeper sleeps no longer than the shortest lead time (grant to first
+    renewal) it has seen, so a short lock granted while a long lease is held is due
+    after the keeper's next look: only the first short lock wakes it."""
+    woken, elapsed = _keeper_wakeups_under_a_long_lease(monkeypatch)
+    assert woken <= 2, (woken, elapsed)
+
+
+def test_keeper_wakeup_check_fires_when_every_lease_wakes_the_keeper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Control: a keeper woken at every track() (as before the lead-time cap, when
+    a long lease let it sleep past every short lock's first renewal) is counted."""
+    track = Keeper.track
+
+    def waking(self: Keeper, lease: Any) -> None:
+        track(self, lease)
+        self._wakeup.set()
+
+    monkeypatch.setattr(Keeper, "track", waking)
+    woken, elapsed = _keeper_wakeups_under_a_long_lease(monkeypatch)
+    assert woken >= 25, (woken, elapsed)
+
+
+def test_a_keeper_woken_with_nothing_due_looks_at_no_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """10,000 leases held and one short lease seen once: the keeper then looks
+    every 0.3 s (the short lease's lead time), and each look before anything is
+    due costs no pass over the leases (no round)."""
     rounds = 0
     original = Keeper._round
 
@@ -417,43 +474,14 @@ def _keeper_rounds_under_a_long_lease(monkeypatch: pytest.MonkeyPatch) -> tuple[
 
     monkeypatch.setattr(Keeper, "_round", counted)
     with leasehold.Client("memory://keeper-rounds") as client:
-        long = client.lock("long", ttl=60).acquire()
-        time.sleep(0.05)  # the keeper's first round, then asleep until it is due
-        before, started = rounds, time.monotonic()
-        for i in range(50):
-            client.lock(f"short-{i}", ttl=3).acquire().release()
-            time.sleep(0.002)
-        during, elapsed = rounds - before, time.monotonic() - started
-        long.release()
-    return during, elapsed
-
-
-def test_short_locks_beside_a_long_lease_do_not_wake_the_keeper(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The keeper sleeps no longer than the shortest lead time (grant to first
-    renewal) it has seen, so a short lock granted while a long lease is held is due
-    after the keeper's next look and wakes nothing: the first short lock wakes it,
-    then it looks by itself every 0.9 s (a ttl of 3 s renews every second, from
-    0.9 s on)."""
-    rounds, elapsed = _keeper_rounds_under_a_long_lease(monkeypatch)
-    assert rounds <= 2 + elapsed / 0.9, (rounds, elapsed)
-
-
-def test_keeper_wake_check_fires_when_the_keeper_sleeps_past_new_leases(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Control: a keeper that forgets the lead times (so it sleeps until the long
-    lease is due) is woken by nearly every short lock."""
-    track = Keeper.track
-
-    def forgetful(self: Keeper, lease: Any) -> None:
-        track(self, lease)
-        self._shortest_lead = math.inf
-
-    monkeypatch.setattr(Keeper, "track", forgetful)
-    rounds, elapsed = _keeper_rounds_under_a_long_lease(monkeypatch)
-    assert rounds >= 25, (rounds, elapsed)
+        leases = [client.lock(f"many:{i}", ttl=30).acquire() for i in range(10_000)]
+        client.lock("short", ttl=1).acquire().release()
+        time.sleep(0.5)  # the round the short lease asked for
+        before = rounds
+        time.sleep(2.0)  # about 6 looks at the 0.3 s lead time; no renewal due (9 s)
+        assert rounds == before, (before, rounds)
+        for lease in leases:
+            lease.release()
 
 
 @pytest.mark.slow

@@ -88,9 +88,14 @@ class Keeper:
         # When the keeper will look next on its own (monotonic); a new lease wakes
         # it only if it is due earlier, so acquiring N leases is not O(N²).
         self._next_wake = -math.inf
-        # The shortest lead time (grant to first renewal) seen: an idle keeper
-        # sleeps no longer than this, so a new lease need not wake it.
+        # The shortest lead time (grant to first renewal) seen: the keeper sleeps
+        # no longer than this, so a new lease need not wake it.
         self._shortest_lead = math.inf
+        # Before when no tracked lease needs the keeper (a renewal, a deadline):
+        # what the last round found, lowered by every lease tracked since. A
+        # wake-up before it (the lead-time cap above) costs no round, which would
+        # look at every lease.
+        self._due_by = -math.inf
 
     def after_fork_in_child(self) -> None:
         # The child inherits neither the thread nor the task; its leases belong to
@@ -109,10 +114,11 @@ class Keeper:
                 return
             self._leases[id(lease)] = tracked
             self._stopped = False
+            self._shortest_lead = min(self._shortest_lead, due - sent)
+            self._due_by = min(self._due_by, due)
             if not background_alive(self._handle):
                 self._handle = spawn(self._run, name="leasehold-keeper")
                 return
-            self._shortest_lead = min(self._shortest_lead, due - sent)
             wake = due < self._next_wake
         if wake:
             self._wakeup.set()
@@ -188,14 +194,29 @@ class Keeper:
                     delay = min(KEEPER_LINGER - idle_for, self._shortest_lead)
                 else:
                     idle_since = None
+                    with self._guard:
+                        due_by = self._due_by
+                    if now >= due_by:
+                        with self._guard:
+                            self._due_by = math.inf  # leases tracked meanwhile lower it
+                        after = self._round()
+                        with self._guard:
+                            self._due_by = min(self._due_by, clock.monotonic() + after)
                     # Never longer than a new lease's lead either: a long-lived
                     # lease (a leader's, say) would otherwise let the keeper sleep
                     # past the first renewal of every short lock taken meanwhile,
                     # and each acquire would wake it (a thread switch and ~15
                     # futex calls per acquire + release, sync).
-                    delay = min(self._round(), self._shortest_lead)
+                    delay = self._shortest_lead
                 if delay > 0:
-                    self._next_wake = clock.monotonic() + delay
+                    with self._guard:
+                        # Under the guard, as track() compares with it: a lease
+                        # tracked while this pass ran is due by then at the latest.
+                        now = clock.monotonic()
+                        if not empty:
+                            delay = min(delay, self._due_by - now)
+                        self._next_wake = now + delay
+                if delay > 0:
                     self._wakeup.wait(delay)
                     self._wakeup.clear()
                     self._next_wake = -math.inf
