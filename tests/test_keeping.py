@@ -484,6 +484,40 @@ def test_a_keeper_woken_with_nothing_due_looks_at_no_lease(
             lease.release()
 
 
+def _extended_shorter(name: str) -> tuple[bool, list[float]]:
+    """A 30 s lease extended to a 1 s TTL: whether it is still held 1.5 s later
+    (the keeper renews it every third of a second from then), and when (seconds
+    after the extend) its on_lost callback ran, if it did."""
+    lost: list[float] = []
+    with leasehold.Client(f"memory://{name}") as client:
+        lease = client.lock(
+            "shortened", ttl=30, on_lost=lambda _: lost.append(time.monotonic())
+        ).acquire()
+        time.sleep(0.1)  # the keeper's round, then asleep until about 9 s from now
+        extended = time.monotonic()
+        lease.extend(ttl=1.0)
+        time.sleep(1.5)
+        held = lease.held
+        lease.release()
+    return held, [at - extended for at in lost]
+
+
+def test_a_lease_extended_to_a_shorter_ttl_is_renewed_on_time() -> None:
+    """extend(ttl=...) with a shorter TTL brings the next renewal forward; the
+    keeper hears of it (it would otherwise sleep past the new safe deadline: the
+    lease expired unrenewed and its loss was reported only at the keeper's next
+    round, seconds later)."""
+    held, lost = _extended_shorter("extend-shorter")
+    assert held and not lost, lost
+
+
+def test_extend_check_fires_when_the_keeper_is_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control: without reschedule() the lease is lost, and the check above fails."""
+    monkeypatch.setattr(Keeper, "reschedule", lambda self, lease: None)
+    held, _ = _extended_shorter("extend-shorter-control")
+    assert not held
+
+
 @pytest.mark.slow
 def test_ten_thousand_leases_cost_one_renewal_call_per_interval(
     local_backend: BackendHarness,

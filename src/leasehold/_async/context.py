@@ -49,6 +49,10 @@ class AsyncContext:
         """Renew ``lease`` in the background until it ends."""
         self.keeper.track(lease)
 
+    def reschedule(self, lease: AsyncLease) -> None:
+        """``lease``'s TTL changed: the keeper may have to look at it sooner."""
+        self.keeper.reschedule(lease)
+
     def forget(self, lease: AsyncLease) -> None:
         """Stop renewing ``lease`` (released or lost)."""
         self.keeper.forget(lease)

@@ -53,6 +53,8 @@ class LeaseContext(Protocol):
 
     def forget(self, lease: AsyncLease) -> None: ...
 
+    def reschedule(self, lease: AsyncLease) -> None: ...
+
 
 class AsyncLease:
     """Proof of holding ``name`` until ``remaining()`` reaches zero.
@@ -222,6 +224,10 @@ class AsyncLease:
         if ttl is not None:
             self._ttl = new_ttl
         self._renewed(sent, new_ttl)
+        if ttl is not None:
+            # A shorter TTL brings the next renewal forward, perhaps before the
+            # keeper's next look: tell it, or the lease expires unrenewed.
+            self._context.reschedule(self)
         self._context.observer.renewed([self], self._now() - sent)
 
     async def release(self) -> bool:

@@ -51,6 +51,10 @@ class Context:
         """Renew ``lease`` in the background until it ends."""
         self.keeper.track(lease)
 
+    def reschedule(self, lease: Lease) -> None:
+        """``lease``'s TTL changed: the keeper may have to look at it sooner."""
+        self.keeper.reschedule(lease)
+
     def forget(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (released or lost)."""
         self.keeper.forget(lease)

@@ -70,6 +70,16 @@ class _Tracked(weakref.ref["Lease"]):
 RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 
 
+def _schedule(lease: Lease) -> tuple[float, float]:
+    """When ``lease`` was last sent, and when the keeper must next act on it: its
+    first renewal (renewing leases) or its safe deadline."""
+    sent = lease._last_sent
+    due = lease._deadline
+    if lease._renew:
+        due = min(due, sent + renew_interval(lease._term) * 0.9)
+    return sent, due
+
+
 class Keeper:
     def __init__(self, store: Store, clock: Clock, observer: Observer) -> None:
         self._store = store
@@ -105,10 +115,7 @@ class Keeper:
     def track(self, lease: Lease) -> None:
         tracked = _Tracked(lease, self._dropped)
         # Read before the guard: the lease is new, nobody else changes it yet.
-        sent = lease._last_sent
-        due = lease._deadline
-        if lease._renew:
-            due = min(due, sent + renew_interval(lease._term) * 0.9)
+        sent, due = _schedule(lease)
         with self._guard:
             if self._pid != os.getpid():
                 return
@@ -119,6 +126,19 @@ class Keeper:
             if not background_alive(self._handle):
                 self._handle = spawn(self._run, name="leasehold-keeper")
                 return
+            wake = due < self._next_wake
+        if wake:
+            self._wakeup.set()
+
+    def reschedule(self, lease: Lease) -> None:
+        """``lease``'s TTL changed (``extend(ttl=...)``): its next renewal, or its
+        deadline, may now come before the keeper would look again."""
+        sent, due = _schedule(lease)
+        with self._guard:
+            if self._pid != os.getpid() or id(lease) not in self._leases:
+                return
+            self._shortest_lead = min(self._shortest_lead, due - sent)
+            self._due_by = min(self._due_by, due)
             wake = due < self._next_wake
         if wake:
             self._wakeup.set()

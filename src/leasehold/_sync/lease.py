@@ -55,6 +55,8 @@ class LeaseContext(Protocol):
 
     def forget(self, lease: Lease) -> None: ...
 
+    def reschedule(self, lease: Lease) -> None: ...
+
 
 class Lease:
     """Proof of holding ``name`` until ``remaining()`` reaches zero.
@@ -222,6 +224,10 @@ class Lease:
         if ttl is not None:
             self._ttl = new_ttl
         self._renewed(sent, new_ttl)
+        if ttl is not None:
+            # A shorter TTL brings the next renewal forward, perhaps before the
+            # keeper's next look: tell it, or the lease expires unrenewed.
+            self._context.reschedule(self)
         self._context.observer.renewed([self], self._now() - sent)
 
     def release(self) -> bool:
