@@ -3,9 +3,9 @@
 Runs the probes of ``python -m bench.probes`` (Redis, its asyncio cycle decomposed,
 the instructions Redis executes per cycle under callgrind, and what one round trip
 fewer per contended acquisition would give 8 processes, PostgreSQL durable
-and relaxed,
-both from a C client and both handing a lock over, 8 processes' hand-over chain
-link by link, SQLite, the keeper) and the NOTIFY
+and relaxed, the PostgreSQL client's own time layer by layer, both from a C client
+and both handing a lock over, 8 processes' hand-over chain link by link, SQLite,
+the keeper) and the NOTIFY
 ring of ``python -m bench.ring`` (the ceiling of a hand-over that NOTIFY wakes, beside
 the advisory floor) against this run's own servers, and keeps what they print: round
 trips, commands or statements the server ran and its time, WAL flushes, client CPU
@@ -20,7 +20,7 @@ import io
 import tempfile
 from typing import Any
 
-from bench import hops, pipeline, probes, ring
+from bench import hops, layers, pipeline, probes, ring
 from bench.common import isolated
 
 PROBE_TIMEOUT = 240.0
@@ -41,6 +41,10 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
             probes.postgres_probe(env["postgres_server"])
         elif which == "postgres-relaxed":
             probes.postgres_probe(env["postgres_server"], relaxed=True)
+        elif which == "postgres-layers":
+            server = env["postgres_server"]
+            print("\n".join(layers.lines(server.url, relaxed=False)))
+            print("\n".join(layers.lines(server.url + layers.RELAXED_QUERY, relaxed=True)))
         elif which == "postgres-c":
             probes.postgres_c_client(env["postgres_server"])
         elif which == "postgres-notify":
@@ -73,8 +77,8 @@ def run(ctx: Any) -> dict[str, Any]:
     if "postgres" in ctx.servers:
         env["postgres_server"] = ctx.servers["postgres"]
         wanted[1:1] = [
-            "postgres", "postgres-relaxed", "postgres-c", "postgres-notify", "postgres-contended",
-            "postgres-hops",
+            "postgres", "postgres-relaxed", "postgres-layers", "postgres-c",
+            "postgres-notify", "postgres-contended", "postgres-hops",
             "postgres-ring",
         ]  # fmt: skip
     found: dict[str, Any] = {}

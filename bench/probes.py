@@ -3,7 +3,8 @@
     python -m bench.probes            # all probes
     python -m bench.probes redis      # one of: keeper, redis, redis-asyncio,
                                       # redis-instructions, redis-pipeline, postgres,
-                                      # postgres-hops, postgres-notify, sqlite
+                                      # postgres-hops, postgres-notify,
+                                      # postgres-layers, sqlite
 
 Each probe starts its own server, runs uncontended acquire + release and prints
 what one operation costs: round trips, commands the server ran, server CPU,
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench import hops, pipeline
+from bench import hops, layers, pipeline
 from bench.common import cpu_ticks
 from bench.servers import PostgresServer, RedisServer
 
@@ -855,7 +856,7 @@ def main(argv: list[str]) -> int:
     )
     pg_server = (
         PostgresServer()
-        if wanted & {"keeper", "postgres", "postgres-hops", "postgres-notify"}
+        if wanted & {"keeper", "postgres", "postgres-hops", "postgres-notify", "postgres-layers"}
         else None
     )
     try:
@@ -877,6 +878,9 @@ def main(argv: list[str]) -> int:
         if "postgres-hops" in wanted and pg_server:
             for relaxed in (False, True):
                 print("\n".join(hops.measure(pg_server, relaxed=relaxed)))
+        if "postgres-layers" in wanted and pg_server:
+            print("\n".join(layers.lines(pg_server.url, relaxed=False)))
+            print("\n".join(layers.lines(pg_server.url + layers.RELAXED_QUERY, relaxed=True)))
         if "postgres-notify" in wanted and pg_server:
             postgres_notify_fanout(pg_server)
         if "postgres" in wanted and pg_server:

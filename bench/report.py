@@ -484,6 +484,11 @@ BREAKDOWN_INTRO = (
     "scripts from 8 processes on one lock over raw connections, with the queueing acquire "
     "and its BLPOP sent one after the other (3 round trips per contended acquisition, as "
     "the client does) and together (2): what that idea of issue #16 would give here. "
+    "**postgres-layers** sends the same uncontended acquire + release four ways, "
+    "interleaved: leasehold's two SQL functions through its direct path on a bare "
+    "connection, the store's calls without and with the operation deadline that bounds "
+    "every store call, and the whole lock; with the client's CPU (its calling thread), "
+    "what each layer of the client adds to the PostgreSQL rows. "
     "**postgres-hops** runs 8 processes on "
     "one lock, as section 2 does, and times each hand-over link by link: what bounds "
     "the 8-process PostgreSQL rows, and whether it is CPU (then the CPUs stand busy) or "
@@ -496,7 +501,7 @@ BREAKDOWN_INTRO = (
 )
 BREAKDOWN_ORDER = (
     "redis", "redis-asyncio", "redis-instructions", "redis-pipeline", "postgres",
-    "postgres-relaxed", "postgres-c", "postgres-notify",
+    "postgres-relaxed", "postgres-layers", "postgres-c", "postgres-notify",
     "postgres-contended", "postgres-hops", "postgres-ring", "sqlite", "keeper",
 )  # fmt: skip
 
