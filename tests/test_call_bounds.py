@@ -443,6 +443,52 @@ def test_a_lease_entered_after_its_deadline_never_runs_the_body(tmp_path: Path) 
 # -- SQLite: a stopped writer is a stall too -----------------------------------------
 
 
+@pytest.mark.parametrize("restarts", [True, False], ids=["restarts", "control-stays-down"])
+def test_the_deadline_watchdog_starts_again_if_its_thread_ends(
+    monkeypatch: pytest.MonkeyPatch, restarts: bool
+) -> None:
+    """The watchdog notes that its thread runs in a flag (cheaper than
+    Thread.is_alive() on every armed call): a thread that ever ends clears it, and
+    the next armed call starts another. The control keeps the flag set, as a thread
+    that died without saying so would: then no deadline is acted on any more."""
+    from leasehold import _deadline
+
+    watchdog = _deadline._Watchdog()
+    monkeypatch.setattr(_deadline, "_WATCHDOG", watchdog)
+    real_watch = _deadline._Watchdog._watch
+    ended: list[bool] = []
+
+    def ends_once(self: Any) -> None:
+        if not ended:
+            ended.append(True)
+            return  # the first thread ends at once
+        real_watch(self)
+
+    monkeypatch.setattr(_deadline._Watchdog, "_watch", ends_once)
+    if not restarts:
+        monkeypatch.setattr(_deadline._Watchdog, "_run", lambda self: self._watch())
+    first, second = socket.socketpair()
+    with contextlib.closing(first), contextlib.closing(second):
+        with _deadline.bounded(5.0):
+            _deadline.attach(first.fileno())
+            thread = watchdog._thread
+            assert thread is not None
+            thread.join(5.0)
+            assert not thread.is_alive()
+            _deadline.detach(first.fileno())
+        second.settimeout(2.0)
+        with _deadline.bounded(0.1):
+            _deadline.attach(second.fileno())
+            try:
+                got: bytes | None = second.recv(1)  # b"" once shut down
+            except TimeoutError:
+                got = None
+    if restarts:
+        assert got == b"", "the deadline passed and no watchdog shut the socket down"
+    else:
+        assert got is None, "the control should leave the socket open"
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_sqlite_calls_keep_the_operation_timeout_under_a_held_write_lock(
     tmp_path: Path, flavour: str

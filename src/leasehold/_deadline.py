@@ -209,19 +209,30 @@ class _Watchdog:
         self.open: dict[int, Deadline] = {}
         self._wake_at = _INF
         self._thread: threading.Thread | None = None
+        # Whether the thread runs: set when it starts, cleared (under the lock) by
+        # the thread itself if it ever ends. Read on every armed store call, where
+        # Thread.is_alive() would cost three Python calls.
+        self._running = False
 
     def add(self, deadline: Deadline) -> None:
         """Watch ``deadline`` (called under ``lock``)."""
         self.open[id(deadline)] = deadline
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._run, name="leasehold-deadlines", daemon=True
-            )
-            self._thread.start()
+        if not self._running:
+            thread = threading.Thread(target=self._run, name="leasehold-deadlines", daemon=True)
+            thread.start()
+            self._thread = thread
+            self._running = True
         elif deadline.at < self._wake_at:
             self._condition.notify()
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            with self.lock:
+                self._running = False
+
+    def _watch(self) -> None:
         while True:
             with self._condition:
                 now = _monotonic()
