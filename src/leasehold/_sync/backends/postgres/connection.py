@@ -49,6 +49,8 @@ _WAITER_GRACE = 5.0  # keep a wake-up registration this long past its queue expi
 # How many calls in a row one connection serves from the spare slot before it goes
 # back through the pool once (which applies the pool's max_lifetime).
 _SPARE_USES = 1000
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+_OK = psycopg.pq.ConnStatus.OK
 
 # Stores that found themselves in a forked child keep their parent's pool and
 # listener here forever: letting them be collected would run finalizers that talk
@@ -63,7 +65,7 @@ def _looks_dead(conn: Connection[Any]) -> bool:
     terminated backend (FATAL, then EOF). Checking costs no round trip, so a
     connection killed while idle in the pool is dropped before it fails a call.
     """
-    if conn.closed or conn.broken:
+    if conn.pgconn.status != _OK:  # what closed and broken read, without their calls
         return True
     try:
         fd = conn.pgconn.socket
@@ -172,7 +174,9 @@ class PostgresConnection(Store):
         self._schema = sql.Identifier(self._opts.schema)
         self._queries = _function_queries(self._opts.schema, relaxed=self._opts.relaxed)
         self._direct = _direct_calls(self._opts.schema, relaxed=self._opts.relaxed)
-        self._prepare = self._opts.pooler != "transaction"
+        # Both session state, which a transaction-mode pooler does not keep.
+        self._listens = self._opts.listen
+        self._prepare = self._listens
         # Announcements: pg_notify on one channel per schema, the topic as payload;
         # subscribers share one more LISTEN connection, started on first subscribe.
         self._announce_channel = announce_channel(self._opts.schema)
@@ -318,12 +322,9 @@ class PostgresConnection(Store):
         pooled: bool,
     ) -> None:
         if pooled:
-            if (
-                not self._closed
-                and not conn.closed
-                and not conn.broken
-                and conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
-            ):
+            # IDLE also means open and not broken: libpq answers UNKNOWN for a
+            # connection that is not OK (psycopg's closed and broken read that status).
+            if not self._closed and conn.pgconn.transaction_status == _IDLE:
                 with self._spare_guard:
                     if self._spare is None and self._pool_waiting == 0:
                         self._spare_uses += 1
@@ -418,7 +419,9 @@ class PostgresConnection(Store):
             self._putconn(pool, conn, pooled)
 
     def _run(self, query: bytes | DirectCall, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        pool = self._ready_pool()
+        pool = self._pool
+        if pool is None or not self._schema_ready or os.getpid() != self._pid:
+            pool = self._ready_pool()  # what it would answer, written out above
         conn, pooled = self._getconn(pool)
         # A server that stops answering is noticed by the operation's deadline,
         # which shuts this socket down: the call fails, the pool drops the

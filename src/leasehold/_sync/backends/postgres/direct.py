@@ -24,9 +24,10 @@ from typing import Any, Final
 from psycopg import Connection, errors, pq
 from psycopg.generators import execute
 
-# SQL type -> the Python value of one text-format column (None stays None).
+# SQL type -> the Python value of one text-format column (None stays None). Each
+# a C callable: decoding costs no Python frame.
 _DECODERS: Final[dict[str, Callable[[bytes], Any]]] = {
-    "boolean": lambda value: value == b"t",
+    "boolean": b"t".__eq__,
     "bigint": int,
     "integer": int,
     "double precision": float,
@@ -66,14 +67,20 @@ def direct_call(
 _PREPARED: weakref.WeakKeyDictionary[Any, tuple[str, set[bytes]]] = weakref.WeakKeyDictionary()
 
 
-def _text(value: Any, encoding: str) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value.encode(encoding)
-    if isinstance(value, bool):  # before int: a bool is an int
-        return b"t" if value else b"f"
-    return str(value).encode("ascii")  # int, float (repr round-trips exactly)
+def _texts(params: Sequence[Any], encoding: str) -> list[bytes | None]:
+    """Each parameter in text format. One loop, no call per value: this runs twice
+    per acquire + release."""
+    values: list[bytes | None] = []
+    for value in params:
+        if value is None:
+            values.append(None)
+        elif isinstance(value, str):
+            values.append(value.encode(encoding))
+        elif isinstance(value, bool):  # before int: a bool is an int
+            values.append(b"t" if value else b"f")
+        else:
+            values.append(str(value).encode("ascii"))  # int, float (repr round-trips)
+    return values
 
 
 def run_direct(
@@ -86,7 +93,7 @@ def run_direct(
     if state is None:
         state = _PREPARED[conn] = (conn.info.encoding, set())
     encoding, prepared = state
-    values = [_text(value, encoding) for value in params]
+    values = _texts(params, encoding)
     pgconn = conn.pgconn
     with conn.lock:
         if not prepare:
@@ -98,7 +105,8 @@ def run_direct(
                 prepared.add(call.name)
             pgconn.send_query_prepared(call.name, values)
             results = conn.wait(execute(pgconn))
-            if _sqlstate(results) == _UNDEFINED_STATEMENT:
+            failed = len(results) != 1 or results[0].status != _TUPLES_OK
+            if failed and _sqlstate(results) == _UNDEFINED_STATEMENT:
                 # Someone ran DEALLOCATE or DISCARD ALL on this session: nothing ran,
                 # so preparing again and repeating is safe. (Once: behind a
                 # transaction-mode pooler each statement may meet another server
@@ -106,16 +114,21 @@ def run_direct(
                 _prepare(conn, call, encoding)
                 pgconn.send_query_prepared(call.name, values)
                 results = conn.wait(execute(pgconn))
-    result = _check(results, _TUPLES_OK, encoding)
+    # The one result with rows that every call but a failed one gets; _check
+    # raises the error of a failed one.
+    result = results[0] if len(results) == 1 else None
+    if result is None or result.status != _TUPLES_OK:
+        result = _check(results, _TUPLES_OK, encoding)
     decoders = call.decoders
     rows = []
+    # Loops, not generator expressions: each of those is a Python frame resumed
+    # once per value.
     for row in range(result.ntuples):
-        rows.append(
-            tuple(
-                None if (value := result.get_value(row, column)) is None else decode(value)
-                for column, decode in enumerate(decoders)
-            )
-        )
+        decoded = []
+        for column, decode in enumerate(decoders):
+            value = result.get_value(row, column)
+            decoded.append(None if value is None else decode(value))
+        rows.append(tuple(decoded))
     return rows
 
 

@@ -119,7 +119,7 @@ class PostgresStore(PostgresConnection):
 
     def _listening_channel(self) -> str | None:
         """The channel to be woken on, LISTEN already in place; None means poll."""
-        if not self._opts.listen or self._closed:
+        if not self._listens or self._closed:
             return None
         listener = self._listener
         if listener is not None and listener.alive:
@@ -217,7 +217,8 @@ class PostgresStore(PostgresConnection):
     # -- the store contract ---------------------------------------------------------
 
     def acquire(self, request: AcquireRequest) -> AcquireResult:
-        self._after_fork()
+        if os.getpid() != self._pid:  # _after_fork()'s test, written out on the hot path
+            self._after_fork()
         channel: str | None = None
         key: str | None = None
         if request.queue_ttl is not None:
@@ -269,7 +270,8 @@ class PostgresStore(PostgresConnection):
         return answers
 
     def release(self, name: str, token: str) -> bool:
-        self._after_fork()  # before _disarm: its lock may be stale in a forked child
+        if os.getpid() != self._pid:  # before _disarm: its lock may be stale in a child
+            self._after_fork()
         self._disarm(name, token)
         rows = self._call("release", "release", (name, token), idempotent=False)
         return bool(rows[0][0])
