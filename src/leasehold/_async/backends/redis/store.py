@@ -156,8 +156,7 @@ class AsyncRedisStore(RedisWaiting):
         queue_ttl = "" if request.queue_ttl is None else _us(request.queue_ttl)
         connections = self._connect()
         for attempt in range(3):
-            with self._translated("acquire"):
-                stamp = await self._stamp(connections, keys.state)
+            stamp = await self._stamp(connections, keys.state, "acquire")
             reply = await self._run(
                 "acquire",
                 keys.script_keys(),
@@ -171,6 +170,7 @@ class AsyncRedisStore(RedisWaiting):
                     holder,
                     stamp.run_id,
                 ],
+                connections,
             )
             granted = isinstance(reply, list) and bool(reply) and reply[0] == 1
             # A connection made during the call may have met a restarted server, or
@@ -249,8 +249,7 @@ class AsyncRedisStore(RedisWaiting):
             self._count_restart(where)
         for key in refused:
             try:
-                with self._translated("INFO server"):
-                    await self._stamp(connections, key)
+                await self._stamp(connections, key, "INFO server")
             except StoreUnavailable:
                 return
 
@@ -373,21 +372,22 @@ class AsyncRedisStore(RedisWaiting):
     async def release(self, name: str, token: str) -> bool:
         keys = self.keys.for_name(name)
         connections = self._connect()
-        with self._translated("release"):
-            # Stamped on the place handed to the next waiter (see hand_over).
-            stamp = await self._stamp(connections, keys.state)
+        # Stamped on the place handed to the next waiter (see hand_over).
+        stamp = await self._stamp(connections, keys.state, "release")
         reply = await self._run(
-            "release", keys.script_keys(), [name, keys.signal_prefix, token, stamp.run_id]
+            "release",
+            keys.script_keys(),
+            [name, keys.signal_prefix, token, stamp.run_id],
+            connections,
         )
         return bool(reply == 1)
 
     async def break_lease(self, name: str) -> int:
         keys = self.keys.for_name(name)
         connections = self._connect()
-        with self._translated("break"):
-            stamp = await self._stamp(connections, keys.state)
+        stamp = await self._stamp(connections, keys.state, "break")
         reply = await self._run(
-            "break", keys.script_keys(), [name, keys.signal_prefix, stamp.run_id]
+            "break", keys.script_keys(), [name, keys.signal_prefix, stamp.run_id], connections
         )
         if not isinstance(reply, int):
             raise self._malformed("break", reply)

@@ -355,9 +355,11 @@ class RedisConnection(Store):
         except redis_errors.RedisClusterException:
             return False  # the client forgot the slots after an error
 
-    def _stamp(self, connections: _Connections, key: str) -> _Stamp:
+    def _stamp(self, connections: _Connections, key: str, doing: str) -> _Stamp:
         """The run_id of the server that owns ``key``, read with ``INFO server``
-        once per server and cached.
+        once per server and cached; a driver error while reading it is the store's
+        error for ``doing`` (translated here, where the I/O is: the cached answer,
+        read on every acquire and release, needs no translation).
 
         Grants are stamped with it so that renew.lua can tell a grant of an earlier
         server process (restart, failover). Reading it inside every acquire script
@@ -385,12 +387,13 @@ class RedisConnection(Store):
             cached = self._run_ids.get("")
             if cached is not None:
                 return _Stamp("", cached, generation)
-        where, target = self._owner(connections, key)
-        with self._run_id_guard:
-            cached = self._run_ids.get(where)
-            if cached is not None:
-                return _Stamp(where, cached, self._generations.get(where, 0))
-        info = self._execute(connections.commands, "INFO", "server", **target)
+        with self._translated(doing):
+            where, target = self._owner(connections, key)
+            with self._run_id_guard:
+                cached = self._run_ids.get(where)
+                if cached is not None:
+                    return _Stamp(where, cached, self._generations.get(where, 0))
+            info = self._execute(connections.commands, "INFO", "server", **target)
         if not isinstance(info, dict) or "run_id" not in info:
             raise self._malformed("INFO server", info)
         raw = info["run_id"]
@@ -486,10 +489,18 @@ class RedisConnection(Store):
 
     # -- scripts -------------------------------------------------------------
 
-    def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
-        """Run a script once (in a cluster, on the node that owns its keys' slot)."""
+    def _run(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[str | int | bytes],
+        connections: _Connections | None = None,
+    ) -> Any:
+        """Run a script once (in a cluster, on the node that owns its keys' slot);
+        ``connections``: this process's, if the caller has them at hand."""
         script = _script(name)
-        connections = self._connect()
+        if connections is None:
+            connections = self._connect()
         with self._translated(name):
             for attempt in range(_SCRIPT_ATTEMPTS):
                 try:
