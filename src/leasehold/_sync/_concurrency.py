@@ -150,8 +150,8 @@ def resume_cancellation(before: int) -> None:
     """Threads are never cancelled: nothing to resume (see the async twin)."""
 
 
-def current_actor() -> object:
-    return threading.current_thread()
+# The thread itself (no wrapper: one Python call less per ``with lock:``).
+current_actor: Callable[[], object] = threading.current_thread
 
 
 class BodyGuard:

@@ -162,7 +162,7 @@ class Lease:
         return os.getpid() != self._pid
 
     def _unheld_reason(self, now: float) -> str | None:
-        if self._forked():
+        if os.getpid() != self._pid:  # _forked(), written out: every check() runs it
             return "the lease belongs to the parent process (os.fork)"
         if self._lost_reason is not None:
             return self._lost_reason
@@ -174,7 +174,7 @@ class Lease:
 
     @property
     def held(self) -> bool:
-        return self._unheld_reason(self._now()) is None
+        return self._unheld_reason(self._context.clock.monotonic()) is None
 
     @property
     def lost(self) -> bool:
@@ -196,7 +196,7 @@ class Lease:
     def check(self) -> None:
         """Raise ``LeaseLost`` unless the lease is held right now. Call it before
         every side effect that the lease protects."""
-        reason = self._unheld_reason(self._now())
+        reason = self._unheld_reason(self._context.clock.monotonic())
         if reason is not None:
             raise LeaseLost(self._name, self._fence, reason)
 
@@ -382,7 +382,7 @@ class Lease:
     def __enter__(self) -> Lease:
         # A body starts only under a lease held at this moment: code before its
         # first await (or a sync body) would otherwise run after a successor began.
-        reason = self._unheld_reason(self._now())
+        reason = self._unheld_reason(self._context.clock.monotonic())
         if reason is not None:
             if self._lost_reason is None and not self._released and not self._forked():
                 # Past its safe deadline before the keeper noticed: announced
@@ -408,7 +408,7 @@ class Lease:
         with self._guard:
             body = self._bodies.pop() if self._bodies else None
         ours = body.absorb(exc) if body is not None else False
-        reason = None if self._released else self._unheld_reason(self._now())
+        reason = None if self._released else self._unheld_reason(self._context.clock.monotonic())
         if reason is not None and self._lost_reason is None and not self._forked():
             # Lost by its deadline before the keeper got round to it: announce it
             # (on_lost, counters, log) before the exception, never after.
