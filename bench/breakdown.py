@@ -42,9 +42,7 @@ def _probe(which: str, env: dict[str, Any]) -> dict[str, Any]:
         elif which == "postgres-relaxed":
             probes.postgres_probe(env["postgres_server"], relaxed=True)
         elif which == "postgres-layers":
-            server = env["postgres_server"]
-            print("\n".join(layers.lines(server.url, relaxed=False)))
-            print("\n".join(layers.lines(server.url + layers.RELAXED_QUERY, relaxed=True)))
+            print("\n".join(layers.both(env["postgres_server"].url)))
         elif which == "postgres-c":
             probes.postgres_c_client(env["postgres_server"])
         elif which == "postgres-notify":

@@ -65,7 +65,6 @@ def layers(url: str) -> dict[str, tuple[float, float]]:
         channel = store._listening_channel()
         # What the store sends for a lock's first attempt: queue if busy, wake me.
         request = lock._request(new_token(), holder, queue=True)
-        template = request
 
         def _request(name: str, token: str) -> AcquireRequest:
             # As the lock builds its own (a dataclass call; dataclasses.replace would
@@ -74,9 +73,9 @@ def layers(url: str) -> dict[str, tuple[float, float]]:
                 name=name,
                 token=token,
                 holder=holder,
-                ttl=template.ttl,
-                limit=template.limit,
-                queue_ttl=template.queue_ttl,
+                ttl=request.ttl,
+                limit=request.limit,
+                queue_ttl=request.queue_ttl,
             )
 
         acquire_unbounded = type(store).acquire.__wrapped__
@@ -138,10 +137,15 @@ def lines(url: str, *, relaxed: bool) -> list[str]:
     base_p50, base_cpu = found["sql"]
     shown = []
     for name, (p50, cpu) in found.items():
-        extra = "" if name == "sql" else f" (+{p50 - base_p50:.0f}, +{cpu - base_cpu:.0f})"
+        extra = "" if name == "sql" else f" ({p50 - base_p50:+.0f}, {cpu - base_cpu:+.0f})"
         shown.append(f"{name} {p50:.0f} us, CPU {cpu:.0f} us{extra}")
     return [
         f"postgres ({mode}) one acquire+release by layer, p50 and the calling thread's CPU "
         f"(median of {ROUNDS} interleaved rounds of {PAIRS}; in brackets, more than sql): "
         + "; ".join(shown)
     ]
+
+
+def both(url: str) -> list[str]:
+    """The lines of both durabilities (relaxed in its own schema, as the subjects)."""
+    return lines(url, relaxed=False) + lines(url + RELAXED_QUERY, relaxed=True)

@@ -879,8 +879,7 @@ def main(argv: list[str]) -> int:
             for relaxed in (False, True):
                 print("\n".join(hops.measure(pg_server, relaxed=relaxed)))
         if "postgres-layers" in wanted and pg_server:
-            print("\n".join(layers.lines(pg_server.url, relaxed=False)))
-            print("\n".join(layers.lines(pg_server.url + layers.RELAXED_QUERY, relaxed=True)))
+            print("\n".join(layers.both(pg_server.url)))
         if "postgres-notify" in wanted and pg_server:
             postgres_notify_fanout(pg_server)
         if "postgres" in wanted and pg_server:
